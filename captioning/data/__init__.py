@@ -1,0 +1,1 @@
+"""Datasets: acquisition, loading, validation and the query language."""
