@@ -89,17 +89,22 @@ def _sorted(records: list[Record], splits: tuple[str, ...]) -> list[Record]:
 
 
 def _flickr_records(
-    captions: dict[str, list[str]], split_of: dict[str, str], image_folder: Path
+    captions: dict[str, list[str]], split_of: dict[str, str] | list[tuple[str, str]], image_folder: Path
 ) -> tuple[list[Record], list[str]]:
-    """Records for the images a split lists; messages for captions of images in no split."""
+    """Records for the images a split lists; messages for captions of images in no split.
+
+    `split_of` may list an image under two splits: both records are kept so validation reports it.
+    """
+    pairs = list(split_of.items()) if isinstance(split_of, dict) else split_of
+    listed = {image for image, _ in pairs}
     records = [
         Record(image, str(image_folder / image), split, tuple(captions.get(image, ())))
-        for image, split in split_of.items()
+        for image, split in pairs
     ]
     dropped = [
         _drop_message(image, len(texts), "image is in no split")
         for image, texts in sorted(captions.items())
-        if image not in split_of
+        if image not in listed
     ]
     return records, dropped
 
@@ -112,11 +117,12 @@ FLICKR8K_SPLITS = {"train": "trainImages", "val": "devImages", "test": "testImag
 def load_flickr8k(root: Path) -> Dataset:
     """Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt + the image folder."""
     captions = _read_token_file(find_file(root, "Flickr8k.token.txt"))
-    split_of: dict[str, str] = {}
-    for split, stem in FLICKR8K_SPLITS.items():
-        for image in _read_list(find_file(root, f"Flickr_8k.{stem}.txt")):
-            split_of.setdefault(image, split)
-    folder = find_image_folder(root, set(split_of), "Flicker8k_Dataset")
+    split_of = [
+        (image, split)
+        for split, stem in FLICKR8K_SPLITS.items()
+        for image in _read_list(find_file(root, f"Flickr_8k.{stem}.txt"))
+    ]
+    folder = find_image_folder(root, {image for image, _ in split_of}, "Flicker8k_Dataset")
     records, dropped = _flickr_records(captions, split_of, folder)
     return Dataset("flickr8k", _sorted(records, DATASETS["flickr8k"].splits), dropped)
 

@@ -148,3 +148,16 @@ def test_malformed_token_line_is_a_clear_error(tmp_path):
     # 3 images x 5 captions + the 5 quirk lines = 20 lines before it
     with pytest.raises(ValueError, match="line 21 is not IMAGE#N<TAB>caption"):
         load_dataset("flickr8k", root)
+
+
+def test_flickr8k_keeps_an_image_listed_in_two_splits_for_validation_to_report(tmp_path):
+    root = make_flickr8k(tmp_path / "flickr8k")
+    train_list = root / "Flickr_8k.trainImages.txt"
+    test_list = root / "Flickr_8k.testImages.txt"
+    first_train = train_list.read_text().split()[0]
+    test_list.write_text(test_list.read_text().rstrip("\n") + f"\n{first_train}\n")
+
+    dataset = load_dataset("flickr8k", root)
+
+    splits = sorted(r.split for r in dataset.records if r.image_id == first_train)
+    assert splits == ["test", "train"]
