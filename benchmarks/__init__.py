@@ -1,0 +1,1 @@
+"""Benchmarks: each module writes its measurements as JSON into reports/."""

@@ -1,0 +1,237 @@
+"""Caption generation for any `CaptionModel`: greedy and batched beam search.
+
+Both advance the whole batch in tensor operations through `model.init_state` / `model.step`.
+Rules shared by both (and by the reference implementation in `benchmarks/reference.py`):
+- PAD, BOS and UNK are never generated; EOS is not allowed as the first token (no empty captions).
+- A caption has at most `max_length` words; one that never produced EOS is returned as it
+  stands at `max_length` (`finished=False`), never an error.
+- `tokens` exclude BOS and EOS; `log_prob` sums the log-probabilities of the tokens and of
+  EOS when produced; `score = log_prob / length ** length_penalty`, where `length` counts EOS.
+- Beam search keeps `beam_size` live beams per image. At each step the best `beam_size`
+  candidates (all words of all beams) are ranked: an EOS among them moves that hypothesis
+  to the image's finished pool; the live beams are the best `beam_size` non-EOS candidates.
+  With `beam_size=1` this is exactly greedy decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from captioning.models.base import CaptionModel, State
+from captioning.vocab import BOS, EOS, PAD, UNK
+
+BANNED = (PAD, BOS, UNK)
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]
+    log_prob: float
+    score: float
+    attention: np.ndarray | None = None  # (len(tokens), N): the weights each word was generated with
+    finished: bool = True  # False: cut at max_length without an EOS
+
+
+def length_score(log_prob: float, length: int, length_penalty: float) -> float:
+    """Length-normalised score; `length_penalty=0` keeps the raw log-probability."""
+    return log_prob / (length ** length_penalty)
+
+
+@contextmanager
+def inference(model: CaptionModel) -> Iterator[None]:
+    """Eval mode and no autograd while decoding; the model's previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def as_features(model: CaptionModel, features: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Features (B, N, C) as a tensor on the model's device (dtype is the model's business)."""
+    tensor = torch.as_tensor(features)
+    if tensor.dim() != 3:
+        raise ValueError(f"features must be (batch, positions, channels), got shape {tuple(tensor.shape)}")
+    return tensor.to(model.output.weight.device)
+
+
+def mask_log_probs(log_probs: torch.Tensor, step: int) -> torch.Tensor:
+    """Float32 log-probabilities with the tokens that may not be generated at `step` set to -inf."""
+    banned = list(BANNED) + ([EOS] if step == 0 else [])
+    index = torch.tensor(banned, device=log_probs.device)
+    return log_probs.float().index_fill(1, index, float("-inf"))
+
+
+def _check(beam_size: int, max_length: int, vocab_size: int) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    words = vocab_size - len(BANNED) - 1
+    if beam_size > words:
+        raise ValueError(f"beam_size {beam_size} exceeds the {words} generable words of the vocabulary")
+
+
+def _rows(array: torch.Tensor | None, index: torch.Tensor, length: torch.Tensor) -> list:
+    """Per-row numpy slices array[i, :length[i]] (or Nones)."""
+    if array is None:
+        return [None] * len(index)
+    picked = array.index_select(0, index).float().cpu().numpy()
+    return [picked[i, : int(n)] for i, n in enumerate(length.tolist())]
+
+
+def greedy(model: CaptionModel, features: torch.Tensor | np.ndarray, max_length: int) -> list[list[Hypothesis]]:
+    """The most likely word at every step, for the whole batch at once; one hypothesis per image."""
+    _check(1, max_length, model.vocab_size)
+    with inference(model):
+        features = as_features(model, features)
+        batch = features.size(0)
+        device = features.device
+        state = model.init_state(features)
+        prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
+        tokens = torch.zeros(batch, max_length, dtype=torch.long, device=device)
+        log_prob = torch.zeros(batch, device=device)
+        length = torch.full((batch,), max_length, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        attention = None
+        for t in range(max_length):
+            log_probs, state, weights = model.step(prev, state)
+            best_log_prob, best = mask_log_probs(log_probs, t).max(dim=-1)
+            if weights is not None:
+                if attention is None:
+                    attention = features.new_zeros(batch, max_length, weights.size(-1), dtype=torch.float32)
+                attention[:, t] = weights.float()
+            log_prob += torch.where(done, torch.zeros_like(best_log_prob), best_log_prob)
+            ends = ~done & (best == EOS)
+            length[ends] = t
+            done |= ends
+            tokens[:, t] = best
+            prev = best
+            if bool(done.all()):
+                break
+        rows = torch.arange(batch, device=device)
+        maps = _rows(attention, rows, length)
+        results = []
+        for i, (n, lp, fin) in enumerate(zip(length.tolist(), log_prob.tolist(), done.tolist())):
+            results.append([Hypothesis(tokens[i, :n].tolist(), lp, lp, maps[i], fin)])
+        return results
+
+
+class _Pool:
+    """Each image's best `size` ended hypotheses, best first."""
+
+    def __init__(self, batch: int, size: int):
+        self.size = size
+        self.entries: list[list[Hypothesis]] = [[] for _ in range(batch)]
+
+    def add(self, image: int, hypothesis: Hypothesis) -> None:
+        entries = self.entries[image]
+        entries.append(hypothesis)
+        entries.sort(key=lambda h: -h.score)
+        del entries[self.size :]
+
+    def worst(self, device: torch.device) -> torch.Tensor:
+        """(B,) score a new hypothesis must beat to enter a full pool (-inf while not full)."""
+        values = [e[-1].score if len(e) == self.size else -math.inf for e in self.entries]
+        return torch.tensor(values, device=device)
+
+
+def _reorder(state: State, index: torch.Tensor, static: tuple[str, ...]) -> State:
+    return {key: value if key in static else value.index_select(0, index) for key, value in state.items()}
+
+
+def beam_search(
+    model: CaptionModel,
+    features: torch.Tensor | np.ndarray,
+    beam_size: int,
+    max_length: int,
+    length_penalty: float = 0.0,
+) -> list[list[Hypothesis]]:
+    """Beam search over images x beams in tensor operations; per image, `beam_size`
+    hypotheses best first. Stops early once no live beam can enter any image's top list."""
+    _check(beam_size, max_length, model.vocab_size)
+    with inference(model):
+        features = as_features(model, features)
+        batch, beams, vocab = features.size(0), beam_size, model.vocab_size
+        device = features.device
+        state = {k: v.repeat_interleave(beams, dim=0) for k, v in model.init_state(features).items()}
+        prev = torch.full((batch * beams,), BOS, dtype=torch.long, device=device)
+        # Only the first beam is real at the start, so the first step does not pick duplicates.
+        beam_log_prob = torch.full((batch, beams), -math.inf, device=device)
+        beam_log_prob[:, 0] = 0.0
+        seqs = torch.zeros(batch * beams, max_length, dtype=torch.long, device=device)
+        attention = None
+        offsets = torch.arange(batch, device=device)[:, None] * beams
+        pool = _Pool(batch, beams)
+        stopped_early = False
+        for t in range(max_length):
+            log_probs, state, weights = model.step(prev, state)
+            if weights is not None:
+                if attention is None:
+                    attention = torch.zeros(batch * beams, max_length, weights.size(-1), device=device)
+                attention[:, t] = weights.float()
+            total = (beam_log_prob.view(-1, 1) + mask_log_probs(log_probs, t)).view(batch, beams * vocab)
+            _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty)
+            total.view(batch, beams, vocab)[:, :, EOS] = -math.inf
+            beam_log_prob, top = total.topk(beams, dim=1)
+            source = (offsets + top // vocab).view(-1)
+            prev = (top % vocab).view(-1)
+            state = _reorder(state, source, model.static_keys)
+            seqs = seqs.index_select(0, source)
+            seqs[:, t] = prev
+            if attention is not None:
+                attention = attention.index_select(0, source)
+            if t + 1 < max_length and _all_settled(beam_log_prob, pool, t, max_length, length_penalty):
+                stopped_early = True
+                break
+        if not stopped_early:
+            _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty)
+        return pool.entries
+
+
+def _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty) -> None:
+    """Move the EOS candidates ranked among the top `beams` of their image into the pool."""
+    top = total.topk(beams, dim=1).indices
+    image, rank = ((top % vocab) == EOS).nonzero(as_tuple=True)
+    if len(image) == 0:
+        return
+    flat = top[image, rank]
+    source = image * beams + flat // vocab
+    log_probs = total[image, flat].tolist()
+    lengths = torch.full_like(source, t)
+    tokens = seqs.index_select(0, source)[:, :t].tolist()
+    maps = _rows(attention, source, lengths)
+    for i, b in enumerate(image.tolist()):
+        score = length_score(log_probs[i], t + 1, length_penalty)
+        pool.add(b, Hypothesis(tokens[i], log_probs[i], score, maps[i], True))
+
+
+def _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty) -> None:
+    """At max_length the live beams end without EOS and compete with the finished ones."""
+    batch, beams = beam_log_prob.shape
+    log_probs = beam_log_prob.view(-1).tolist()
+    tokens = seqs.tolist()
+    index = torch.arange(batch * beams, device=seqs.device)
+    maps = _rows(attention, index, torch.full_like(index, max_length))
+    for row in range(batch * beams):
+        score = length_score(log_probs[row], max_length, length_penalty)
+        pool.add(row // beams, Hypothesis(tokens[row], log_probs[row], score, maps[row], False))
+
+
+def _all_settled(beam_log_prob, pool, t, max_length, length_penalty) -> bool:
+    """True when no live beam of any image can still beat that image's full pool.
+
+    Log-probabilities only fall as words are added, and a live beam ends with a length in
+    [t + 2, max_length], so its best possible score is its current log-probability over
+    one of those two lengths' penalty (whichever is larger)."""
+    best = beam_log_prob.max(dim=1).values
+    bound = torch.maximum(best / float(t + 2) ** length_penalty, best / float(max_length) ** length_penalty)
+    return bool((bound <= pool.worst(best.device)).all())

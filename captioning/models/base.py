@@ -1,0 +1,59 @@
+"""The interface every caption decoder implements, so training and decoding treat them alike.
+
+Teacher forcing goes through `forward`; generation goes through `init_state` + `step`, one
+token at a time, with a state that is a flat dict of batch-first tensors. Beam search can
+therefore expand and reorder any model's state with `index_select(0, ...)`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+class CaptionModel(nn.Module, abc.ABC):
+    """A decoder from image features (B, N, C) to words.
+
+    `config` holds the settings `build_model(config, vocab_size, feature_dim)` needs to
+    rebuild the same architecture; every model ends in `self.output`, the linear layer
+    that scores the vocabulary.
+    """
+
+    name: str = ""
+    # State entries that never change while decoding and are equal for all beams of one
+    # image: beam search may skip reordering them.
+    static_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: dict[str, Any], vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.config = dict(config)
+        self.vocab_size = int(vocab_size)
+        self.feature_dim = int(feature_dim)
+
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """Check the feature shape and cast the (float16 cached) features to the model's dtype."""
+        if features.dim() != 3:
+            raise ValueError(f"features must be (batch, positions, channels), got shape {tuple(features.shape)}")
+        if features.size(-1) != self.feature_dim:
+            raise ValueError(f"features have {features.size(-1)} channels, the model expects {self.feature_dim}")
+        weight = self.output.weight
+        return features.to(device=weight.device, dtype=weight.dtype)
+
+    @abc.abstractmethod
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: `tokens` (B, T) start with BOS; returns logits (B, T, V) where
+        position t scores the token after tokens[:, t], and an auxiliary loss (scalar)."""
+
+    @abc.abstractmethod
+    def init_state(self, features: torch.Tensor) -> State:
+        """Decoding state before the first word: a dict of batch-first tensors."""
+
+    @abc.abstractmethod
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """One decoding step: previous tokens (B,) -> log-probabilities (B, V) of the next
+        token, the new state, and attention weights over the N positions (B, N) or None."""
