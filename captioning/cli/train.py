@@ -1,7 +1,168 @@
-"""Commands of this group are added by register()."""
+"""`captioning features`, `captioning train` and `captioning caption`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from captioning.cli.common import fail, print_json
+
+
+def _params(path: Optional[Path], assignments: list[str]) -> dict[str, Any]:
+    """params.yaml (or `path`) with `--set` overrides; unknown keys are refused, not added."""
+    from captioning.config import load_params, override
+
+    try:
+        params = load_params(path)
+    except OSError as error:
+        fail(f"cannot read params file: {error}")
+    for item in assignments:
+        if "=" not in item:
+            fail(f"--set {item!r} is not of the form section.key=value")
+        node: Any = params
+        keys = item.split("=", 1)[0].strip().split(".")
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = ".".join(keys[:depth]) or "params"
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else "none (not a section)"
+                fail(f"unknown param key {'.'.join(keys)!r}: {where} has {known}")
+            node = node[key]
+    try:
+        return override(params, assignments)
+    except ValueError as error:
+        fail(str(error))
+
+
+def _check_query(text: str) -> None:
+    from captioning.data.query import QueryError, check_query, parse_query
+
+    try:
+        check_query(parse_query(text))
+    except QueryError as error:
+        fail(error.reason)  # one line: the full message adds a caret diagram
+
+
+def features_command(
+    query: str = typer.Argument(..., help="Data query, e.g. flickr8k[train+val]."),
+    encoder: Optional[str] = typer.Option(None, help="lite0 or lite2 (default: params features.encoder)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder pass."),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
+) -> None:
+    """Encode the images of QUERY into the feature cache (only those not cached yet)."""
+    from captioning.data.query import QueryError, parse_query, select
+    from captioning.encoder import ENCODERS
+    from captioning.features import build_features, default_store_dir
+    from captioning.images import ImageError
+
+    params = _params(params_file, [])
+    feat = params.get("features") or {}
+    encoder = encoder or feat.get("encoder", "lite0")
+    if encoder not in ENCODERS:
+        fail(f"unknown encoder {encoder!r}; known: {', '.join(sorted(ENCODERS))}")
+    _check_query(query)
+    try:
+        records = select(query)
+    except (QueryError, FileNotFoundError) as error:
+        fail(str(error))
+    parsed = parse_query(query)
+    store_dir = Path(feat["dir"]) / encoder / parsed.dataset if feat.get("dir") else default_store_dir(encoder, parsed.dataset)
+    start = time.perf_counter()
+    try:
+        before = _stored(store_dir)
+        store = build_features(records, encoder, store_dir, batch_size or int(feat.get("batch_size", 32)))
+    except ImageError as error:
+        fail(str(error), code=1)
+    print_json({"store": str(store_dir), "encoder": encoder, "images": len({r.image_id for r in records}),
+                "encoded": len(store) - before, "stored": len(store),
+                "seconds": round(time.perf_counter() - start, 2)})
+
+
+def _stored(store_dir: Path) -> int:
+    from captioning.features import FeatureStore
+
+    try:
+        return len(FeatureStore.open(store_dir))
+    except FileNotFoundError:
+        return 0
+
+
+def train_command(
+    params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
+    assignments: list[str] = typer.Option([], "--set", help="Override a param: section.key=value (repeatable)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data query (data.train_query)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default artifacts/train)."),
+    tracking: bool = typer.Option(True, "--tracking/--no-tracking", help="Log the run to MLflow."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from out/checkpoint.pt if present."),
+) -> None:
+    """Train a caption model; the best one is saved as a package in OUT/model."""
+    from captioning.images import ImageError
+    from captioning.training import TrainingError, train
+
+    params = _params(params_file, list(assignments))
+    if data:
+        params.setdefault("data", {})["train_query"] = data
+    for key in ("train_query", "val_query"):
+        value = (params.get("data") or {}).get(key)
+        if not value:
+            fail(f"params data.{key} is missing")
+        _check_query(value)
+    callbacks = []
+    if tracking:
+        from captioning.tracking import MLflowCallback
+
+        track = params.get("tracking") or {}
+        callback = MLflowCallback(track.get("uri", "sqlite:///mlflow.db"), track.get("experiment", "captioning"))
+        callbacks.append(callback)
+    try:
+        result = train(params, callbacks, out_dir=out, resume=resume)
+    except (TrainingError, ImageError, FileNotFoundError) as error:
+        fail(str(error), code=1)
+    payload = {"package": str(result.package_dir), "best": result.best, "epochs": len(result.history)}
+    if callbacks:
+        payload["run_id"] = callbacks[0].run_id
+    print_json(payload)
+
+
+def caption_command(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    model: str = typer.Option(..., "--model", help="Package folder, or models:/NAME@ALIAS / runs:/ URI."),
+    beam: int = typer.Option(3, "--beam", min=1, help="Beam size (1: greedy)."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Words per caption at most."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Caption images with a trained model."""
+    from captioning.images import ImageError
+    from captioning.package import PackageError
+    from captioning.predict import Captioner
+
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        fail(f"no such image file: {missing[0]}")
+    if "://" not in model and not model.startswith(("models:", "runs:")) and not Path(model).is_dir():
+        fail(f"no such model package folder: {model}")
+    try:
+        captioner = Captioner.load(model)
+    except PackageError as error:
+        fail(str(error))
+    except Exception as error:  # registry look-ups fail in many ways (unknown name, alias, store)
+        fail(f"cannot load model {model!r}: {error}")
+    try:
+        results = captioner.caption([str(path) for path in images], beam_size=beam, max_length=max_length)
+    except ImageError as error:
+        fail(str(error))
+    rows = [{"image": str(path), "caption": result["caption"], "alternatives": result["alternatives"]}
+            for path, result in zip(images, results)]
+    if as_json:
+        print_json(rows)
+    else:
+        for row in rows:
+            typer.echo(f"{row['image']}\t{row['caption']}")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("features")(features_command)
+    app.command("train")(train_command)
+    app.command("caption")(caption_command)

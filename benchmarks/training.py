@@ -1,0 +1,166 @@
+"""Training-side speed: the encoder, the feature cache and the decoder training step.
+
+- encoder: images/s of `lite0` (and `lite2`) on a batch of 32 preprocessed images;
+- feature caching: wall time of `build_features` for N real image files (PNG decoding,
+  preprocessing and encoding), with 0 and 2 decoding workers; a second call shows the
+  cache hit (no work);
+- training: captions/s of `training_step` per decoder on cached-style features
+  (float16, 49 x 1280), the `model:` sizes of params.yaml, a 2500-word vocabulary and
+  12-word captions (Flickr8k-like), batch 64; and the share of the time spent
+  assembling batches (`CaptionData.batch`).
+
+    python -m benchmarks.training [--threads 2] [--images 96] [--output reports/benchmark_training.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captioning.config import load_params, reports_dir
+
+VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
+
+
+def bench_encoder(name: str, batch: int = 32, repeats: int = 3) -> dict[str, Any]:
+    from captioning.encoder import build_encoder
+
+    encoder = build_encoder(name)
+    pixels = torch.rand(batch, 3, encoder.image_size, encoder.image_size) * 2 - 1
+    times = []
+    with torch.inference_mode():
+        encoder(pixels)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encoder(pixels)
+            times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"batch": batch, "image_size": encoder.image_size, "seconds_per_batch": round(best, 3),
+            "images_per_s": round(batch / best, 1), "median_images_per_s": round(batch / float(np.median(times)), 1)}
+
+
+def _image_records(folder: Path, count: int):
+    """Real PNG files (synthetic scenes) and their records."""
+    from captioning.data.records import Record
+    from captioning.data.synthetic import captions_for, make_scene, render
+
+    import random
+
+    records = []
+    for n in range(count):
+        scene = make_scene(random.Random(f"benchmark/{n}"), 224)
+        path = folder / f"bench_{n:05d}.png"
+        render(scene, 224).save(path)
+        records.append(Record(path.name, str(path), "train", captions_for(scene)))
+    return records
+
+
+def bench_caching(count: int) -> dict[str, Any]:
+    from captioning.features import build_features
+
+    work = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    try:
+        records = _image_records(work, count)
+        result: dict[str, Any] = {"images": count}
+        for workers in (0, 2):
+            store_dir = work / f"store-{workers}"
+            start = time.perf_counter()
+            build_features(records, "lite0", store_dir, 32, progress=False, num_workers=workers)
+            seconds = time.perf_counter() - start
+            result[f"workers_{workers}"] = {"seconds": round(seconds, 2), "images_per_s": round(count / seconds, 1)}
+        start = time.perf_counter()
+        build_features(records, "lite0", work / "store-2", 32, progress=False)
+        result["cached_rerun_seconds"] = round(time.perf_counter() - start, 4)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 2048) -> dict[str, Any]:
+    from captioning.models import build_model
+    from captioning.training import CaptionData, lr_factor, training_step
+
+    generator = torch.Generator().manual_seed(0)
+    images = (pairs + 4) // 5
+    features = (torch.randn(images, 49, 1280, generator=generator) * 0.5).half()
+    tokens = torch.zeros(pairs, CAPTION_WORDS + 2, dtype=torch.long)
+    tokens[:, 0] = 1
+    tokens[:, 1: CAPTION_WORDS + 1] = torch.randint(4, VOCAB_SIZE, (pairs, CAPTION_WORDS), generator=generator)
+    tokens[:, CAPTION_WORDS + 1] = 2
+    data = CaptionData(features, None, np.arange(pairs) // 5, tokens, [str(i) for i in range(images)])
+
+    torch.manual_seed(0)
+    model = build_model({**model_params, "decoder": decoder}, VOCAB_SIZE, 1280)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 10, 1000))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    order = torch.randperm(pairs, generator=generator).tolist()
+    device = torch.device("cpu")
+    data_time = step_time = 0.0
+    for step in range(steps + 1):
+        batch = order[(step * BATCH) % pairs:][:BATCH] or order[:BATCH]
+        tick = time.perf_counter()
+        feats, toks = data.batch(batch, device)
+        tock = time.perf_counter()
+        training_step(model, optimizer, scheduler, scaler, feats, toks, 0.1, 1.0, 5.0)
+        done = time.perf_counter()
+        if step > 0:  # the first step pays for allocations
+            data_time += tock - tick
+            step_time += done - tock
+    total = data_time + step_time
+    return {"steps": steps, "batch": BATCH, "captions_per_s": round(steps * BATCH / total, 1),
+            "seconds_per_step": round(total / steps, 4), "data_time_share": round(data_time / total, 4),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    model_params = load_params()["model"]
+    report: dict[str, Any] = {
+        "setup": {
+            "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_at_start": list(os.getloadavg()), "model": model_params,
+            "vocab_size": VOCAB_SIZE, "caption_words": CAPTION_WORDS,
+        },
+        "encoder": {}, "training": {},
+    }
+    for name in ("lite0", "lite2"):
+        report["encoder"][name] = bench_encoder(name)
+        print("encoder", name, json.dumps(report["encoder"][name]), flush=True)
+    report["feature_caching"] = bench_caching(images)
+    print("caching", json.dumps(report["feature_caching"]), flush=True)
+    for decoder in ("show_tell", "attention", "transformer"):
+        report["training"][decoder] = bench_training(decoder, model_params, steps)
+        print("training", decoder, json.dumps(report["training"][decoder]), flush=True)
+    report["setup"]["load_average_at_end"] = list(os.getloadavg())
+    output = output or reports_dir() / "benchmark_training.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=96, help="image files for the caching benchmark")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per decoder")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    run(args.threads, args.images, args.steps, args.output)
+    print(f"wrote {args.output or reports_dir() / 'benchmark_training.json'}")
+
+
+if __name__ == "__main__":
+    main()

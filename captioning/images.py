@@ -1,0 +1,110 @@
+"""Reading and preparing images: the one preprocessing shared by feature caching,
+fine-tuning, evaluation and serving.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Iterable, Union
+
+from PIL import Image, UnidentifiedImageError
+
+# Larger images are refused: a tiny compressed file can decode to gigabytes
+# (a "decompression bomb"). 40 megapixels covers every real photo we caption.
+MAX_PIXELS = 40_000_000
+
+ImageSource = Union[bytes, bytearray, str, Path, Image.Image]
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image (says which and why)."""
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, Path)):
+        return f"image file {str(source)!r}"
+    if isinstance(source, (bytes, bytearray)):
+        return f"image data ({len(source)} bytes)"
+    return "image"
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """Decode an image fully and return it as RGB.
+
+    Raises ImageError for empty input, missing files, non-images, truncated
+    files and images larger than MAX_PIXELS.
+    """
+    if isinstance(source, Image.Image):
+        return _check_size(source, "image").convert("RGB")
+    name = _describe(source)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name} does not exist")
+        data = path.read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        raise ImageError(f"cannot read an image from {type(source).__name__}")
+    if not data:
+        raise ImageError(f"{name} is empty")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns before its own bomb check; we turn both into ImageError.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_size(image, name)
+                image.load()  # decode now, so a truncated file fails here
+                return image.convert("RGB")
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image format Pillow can read") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageError(f"{name} is too large to decode safely: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated").
+        raise ImageError(f"{name} is corrupt or truncated: {error}") from None
+
+
+def _check_size(image: Image.Image, name: str) -> Image.Image:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{name} has no pixels")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{name} is {width}x{height} = {width * height} pixels, more than MAX_PIXELS={MAX_PIXELS}"
+        )
+    return image
+
+
+def resize(image: Image.Image, size: int) -> Image.Image:
+    """Squash to size x size (the whole picture is kept; captions speak about all of it)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def to_tensor(image: Image.Image, size: int, mean: float = 0.5, std: float = 0.5):
+    """One image to a normalised (3, size, size) float tensor."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(resize(image.convert("RGB"), size), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    return (tensor - mean) / std
+
+
+def preprocess(images: Iterable[ImageSource], size: int, mean: float = 0.5, std: float = 0.5):
+    """Images (bytes, paths or PIL images) to a (B, 3, size, size) tensor for the encoder.
+
+    EfficientNet-Lite expects inputs in [-1, 1]: mean = std = 0.5.
+    """
+    import torch
+
+    tensors = [to_tensor(open_image(item), size, mean, std) for item in images]
+    if not tensors:
+        return torch.empty(0, 3, size, size)
+    return torch.stack(tensors)

@@ -1,0 +1,183 @@
+"""Trained models as folders, and training checkpoints.
+
+A package is `config.json` (model section, encoder, decoding defaults, vocabulary
+fingerprint, parameter shapes, format version), `vocab.json` and `weights.pt` (a plain
+state dict). Loading checks every piece against the others and refuses a mismatch with
+PackageError rather than running a model with the wrong vocabulary or layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class PackageError(ValueError):
+    """A model package (or checkpoint) that is incomplete or inconsistent."""
+
+
+def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any]) -> Path:
+    """Write a package folder (replacing an existing one only once the new one is complete).
+
+    `config` holds at least `model` (the params section build_model takes) and
+    `encoder`; `decoding` defaults and any other JSON-able keys (metrics, data) are kept.
+    """
+    directory = Path(directory)
+    if "model" not in config or "encoder" not in config:
+        raise PackageError("package config needs 'model' and 'encoder' sections")
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in _unwrap(model).state_dict().items()}
+    torch.save(state, tmp / WEIGHTS_FILE)
+    (tmp / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
+    full = dict(config)
+    full.update(
+        format_version=FORMAT_VERSION,
+        vocab_size=len(vocab),
+        vocab_fingerprint=vocab.fingerprint(),
+        feature_dim=int(config.get("feature_dim") or _feature_dim(config["encoder"])),
+        parameter_shapes={key: list(value.shape) for key, value in state.items()},
+        weights_sha256=_sha256(tmp / WEIGHTS_FILE),
+    )
+    (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False), encoding="utf-8")
+    _replace_dir(tmp, directory)
+    return directory
+
+
+def load_package(directory: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, vocabulary, config) from a package folder; PackageError on any mismatch."""
+    from captioning.models import build_model
+    from captioning.vocab import Vocabulary
+
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        vocab = Vocabulary.from_dict(json.loads((directory / VOCAB_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PackageError(f"{directory / VOCAB_FILE} cannot be read: {error}") from None
+    if vocab.fingerprint() != config.get("vocab_fingerprint"):
+        raise PackageError(
+            f"vocabulary in {directory} has fingerprint {vocab.fingerprint()}, but the model was "
+            f"trained with {config.get('vocab_fingerprint')}: refusing a mismatched vocabulary"
+        )
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise PackageError(f"{directory} has no {WEIGHTS_FILE}")
+    if config.get("weights_sha256") and _sha256(weights) != config["weights_sha256"]:
+        raise PackageError(f"{weights} does not match the checksum in {CONFIG_FILE} (corrupt or replaced)")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors have many types; all mean the same here
+        raise PackageError(f"{weights} cannot be loaded: {error}") from None
+    try:
+        model = build_model(config["model"], len(vocab), config["feature_dim"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise PackageError(f"model section in {directory / CONFIG_FILE} is invalid: {error}") from None
+    check_state(model, state, str(weights))
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return model, vocab, config
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise PackageError(f"{directory} is not a model package (no {CONFIG_FILE})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise PackageError(f"{path} is not valid JSON: {error}") from None
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{path} has format version {version}; this code reads {FORMAT_VERSION}")
+    for key in ("model", "encoder", "vocab_fingerprint", "feature_dim"):
+        if key not in config:
+            raise PackageError(f"{path} lacks {key!r}")
+    return config
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """PackageError naming the first differences between the weights and the architecture."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing {missing[:3]}")
+    if extra:
+        problems.append(f"unexpected {extra[:3]}")
+    shapes = [f"{key} {found[key]} vs {expected[key]}" for key in expected if key in found and found[key] != expected[key]]
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes[:3]))
+    if problems:
+        raise PackageError(f"weights in {source} do not fit the architecture: " + ", ".join(problems))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write atomically (tmp file, fsync, rename): a kill never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(checkpoint, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint (tensors, numbers, strings, lists, dicts only)."""
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PackageError(f"checkpoint {path} cannot be loaded: {error}") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def _feature_dim(encoder: str) -> int:
+    from captioning.encoder import ENCODERS
+
+    if encoder not in ENCODERS:
+        raise PackageError(f"unknown encoder {encoder!r}")
+    return ENCODERS[encoder].feature_dim
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Captioning images with a trained package: the one prediction path of the CLI, the
+evaluation and the service.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from captioning.images import ImageError, ImageSource, open_image, preprocess
+
+# Images encoded per forward pass: bounds memory for long request lists.
+CHUNK = 16
+
+
+class Captioner:
+    """A trained decoder plus its image encoder, ready to caption.
+
+    `version` is the registry version the package came from, or "local".
+    """
+
+    def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
+                 version: str = "local", source: str = ""):
+        from captioning.config import get_device
+
+        self.device = torch.device(device) if device is not None else get_device()
+        self.model = model.to(self.device).eval()
+        self.vocab = vocab
+        self.config = config
+        self.encoder_name = config["encoder"]
+        self._encoder = encoder.to(self.device).eval() if encoder is not None else None
+        self.version = version
+        self.source = source
+        decoding = config.get("decoding") or {}
+        self.beam_size = int(decoding.get("beam_size", 3))
+        self.max_length = int(decoding.get("max_length", 20))
+        self.length_penalty = float(decoding.get("length_penalty", 0.0))
+
+    @classmethod
+    def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
+        """From a package folder, or a `models:/...` / `runs:/...` URI (through the registry)."""
+        from captioning.package import load_package
+
+        text = str(source)
+        version = "local"
+        if text.startswith(("models:/", "runs:/")):
+            from captioning.registry import resolve
+
+            folder = Path(resolve(text))
+            version = _registry_version(text, folder)
+        else:
+            folder = Path(text)
+        model, vocab, config = load_package(folder)
+        encoder = None
+        if with_encoder:
+            from captioning.encoder import build_encoder
+
+            encoder = build_encoder(config["encoder"])
+        return cls(model, vocab, config, encoder, device, version, text)
+
+    @property
+    def encoder(self):
+        """The image encoder, built on first use (captioning cached features does not need it)."""
+        if self._encoder is None:
+            from captioning.encoder import build_encoder
+
+            self._encoder = build_encoder(self.encoder_name).to(self.device).eval()
+        return self._encoder
+
+    @property
+    def image_size(self) -> int:
+        from captioning.encoder import ENCODERS
+
+        return ENCODERS[self.encoder_name].image_size
+
+    def encode(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Spatial features (B, N, C) of images (bytes, paths or PIL images)."""
+        pil = []
+        for number, item in enumerate(images):
+            try:
+                pil.append(open_image(item))
+            except ImageError as error:
+                raise ImageError(f"image {number + 1} of {len(images)}: {error}") from None
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(pil), CHUNK):
+                pixels = preprocess(pil[start: start + CHUNK], self.image_size).to(self.device)
+                outputs.append(self.encoder(pixels))
+        if not outputs:
+            return torch.empty(0, 0, 0)
+        return torch.cat(outputs)
+
+    def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_length: int | None = None,
+                return_attention: bool = False, length_penalty: float | None = None) -> list[dict[str, Any]]:
+        """One result per image: caption, alternatives (best first) and optionally attention maps.
+
+        An unreadable image raises ImageError naming its position; nothing is captioned then.
+        """
+        images = list(images)
+        if not images:
+            return []
+        features = self.encode(images)
+        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty)
+
+    def caption_features(self, features: np.ndarray | torch.Tensor, beam_size: int | None = None,
+                         max_length: int | None = None, return_attention: bool = False,
+                         length_penalty: float | None = None) -> list[dict[str, Any]]:
+        """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache."""
+        from captioning.decoding import beam_search, greedy
+
+        beam = int(beam_size or self.beam_size)
+        length = int(max_length or self.max_length)
+        penalty = self.length_penalty if length_penalty is None else float(length_penalty)
+        features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+        results: list[dict[str, Any]] = []
+        with torch.inference_mode():
+            for start in range(0, features.size(0), CHUNK):
+                chunk = features[start: start + CHUNK].to(self.device).float()
+                if beam <= 1:
+                    hypotheses = greedy(self.model, chunk, length)
+                else:
+                    hypotheses = beam_search(self.model, chunk, beam, length, penalty)
+                results.extend(self._result(options, return_attention, chunk.size(1)) for options in hypotheses)
+        return results
+
+    def _result(self, options, return_attention: bool, positions: int) -> dict[str, Any]:
+        alternatives, seen = [], set()
+        for hypothesis in options:
+            text = self.vocab.decode(hypothesis.tokens)
+            if text in seen:
+                continue
+            seen.add(text)
+            alternatives.append({"caption": text, "log_prob": float(hypothesis.log_prob)})
+        best = options[0]
+        result: dict[str, Any] = {"caption": self.vocab.decode(best.tokens), "alternatives": alternatives}
+        if return_attention:
+            result["attention"] = attention_payload(self.vocab, best, positions)
+        return result
+
+
+def attention_payload(vocab, hypothesis, positions: int) -> dict[str, Any] | None:
+    """{"words", "maps" (one list of N weights per word), "grid"} or None for models without attention."""
+    if hypothesis.attention is None:
+        return None
+    words = [vocab.tokens[int(token)] for token in hypothesis.tokens]
+    maps = np.asarray(hypothesis.attention, dtype=np.float32)[: len(words)]
+    side = int(round(math.sqrt(positions)))
+    grid = [side, side] if side * side == positions else [1, positions]
+    return {"words": words, "maps": [[round(float(v), 5) for v in row] for row in maps], "grid": grid}
+
+
+def render_attention(image: ImageSource, attention: dict[str, Any], size: int = 224, columns: int = 5):
+    """A PIL image: the picture once plain, then once per word with its attention as a heat overlay."""
+    from PIL import Image, ImageDraw
+
+    base = open_image(image).resize((size, size), Image.Resampling.BICUBIC)
+    tiles = [(base, "")]
+    rows_, cols_ = attention["grid"]
+    for word, weights in zip(attention["words"], attention["maps"]):
+        heat = np.asarray(weights, dtype=np.float32).reshape(rows_, cols_)
+        heat = (heat - heat.min()) / max(1e-8, float(heat.max() - heat.min()))
+        mask = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize((size, size), Image.Resampling.BILINEAR)
+        colour = Image.merge("RGB", (mask, Image.new("L", (size, size), 40), mask.point(lambda v: 255 - v)))
+        tiles.append((Image.blend(base, colour, 0.5), word))
+    label = 18
+    rows = math.ceil(len(tiles) / columns)
+    sheet = Image.new("RGB", (columns * size, rows * (size + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (tile, word) in enumerate(tiles):
+        x, y = (n % columns) * size, (n // columns) * (size + label)
+        sheet.paste(tile, (x, y + label))
+        draw.text((x + 4, y + 3), word, fill="black")
+    return sheet
+
+
+def _registry_version(uri: str, folder: Path) -> str:
+    """The registered version behind a URI: from `models:/name/N`, else from the download folder
+    (the registry keeps versions in artifacts_dir()/registry/<name>/<version>)."""
+    from captioning.config import artifacts_dir
+
+    match = re.match(r"^models:/[^/@]+/(\d+)/?$", uri)
+    if match:
+        return match.group(1)
+    try:
+        parts = folder.resolve().relative_to((artifacts_dir() / "registry").resolve()).parts
+    except ValueError:
+        return uri
+    if len(parts) >= 2 and parts[0] != "uris" and parts[1].isdigit():
+        return parts[1]
+    return uri

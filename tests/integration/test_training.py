@@ -1,0 +1,187 @@
+"""Training end to end on the synthetic data: quality, exact resume after a kill, MLflow tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioning.config import PROJECT_ROOT
+from captioning.package import load_checkpoint, load_package
+from captioning.training import TrainingError, train
+from tests.fixtures.trained import held_out_features, synthetic_data, tiny_params, train_tiny_model
+
+pytestmark = pytest.mark.slow
+
+# Runs training in a child process that kills itself (SIGKILL, no clean-up) at step KILL_AT.
+KILLED_RUN = """
+import json, os, signal, sys
+from captioning.training import train
+
+params, out_dir, kill_at = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+
+class Kill:
+    def on_batch_end(self, step, loss):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(params, [Kill()], out_dir=out_dir, resume=True)
+"""
+
+
+def _bleu4(predictions: dict[str, str], references: dict[str, list[str]]) -> float:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from captioning.vocab import tokenize
+
+    gts = {key: [" ".join(tokenize(ref)) for ref in references[key]] for key in predictions}
+    res = {key: [" ".join(tokenize(caption))] for key, caption in predictions.items()}
+    return 100.0 * Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory) -> Path:
+    return train_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def test_tiny_model_captions_held_out_images(tiny_package):
+    from captioning.predict import Captioner
+
+    ids, features, references = held_out_features()
+    captioner = Captioner.load(tiny_package, with_encoder=False)
+    greedy = captioner.caption_features(features, beam_size=1)
+    predictions = {image_id: result["caption"] for image_id, result in zip(ids, greedy)}
+    assert _bleu4(predictions, references) > 50.0
+
+    beam = captioner.caption_features(features[:3], beam_size=3)
+    for result in beam:
+        options = result["alternatives"]
+        assert options[0]["caption"] == result["caption"] and len(options) >= 2
+        assert [o["log_prob"] for o in options] == sorted((o["log_prob"] for o in options), reverse=True)
+    config = json.loads((tiny_package / "config.json").read_text())
+    assert config["metrics"]["val_CIDEr"] > 100.0 and config["encoder"] == "lite0"
+
+
+def test_images_and_cached_features_caption_alike(tiny_package):
+    """Serving (image files through open_image/preprocess/encoder) matches training's cached features."""
+    from captioning.data.query import select
+    from captioning.predict import Captioner
+    from tests.fixtures.trained import TEST_QUERY
+
+    ids, features, _ = held_out_features()
+    with synthetic_data():
+        paths = {record.image_id: record.path for record in select(TEST_QUERY)}
+    captioner = Captioner.load(tiny_package)
+    from_files = captioner.caption([paths[i] for i in ids[:4]], beam_size=1, return_attention=True)
+    from_cache = captioner.caption_features(features[:4], beam_size=1)
+    assert [r["caption"] for r in from_files] == [r["caption"] for r in from_cache]
+    attention = from_files[0]["attention"]
+    assert attention["words"] == from_files[0]["caption"].split()
+    assert attention["grid"] == [7, 7] and len(attention["maps"]) == len(attention["words"])
+    assert all(len(row) == 49 and abs(sum(row) - 1.0) < 1e-3 for row in attention["maps"])
+    assert captioner.version == "local"
+
+
+def test_caption_command(tiny_package, tmp_path):
+    from typer.testing import CliRunner
+
+    from captioning.cli import app
+    from captioning.data.query import select
+    from tests.fixtures.trained import TEST_QUERY
+
+    with synthetic_data():
+        images = [record.path for record in select(TEST_QUERY)[:2]]
+    runner = CliRunner()
+    done = runner.invoke(app, ["caption", *images, "--model", str(tiny_package), "--beam", "2", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = json.loads(done.stdout)
+    assert [row["image"] for row in rows] == images
+    assert all(row["caption"] and row["alternatives"][0]["caption"] == row["caption"] for row in rows)
+
+    missing = runner.invoke(app, ["caption", images[0], "--model", str(tmp_path / "absent")])
+    assert missing.exit_code == 2 and "absent" in missing.stderr and missing.stderr.strip().count("\n") == 0
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    bad = runner.invoke(app, ["caption", str(not_image), "--model", str(tiny_package)])
+    assert bad.exit_code == 2 and "notes.png" in bad.stderr
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
+    # The loop, not the decoder, decides whether a resume is exact: the fastest decoder will do.
+    params = tiny_params("show_tell", epochs=2, checkpoint_every=3, batch_size=64)
+    params["model"].update(embed_dim=32, hidden_dim=64)
+    with synthetic_data() as data:
+        uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
+
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(params))
+    env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), "4"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (0, 3, 3)  # mid-epoch
+    assert not checkpoint["finished"]
+
+    changed = json.loads(json.dumps(params))
+    changed["train"]["lr"] = 1e-3
+    with synthetic_data(), pytest.raises(TrainingError, match="other params"):
+        train(changed, out_dir=tmp_path / "run", resume=True)
+
+    with synthetic_data():
+        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+
+    final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert final_a["finished"] and final_b["finished"] and final_a["step"] == final_b["step"]
+    assert final_a["model"].keys() == final_b["model"].keys()
+    assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
+    strip = lambda history: [{k: v for k, v in h.items() if k not in ("captions_per_s", "data_time_share")}
+                             for h in history]
+    assert strip(resumed.history) == strip(uninterrupted.history)
+    best_a, _, _ = load_package(uninterrupted.package_dir)
+    best_b, _, _ = load_package(resumed.package_dir)
+    assert all(torch.equal(a, b) for a, b in zip(best_a.state_dict().values(), best_b.state_dict().values()))
+
+    # A finished run is not trained again.
+    with synthetic_data():
+        again = train(params, out_dir=tmp_path / "run", resume=True)
+    assert again.best == resumed.best
+
+
+def test_mlflow_tracking(tiny_package, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from captioning.tracking import MLflowCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    callback = MLflowCallback(uri, "tests", run_name="tiny")
+    train_tiny_model(tmp_path, epochs=1, callbacks=[callback])
+
+    client = MlflowClient(uri)
+    run = client.get_run(callback.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params["model.decoder"] == "attention"
+    assert float(run.data.params["train.lr"]) == pytest.approx(4e-3)
+    assert run.data.tags["data_query"] == "synthetic[train]-160" and run.data.tags["git_commit"]
+    assert "data_hash" in run.data.tags
+    losses = client.get_metric_history(callback.run_id, "batch_train_loss")
+    assert sorted(m.step for m in losses) == list(range(1, 26))  # 800 captions / batch 32, one epoch
+    assert [m.step for m in client.get_metric_history(callback.run_id, "val_CIDEr")] == [1]
+    assert run.data.metrics["captions_per_s"] > 0 and "best_val_CIDEr" in run.data.metrics
+
+    artifacts = {item.path for item in client.list_artifacts(callback.run_id)}
+    assert {"vocab.json", "model", "samples", "attention"} <= artifacts
+    model_files = {Path(item.path).name for item in client.list_artifacts(callback.run_id, "model")}
+    assert {"config.json", "vocab.json", "weights.pt"} <= model_files
+    pngs = [item.path for item in client.list_artifacts(callback.run_id, "attention")]
+    assert pngs and all(path.endswith(".png") for path in pngs)
+    local = Path(client.download_artifacts(callback.run_id, "samples/val_captions.json", str(tmp_path / "dl")))
+    samples = json.loads(local.read_text())
+    assert samples and all(sample["caption"] and sample["references"] for sample in samples)
