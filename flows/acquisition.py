@@ -1,0 +1,41 @@
+"""Acquisition flow: put a dataset in data/NAME (mirror or official downloads), then version it with DVC.
+
+    python -m flows.acquisition [--dataset flickr8k] [--force] [--no-version]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import flow
+
+from flows import load_settings, settings_parser, finish
+from tasks.data import acquire_dataset, version_data
+
+
+@flow(name="acquisition")
+def acquisition_flow(dataset: str | None = None, params: dict[str, Any] | None = None,
+                     force: bool = False, version: bool = True) -> dict[str, Any]:
+    """Acquire `dataset` (default params data.dataset); `dvc add data` when data/ is this repository's."""
+    params = params or load_settings()
+    name = dataset or params["data"]["dataset"]
+    path = acquire_dataset(name, force=force)
+    data_hash = version_data() if version else None
+    return {"dataset": name, "path": path, "data_hash": data_hash}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings_parser("Acquire a dataset and version it with DVC.")
+    parser.add_argument("--dataset", help="dataset name (default: params data.dataset)")
+    parser.add_argument("--force", action="store_true", help="acquire again even if present")
+    parser.add_argument("--no-version", action="store_true", help="do not run `dvc add data`")
+    args = parser.parse_args(argv)
+    params = load_settings(args.params, args.overrides)
+    state = acquisition_flow(dataset=args.dataset, params=params, force=args.force,
+                             version=not args.no_version, return_state=True)
+    return finish(state, lambda r: f"{r['dataset']} in {r['path']} (DVC hash: {r['data_hash'] or 'not versioned'})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Registration flow: register a model version in MLflow; the metric gates decide promotion.
+
+    python -m flows.registration --model artifacts/train/model --metrics reports/metrics.json
+
+A failed gate is a normal outcome: the run completes with "gate failed: ..." and the champion
+stays where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.states import Completed
+
+from flows import finish, load_settings, settings_parser, tracking_uri
+from tasks.registry import register_model
+
+
+@flow(name="registration")
+def registration_flow(package_dir: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
+                      query: str | None = None, champion_metrics: dict[str, float] | None = None,
+                      run_id: str | None = None):
+    """Register `package_dir` scored `metrics` on `query`; promote it when it passes the gates."""
+    from captioning.registry import collect_lineage, model_name
+
+    params = params or load_settings()
+    query = query or params["data"]["test_query"]
+    gates = (params.get("register") or {}).get("gates") or {}
+    result = register_model(package_dir, metrics, query, gates=gates, tracking=tracking_uri(params),
+                            name=model_name(params), champion_metrics=champion_metrics,
+                            lineage=collect_lineage(params), run_id=run_id)
+    return Completed(message=result["message"], data=result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings_parser("Register a model; the metric gates decide promotion.")
+    parser.add_argument("--model", required=True, help="model package folder")
+    parser.add_argument("--metrics", required=True, help="metrics JSON written by the evaluation")
+    parser.add_argument("--data", help="query the metrics come from (default: params data.test_query)")
+    parser.add_argument("--run-id", help="MLflow run of the training (the model is logged into it)")
+    args = parser.parse_args(argv)
+    params = load_settings(args.params, args.overrides)
+    with open(args.metrics, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    metrics = payload.get("metrics", payload)
+    state = registration_flow(package_dir=args.model, metrics=metrics, params=params, query=args.data,
+                              run_id=args.run_id, return_state=True)
+    return finish(state, lambda r: r["message"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

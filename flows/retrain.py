@@ -1,0 +1,118 @@
+"""The end-to-end retraining flow: acquire -> (anything new?) -> validate -> train -> evaluate -> register.
+
+    python -m flows.retrain [--params params-synthetic.yaml] [--set train.epochs=2] [--force]
+    python -m flows.retrain --serve        # a deployment scheduled by params.yaml retrain.cron
+
+Each step is a subflow, so the Prefect UI shows it with its own tasks and logs. Outcomes:
+- nothing new since the last training (same DVC data hash, same training settings, no feedback
+  stored since): a quick run that completes as "Skipped" and says so;
+- the data fails validation: the run ends Failed with the reasons, before any training;
+- the metric gates refuse the model: the run completes with "gate failed: ..." (champion untouched);
+- otherwise the new version becomes champion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+
+from flows import load_settings, settings_parser
+from flows.acquisition import acquisition_flow
+from flows.evaluation import evaluation_flow
+from flows.registration import registration_flow
+from flows.training import training_flow
+from flows.validation import validation_flow
+from tasks.state import check_for_new_data, record_training
+
+DEPLOYMENT = "scheduled-retrain"
+
+
+def run_folder(check: dict[str, Any]) -> str:
+    """Training folder named by what the model is trained from: the same inputs resume or reuse it."""
+    from captioning.config import artifacts_dir
+
+    key = f"{check['dataset']}|{check['data']}|{check['params']}|{check['feedback_total']}"
+    return str(artifacts_dir() / "retrain" / "runs" / hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+@flow(name="retrain")
+def retrain_flow(params_file: str | None = None, overrides: list[str] | None = None, force: bool = False,
+                 params: dict[str, Any] | None = None):
+    """Retrain when something is new, promote the model when it passes the metric gates.
+
+    Settings: `params` when given, else params.yaml with `params_file` (partial YAML) and `overrides`
+    laid over it (read at run time, so a scheduled run sees the current params.yaml).
+    """
+    logger = get_run_logger()
+    params = params or load_settings(params_file, overrides)
+    started = datetime.now(timezone.utc).isoformat()
+    dataset = params["data"]["dataset"]
+
+    acquisition_flow(dataset=dataset, params=params)
+    check = check_for_new_data(dataset, params)
+    if not check["new"] and not force:
+        message = (f"nothing new since the training of {check['last'].get('trained_at')}: "
+                   f"same data ({check['data']}), same settings, no new feedback; no retraining")
+        logger.info(message)
+        return Completed(name="Skipped", message=message,
+                         data={"status": "nothing new", "message": message, "last": check["last"]})
+
+    validation = validation_flow(dataset=dataset, params=params, fingerprint=check["data"], return_state=True)
+    if not validation.is_completed():
+        logger.error(validation.message)
+        return Failed(message=f"stopped before training: {validation.message}",
+                      data=validation.result(raise_on_failure=False))
+
+    trained = training_flow(params=params, out_dir=run_folder(check))
+    evaluation = evaluation_flow(model=trained["package_dir"], params=params)
+    registration = registration_flow(package_dir=trained["package_dir"], metrics=evaluation["metrics"],
+                                     params=params, query=evaluation["query"],
+                                     champion_metrics=evaluation["champion_metrics"],
+                                     run_id=trained["mlflow_run_id"])
+    record_training(check, {"package_dir": trained["package_dir"], "version": registration["version"],
+                            "promoted": registration["promoted"], "metrics": evaluation["metrics"]}, started)
+    status = "promoted" if registration["promoted"] else "gate failed"
+    summary = {"status": status, "message": registration["message"], "reasons": check["reasons"],
+               "version": registration["version"], "promoted": registration["promoted"],
+               "gate_reasons": registration["reasons"], "metrics": evaluation["metrics"],
+               "package_dir": trained["package_dir"], "comparison": evaluation["comparison"]}
+    logger.info(registration["message"])
+    return Completed(message=registration["message"], data=summary)
+
+
+def serve(params_file: str | None, overrides: list[str]) -> None:
+    """A deployment of this flow on the cron of params.yaml retrain.cron, run by this process."""
+    cron = load_settings(params_file, overrides)["retrain"]["cron"]
+    print(f"serving {DEPLOYMENT!r} on cron {cron!r}; runs show up in the Prefect UI. Stop with Ctrl+C.")
+    retrain_flow.serve(name=DEPLOYMENT, cron=cron, tags=["retrain"],
+                       parameters={"params_file": params_file, "overrides": overrides},
+                       description="Retrain when the data or the feedback changed; promote through the metric gates.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings_parser("Retrain, evaluate and register a caption model when anything is new.")
+    parser.add_argument("--force", action="store_true",
+                        help="validate, evaluate and register even if nothing is new (a finished training "
+                             "on the same data and settings is reused, not repeated)")
+    parser.add_argument("--serve", action="store_true",
+                        help="create a deployment scheduled by params retrain.cron and run it here")
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.params, args.overrides)
+        return 0
+    state = retrain_flow(params_file=args.params, overrides=args.overrides, force=args.force, return_state=True)
+    data = state.result(raise_on_failure=False) if state.is_completed() else None
+    print(f"{state.name}: {state.message}")
+    if isinstance(data, dict) and data.get("status") in ("promoted", "gate failed"):
+        print(f"metrics: {data['metrics']}")
+        print(f"comparison table: {data['comparison']['markdown']}")
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Validation flow: the Great Expectations suite over a dataset; bad data fails the run.
+
+    python -m flows.validation [--dataset flickr8k]     (exit 1 and the failures when the data is bad)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from prefect import flow
+from prefect.states import Completed, Failed
+
+from flows import finish, flow_reports, load_settings, settings_parser
+from tasks.data import validate_dataset
+
+
+def failure_message(outcome: dict[str, Any], shown: int = 5) -> str:
+    failures = outcome["failures"]
+    more = f"; ... {len(failures) - shown} more" if len(failures) > shown else ""
+    return (f"validation of {outcome['dataset']} failed ({len(failures)} failure(s)): "
+            + "; ".join(failures[:shown]) + more + f" (report: {outcome['report']})")
+
+
+@flow(name="validation")
+def validation_flow(dataset: str | None = None, params: dict[str, Any] | None = None,
+                    fingerprint: str | None = None):
+    """Validate `dataset` (default params data.dataset); the run ends Failed, with the reasons, on bad data.
+
+    `fingerprint` (the data's DVC hash) lets an unchanged dataset reuse its last report.
+    """
+    params = params or load_settings()
+    name = dataset or params["data"]["dataset"]
+    outcome = validate_dataset(name, str(flow_reports() / "validation" / name), fingerprint)
+    if not outcome["success"]:
+        return Failed(message=failure_message(outcome), data=outcome)
+    return Completed(message=f"{name} passed validation", data=outcome)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = settings_parser("Validate a dataset (Great Expectations).")
+    parser.add_argument("--dataset", help="dataset name (default: params data.dataset)")
+    args = parser.parse_args(argv)
+    params = load_settings(args.params, args.overrides)
+    state = validation_flow(dataset=args.dataset, params=params, return_state=True)
+    return finish(state, lambda r: f"{r['dataset']} passed validation: {r['summary']} (report: {r['report']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Scoring a model on a data query, the comparison table and the HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import run_logger
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model(model: str, query: str, beam_size: int, max_length: int,
+                   report_path: str | None = None, metrics_path: str | None = None) -> dict[str, Any]:
+    """Caption `query` with `model` (package folder or models:/ URI) and score it (percent).
+
+    Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
+    """
+    from captioning.evaluation import evaluate_model as evaluate
+
+    logger = run_logger()
+    result = evaluate(model, query, beam_size=beam_size, max_length=max_length,
+                      attention_images=4 if report_path else 0)
+    payload = result.to_dict()
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if report_path:
+        from captioning.report import write_report
+
+        payload["report"] = str(write_report(result, report_path, title=f"Evaluation of {model} on {query}"))
+    logger.info("%s on %s, beam %d: %s", model, query, beam_size,
+                {name: round(value, 2) for name, value in result.metrics.items()})
+    return payload
+
+
+@task(name="write-comparison", cache_policy=NO_CACHE)
+def write_comparison(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
+    """The comparison table as Markdown and JSON in `out_dir`."""
+    from captioning.evaluation import comparison_table
+    from captioning.evaluation import write_comparison as write
+
+    md_path, json_path = write(rows, out_dir)
+    run_logger().info("comparison table:\n%s", comparison_table(rows)[0])
+    return {"markdown": str(md_path), "json": str(json_path)}

@@ -1,0 +1,44 @@
+"""The feature cache: encode every image of a query once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import run_logger
+
+
+@task(name="build-features", cache_policy=NO_CACHE)
+def build_features(query: str, encoder: str, batch_size: int = 32, store_root: str | None = None) -> dict[str, Any]:
+    """Encode the images of `query` missing from the store (no work when all are cached).
+
+    The store is the one training and evaluation read: artifacts_dir()/features/<encoder>/<dataset>,
+    or `store_root`/<encoder>/<dataset> when params set features.dir.
+    """
+    from pathlib import Path
+
+    from captioning.data.query import parse_query, select
+    from captioning.features import build_features as build
+    from captioning.features import default_store_dir
+
+    logger = run_logger()
+    parsed = parse_query(query)
+    records = select(parsed)
+    store_dir = Path(store_root) / encoder / parsed.dataset if store_root else default_store_dir(encoder, parsed.dataset)
+    before = _stored(store_dir)
+    store = build(records, encoder, store_dir, batch_size, progress=False)
+    added = len(store) - before
+    logger.info("%s: %d images, %d newly encoded with %s (store %s holds %d)",
+                query, len(records), added, encoder, store_dir, len(store))
+    return {"query": query, "images": len(records), "encoded": added, "store": str(store_dir)}
+
+
+def _stored(store_dir) -> int:
+    from captioning.features import FeatureStore
+
+    try:
+        return len(FeatureStore.open(store_dir))
+    except (FileNotFoundError, ValueError):
+        return 0

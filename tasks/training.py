@@ -1,0 +1,70 @@
+"""Training a caption model (the library's `train`), with its progress in the run log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import run_logger
+
+
+class RunLog:
+    """Training callbacks that report to the Prefect run log (one line per epoch)."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        self.started = False
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        self.started = True
+        self.logger.info("training on %s images (%s caption pairs), %s steps per epoch, %s parameters, %s",
+                         info.get("train_images"), info.get("train_pairs"), info.get("steps_per_epoch"),
+                         info.get("parameters"), info.get("device"))
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        shown = {key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)}
+        self.logger.info("epoch %d: %s", epoch, shown)
+
+    def on_train_end(self, result) -> None:
+        self.logger.info("best epoch: %s; package %s", result.best.get("epoch"), result.package_dir)
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(params: dict[str, Any], out_dir: str, tracking: str | None = None) -> dict[str, Any]:
+    """Train as `params` say into `out_dir`; a finished run there with the same settings is reused.
+
+    With a `tracking` URI the run is logged to MLflow (params, losses, validation metrics, artifacts).
+    The per-epoch history is also written to out_dir/history.csv.
+    """
+    from captioning.training import train
+
+    from tasks.reports import write_history
+
+    logger = run_logger()
+    log = RunLog(logger)
+    callbacks: list[Any] = [log]
+    tracker = None
+    if tracking:
+        from captioning.tracking import MLflowCallback
+
+        experiment = (params.get("tracking") or {}).get("experiment", "captioning")
+        tracker = MLflowCallback(tracking, experiment, tags={"orchestrator": "prefect"})
+        callbacks.append(tracker)
+    try:
+        result = train(params, callbacks, out_dir=out_dir)
+    except BaseException as error:
+        if tracker is not None:
+            tracker.on_train_failed(error)
+        raise
+    if tracker is not None and not log.started:
+        # A finished run in out_dir was reused: no epoch ran, the MLflow run only records that.
+        tracker.client.set_tag(tracker.run_id, "reused_training", str(out_dir))
+        tracker.close()
+        logger.info("reused the finished training in %s", out_dir)
+    history = write_history(result.history, Path(out_dir) / "history.csv")
+    return {"package_dir": str(result.package_dir), "best": dict(result.best),
+            "history": [dict(row) for row in result.history], "history_csv": str(history),
+            "mlflow_run_id": getattr(tracker, "run_id", None)}
