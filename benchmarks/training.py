@@ -35,7 +35,7 @@ VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
 def bench_encoder(name: str, batch: int = 32, repeats: int = 3) -> dict[str, Any]:
     from captioning.encoder import build_encoder
 
-    encoder = build_encoder(name)
+    encoder = build_encoder(name).optimize_for_inference()
     pixels = torch.rand(batch, 3, encoder.image_size, encoder.image_size) * 2 - 1
     times = []
     with torch.inference_mode():

@@ -188,7 +188,7 @@ def build_features(
         return store
 
     device = get_device()
-    encoder = build_encoder(encoder_name).to(device)
+    encoder = build_encoder(encoder_name).optimize_for_inference().to(device)
     ids, paths = list(todo), list(todo.values())
     if num_workers is None:
         # JPEG decoding in one or two worker processes overlaps with the encoder.

@@ -60,7 +60,7 @@ class Captioner:
         if with_encoder:
             from captioning.encoder import build_encoder
 
-            encoder = build_encoder(config["encoder"])
+            encoder = build_encoder(config["encoder"]).optimize_for_inference()
         return cls(model, vocab, config, encoder, device, version, text)
 
     @property
@@ -69,7 +69,7 @@ class Captioner:
         if self._encoder is None:
             from captioning.encoder import build_encoder
 
-            self._encoder = build_encoder(self.encoder_name).to(self.device).eval()
+            self._encoder = build_encoder(self.encoder_name).optimize_for_inference().to(self.device)
         return self._encoder
 
     @property

@@ -91,3 +91,17 @@ def test_unknown_encoder_and_missing_file(tmp_path):
         build_encoder("resnet50")
     with pytest.raises(EncoderError, match="does not exist"):
         build_encoder("lite0", weights=tmp_path / "absent.pth")
+
+
+def test_inference_optimisation_keeps_the_features():
+    """Folding batch norms and channels-last change speed, not the features."""
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 224, 224) * 2 - 1
+    plain = build_encoder("lite0")
+    with torch.inference_mode():
+        expected = plain(pixels)
+        fast = build_encoder("lite0").optimize_for_inference()
+        actual = fast(pixels)
+    assert actual.shape == expected.shape == (2, 49, 1280)
+    assert torch.allclose(actual, expected, atol=1e-3, rtol=1e-3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
