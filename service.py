@@ -1,0 +1,722 @@
+"""The captioning service: an HTTP API service in front of a model service.
+
+`CaptionAPI` (HTTP routes, input checks, image decoding, the web page,
+feedback) depends on `CaptionModelService` (the Captioner, adaptive batching,
+GPU when present). `bentoml serve service:CaptionAPI` runs both on one
+machine; in Kubernetes each runs in its own Deployment and scales on its own
+(see deploy/).
+
+Environment:
+  CAPTIONING_MODEL            package folder or models:/NAME@ALIAS (default models:/captioner@champion)
+  CAPTIONING_POLL_SECONDS     how often the model service asks the registry for a new champion
+                              (default 60 for models:/ URIs, 0 = never)
+  CAPTIONING_RELOAD_TOKEN     enables POST /reload (header X-Reload-Token or Authorization: Bearer)
+  CAPTIONING_API_KEY          when set, every route but the health checks and the page needs X-API-Key
+  CAPTIONING_MAX_UPLOAD_MB    largest accepted image file (default 10)
+  CAPTIONING_MAX_BATCH_IMAGES most images in one /caption_batch request (default 16)
+  CAPTIONING_ADAPTIVE_BATCHING  0 turns adaptive batching off (benchmarks compare both)
+  CAPTIONING_MAX_BATCH_SIZE / CAPTIONING_MAX_LATENCY_MS  adaptive batching bounds
+  CAPTIONING_FEEDBACK_DB      feedback database URL (default SQLite under the data folder)
+  CAPTIONING_TORCH_THREADS    torch threads of the model service (default: torch's choice)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from captioning.config import disable_telemetry
+
+disable_telemetry()
+
+logger = logging.getLogger("captioning.service")
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+DEFAULT_MODEL = "models:/captioner@champion"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+ADAPTIVE_BATCHING = os.environ.get("CAPTIONING_ADAPTIVE_BATCHING", "1").strip() not in ("0", "false", "no")
+MAX_BATCH_SIZE = _env_int("CAPTIONING_MAX_BATCH_SIZE", 16)
+MAX_LATENCY_MS = _env_int("CAPTIONING_MAX_LATENCY_MS", 30_000)
+MAX_UPLOAD_BYTES = int(float(os.environ.get("CAPTIONING_MAX_UPLOAD_MB", "10")) * 1024 * 1024)
+MAX_BATCH_IMAGES = _env_int("CAPTIONING_MAX_BATCH_IMAGES", 16)
+MODEL_CALL_ATTEMPTS = 3
+# Room for the multipart headers and text fields around the files.
+MULTIPART_OVERHEAD = 64 * 1024
+
+OPTION_LIMITS = {"beam_size": (1, 10), "max_length": (1, 60)}
+HEALTH_PATHS = {"/livez", "/readyz", "/healthz"}
+PUBLIC_PATHS = HEALTH_PATHS | {"/", "/web/app.js", "/web/style.css", "/favicon.ico"}
+
+
+# ---------------------------------------------------------------- metrics
+
+_METRICS: dict[str, Any] = {}
+
+
+def metrics() -> dict[str, Any]:
+    """The custom Prometheus metrics, created once per process.
+
+    They go through `bentoml.metrics` (prometheus_client under BentoML's
+    multi-process set-up), so /metrics shows them next to BentoML's own.
+    """
+    if _METRICS:
+        return _METRICS
+    m = bentoml.metrics
+    latency_buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    _METRICS.update(
+        requests=m.Counter(
+            name="captioning_requests_total",
+            documentation="Caption API requests by route and HTTP status",
+            labelnames=["route", "status"],
+        ),
+        latency=m.Histogram(
+            name="captioning_request_latency_seconds",
+            documentation="Caption API request latency by route",
+            labelnames=["route"],
+            buckets=latency_buckets,
+        ),
+        errors=m.Counter(
+            name="captioning_errors_total",
+            documentation="Rejected or failed requests by kind",
+            labelnames=["kind"],
+        ),
+        caption_words=m.Histogram(
+            name="captioning_caption_length_words",
+            documentation="Words in the returned captions",
+            buckets=(1, 2, 4, 6, 8, 10, 12, 15, 20, 30, 60),
+        ),
+        batch_size=m.Histogram(
+            name="captioning_model_batch_size",
+            documentation="Images per model call (after adaptive batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        ),
+        inference=m.Histogram(
+            name="captioning_model_inference_seconds",
+            documentation="Time of one model call (a whole batch)",
+            buckets=latency_buckets,
+        ),
+        model_info=m.Gauge(
+            name="captioning_model_info",
+            documentation="The model version served (1 = current)",
+            labelnames=["version", "source"],
+            multiprocess_mode="livemax",
+        ),
+        feedback=m.Counter(
+            name="captioning_feedback_total",
+            documentation="Corrected captions stored",
+        ),
+        reloads=m.Counter(
+            name="captioning_model_reloads_total",
+            documentation="Model reloads by outcome",
+            labelnames=["outcome"],
+        ),
+    )
+    return _METRICS
+
+
+# ---------------------------------------------------------------- model service
+
+
+class CaptionJob(BaseModel):
+    """One image to caption and its decoding options (what the API sends the model)."""
+
+    image: bytes
+    beam_size: int | None = None  # None: the package's decoding defaults
+    max_length: int | None = None
+    return_attention: bool = False
+
+
+def _load_captioner(source: str):
+    from captioning.config import get_device
+    from captioning.predict import Captioner
+
+    # Captioner.load may take a device; pass it when it does.
+    if "device" in inspect.signature(Captioner.load).parameters:
+        return Captioner.load(source, device=get_device())
+    return Captioner.load(source)
+
+
+def _registry_version(uri: str) -> str | None:
+    """The version a models:/NAME@ALIAS (or models:/NAME/N) URI points at now; None for folders."""
+    if not uri.startswith("models:/"):
+        return None
+    from mlflow import MlflowClient
+
+    from captioning.registry import tracking_uri
+
+    name, _, alias = uri[len("models:/"):].strip("/").partition("@")
+    if not alias:
+        return name.rsplit("/", 1)[-1]
+    store = tracking_uri()
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+@bentoml.service(
+    name="caption_model",
+    workers=1,
+    traffic={"timeout": 120, "max_concurrency": 256},
+    # How the API's client connects to this service. BentoML's default recycles the HTTP
+    # session every 100 requests, cutting the requests in flight on it; recycle hourly instead
+    # (the API retries a dropped connection anyway).
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 3600.0},
+    resources={"gpu": 1} if os.environ.get("CAPTIONING_GPU") == "1" else {"cpu": "2"},
+)
+class CaptionModelService:
+    """Holds the Captioner; merges concurrent requests into batches."""
+
+    def __init__(self) -> None:
+        from captioning.config import get_device
+
+        self.source = os.environ.get("CAPTIONING_MODEL", DEFAULT_MODEL)
+        self.device = str(get_device())
+        threads = _env_int("CAPTIONING_TORCH_THREADS", 0)
+        if threads > 0:  # on a CPU shared with other work, fewer threads avoid OpenMP contention
+            import torch
+
+            torch.set_num_threads(threads)
+        self._lock = threading.Lock()  # one load or reload at a time
+        self.captioner = None
+        self.registry_version: str | None = None
+        self.loaded_at = 0.0
+        try:
+            self._load()
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot load the model {self.source!r} ({type(error).__name__}: {error}). "
+                "Train and register a champion first (`make run`), or point CAPTIONING_MODEL "
+                "(MODEL for `make serve`) at a package folder."
+            ) from error
+        default_poll = 60 if self.source.startswith("models:/") else 0
+        self.poll_seconds = _env_int("CAPTIONING_POLL_SECONDS", default_poll)
+        if self.poll_seconds > 0:
+            threading.Thread(target=self._poll, name="registry-poll", daemon=True).start()
+
+    def _load(self) -> str:
+        started = time.perf_counter()
+        # Read the registry version first: a champion promoted meanwhile is caught by the next poll.
+        registry_version = _registry_version(self.source)
+        captioner = _load_captioner(self.source)
+        self.registry_version = registry_version
+        previous = self.captioner
+        self.captioner = captioner  # one assignment: in-flight calls keep the old one
+        self.loaded_at = time.time()
+        gauge = metrics()["model_info"]
+        if previous is not None and _version_of(previous) != _version_of(captioner):
+            gauge.labels(version=_version_of(previous), source=self.source).set(0)
+        gauge.labels(version=_version_of(captioner), source=self.source).set(1)
+        logger.info("loaded model %s from %s in %.1fs", _version_of(captioner), self.source, time.perf_counter() - started)
+        return _version_of(captioner)
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self.poll_seconds)
+            try:
+                latest = _registry_version(self.source)
+                if latest is not None and latest != self.registry_version:
+                    logger.info("registry points at version %s: reloading", latest)
+                    self._reload()
+            except Exception:  # a registry hiccup must not stop serving
+                logger.exception("registry poll failed; still serving %s", _version_of(self.captioner))
+
+    def __is_ready__(self) -> bool:
+        return self.captioner is not None
+
+    @bentoml.api(
+        batchable=ADAPTIVE_BATCHING,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_LATENCY_MS,
+    )
+    def caption(self, jobs: list[CaptionJob]) -> list[dict]:
+        """Caption a batch; jobs with the same options share one model call."""
+        captioner = self.captioner
+        m = metrics()
+        results: list[dict | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault((job.beam_size, job.max_length, job.return_attention), []).append(index)
+        for (beam_size, max_length, return_attention), indices in groups.items():
+            options = dict(beam_size=beam_size, max_length=max_length, return_attention=return_attention)
+            started = time.perf_counter()
+            try:
+                outputs = captioner.caption([jobs[i].image for i in indices], **options)
+            except Exception:
+                # Other users' images share this batch: caption one by one so only the culprit fails.
+                logger.exception("batch of %d failed; captioning its images one by one", len(indices))
+                outputs = [self._caption_one(captioner, jobs[i].image, options) for i in indices]
+            m["inference"].observe(time.perf_counter() - started)
+            m["batch_size"].observe(len(indices))
+            for i, output in zip(indices, outputs):
+                results[i] = _jsonable({**output, "model_version": _version_of(captioner)})
+        return results
+
+    @staticmethod
+    def _caption_one(captioner, image: bytes, options: dict) -> dict:
+        try:
+            return captioner.caption([image], **options)[0]
+        except Exception as error:
+            logger.exception("captioning one image failed")
+            return {"error": f"{type(error).__name__}: {error}"}
+
+    @bentoml.api
+    def info(self) -> dict:
+        captioner = self.captioner
+        config = getattr(captioner, "config", None)
+        return _jsonable({
+            "model_version": _version_of(captioner),
+            "source": self.source,
+            "registry_version": self.registry_version,
+            "device": self.device,
+            "loaded_at": self.loaded_at,
+            "poll_seconds": self.poll_seconds,
+            "adaptive_batching": ADAPTIVE_BATCHING,
+            "max_batch_size": MAX_BATCH_SIZE,
+            # The package settings, without the per-tensor shapes.
+            "config": {k: v for k, v in config.items() if k != "parameter_shapes"} if isinstance(config, dict) else None,
+        })
+
+    @bentoml.api
+    def reload(self) -> dict:
+        """Load the model again from its source (a new champion, a rewritten folder)."""
+        return self._reload()
+
+    def _reload(self) -> dict:
+        with self._lock:
+            previous = _version_of(self.captioner)
+            try:
+                version = self._load()
+            except Exception as error:
+                metrics()["reloads"].labels(outcome="failed").inc()
+                logger.exception("reload failed; still serving %s", previous)
+                return {"reloaded": False, "model_version": previous, "error": f"{type(error).__name__}: {error}"}
+        metrics()["reloads"].labels(outcome="ok").inc()
+        return {"reloaded": True, "previous_version": previous, "model_version": version,
+                "changed": previous != version}
+
+
+def _version_of(captioner) -> str:
+    """The registry version; for a package folder ("local") the weights checksum makes it specific."""
+    version = str(captioner.version)
+    sha = (getattr(captioner, "config", None) or {}).get("weights_sha256")
+    return f"local-{sha[:12]}" if version == "local" and sha else version
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy arrays to plain lists, so every answer is JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+# ---------------------------------------------------------------- HTTP API
+
+
+class InputError(Exception):
+    """A request we refuse: HTTP status, error kind (metrics label) and message."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    metrics()["errors"].labels(kind=kind).inc()
+    return JSONResponse({"error": message, "kind": kind}, status_code=status)
+
+
+app = FastAPI(title="Image captioning", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(InputError)
+async def _input_error(_: Request, error: InputError) -> JSONResponse:
+    return _error(error.status, error.kind, error.message)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    return _error(error.status_code, "http", str(error.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    return _error(400, "bad_request", f"invalid request: {error.errors()}")
+
+
+def _parse_option(name: str, raw: str | None, default: Any) -> Any:
+    if raw is None or str(raw).strip() == "":
+        return default
+    raw = str(raw).strip()
+    if name == "return_attention":
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise InputError(400, "bad_option", f"return_attention must be true or false, got {raw!r}")
+    low, high = OPTION_LIMITS[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(400, "bad_option", f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise InputError(400, "bad_option", f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _limit_text() -> str:
+    return f"the limit is {MAX_UPLOAD_BYTES / 1024 / 1024:g} MB per image (CAPTIONING_MAX_UPLOAD_MB)"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise InputError(413, "too_large", f"the request is {int(declared)} bytes: {_limit_text()}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InputError(413, "too_large", f"the request is more than {limit} bytes: {_limit_text()}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_upload(request: Request, max_files: int) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """Images (name, bytes) and text fields of a multipart form, or one raw image body."""
+    limit = MAX_UPLOAD_BYTES * max_files + MULTIPART_OVERHEAD
+    body = await _read_body(request, limit)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields = {key: value for key, value in request.query_params.items()}
+    if not body:
+        raise InputError(400, "empty_body", "the request has no body: send an image as the multipart field 'image'")
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [("body", body)], fields
+    if content_type != "multipart/form-data":
+        raise InputError(
+            415, "bad_content_type",
+            f"send multipart/form-data with the field 'image' (or a raw image/* body), not {content_type or 'no content type'!r}",
+        )
+    request._body = body  # parse the form from the bytes already read
+    try:
+        # The body size is already bounded; count the files ourselves for a clearer message.
+        form = await request.form(max_files=1000, max_fields=50)
+    except Exception as error:  # malformed multipart, too many parts
+        raise InputError(400, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
+    files: list[tuple[str, bytes]] = []
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields[key] = value
+            elif key in ("image", "images"):
+                files.append((value.filename or f"image {len(files) + 1}", await value.read()))
+            else:
+                raise InputError(
+                    400, "wrong_field",
+                    f"unexpected file field {key!r}: send the image in the field 'image'",
+                )
+    finally:
+        await form.close()
+    return files, fields
+
+
+def _check_images(files: list[tuple[str, bytes]]) -> None:
+    """Decode each image with the training code; a bad one is refused with a 4xx."""
+    from captioning.images import ImageError, open_image
+
+    for name, data in files:
+        label = f"{name!r}" if len(files) > 1 else "the image"
+        if not data:
+            raise InputError(400, "empty_image", f"{label} is empty (0 bytes)")
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise InputError(
+                413, "too_large",
+                f"{label} is {len(data)} bytes: {_limit_text()}",
+            )
+        try:
+            open_image(data)
+        except ImageError as error:
+            message = str(error)
+            if "MAX_PIXELS" in message or "too large" in message:
+                raise InputError(413, "too_many_pixels", f"{label}: {message}") from None
+            if "not an image" in message:
+                raise InputError(415, "not_image", f"{label}: {message}") from None
+            raise InputError(422, "corrupt_image", f"{label}: {message}") from None
+
+
+def _options(fields: dict[str, str]) -> dict[str, Any]:
+    return {
+        "beam_size": _parse_option("beam_size", fields.get("beam_size"), None),
+        "max_length": _parse_option("max_length", fields.get("max_length"), None),
+        "return_attention": _parse_option("return_attention", fields.get("return_attention"), False),
+    }
+
+
+def _public(result: dict, return_attention: bool) -> dict:
+    answer = {
+        "caption": result["caption"],
+        "alternatives": [
+            {"caption": alt["caption"], "log_prob": alt["log_prob"]} for alt in result.get("alternatives", [])
+        ],
+        "model_version": result["model_version"],
+    }
+    if return_attention and result.get("attention") is not None:
+        answer["attention"] = result["attention"]
+    return answer
+
+
+def _api_key_ok(request: Request) -> bool:
+    key = os.environ.get("CAPTIONING_API_KEY", "")
+    if not key:
+        return True
+    sent = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if not sent and auth.lower().startswith("bearer "):
+        sent = auth[7:].strip()
+    return hmac.compare_digest(sent.encode(), key.encode())
+
+
+class ApiKeyMiddleware:
+    """With $CAPTIONING_API_KEY set, every route but health checks and the page needs the key.
+
+    Applied to the whole BentoML app, so /metrics and BentoML's own routes are
+    covered too (Prometheus sends it as `Authorization: Bearer`).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            request = Request(scope)
+            if not _api_key_ok(request):
+                metrics()["errors"].labels(kind="unauthorized").inc()
+                response = JSONResponse(
+                    {"error": "missing or wrong API key: send it in the X-API-Key header", "kind": "unauthorized"},
+                    status_code=401,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(
+    name="caption_api",
+    workers=1,
+    traffic={"timeout": 120},
+)
+@bentoml.asgi_app(app, path="/")
+class CaptionAPI:
+    """HTTP routes: checks and decodes input, calls the model service, serves the page."""
+
+    model = bentoml.depends(CaptionModelService)
+
+    def __init__(self) -> None:
+        self._feedback_store = None
+        self._feedback_lock = threading.Lock()
+        metrics()  # create the series at start-up so /metrics lists them at once
+
+    async def __is_ready__(self) -> bool:
+        try:
+            await asyncio.wait_for(self.model.to_async.info(), timeout=5)
+            return True
+        except Exception:
+            return False
+
+    def feedback_store(self):
+        with self._feedback_lock:
+            if self._feedback_store is None:
+                from captioning.feedback import FeedbackStore
+
+                self._feedback_store = FeedbackStore()
+            return self._feedback_store
+
+    async def _caption(self, jobs: list[CaptionJob]) -> list[dict]:
+        results = await self._call_model(jobs)
+        for result in results:
+            if "error" in result:
+                raise InputError(500, "model_error", f"the model failed on this image: {result['error']}")
+        return results
+
+    async def _call_model(self, jobs: list[CaptionJob]) -> list[dict]:
+        """Call the model service; a dropped connection is retried (captioning is idempotent).
+
+        BentoML 1.4's client closes its HTTP session when it recycles it, even with other
+        requests in flight on it, and a model pod can go away during a rollout: both show
+        up as connection errors, not as answers.
+        """
+        import aiohttp
+
+        for attempt in range(MODEL_CALL_ATTEMPTS):
+            try:
+                return await self.model.to_async.caption(jobs)
+            except (aiohttp.ClientConnectionError, RuntimeError) as error:
+                if isinstance(error, RuntimeError) and "closed" not in str(error).lower():
+                    raise
+                if attempt + 1 == MODEL_CALL_ATTEMPTS:
+                    logger.exception("model service unreachable after %d attempts", attempt + 1)
+                    raise InputError(503, "model_unavailable", "the model service is unreachable; retry shortly") from None
+                metrics()["errors"].labels(kind="model_retry").inc()
+                logger.warning("model service connection dropped (%s); retrying", type(error).__name__)
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except Exception as error:
+                logger.exception("model service call failed")
+                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
+        raise AssertionError("unreachable")
+
+    async def _timed(self, route: str, handler) -> JSONResponse:
+        m = metrics()
+        started = time.perf_counter()
+        try:
+            response = await handler(started)
+        except InputError as error:
+            response = _error(error.status, error.kind, error.message)
+        except Exception as error:  # never let a bug take the process down
+            logger.exception("unexpected error on %s", route)
+            response = _error(500, "internal", f"internal error: {type(error).__name__}")
+        m["requests"].labels(route=route, status=str(response.status_code)).inc()
+        m["latency"].labels(route=route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/")
+    async def index(self) -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @app.get("/web/{name}")
+    async def asset(self, name: str) -> FileResponse:
+        types = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in types:
+            raise InputError(404, "not_found", f"no asset {name!r}")
+        return FileResponse(WEB_DIR / name, media_type=types[name])
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.post("/caption")
+    async def caption(self, request: Request) -> JSONResponse:
+        async def handle(started: float) -> JSONResponse:
+            files, fields = await _read_upload(request, max_files=1)
+            if not files:
+                raise InputError(400, "missing_field", "no file in the multipart field 'image'")
+            if len(files) > 1:
+                raise InputError(400, "too_many_images", "send one image to /caption (several go to /caption_batch)")
+            options = _options(fields)
+            await asyncio.to_thread(_check_images, files)
+            (result,) = await self._caption([CaptionJob(image=files[0][1], **options)])
+            answer = _public(result, options["return_attention"])
+            metrics()["caption_words"].observe(len(answer["caption"].split()))
+            answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            return JSONResponse(answer)
+
+        return await self._timed("/caption", handle)
+
+    @app.post("/caption_batch")
+    async def caption_batch(self, request: Request) -> JSONResponse:
+        async def handle(started: float) -> JSONResponse:
+            files, fields = await _read_upload(request, max_files=MAX_BATCH_IMAGES)
+            if not files:
+                raise InputError(400, "missing_field", "no file in the multipart field 'image' (repeat it per image)")
+            if len(files) > MAX_BATCH_IMAGES:
+                raise InputError(413, "too_many_images", f"{len(files)} images, at most {MAX_BATCH_IMAGES} per request")
+            options = _options(fields)
+            await asyncio.to_thread(_check_images, files)
+            results = await self._caption([CaptionJob(image=data, **options) for _, data in files])
+            answers = [_public(result, options["return_attention"]) for result in results]
+            for answer, (name, _) in zip(answers, files):
+                answer["filename"] = name
+                metrics()["caption_words"].observe(len(answer["caption"].split()))
+            return JSONResponse({
+                "results": answers,
+                "model_version": answers[0]["model_version"],
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            })
+
+        return await self._timed("/caption_batch", handle)
+
+    @app.post("/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        async def handle(started: float) -> JSONResponse:
+            from captioning.feedback import FeedbackError
+
+            files, fields = await _read_upload(request, max_files=1)
+            if not files:
+                raise InputError(400, "missing_field", "no file in the multipart field 'image'")
+            caption = fields.get("caption", "")
+            if not caption.strip():
+                raise InputError(400, "missing_caption", "the field 'caption' (the corrected caption) is empty")
+            await asyncio.to_thread(_check_images, files)
+            store = self.feedback_store()
+            try:
+                item = await asyncio.to_thread(
+                    store.add, files[0][1], caption,
+                    fields.get("model_version") or None, fields.get("predicted_caption") or None,
+                )
+            except FeedbackError as error:
+                raise InputError(422, "bad_feedback", str(error)) from None
+            metrics()["feedback"].inc()
+            return JSONResponse(
+                {"stored": True, "id": item.id, "image_sha256": item.image_sha256, "caption": item.caption},
+                status_code=201,
+            )
+
+        return await self._timed("/feedback", handle)
+
+    @app.get("/model")
+    async def model_info(self) -> JSONResponse:
+        async def handle(started: float) -> JSONResponse:
+            try:
+                info = await self.model.to_async.info()
+            except Exception as error:
+                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
+            return JSONResponse(info)
+
+        return await self._timed("/model", handle)
+
+    @app.post("/reload")
+    async def reload(self, request: Request) -> JSONResponse:
+        async def handle(started: float) -> JSONResponse:
+            token = os.environ.get("CAPTIONING_RELOAD_TOKEN", "")
+            if not token:
+                raise InputError(403, "reload_disabled", "reload is disabled: set CAPTIONING_RELOAD_TOKEN to enable it")
+            sent = request.headers.get("x-reload-token", "")
+            auth = request.headers.get("authorization", "")
+            if not sent and auth.lower().startswith("bearer "):
+                sent = auth[7:].strip()
+            if not hmac.compare_digest(sent.encode(), token.encode()):
+                raise InputError(401, "bad_reload_token", "missing or wrong reload token (header X-Reload-Token)")
+            try:
+                answer = await self.model.to_async.reload()
+            except Exception as error:
+                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
+            return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
+
+        return await self._timed("/reload", handle)
+
+
+CaptionAPI.add_asgi_middleware(ApiKeyMiddleware)

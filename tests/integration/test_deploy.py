@@ -1,0 +1,135 @@
+"""Deployment artefacts: Kubernetes manifests, Prometheus (a real server scraping the
+running service), alert rules and the Grafana dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+import yaml
+
+from captioning.config import PROJECT_ROOT
+from tests.integration.serving import free_port
+
+pytestmark = pytest.mark.integration
+
+DEPLOY = PROJECT_ROOT / "deploy"
+
+
+def rendered_production() -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is missing: run `make system-deps`")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "overlays" / "production")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_production_overlay_renders_and_validates():
+    import kubernetes_validate
+
+    docs = rendered_production()
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)  # raises on any schema error
+    names = lambda kind: sorted(d["metadata"]["name"] for d in by_kind.get(kind, []))  # noqa: E731
+    assert names("Deployment") == ["captioning-api", "captioning-model"]
+    assert names("Service") == ["captioning-api", "captioning-model"]
+    assert names("HorizontalPodAutoscaler") == ["captioning-api", "captioning-model"]
+    assert names("PodDisruptionBudget") == ["captioning-api", "captioning-model"]
+    assert names("Ingress") == ["captioning"]
+    assert all(d["metadata"].get("namespace") == "captioning" for d in docs if d["kind"] != "Namespace")
+
+    for deployment in by_kind["Deployment"]:
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+        assert container["image"].startswith("ghcr.io/")
+    api = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "captioning-api")
+    model = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "captioning-model")
+    # Each BentoML service in its own Deployment: the API reaches the model through its Service.
+    assert "caption_model=http://captioning-model:3000" in api["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "caption_model" in model["spec"]["template"]["spec"]["containers"][0]["args"]
+    for hpa in by_kind["HorizontalPodAutoscaler"]:
+        assert hpa["spec"]["minReplicas"] == 3  # the production overlay's patch applied
+
+
+def test_alert_rules_pass_promtool():
+    result = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 rules found" in result.stdout
+
+
+def _metric_names(expr: str) -> set[str]:
+    names = set(re.findall(r"\b(captioning_[a-z_]+)", expr))
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
+
+
+def test_dashboard_and_alerts_use_metrics_the_service_exports(caption_service):
+    requests.post(caption_service.url + "/caption", files={"image": ("x.txt", b"not an image")}, timeout=30)
+    exported = requests.get(caption_service.url + "/metrics", timeout=10).text
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for topic in ("request rate", "latency", "batch size", "errors"):
+        assert topic in titles
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = set().union(*(_metric_names(e) for e in exprs))
+    assert used, "no captioning metric referenced"
+    missing = {name for name in used if f"\n{name}" not in exported and f"# TYPE {name} " not in exported}
+    assert not missing, f"dashboard/alerts reference metrics the service does not export: {missing}"
+
+
+def test_prometheus_scrapes_the_service(caption_service, tmp_path):
+    """A real Prometheus server scrapes /metrics; `up` is 1 and a custom series is stored."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is missing: run `make system-deps`")
+    requests.post(caption_service.url + "/caption", files={"image": ("x.txt", b"not an image")}, timeout=30)
+    target = caption_service.url.removeprefix("http://")
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [{"job_name": "captioning", "static_configs": [{"targets": [target]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        up = errors = None
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not (up and errors):
+            time.sleep(1)
+            try:
+                up = requests.get(f"{api}/query", params={"query": 'up{job="captioning"}'}, timeout=5).json()["data"]["result"]
+                errors = requests.get(f"{api}/query", params={"query": 'captioning_errors_total{kind="not_image"}'},
+                                      timeout=5).json()["data"]["result"]
+            except (requests.RequestException, KeyError, ValueError):
+                continue
+        assert up and up[0]["value"][1] == "1", f"up={up}\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+        assert errors and float(errors[0]["value"][1]) >= 1
+        rules = requests.get(f"{api}/rules", timeout=5).json()["data"]["groups"]
+        assert {r["name"] for g in rules for r in g["rules"]} >= {"CaptioningHighErrorRate", "CaptioningHighLatencyP95"}
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
