@@ -13,7 +13,7 @@ export CAPTIONING_MIRROR
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \
        DVC_NO_ANALYTICS=1 BENTOML_DO_NOT_TRACK=true
 
-.PHONY: setup system-deps test test-fast run serve bento prefect-ui mlflow-ui benchmark clean
+.PHONY: setup system-deps test test-fast run serve repro schedule bento prefect-ui mlflow-ui benchmark clean
 
 setup: $(STAMP) system-deps
 
@@ -35,22 +35,37 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not integration and not browser and not slow"
 
+# The main job: the retrain flow on params.yaml (DATASET=synthetic: the offline demo), then the
+# service. A local Prefect server and the MLflow UI are started in the background when needed.
 run: setup
-	$(PY) -m flows.retrain
-	$(MAKE) serve
+	PORT=$(PORT) bash scripts/run.sh
 
 serve: setup
 	PORT=$(PORT) bash scripts/serve.sh
 
+# `dvc repro` runs the same steps as stages; the stages call the `captioning` command.
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# The scheduled retraining deployment (cron from params.yaml retrain.cron) on the local Prefect server.
+schedule: setup
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.retrain --serve
+
 bento: setup
-	$(VENV)/bin/bentoml build
+	BENTOML_HOME=$(CURDIR)/bentoml_home $(VENV)/bin/bentoml build
+	@echo "Bento built (Dockerfile: bentoml_home/bentos/captioning/latest/env/docker/Dockerfile)."
+	@echo "No Docker engine on this machine: run 'bentoml containerize captioning:latest' where one runs (the CD workflow does)."
 
 prefect-ui: setup
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	@curl -sf -o /dev/null http://127.0.0.1:4200/api/health && echo "Prefect UI: http://127.0.0.1:4200" || \
+	PREFECT_HOME=$(CURDIR)/.prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db --workers 1
+	@curl -sf -o /dev/null http://127.0.0.1:5000/health && echo "MLflow UI: http://127.0.0.1:5000" || \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///mlflow.db --workers 1
 
+# Speed and quality measurements: JSON into reports/ (never pass/fail).
 benchmark: setup
 	$(PY) -m benchmarks.run
 
