@@ -20,8 +20,10 @@ def caption_service(tmp_path_factory, request):
                                   {"CAPTIONING_RELOAD_TOKEN": "test-reload-token"})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Closed after the browser tests: a live sync Playwright keeps an asyncio loop running in
+    this thread, which would turn later synchronous Prefect calls into coroutines."""
     from playwright.sync_api import sync_playwright
 
     executable = shutil.which("chromium") or "/usr/bin/chromium"
