@@ -1,6 +1,6 @@
 """Time `validate_dataset` on the full Flickr8k (8091 images) and write reports/benchmark_validate_flickr8k.json.
 
-Usage: python benchmarks/validate_flickr8k.py [FLICKR8K_ROOT]   (default /work/shared/datasets/flickr8k)
+Usage: python -m benchmarks.validate_flickr8k [FLICKR8K_ROOT]   (default: the acquired data/flickr8k)
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from captioning.config import reports_dir
+from captioning.config import data_dir, reports_dir
 from captioning.data.datasets import load_dataset
 from captioning.data.validate import validate_dataset
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/datasets/flickr8k")
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else data_dir() / "flickr8k"
     out = reports_dir() / "benchmark_validate_flickr8k"
     start = time.perf_counter()
     dataset = load_dataset("flickr8k", root)
