@@ -11,7 +11,9 @@ PORT ?= 3000
 CAPTIONING_MIRROR ?= $(wildcard $(abspath ../shared/datasets))
 export CAPTIONING_MIRROR
 export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \
-       DVC_NO_ANALYTICS=1 BENTOML_DO_NOT_TRACK=true
+       DVC_NO_ANALYTICS=1 BENTOML_DO_NOT_TRACK=true GX_ANALYTICS_ENABLED=false
+# Spinning OpenMP threads slow torch down many times when the CPU is shared (see captioning/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup system-deps test test-fast run serve repro schedule bento prefect-ui mlflow-ui benchmark clean
 
