@@ -288,18 +288,22 @@ def evaluate_predictions(path: str | Path, query, meteor=None) -> EvaluationResu
 # --------------------------------------------------------------------------- models
 
 
-def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: str | Path | None):
+def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: str | Path | None,
+                   weights: str | Path | None = None, key: str | None = None):
     """The cached features of the query's images (encoding only those not yet stored).
 
-    Stores live in <feature_dir>/<encoder>/<dataset>; feature_dir defaults to params
-    features.dir, else artifacts_dir()/features (where training caches them too).
+    Stores live in <feature_dir>/<key>/<dataset>; feature_dir defaults to params
+    features.dir, else artifacts_dir()/features (where training caches them too). The key
+    is the encoder name, or `<encoder>-<fingerprint>` for a package's fine-tuned `weights`,
+    so a fine-tuned decoder is never given the pretrained encoder's features.
     """
     from captioning.data.query import parse_query
     from captioning.features import build_features, default_store_dir
 
+    key = key or encoder
     dataset = parse_query(query).dataset if isinstance(query, str) else query.dataset
-    store_dir = Path(feature_dir) / encoder / dataset if feature_dir else default_store_dir(encoder, dataset)
-    return build_features(records, encoder, store_dir, batch_size, progress=False)
+    store_dir = Path(feature_dir) / key / dataset if feature_dir else default_store_dir(key, dataset)
+    return build_features(records, encoder, store_dir, batch_size, progress=False, weights=weights)
 
 
 def caption_records(captioner, store, records, beam_size: int, max_length: int,
@@ -329,7 +333,8 @@ def evaluate_model(
 ) -> EvaluationResult:
     """Caption a data query with a model (package folder or models:/ URI) and score it.
 
-    Features come from the feature cache (computed once per image and encoder).
+    Features come from the feature cache (computed once per image and encoder; a package
+    with a fine-tuned encoder gets a store of its own encoder's features).
     Attention maps are kept for the best and worst captioned images (when the decoder has attention).
     `meteor`: a running Meteor to reuse (see `score_details`); otherwise one is started
     before decoding so its start-up overlaps with the captioning.
@@ -353,9 +358,13 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     # Unset decoding settings: the package's own defaults.
     beam_size = int(beam_size or captioner.beam_size)
     max_length = int(max_length or captioner.max_length)
+    if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
+        raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
+                              f"it cannot be evaluated on {encoder} features")
     encoder = encoder or captioner.encoder_name
+    key = captioner.feature_key if encoder == captioner.encoder_name else encoder
     feature_dir = feature_dir or params.get("features", {}).get("dir")
-    store = _feature_store(records, query, encoder, batch_size, feature_dir)
+    store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
     feature_seconds = time.perf_counter() - started
 
     outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size)
@@ -371,7 +380,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     result.info = {
         "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "encoder": encoder, "seconds": round(time.perf_counter() - started, 2),
+        "encoder": key, "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
     }
     return result

@@ -162,24 +162,28 @@ def build_features(
     batch_size: int = 32,
     progress: bool = True,
     num_workers: int | None = None,
+    weights: str | Path | None = None,
 ) -> FeatureStore:
     """Encode the images of `records` that the store does not hold yet.
 
     Re-running with the same images and encoder does no work (not even loading the
     encoder). A corrupt image stops the run with an ImageError naming the file; the
-    batches encoded before it stay stored.
+    batches encoded before it stay stored. `weights`: other encoder weights than the
+    pretrained ones (a package's encoder.pt); the store then records `<encoder>-<fingerprint>`
+    and refuses to mix them with any other encoder's features.
     """
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from captioning.config import get_device
-    from captioning.encoder import ENCODERS, build_encoder
+    from captioning.encoder import ENCODERS, build_encoder, encoder_key
 
     spec = ENCODERS[encoder_name] if encoder_name in ENCODERS else None
     if spec is None:
         raise KeyError(f"unknown encoder {encoder_name!r}; known: {', '.join(sorted(ENCODERS))}")
-    store = FeatureStore.open_or_create(store_dir, encoder_name, spec.grid * spec.grid, spec.feature_dim)
+    key = encoder_key(encoder_name, weights)
+    store = FeatureStore.open_or_create(store_dir, key, spec.grid * spec.grid, spec.feature_dim)
     todo: dict[str, str] = {}
     for record in records:
         if record.image_id not in store and record.image_id not in todo:
@@ -188,7 +192,7 @@ def build_features(
         return store
 
     device = get_device()
-    encoder = build_encoder(encoder_name).optimize_for_inference().to(device)
+    encoder = build_encoder(encoder_name, weights).optimize_for_inference().to(device)
     ids, paths = list(todo), list(todo.values())
     if num_workers is None:
         # JPEG decoding in one or two worker processes overlaps with the encoder.
@@ -198,7 +202,7 @@ def build_features(
         num_workers=num_workers, pin_memory=device.type == "cuda",
     )
     last_flush = time.monotonic()
-    bar = tqdm(total=len(ids), desc=f"features {encoder_name}", unit="img", disable=not progress)
+    bar = tqdm(total=len(ids), desc=f"features {key}", unit="img", disable=not progress)
     try:
         with torch.inference_mode():
             for indices, pixels, errors in loader:
@@ -220,7 +224,8 @@ def build_features(
 
 
 def default_store_dir(encoder_name: str, dataset: str) -> Path:
-    """artifacts_dir()/features/<encoder>/<dataset>."""
+    """artifacts_dir()/features/<encoder>/<dataset>; `encoder_name` may be an encoder key
+    (`lite0-<fingerprint>` for a fine-tuned encoder, see captioning.encoder.encoder_key)."""
     from captioning.config import artifacts_dir
 
     return artifacts_dir() / "features" / encoder_name / dataset

@@ -2,8 +2,11 @@
 
 A package is `config.json` (model section, encoder, decoding defaults, vocabulary
 fingerprint, parameter shapes, format version), `vocab.json` and `weights.pt` (a plain
-state dict). Loading checks every piece against the others and refuses a mismatch with
-PackageError rather than running a model with the wrong vocabulary or layers.
+state dict). A model trained with a fine-tuned encoder also carries `encoder.pt` (the
+whole backbone in timm's layout), named with its fingerprint in `encoder_weights`;
+without it the package uses the pretrained encoder. Loading checks every piece against
+the others and refuses a mismatch with PackageError rather than running a model with
+the wrong vocabulary, layers or encoder.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
+ENCODER_FILE = "encoder.pt"
 
 
 class PackageError(ValueError):
     """A model package (or checkpoint) that is incomplete or inconsistent."""
 
 
-def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any]) -> Path:
+def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any],
+                 encoder: torch.nn.Module | None = None) -> Path:
     """Write a package folder (replacing an existing one only once the new one is complete).
 
     `config` holds at least `model` (the params section build_model takes) and
     `encoder`; `decoding` defaults and any other JSON-able keys (metrics, data) are kept.
+    `encoder`: a fine-tuned Encoder whose weights the package carries (None: the pretrained one).
     """
     directory = Path(directory)
     if "model" not in config or "encoder" not in config:
@@ -51,6 +57,9 @@ def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: d
         parameter_shapes={key: list(value.shape) for key, value in state.items()},
         weights_sha256=_sha256(tmp / WEIGHTS_FILE),
     )
+    full.pop("encoder_weights", None)  # describes only the file written here
+    if encoder is not None:
+        full["encoder_weights"] = _save_encoder(_unwrap(encoder), tmp / ENCODER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False), encoding="utf-8")
     _replace_dir(tmp, directory)
     return directory
@@ -88,7 +97,28 @@ def load_package(directory: str | Path, device: torch.device | str = "cpu"):
     check_state(model, state, str(weights))
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
+    encoder_weights(directory, config)  # a fine-tuned encoder must be there, intact
     return model, vocab, config
+
+
+def encoder_weights(directory: str | Path, config: dict[str, Any]) -> Path | None:
+    """The package's fine-tuned encoder weights file, or None when it uses the pretrained encoder."""
+    entry = config.get("encoder_weights")
+    if not entry:
+        return None
+    path = Path(directory) / entry.get("file", ENCODER_FILE)
+    if not path.is_file():
+        raise PackageError(f"{directory} was trained with a fine-tuned encoder but has no {path.name}")
+    if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+        raise PackageError(f"{path} does not match the checksum in {CONFIG_FILE} (corrupt or replaced)")
+    return path
+
+
+def feature_key(config: dict[str, Any]) -> str:
+    """The encoder identity a package's features must come from: the encoder name, or
+    `<name>-<fingerprint>` when the package carries fine-tuned encoder weights."""
+    entry = config.get("encoder_weights")
+    return f"{config['encoder']}-{entry['fingerprint']}" if entry else config["encoder"]
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -156,6 +186,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel wrapper."""
     return getattr(model, "module", model)
+
+
+def _save_encoder(encoder: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Write the encoder's backbone (timm's key layout, as build_encoder loads it); its config entry."""
+    from captioning.encoder import state_fingerprint
+
+    if getattr(encoder, "channels_last", False):
+        raise PackageError("an encoder optimised for inference (folded batch norms) cannot be packaged")
+    state = {key: value.detach().cpu().contiguous() for key, value in encoder.backbone.state_dict().items()}
+    torch.save(state, path)
+    return {"file": path.name, "fingerprint": state_fingerprint(state), "sha256": _sha256(path),
+            "trainable_blocks": int(getattr(encoder, "trainable_blocks", 0))}
 
 
 def _feature_dim(encoder: str) -> int:

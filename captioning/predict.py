@@ -22,17 +22,22 @@ class Captioner:
     """A trained decoder plus its image encoder, ready to caption.
 
     `version` is the registry version the package came from, or "local".
+    `encoder_weights`: the package's fine-tuned encoder file (None: the pretrained encoder);
+    `feature_key` names the encoder whose features this decoder must be given.
     """
 
     def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
-                 version: str = "local", source: str = ""):
+                 version: str = "local", source: str = "", encoder_weights: str | Path | None = None):
         from captioning.config import get_device
+        from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.config = config
         self.encoder_name = config["encoder"]
+        self.encoder_weights = Path(encoder_weights) if encoder_weights is not None else None
+        self.feature_key = feature_key(config)
         self._encoder = encoder.to(self.device).eval() if encoder is not None else None
         self.version = version
         self.source = source
@@ -44,7 +49,7 @@ class Captioner:
     @classmethod
     def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
         """From a package folder, or a `models:/...` / `runs:/...` URI (through the registry)."""
-        from captioning.package import load_package
+        from captioning.package import encoder_weights, load_package
 
         text = str(source)
         version = "local"
@@ -56,20 +61,20 @@ class Captioner:
         else:
             folder = Path(text)
         model, vocab, config = load_package(folder)
-        encoder = None
-        if with_encoder:
-            from captioning.encoder import build_encoder
-
-            encoder = build_encoder(config["encoder"]).optimize_for_inference()
-        return cls(model, vocab, config, encoder, device, version, text)
+        weights = encoder_weights(folder, config)
+        encoder = _build_encoder(config["encoder"], weights) if with_encoder else None
+        return cls(model, vocab, config, encoder, device, version, text, encoder_weights=weights)
 
     @property
     def encoder(self):
         """The image encoder, built on first use (captioning cached features does not need it)."""
         if self._encoder is None:
-            from captioning.encoder import build_encoder
+            if self.config.get("encoder_weights") and self.encoder_weights is None:
+                from captioning.package import PackageError
 
-            self._encoder = build_encoder(self.encoder_name).optimize_for_inference().to(self.device)
+                raise PackageError("this model was trained with a fine-tuned encoder: load it with "
+                                   "Captioner.load(package) so its encoder.pt is used")
+            self._encoder = _build_encoder(self.encoder_name, self.encoder_weights).to(self.device)
         return self._encoder
 
     @property
@@ -143,6 +148,18 @@ class Captioner:
         if return_attention:
             result["attention"] = attention_payload(self.vocab, best, positions)
         return result
+
+
+def _build_encoder(name: str, weights: Path | None):
+    """The encoder for inference: pretrained, or with a package's fine-tuned weights (strict load)."""
+    from captioning.encoder import EncoderError, build_encoder
+    from captioning.package import PackageError
+
+    try:
+        encoder = build_encoder(name, weights)
+    except EncoderError as error:
+        raise PackageError(f"the package's encoder cannot be built: {error}") from None
+    return encoder.optimize_for_inference()
 
 
 def attention_payload(vocab, hypothesis, positions: int) -> dict[str, Any] | None:

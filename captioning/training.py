@@ -1,4 +1,4 @@
-"""Training a caption decoder on cached image features.
+"""Training a caption decoder on cached image features (or on images, fine-tuning the encoder).
 
 `train(params)` selects the data by query, fills the feature cache, builds the
 vocabulary from the training captions, trains with AdamW (warm-up then decay, label
@@ -6,6 +6,11 @@ smoothing, gradient clipping), validates with CIDEr after every epoch, stops ear
 and saves the best model as a package. A checkpoint every `train.checkpoint_every`
 steps and after every epoch lets a killed run resume to the very same weights: the
 data order of an epoch comes from seed + epoch, and the RNG states are saved.
+
+With `train.finetune_blocks` = k > 0 the last k stages of the encoder train too (their
+own learning rate, `train.encoder_lr`): batches are then decoded from the image files
+by DataLoader workers (optionally augmented, `train.augment`), validation encodes the
+val images with the current encoder, and the package carries the encoder's weights.
 
 Runs unchanged under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel, a
 DistributedSampler, and rank 0 alone writing files and calling callbacks.
@@ -38,6 +43,12 @@ PACKAGE_DIR = "model"
 PRELOAD_LIMIT_BYTES = 2 << 30
 # Keys that may change between a run and its resumption without changing the result.
 _RESUME_NEUTRAL = {"train": {"progress", "checkpoint_every", "threads"}, "features": {"dir", "workers", "batch_size"}}
+# Settings that do nothing while the encoder is frozen (finetune_blocks 0).
+_FINETUNE_KEYS = ("finetune_blocks", "encoder_lr", "augment")
+# Random resized crop for fine-tuning: area share and aspect ratio range. Mild, because
+# captions speak about the whole picture ("two dogs on the grass").
+CROP_AREA = (0.6, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class TrainingError(RuntimeError):
@@ -59,7 +70,8 @@ class CaptionData:
     """Caption pairs: pair i is (features of image rows[i], tokens[i]).
 
     `features` is either the images' features copied into memory (a float16 tensor,
-    row n = image n) or the store's memory map, indexed through `store_rows`.
+    row n = image n) or the store's memory map, indexed through `store_rows`; None when
+    training reads the image files (`paths`, image n = paths[n]) instead.
     """
 
     features: Any
@@ -67,6 +79,7 @@ class CaptionData:
     rows: np.ndarray  # (P,) image index per pair
     tokens: torch.Tensor  # (P, L) BOS ... EOS PAD..., int64
     image_ids: list[str]
+    paths: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,12 +93,15 @@ class CaptionData:
             feats = torch.from_numpy(np.asarray(self.features[self.store_rows[images]]))
         return feats.to(device).float()
 
-    def batch(self, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = np.asarray(indices, dtype=np.int64)
-        tokens = self.tokens[torch.from_numpy(indices)]
+    def batch_tokens(self, indices, device) -> torch.Tensor:
+        tokens = self.tokens[torch.from_numpy(np.asarray(indices, dtype=np.int64))]
         # Trailing all-PAD columns carry nothing: trim them for speed.
         length = int((tokens != 0).sum(1).max())
-        return self.image_features(self.rows[indices], device), tokens[:, :length].to(device)
+        return tokens[:, :length].to(device)
+
+    def batch(self, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        return self.image_features(self.rows[indices], device), self.batch_tokens(indices, device)
 
 
 def encode_captions(vocab, captions: list[str], max_length: int) -> torch.Tensor:
@@ -100,27 +116,36 @@ def encode_captions(vocab, captions: list[str], max_length: int) -> torch.Tensor
 
 
 def caption_data(records, store, vocab, max_length: int, preload: bool = True) -> CaptionData:
-    """All (image, caption) pairs of `records`, features taken from `store`."""
+    """All (image, caption) pairs of `records`, features taken from `store` (None: images are read instead)."""
     image_ids = list(dict.fromkeys(record.image_id for record in records))
     local = {image_id: n for n, image_id in enumerate(image_ids)}
+    paths = {record.image_id: str(record.path) for record in records}
     rows, captions = [], []
     for record in records:
         for caption in record.captions:
             rows.append(local[record.image_id])
             captions.append(caption)
-    store_rows = store.rows(image_ids)
-    size = len(image_ids) * store.positions * store.dim * 2
-    if preload and size <= PRELOAD_LIMIT_BYTES:
-        features: Any = torch.from_numpy(np.ascontiguousarray(store.array[store_rows]))
-        store_rows = None
-    else:
-        features = store.array
+    features: Any = None
+    store_rows = None
+    if store is not None:
+        store_rows = store.rows(image_ids)
+        size = len(image_ids) * store.positions * store.dim * 2
+        if preload and size <= PRELOAD_LIMIT_BYTES:
+            features = torch.from_numpy(np.ascontiguousarray(store.array[store_rows]))
+            store_rows = None
+        else:
+            features = store.array
     tokens = encode_captions(vocab, captions, max_length)
-    return CaptionData(features, store_rows, np.asarray(rows, dtype=np.int64), tokens, image_ids)
+    return CaptionData(features, store_rows, np.asarray(rows, dtype=np.int64), tokens, image_ids,
+                       [paths[image_id] for image_id in image_ids])
 
 
-def load_split(query_text: str, features_params: dict, batch_size: int, progress: bool, rank: int):
-    """(records, feature store) for a data query; rank 0 fills the cache first."""
+def load_split(query_text: str, features_params: dict, batch_size: int, progress: bool, rank: int,
+               cache: bool = True):
+    """(records, feature store) for a data query; rank 0 fills the cache first.
+
+    cache=False (fine-tuning reads the images): (records, None), no encoding.
+    """
     from captioning.data.query import parse_query, select
     from captioning.features import build_features, default_store_dir
 
@@ -128,6 +153,8 @@ def load_split(query_text: str, features_params: dict, batch_size: int, progress
     records = select(query)
     if not records:
         raise TrainingError(f"data query {query_text!r} selects no records")
+    if not cache:
+        return records, None
     encoder = features_params.get("encoder", "lite0")
     root = features_params.get("dir")
     store_dir = Path(root) / encoder / query.dataset if root else default_store_dir(encoder, query.dataset)
@@ -137,6 +164,79 @@ def load_split(query_text: str, features_params: dict, batch_size: int, progress
     _barrier()
     store = build_features(records, encoder, store_dir, batch_size, progress=False)  # no work: all cached
     return records, store
+
+
+class PairImages(torch.utils.data.Dataset):
+    """Image files as encoder input for fine-tuning, decoded in DataLoader workers.
+
+    A key is (image index, augmentation seed or None): the seed, not the worker's random
+    state, decides the crop and flip, so a resumed run sees the very same pixels.
+    """
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths = paths
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, str | None]) -> torch.Tensor:
+        from captioning.images import open_image, to_tensor
+
+        index, seed = key
+        image = open_image(self.paths[index])
+        if seed is not None:
+            image = augment(image, self.size, random.Random(seed))
+        return to_tensor(image, self.size)
+
+
+def augment(image, size: int, rng: random.Random):
+    """Random resized crop (CROP_AREA, CROP_RATIO) to size x size, flipped left-right half the time.
+
+    The flip swaps left and right: leave augmentation off for captions that name sides.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    area = width * height * rng.uniform(*CROP_AREA)
+    ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+    crop_w = min(width, max(1, round(math.sqrt(area * ratio))))
+    crop_h = min(height, max(1, round(math.sqrt(area / ratio))))
+    left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def pair_keys(data: CaptionData, batches: list[list[int]], augment_seed: str | None) -> list[list[tuple]]:
+    """PairImages keys for batches of pair indices; augment_seed (None: plain images) and the
+    pair index seed each pair's crop."""
+    return [[(int(data.rows[i]), None if augment_seed is None else f"{augment_seed}:{i}") for i in batch]
+            for batch in batches]
+
+
+def image_loader(paths: list[str], keys: list[list[tuple]], size: int, workers: int,
+                 device) -> torch.utils.data.DataLoader:
+    """Pixel batches (B, 3, size, size), one per list of PairImages keys, in order."""
+    return torch.utils.data.DataLoader(
+        PairImages(paths, size), batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # else the loader draws its seed from the global RNG
+    )
+
+
+def encode_images(encoder, paths: list[str], batch_size: int, workers: int, device) -> torch.Tensor:
+    """Features (images, N, C) float16 of image files with the encoder as it is now, computed
+    as a package computes them (a copy with folded batch norms)."""
+    import copy
+
+    frozen = copy.deepcopy(encoder).optimize_for_inference()
+    keys = [[(n, None) for n in range(start, min(start + batch_size, len(paths)))]
+            for start in range(0, len(paths), batch_size)]
+    with torch.inference_mode():
+        outputs = [frozen(pixels.to(device)).to(torch.float16).cpu()
+                   for pixels in image_loader(paths, keys, encoder.image_size, workers, device)]
+    return torch.cat(outputs)
 
 
 # --------------------------------------------------------------------------- schedule and scoring
@@ -208,13 +308,17 @@ def validate(model, vocab, data: CaptionData, references: dict[str, list[str]], 
 
 
 def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, tokens: torch.Tensor,
-                  label_smoothing: float = 0.0, alpha_c: float = 0.0, grad_clip: float = 0.0) -> float:
+                  label_smoothing: float = 0.0, alpha_c: float = 0.0, grad_clip: float = 0.0,
+                  encoder=None) -> float:
     """One optimisation step on a batch (teacher forcing); returns the caption loss.
 
+    With an `encoder` (fine-tuning), `feats` are pixels that it encodes first.
     Mixed precision follows `scaler.is_enabled()` (CUDA only); the loss is computed in float32.
     """
     amp = scaler.is_enabled()
     with torch.autocast(feats.device.type, dtype=torch.float16, enabled=amp):
+        if encoder is not None:
+            feats = encoder(feats)
         logits, aux = model(feats, tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1),
                                ignore_index=0, label_smoothing=label_smoothing)
@@ -223,7 +327,8 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
     scaler.scale(total).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        # Every optimised parameter: the decoder's, and the encoder's trained stages when fine-tuning.
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -271,6 +376,10 @@ def _fingerprint(params: dict) -> str:
     for section, keys in _RESUME_NEUTRAL.items():
         for key in keys:
             relevant[section].pop(key, None)
+    if not relevant["train"].get("finetune_blocks"):
+        # A frozen-encoder run keeps the fingerprint it had before these settings existed.
+        for key in _FINETUNE_KEYS:
+            relevant["train"].pop(key, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -310,6 +419,7 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
     from tqdm import tqdm
 
     from captioning.config import artifacts_dir, get_device, use_mixed_precision
+    from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
 
@@ -356,8 +466,14 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
 
         _seed_everything(seed)
         batch_size = int(train_p.get("batch_size", 64))
-        train_records, train_store = load_split(data_p["train_query"], feat_p, batch_size, progress, rank)
-        val_records, val_store = load_split(data_p["val_query"], feat_p, batch_size, progress, rank)
+        finetune = int(train_p.get("finetune_blocks", 0) or 0)
+        if finetune < 0:
+            raise TrainingError(f"train.finetune_blocks must be 0 (frozen encoder) or more, not {finetune}")
+        encoder_name = feat_p.get("encoder", "lite0")
+        train_records, train_store = load_split(data_p["train_query"], feat_p, batch_size, progress, rank,
+                                                cache=not finetune)
+        val_records, val_store = load_split(data_p["val_query"], feat_p, batch_size, progress, rank,
+                                            cache=not finetune)
         val_limit = int(train_p.get("val_images", 500))
         if val_limit > 0:
             val_records = val_records[:val_limit]
@@ -372,15 +488,34 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         val_data = caption_data(val_records, val_store, vocab, max_length)
         references = {record.image_id: list(record.captions) for record in val_records}
 
+        encoder = core_encoder = None
+        groups: list[dict[str, Any]] = []
+        if finetune:
+            # Never optimize_for_inference() here: folded batch norms cannot train.
+            encoder = core_encoder = build_encoder(encoder_name).to(device)
+            try:
+                trainable = encoder.finetune(finetune)
+            except ValueError as error:
+                raise TrainingError(f"train.{error}") from None
+            groups.append({"params": trainable, "lr": float(train_p.get("encoder_lr", 1e-4))})
+            if world > 1:
+                encoder = torch.nn.parallel.DistributedDataParallel(
+                    encoder, device_ids=[device.index] if device.type == "cuda" else None
+                )
+        workers = feat_p.get("workers")
+        workers = min(2, os.cpu_count() or 1) if workers is None else int(workers)
+        feature_dim = ENCODERS[encoder_name].feature_dim if finetune else train_store.dim
+
         _seed_everything(seed)  # the initial weights depend on the seed only
-        model = build_model(model_p, len(vocab), train_store.dim).to(device)
+        model = build_model(model_p, len(vocab), feature_dim).to(device)
         core = model
         if world > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=float(train_p.get("lr", 5e-4)), weight_decay=float(train_p.get("weight_decay", 0.0))
+            [{"params": list(model.parameters())}, *groups],
+            lr=float(train_p.get("lr", 5e-4)), weight_decay=float(train_p.get("weight_decay", 0.0)),
         )
         sampler = torch.utils.data.DistributedSampler(
             range(len(train_data)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
@@ -404,6 +539,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                  "loss_sum": 0.0, "loss_count": 0}
         if checkpoint is not None:
             core.load_state_dict(checkpoint["model"])
+            if core_encoder is not None:
+                core_encoder.backbone.load_state_dict(checkpoint["encoder"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
@@ -414,8 +551,9 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         def write_checkpoint(finished: bool = False) -> None:
             if rank != 0:
                 return
+            extra = {} if core_encoder is None else {"encoder": core_encoder.backbone.state_dict()}
             save_checkpoint(checkpoint_path, {
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                **extra, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "vocab": vocab.to_dict(), "fingerprint": fingerprint, "finished": finished, **state,
             })
@@ -426,6 +564,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                 "train_images": len(train_data.image_ids), "train_pairs": len(train_data),
                 "val_images": len(val_data.image_ids), "steps_per_epoch": steps_per_epoch,
                 "parameters": sum(p.numel() for p in core.parameters()), "device": str(device),
+                "finetune_blocks": finetune,
+                "encoder_trainable_parameters": sum(p.numel() for group in groups for p in group["params"]),
                 "world_size": world, "resumed_from": None if checkpoint is None else
                 {"epoch": state["epoch"], "batch": state["batch"], "step": state["step"]},
                 "val_examples": [{"image_id": r.image_id, "path": r.path, "references": list(r.captions)}
@@ -439,15 +579,25 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             order = list(sampler)
             batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
             model.train()
+            pixels = None
+            if encoder is not None:
+                encoder.train()  # only the fine-tuned stages: the Encoder keeps frozen parts in eval mode
+                augment_seed = f"{seed}:{epoch}" if train_p.get("augment") else None
+                keys = pair_keys(train_data, batches[state["batch"]:], augment_seed)
+                pixels = iter(image_loader(train_data.paths, keys, core_encoder.image_size, workers, device))
             bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not progress, leave=False)
             data_time, epoch_start, seen = 0.0, time.perf_counter(), 0
             for index in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
-                feats, tokens = train_data.batch(batches[index], device)
+                if pixels is None:
+                    feats, tokens = train_data.batch(batches[index], device)
+                else:
+                    feats = next(pixels).to(device, non_blocking=True)
+                    tokens = train_data.batch_tokens(batches[index], device)
                 data_time += time.perf_counter() - tick
                 value = training_step(model, optimizer, scheduler, scaler, feats, tokens, label_smoothing,
-                                      alpha_c, grad_clip)
+                                      alpha_c, grad_clip, encoder)
                 state["step"] += 1
                 state["batch"] = index + 1
                 state["loss_sum"] += value
@@ -471,13 +621,17 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             }
             improved = False
             if rank == 0:
+                if core_encoder is not None:
+                    # The val images through the encoder as trained so far, never the frozen cache.
+                    val_data.features = encode_images(core_encoder, val_data.paths, batch_size, workers, device)
                 val = validate(core, vocab, val_data, references, {**decoding_p, "beam_size": train_p.get("val_beam_size", 1)}, device)
                 samples = val.pop("samples")
                 metrics.update(val)
                 improved = not state["best"] or metrics["val_CIDEr"] > state["best"]["val_CIDEr"]
                 if improved:
                     state["best"] = dict(metrics)
-                    save_package(package_dir, core, vocab, _package_config(params, train_store.dim, metrics))
+                    save_package(package_dir, core, vocab, _package_config(params, feature_dim, metrics),
+                                 encoder=core_encoder)
                 logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
                 metrics_with_samples = {**metrics, "samples": samples}
                 _notify(callbacks, "on_epoch_end", epoch + 1, metrics_with_samples)
