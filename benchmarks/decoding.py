@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from benchmarks.reference import reference_beam_search
 from captioning.config import load_params, reports_dir
 from captioning.decoding import beam_search, greedy
@@ -112,9 +113,7 @@ def run(threads: int = 1, images: int = 32, min_seconds: float = 2.0, output: Pa
         report["decoders"][name] = bench_decoder(name, config, max_length, images, min_seconds)
         print(name, json.dumps(report["decoders"][name]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
-    output = output or reports_dir() / "benchmark_decoding.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "decoding", output)
     return report
 
 

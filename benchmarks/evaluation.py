@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import write_report
+
 TARGET_SECONDS = 90.0
 
 
@@ -106,7 +108,7 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
 
 
 def main() -> None:
-    from captioning.config import disable_telemetry, reports_dir
+    from captioning.config import disable_telemetry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="flickr8k[test]", help="Data query (1000 images for Flickr8k test).")
@@ -123,9 +125,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     report = run(args.data, args.model, args.beam, args.feature_dir, args.batch_size)
-    output = args.output or reports_dir() / "benchmark_evaluation.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "evaluation", args.output)
     print(json.dumps(report, indent=2))
 
 

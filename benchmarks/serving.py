@@ -25,6 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from benchmarks import write_report  # noqa: E402
 from captioning.config import disable_telemetry, reports_dir  # noqa: E402
 
 disable_telemetry()
@@ -186,9 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "ratio = served requests/s over Captioner.caption images/s on the same images and CPU; "
                 "load generator, API and model server share the machine's cores.",
     }
-    output = args.output or reports_dir() / "benchmark_serving.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    output = write_report(report, "serving", args.output)
     print(json.dumps(report, indent=2))
     print(f"wrote {output}")
     return report

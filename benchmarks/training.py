@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from captioning.config import load_params, reports_dir
 
 VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
@@ -145,9 +146,7 @@ def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str,
         report["training"][decoder] = bench_training(decoder, model_params, steps)
         print("training", decoder, json.dumps(report["training"][decoder]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
-    output = output or reports_dir() / "benchmark_training.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "training", output)
     return report
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import write_report
 from captioning.config import data_dir, reports_dir
 from captioning.data.datasets import load_dataset
 from captioning.data.validate import validate_dataset
@@ -36,9 +37,7 @@ def main() -> None:
         "warnings": len(result.warnings),
         "report": str(out / "validation.html"),
     }
-    path = reports_dir() / "benchmark_validate_flickr8k.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    write_report(figures, "validate_flickr8k")
     print(json.dumps(figures, indent=2))
 
 
