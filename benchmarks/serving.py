@@ -26,7 +26,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from benchmarks import write_report  # noqa: E402
-from captioning.config import disable_telemetry, reports_dir  # noqa: E402
+from captioning.config import disable_telemetry  # noqa: E402
 
 disable_telemetry()
 
