@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.scoring import direct_scores
+
 from captioning.evaluation import METRICS, evaluate_predictions, meteor_process, save_predictions, score_details
 
 MIRROR = os.environ.get("CAPTIONING_MIRROR")
@@ -37,24 +39,6 @@ def official_test_references() -> dict[str, list[str]]:
     return {name: [c[n] for n in sorted(c)] for name, c in captions.items()}
 
 
-def pycocoevalcap_scores(predictions, references, meteor) -> dict[str, float]:
-    """The scorers as COCOEvalCap.evaluate() calls them (tokenised separately), minus SPICE."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in references})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
-    scores["METEOR"] = meteor.compute_score(gts, res)[0]
-    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-    scores["CIDEr"] = Cider().compute_score(gts, res)[0]
-    return {k: 100 * v for k, v in scores.items()}
-
-
 @pytest.fixture(scope="module")
 def meteor():
     """One METEOR process shared by our scoring and the direct one (its scores are stateless)."""
@@ -78,7 +62,7 @@ def test_evaluate_predictions_reproduces_pycocoevalcap(tmp_path, monkeypatch, me
     result = evaluate_predictions(path, "flickr8k[test]", meteor=meteor)
 
     assert result.references == references  # the loader read exactly the official test captions
-    expected = pycocoevalcap_scores(predictions, references, meteor)
+    expected, _ = direct_scores(predictions, references, meteor)
     for name in METRICS:
         assert result.metrics[name] == pytest.approx(expected[name], abs=0.01), name
     assert len(result.per_image) == 1000
@@ -90,7 +74,7 @@ def test_held_out_human_caption_scores_match(meteor, references):
     others = {name: refs[1:] for name, refs in references.items()}
 
     ours, _ = score_details(predictions, others, meteor=meteor)
-    expected = pycocoevalcap_scores(predictions, others, meteor)
+    expected, _ = direct_scores(predictions, others, meteor)
     for name in METRICS:
         assert ours[name] == pytest.approx(expected[name], abs=0.01), name
     # Human agreement on Flickr8k: far from both 0 and 100.

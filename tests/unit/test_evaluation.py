@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.fixtures.scoring import direct_scores
+
 from captioning.evaluation import (
     METRICS,
     EvaluationResult,
@@ -38,25 +40,6 @@ PREDICTIONS = {
     "img3.jpg": "a man is riding a bike",
     "img4.jpg": "a woman is holding an umbrella",
 }
-
-
-def direct_scores(predictions, references, meteor):
-    """pycocoevalcap as COCOEvalCap.evaluate() runs it, minus SPICE."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in references})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
-    scores["METEOR"] = meteor.compute_score(gts, res)[0]
-    scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-    cider, cider_images = Cider().compute_score(gts, res)
-    scores["CIDEr"] = cider
-    return {k: 100 * v for k, v in scores.items()}, dict(zip(gts, 100 * cider_images))
 
 
 @pytest.fixture(scope="module")
