@@ -618,19 +618,25 @@ class CaptionAPI:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    async def _caption_files(self, files: list, fields: dict, missing: str) -> list[dict]:
+        """Check the uploaded images and options, caption them, count caption lengths."""
+        if not files:
+            raise InputError(400, "missing_field", missing)
+        options = _options(fields)
+        await asyncio.to_thread(_check_images, files)
+        results = await self._caption([CaptionJob(image=data, **options) for _, data in files])
+        answers = [_public(result, options["return_attention"]) for result in results]
+        for answer in answers:
+            metrics()["caption_words"].observe(len(answer["caption"].split()))
+        return answers
+
     @app.post("/caption")
     async def caption(self, request: Request) -> JSONResponse:
         async def handle(started: float) -> JSONResponse:
             files, fields = await _read_upload(request, max_files=1)
-            if not files:
-                raise InputError(400, "missing_field", "no file in the multipart field 'image'")
             if len(files) > 1:
                 raise InputError(400, "too_many_images", "send one image to /caption (several go to /caption_batch)")
-            options = _options(fields)
-            await asyncio.to_thread(_check_images, files)
-            (result,) = await self._caption([CaptionJob(image=files[0][1], **options)])
-            answer = _public(result, options["return_attention"])
-            metrics()["caption_words"].observe(len(answer["caption"].split()))
+            (answer,) = await self._caption_files(files, fields, "no file in the multipart field 'image'")
             answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             return JSONResponse(answer)
 
@@ -640,17 +646,12 @@ class CaptionAPI:
     async def caption_batch(self, request: Request) -> JSONResponse:
         async def handle(started: float) -> JSONResponse:
             files, fields = await _read_upload(request, max_files=MAX_BATCH_IMAGES)
-            if not files:
-                raise InputError(400, "missing_field", "no file in the multipart field 'image' (repeat it per image)")
             if len(files) > MAX_BATCH_IMAGES:
                 raise InputError(413, "too_many_images", f"{len(files)} images, at most {MAX_BATCH_IMAGES} per request")
-            options = _options(fields)
-            await asyncio.to_thread(_check_images, files)
-            results = await self._caption([CaptionJob(image=data, **options) for _, data in files])
-            answers = [_public(result, options["return_attention"]) for result in results]
+            answers = await self._caption_files(
+                files, fields, "no file in the multipart field 'image' (repeat it per image)")
             for answer, (name, _) in zip(answers, files):
                 answer["filename"] = name
-                metrics()["caption_words"].observe(len(answer["caption"].split()))
             return JSONResponse({
                 "results": answers,
                 "model_version": answers[0]["model_version"],
