@@ -15,7 +15,7 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELE
 # Spinning OpenMP threads slow torch down many times when the CPU is shared (see captioning/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup system-deps test test-fast run serve repro schedule bento prefect-ui mlflow-ui benchmark clean
+.PHONY: setup system-deps test test-fast run serve repro full schedule bento prefect-ui mlflow-ui benchmark clean
 
 setup: $(STAMP) system-deps
 
@@ -48,6 +48,12 @@ serve: setup
 # `dvc repro` runs the same steps as stages; the stages call the `captioning` command.
 repro: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# The quality configuration (params.yaml profiles.full) through DVC: `dvc exp run -S ...`, an
+# experiment that `dvc exp show` lists beside the others. It leaves params.yaml as the experiment
+# set it (DVC's way): `git checkout params.yaml` returns to the defaults.
+full: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH eval "$(VENV)/bin/dvc exp run $$($(PY) -m captioning.cli profile full --dvc | tr '\n' ' ')"
 
 # The scheduled retraining deployment (cron from params.yaml retrain.cron) on the local Prefect server.
 schedule: setup

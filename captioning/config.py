@@ -97,3 +97,24 @@ def get_device(prefer: str | None = None):
 def use_mixed_precision(device) -> bool:
     """Mixed precision only pays off (and is only checked) on CUDA."""
     return getattr(device, "type", str(device)) == "cuda"
+
+
+def profile_overrides(params: dict[str, Any], name: str) -> list[str]:
+    """The `section.key=value` overrides of profile `name` (params.yaml `profiles`), in file order.
+
+    A profile is a named set of overrides laid over the defaults, e.g. the `full` configuration
+    that `make full` hands to `dvc exp run -S ...`. Every key must exist in the params.
+    """
+    profiles = params.get("profiles") or {}
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none"
+        raise ValueError(f"no profile {name!r} in params (profiles: {known})")
+    assignments = []
+    for dotted, value in (profiles[name] or {}).items():
+        node: Any = params
+        for key in str(dotted).split("."):
+            if not isinstance(node, dict) or key not in node:
+                raise ValueError(f"profile {name!r} sets {dotted!r}, which is not a param")
+            node = node[key]
+        assignments.append(f"{dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return assignments

@@ -45,6 +45,8 @@ PRELOAD_LIMIT_BYTES = 2 << 30
 _RESUME_NEUTRAL = {"train": {"progress", "checkpoint_every", "threads"}, "features": {"dir", "workers", "batch_size"}}
 # Settings that do nothing while the encoder is frozen (finetune_blocks 0).
 _FINETUNE_KEYS = ("finetune_blocks", "encoder_lr", "augment")
+# Settings that do nothing without self-critical epochs (scst_epochs 0).
+_SCST_KEYS = ("scst_epochs", "scst_lr", "scst_samples")
 # Random resized crop for fine-tuning: area share and aspect ratio range. Mild, because
 # captions speak about the whole picture ("two dogs on the grass").
 CROP_AREA = (0.6, 1.0)
@@ -70,16 +72,19 @@ class CaptionData:
     """Caption pairs: pair i is (features of image rows[i], tokens[i]).
 
     `features` is either the images' features copied into memory (a float16 tensor,
-    row n = image n) or the store's memory map, indexed through `store_rows`; None when
-    training reads the image files (`paths`, image n = paths[n]) instead.
+    row n = image n), one store's memory map indexed through `store_rows`, or, for images
+    from several datasets, the stores' memory maps: image n is row store_rows[n] of
+    features[store_index[n]]. None when training reads the image files (`paths`, image
+    n = paths[n]) instead. `image_ids` are the images' keys (see `image_keys`).
     """
 
     features: Any
-    store_rows: np.ndarray | None  # image n -> row in the memory map (None when preloaded)
+    store_rows: np.ndarray | None  # image n -> row in its memory map (None when preloaded)
     rows: np.ndarray  # (P,) image index per pair
     tokens: torch.Tensor  # (P, L) BOS ... EOS PAD..., int64
     image_ids: list[str]
     paths: list[str] = field(default_factory=list)
+    store_index: np.ndarray | None = None  # image n -> its map in `features` (several stores only)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,8 +94,10 @@ class CaptionData:
         images = np.asarray(images, dtype=np.int64)
         if self.store_rows is None:
             feats = self.features[torch.from_numpy(images)]
-        else:
+        elif self.store_index is None:
             feats = torch.from_numpy(np.asarray(self.features[self.store_rows[images]]))
+        else:
+            feats = torch.from_numpy(gather_rows(self.features, self.store_index[images], self.store_rows[images]))
         return feats.to(device).float()
 
     def batch_tokens(self, indices, device) -> torch.Tensor:
@@ -104,6 +111,47 @@ class CaptionData:
         return self.image_features(self.rows[indices], device), self.batch_tokens(indices, device)
 
 
+class FeatureStores(dict):
+    """The feature stores of a selection by dataset name: an image id is unique only within
+    its dataset, so each dataset has its own store (`<features dir>/<encoder>/<dataset>`)."""
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.values())).dim
+
+    @property
+    def positions(self) -> int:
+        return next(iter(self.values())).positions
+
+
+def gather_rows(arrays: list, which: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """float16 (len(rows), N, C): item i is arrays[which[i]][rows[i]] (a chunk at a time, so
+    gathering from memory maps needs little memory beyond the result)."""
+    if len(arrays) == 1:
+        return np.ascontiguousarray(arrays[0][rows])
+    out = np.empty((len(rows), *arrays[0].shape[1:]), dtype=np.float16)
+    for number, array in enumerate(arrays):
+        chosen = np.flatnonzero(which == number)
+        for start in range(0, len(chosen), chunk):
+            part = chosen[start: start + chunk]
+            out[part] = array[rows[part]]
+    return out
+
+
+def image_keys(records) -> list[str]:
+    """Each record's image key: its image id, or `dataset/image id` when the records come from
+    several datasets (`SelectedRecord.dataset`), whose ids may collide."""
+    datasets = {getattr(record, "dataset", "") for record in records}
+    if len(datasets) <= 1:
+        return [record.image_id for record in records]
+    return [f"{record.dataset}/{record.image_id}" for record in records]
+
+
+def references_by_key(records) -> dict[str, list[str]]:
+    """Image key (as `caption_data` names the images) -> reference captions."""
+    return {key: list(record.captions) for key, record in zip(image_keys(records), records)}
+
+
 def encode_captions(vocab, captions: list[str], max_length: int) -> torch.Tensor:
     """Captions -> (n, max_length + 2) int64: BOS, tokens, EOS, then PAD (0)."""
     from captioning.vocab import BOS, EOS
@@ -115,55 +163,89 @@ def encode_captions(vocab, captions: list[str], max_length: int) -> torch.Tensor
     return out
 
 
+def _locate(images: list, store) -> tuple[list, np.ndarray, np.ndarray]:
+    """(memory maps, map index per image, row per image). `store` is one FeatureStore for every
+    image, or FeatureStores picked by each image's dataset."""
+    if not isinstance(store, dict):
+        return [store.array], np.zeros(len(images), dtype=np.int64), store.rows([r.image_id for r in images])
+    missing = sorted({getattr(r, "dataset", "") for r in images} - set(store))
+    if missing:
+        raise TrainingError(f"no feature store for dataset(s) {missing} (stores: {sorted(store)})")
+    names = list(store)
+    which = np.zeros(len(images), dtype=np.int64)
+    rows = np.zeros(len(images), dtype=np.int64)
+    for number, name in enumerate(names):
+        chosen = [n for n, record in enumerate(images) if record.dataset == name]
+        which[chosen] = number
+        rows[chosen] = store[name].rows([images[n].image_id for n in chosen])
+    arrays = [store[name].array for name in names]
+    shapes = {tuple(array.shape[1:]) for array in arrays}
+    if len(shapes) > 1:
+        raise TrainingError(f"feature stores {names} hold features of different shapes {sorted(shapes)}")
+    return arrays, which, rows
+
+
 def caption_data(records, store, vocab, max_length: int, preload: bool = True) -> CaptionData:
-    """All (image, caption) pairs of `records`, features taken from `store` (None: images are read instead)."""
-    image_ids = list(dict.fromkeys(record.image_id for record in records))
-    local = {image_id: n for n, image_id in enumerate(image_ids)}
-    paths = {record.image_id: str(record.path) for record in records}
+    """All (image, caption) pairs of `records`, features taken from `store`: one FeatureStore, or
+    FeatureStores (dataset -> store) for records of several datasets; None: images are read instead."""
+    keys = image_keys(records)
+    first: dict[str, Any] = {}  # image key -> its first record
+    for key, record in zip(keys, records):
+        first.setdefault(key, record)
+    image_ids, images = list(first), list(first.values())
+    local = {key: n for n, key in enumerate(image_ids)}
     rows, captions = [], []
-    for record in records:
+    for key, record in zip(keys, records):
         for caption in record.captions:
-            rows.append(local[record.image_id])
+            rows.append(local[key])
             captions.append(caption)
     features: Any = None
-    store_rows = None
+    store_rows = store_index = None
     if store is not None:
-        store_rows = store.rows(image_ids)
-        size = len(image_ids) * store.positions * store.dim * 2
+        arrays, which, store_rows = _locate(images, store)
+        size = len(images) * int(np.prod(arrays[0].shape[1:])) * 2
         if preload and size <= PRELOAD_LIMIT_BYTES:
-            features = torch.from_numpy(np.ascontiguousarray(store.array[store_rows]))
+            features = torch.from_numpy(gather_rows(arrays, which, store_rows))
             store_rows = None
+        elif len(arrays) == 1:
+            features = arrays[0]
         else:
-            features = store.array
+            features, store_index = arrays, which
     tokens = encode_captions(vocab, captions, max_length)
     return CaptionData(features, store_rows, np.asarray(rows, dtype=np.int64), tokens, image_ids,
-                       [paths[image_id] for image_id in image_ids])
+                       [str(record.path) for record in images], store_index)
 
 
 def load_split(query_text: str, features_params: dict, batch_size: int, progress: bool, rank: int,
                cache: bool = True):
-    """(records, feature store) for a data query; rank 0 fills the cache first.
+    """(records, FeatureStores) for a data query or a `+` union of queries; rank 0 fills the caches first.
 
+    Each dataset of the selection has its own store, <features dir>/<encoder>/<dataset>.
     cache=False (fine-tuning reads the images): (records, None), no encoding.
     """
-    from captioning.data.query import parse_query, select
+    from captioning.data.query import select
     from captioning.features import build_features, default_store_dir
 
-    query = parse_query(query_text)
-    records = select(query)
+    records = select(query_text)
     if not records:
         raise TrainingError(f"data query {query_text!r} selects no records")
     if not cache:
         return records, None
     encoder = features_params.get("encoder", "lite0")
     root = features_params.get("dir")
-    store_dir = Path(root) / encoder / query.dataset if root else default_store_dir(encoder, query.dataset)
+    groups: dict[str, list] = {}
+    for record in records:
+        groups.setdefault(record.dataset, []).append(record)
+    dirs = {name: Path(root) / encoder / name if root else default_store_dir(encoder, name) for name in groups}
     if rank == 0:
-        build_features(records, encoder, store_dir, features_params.get("batch_size", batch_size), progress,
-                       num_workers=features_params.get("workers"))
+        for name, group in groups.items():
+            build_features(group, encoder, dirs[name], features_params.get("batch_size", batch_size), progress,
+                           num_workers=features_params.get("workers"))
     _barrier()
-    store = build_features(records, encoder, store_dir, batch_size, progress=False)  # no work: all cached
-    return records, store
+    # No work left: every image is cached.
+    stores = FeatureStores({name: build_features(group, encoder, dirs[name], batch_size, progress=False)
+                            for name, group in groups.items()})
+    return records, stores
 
 
 class PairImages(torch.utils.data.Dataset):
@@ -335,6 +417,26 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
     return float(loss.detach())
 
 
+def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, samples: int, max_length: int,
+              grad_clip: float = 0.0) -> tuple[float, float]:
+    """One self-critical step on a batch of images (full precision); returns the loss and the mean reward.
+
+    `model` is the bare decoder (sampling goes through its `step`, not DistributedDataParallel's
+    forward), so under torchrun the gradients are averaged here.
+    """
+    from captioning.scst import scst_loss
+
+    loss, reward = scst_loss(model, feats, images, cider, samples, max_length)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    _average_gradients(model)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), reward
+
+
 # --------------------------------------------------------------------------- distributed helpers
 
 
@@ -353,6 +455,17 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _average_gradients(model) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= dist.get_world_size()
 
 
 def _broadcast_flag(flag: bool, device) -> bool:
@@ -379,6 +492,9 @@ def _fingerprint(params: dict) -> str:
     if not relevant["train"].get("finetune_blocks"):
         # A frozen-encoder run keeps the fingerprint it had before these settings existed.
         for key in _FINETUNE_KEYS:
+            relevant["train"].pop(key, None)
+    if not relevant["train"].get("scst_epochs"):
+        for key in _SCST_KEYS:
             relevant["train"].pop(key, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -486,7 +602,7 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         max_length = int(vocab_p.get("max_length", 22))
         train_data = caption_data(train_records, train_store, vocab, max_length)
         val_data = caption_data(val_records, val_store, vocab, max_length)
-        references = {record.image_id: list(record.captions) for record in val_records}
+        references = references_by_key(val_records)
 
         encoder = core_encoder = None
         groups: list[dict[str, Any]] = []
@@ -525,8 +641,16 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         total_steps = epochs * steps_per_epoch
         warmup = int(train_p.get("warmup_steps", 0))
         schedule_name = str(train_p.get("schedule", "cosine"))
+        scst_epochs = int(train_p.get("scst_epochs", 0) or 0)
+        scst_samples = int(train_p.get("scst_samples", 5))
+        if scst_epochs and finetune:
+            raise TrainingError("self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)")
+        # Self-critical epochs run at their own constant rate after the cross-entropy schedule.
+        scst_factor = float(train_p.get("scst_lr", 5e-5)) / float(train_p.get("lr", 5e-4))
+        phase = {"scst": False}
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total_steps, schedule_name)
+            optimizer,
+            lambda step: scst_factor if phase["scst"] else lr_factor(step, warmup, total_steps, schedule_name),
         )
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
         label_smoothing = float(train_p.get("label_smoothing", 0.0))
@@ -536,7 +660,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         checkpoint_every = int(train_p.get("checkpoint_every", 500))
 
         state = {"epoch": 0, "batch": 0, "step": 0, "best": {}, "bad_epochs": 0, "history": [],
-                 "loss_sum": 0.0, "loss_count": 0}
+                 "loss_sum": 0.0, "loss_count": 0, "reward_sum": 0.0}
+        cider = None
         if checkpoint is not None:
             core.load_state_dict(checkpoint["model"])
             if core_encoder is not None:
@@ -544,7 +669,7 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
-            state.update({key: checkpoint[key] for key in state})
+            state.update({key: checkpoint.get(key, state[key]) for key in state})
             _set_rng_state(checkpoint["rng"])
             logger.info("resuming from %s at epoch %d batch %d", checkpoint_path, state["epoch"], state["batch"])
 
@@ -573,11 +698,27 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             })
 
         stop = state["bad_epochs"] >= patience
-        while state["epoch"] < epochs and not stop:
+        while state["epoch"] < epochs + scst_epochs:
+            if stop:
+                if state["epoch"] >= epochs or not scst_epochs:
+                    break
+                # Early stopping ends the cross-entropy phase; the self-critical epochs still run.
+                state.update(epoch=epochs, bad_epochs=0)
+                stop = False
             epoch = state["epoch"]
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+            if epoch >= epochs:
+                if not phase["scst"]:
+                    starting = state["batch"] == 0 and epoch == epochs
+                    cider = _enter_scst(core, optimizer, phase, package_dir, train_data, starting, scst_factor)
+                # Batches of images, each sampled scst_samples times: about batch_size captions a step.
+                order = torch.randperm(len(train_data.image_ids), generator=torch.Generator().manual_seed(seed + epoch))
+                order = order.tolist()[rank::world]
+                step_images = max(1, batch_size // scst_samples)
+                batches = [order[i: i + step_images] for i in range(0, len(order), step_images)]
+            else:
+                sampler.set_epoch(epoch)
+                order = list(sampler)
+                batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
             model.train()
             pixels = None
             if encoder is not None:
@@ -590,14 +731,21 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             data_time, epoch_start, seen = 0.0, time.perf_counter(), 0
             for index in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
-                if pixels is None:
+                if phase["scst"]:
+                    feats = train_data.image_features(batches[index], device)
+                    data_time += time.perf_counter() - tick
+                    value, reward = scst_step(core, optimizer, scheduler, feats, batches[index], cider, scst_samples,
+                                              int(decoding_p.get("max_length", 20)), grad_clip)
+                    state["reward_sum"] += reward
+                elif pixels is None:
                     feats, tokens = train_data.batch(batches[index], device)
                 else:
                     feats = next(pixels).to(device, non_blocking=True)
                     tokens = train_data.batch_tokens(batches[index], device)
-                data_time += time.perf_counter() - tick
-                value = training_step(model, optimizer, scheduler, scaler, feats, tokens, label_smoothing,
-                                      alpha_c, grad_clip, encoder)
+                if not phase["scst"]:
+                    data_time += time.perf_counter() - tick
+                    value = training_step(model, optimizer, scheduler, scaler, feats, tokens, label_smoothing,
+                                          alpha_c, grad_clip, encoder)
                 state["step"] += 1
                 state["batch"] = index + 1
                 state["loss_sum"] += value
@@ -619,6 +767,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                 "captions_per_s": seen * world / max(1e-9, elapsed),
                 "data_time_share": data_time / max(1e-9, elapsed),
             }
+            if phase["scst"]:
+                metrics["train_reward"] = state["reward_sum"] / max(1, state["loss_count"])
             improved = False
             if rank == 0:
                 if core_encoder is not None:
@@ -638,9 +788,10 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             improved = _broadcast_flag(improved, device)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["history"].append(metrics)
-            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0, reward_sum=0.0)
             stop = state["bad_epochs"] >= patience
-            write_checkpoint(finished=stop or state["epoch"] >= epochs)
+            finished = state["epoch"] >= epochs + scst_epochs or (stop and (phase["scst"] or not scst_epochs))
+            write_checkpoint(finished=finished)
             _barrier()
 
         result = TrainResult(package_dir, state["best"], state["history"])
@@ -656,6 +807,27 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
             dist.destroy_process_group()
         if threads > 0:
             torch.set_num_threads(previous_threads)
+
+
+def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: CaptionData, starting: bool,
+                lr_scale: float):
+    """Switch to self-critical training; returns the CIDEr-D reward over the training references.
+
+    On the first self-critical step the decoder restarts from the best cross-entropy model
+    (the package), which the validation CIDEr chose; a resumed run keeps its checkpoint's weights.
+    """
+    from captioning.package import load_package
+    from captioning.scst import CiderD, references_from_pairs
+
+    if starting and (package_dir / "weights.pt").is_file():
+        best, _, _ = load_package(package_dir)
+        core.load_state_dict(best.state_dict())
+    phase["scst"] = True
+    if starting:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+    references = references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids))
+    return CiderD(references)
 
 
 def _package_config(params: dict, feature_dim: int, metrics: dict) -> dict[str, Any]:

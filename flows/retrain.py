@@ -3,10 +3,15 @@
     python -m flows.retrain [--params params-synthetic.yaml] [--set train.epochs=2] [--force]
     python -m flows.retrain --serve        # a deployment scheduled by params.yaml retrain.cron
 
-Each step is a subflow, so the Prefect UI shows it with its own tasks and logs. Outcomes:
+Each step is a subflow, so the Prefect UI shows it with its own tasks and logs.
+
+With params `retrain.include_feedback` on and corrections stored by the service, the run trains
+on `<data.train_query>+feedback` (feedback records are all in the train split: corrections never
+reach validation or test) after the `feedback` dataset passed the same validation as the data.
+With it off, feedback is neither trained on nor a reason to retrain. Outcomes:
 - nothing new since the last training (same DVC data hash, same training settings, no feedback
   stored since): a quick run that completes as "Skipped" and says so;
-- the data fails validation: the run ends Failed with the reasons, before any training;
+- the data or the feedback fails validation: the run ends Failed with the reasons, before any training;
 - the metric gates refuse the model: the run completes with "gate failed: ..." (champion untouched);
 - otherwise the new version becomes champion.
 """
@@ -27,9 +32,21 @@ from flows.evaluation import evaluation_flow
 from flows.registration import registration_flow
 from flows.training import training_flow
 from flows.validation import validation_flow
-from tasks.state import check_for_new_data, record_training
+from tasks.state import check_for_new_data, feedback_fingerprint, feedback_since, record_training
 
 DEPLOYMENT = "scheduled-retrain"
+
+
+def with_feedback(params: dict[str, Any]) -> dict[str, Any]:
+    """These params with the stored feedback added to the training data: `<train_query>+feedback`
+    (unchanged when the training query already selects feedback)."""
+    from captioning.data.query import parse_selection
+
+    data = dict(params["data"])
+    if any(query.dataset == "feedback" for query in parse_selection(data["train_query"])):
+        return params
+    data["train_query"] = f"{data['train_query']}+feedback"
+    return {**params, "data": data}
 
 
 def run_folder(check: dict[str, Any]) -> str:
@@ -54,7 +71,13 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
     dataset = params["data"]["dataset"]
 
     acquisition_flow(dataset=dataset, params=params)
-    check = check_for_new_data(dataset, params)
+    include_feedback = bool((params.get("retrain") or {}).get("include_feedback", False))
+    feedback = feedback_since(None) if include_feedback else 0
+    if feedback:
+        params = with_feedback(params)
+    logger.info("training data: %s (%d feedback row(s) stored, retrain.include_feedback %s)",
+                params["data"]["train_query"], feedback, include_feedback)
+    check = check_for_new_data(dataset, params, use_feedback=include_feedback)
     if not check["new"] and not force:
         message = (f"nothing new since the training of {check['last'].get('trained_at')}: "
                    f"same data ({check['data']}), same settings, no new feedback; no retraining")
@@ -62,11 +85,13 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
         return Completed(name="Skipped", message=message,
                          data={"status": "nothing new", "message": message, "last": check["last"]})
 
-    validation = validation_flow(dataset=dataset, params=params, fingerprint=check["data"], return_state=True)
-    if not validation.is_completed():
-        logger.error(validation.message)
-        return Failed(message=f"stopped before training: {validation.message}",
-                      data=validation.result(raise_on_failure=False))
+    checks = [(dataset, check["data"])] + ([("feedback", feedback_fingerprint())] if feedback else [])
+    for name, fingerprint in checks:
+        validation = validation_flow(dataset=name, params=params, fingerprint=fingerprint, return_state=True)
+        if not validation.is_completed():
+            logger.error(validation.message)
+            return Failed(message=f"stopped before training: {validation.message}",
+                          data=validation.result(raise_on_failure=False))
 
     trained = training_flow(params=params, out_dir=run_folder(check))
     evaluation = evaluation_flow(model=trained["package_dir"], params=params)
@@ -78,6 +103,7 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
                             "promoted": registration["promoted"], "metrics": evaluation["metrics"]}, started)
     status = "promoted" if registration["promoted"] else "gate failed"
     summary = {"status": status, "message": registration["message"], "reasons": check["reasons"],
+               "train_query": params["data"]["train_query"],
                "version": registration["version"], "promoted": registration["promoted"],
                "gate_reasons": registration["reasons"], "metrics": evaluation["metrics"],
                "package_dir": trained["package_dir"], "comparison": evaluation["comparison"]}

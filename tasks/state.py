@@ -88,6 +88,15 @@ def feedback_since(timestamp: str | None) -> int:
     return len(FeedbackStore(url).since(since))
 
 
+def feedback_fingerprint() -> str:
+    """Changes whenever a correction is stored or a stored file changes (keys the validation cache)."""
+    from captioning.feedback import default_root
+
+    root = default_root()
+    listing = listing_hash(root) if root.is_dir() else "missing"
+    return f"feedback:{feedback_since(None)}:{listing}"
+
+
 @task(name="check-for-new-data", cache_policy=NO_CACHE)
 def check_for_new_data(dataset: str, params: dict[str, Any], use_feedback: bool = True) -> dict[str, Any]:
     """Compare the data and settings with the last training: {"new": bool, "reasons": [...], ...}."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from captioning.cli import data, evaluate, registry, train
+from captioning.cli import data, evaluate, params, registry, train
 
 app = typer.Typer(
     name="captioning",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (data, train, evaluate, registry):
+for module in (data, train, evaluate, registry, params):
     module.register(app)
 
 

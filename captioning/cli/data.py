@@ -113,29 +113,36 @@ def validate_command(
 
 @data_app.command("query")
 def query_command(
-    query: str = typer.Argument(..., help="e.g. flickr8k[test], flickr8k[train+val]-5000s7, synthetic"),
+    query: str = typer.Argument(
+        ..., help="e.g. flickr8k[test], flickr8k[train+val]-5000s7, synthetic, or a union: synthetic[train]+feedback"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON."),
 ) -> None:
-    """Show the records a data query selects."""
-    from captioning.data.query import QueryError, format_query, parse_query, select
+    """Show the records a data query (or a `+` union of queries) selects."""
+    from captioning.data.query import QueryError, format_selection, parse_selection, select
 
     try:
-        parsed = parse_query(query)
+        parsed = parse_selection(query)
         records = select(parsed)
     except QueryError as error:
         fail(str(error), 2)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error), 1)
+    # Image ids are unique only within a dataset: a union names each record's dataset.
+    several = len({record.dataset for record in records}) > 1
     if as_json:
-        print_json([record.to_dict() for record in records])
+        print_json([{"dataset": record.dataset, **record.to_dict()} if several else record.to_dict()
+                    for record in records])
         return
     counts: dict[str, int] = {}
     for record in records:
-        counts[record.split] = counts.get(record.split, 0) + 1
-    typer.echo(f"{format_query(parsed)}: {len(records)} records {counts}")
+        group = f"{record.dataset}[{record.split}]" if several else record.split
+        counts[group] = counts.get(group, 0) + 1
+    typer.echo(f"{format_selection(parsed)}: {len(records)} records {counts}")
     for record in records[:10]:
         caption = record.captions[0] if record.captions else ""
-        typer.echo(f"  {record.image_id:<32} {record.split:<8} {caption}")
+        name = f"{record.dataset}/{record.image_id}" if several else record.image_id
+        typer.echo(f"  {name:<32} {record.split:<8} {caption}")
     if len(records) > 10:
         typer.echo(f"  ... {len(records) - 10} more (--json lists them all)")
 

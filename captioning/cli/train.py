@@ -45,6 +45,17 @@ def _check_query(text: str) -> None:
         fail(error.reason)  # one line: the full message adds a caret diagram
 
 
+def _check_selection(text: str) -> None:
+    """Like _check_query, for a query or a `+` union of queries (training data)."""
+    from captioning.data.query import QueryError, check_query, parse_selection
+
+    try:
+        for query in parse_selection(text):
+            check_query(query)
+    except QueryError as error:
+        fail(error.reason)
+
+
 def features_command(
     query: str = typer.Argument(..., help="Data query, e.g. flickr8k[train+val]."),
     encoder: Optional[str] = typer.Option(None, help="lite0 or lite2 (default: params features.encoder)."),
@@ -108,7 +119,7 @@ def train_command(
         value = (params.get("data") or {}).get(key)
         if not value:
             fail(f"params data.{key} is missing")
-        _check_query(value)
+        _check_selection(value)
     callbacks = []
     if tracking:
         from captioning.tracking import MLflowCallback

@@ -1,6 +1,6 @@
 """A tiny query language that names a reproducible slice of a dataset.
 
-Grammar (no spaces inside a query; surrounding spaces are ignored):
+Grammar (no spaces inside a query; spaces around one are ignored):
 
     query  := name [ "[" split { "+" split } "]" ] [ "-" size [ "s" seed ] ]
     name   := lower-case letter, then lower-case letters, digits or "_"
@@ -12,6 +12,16 @@ Examples: `flickr8k[test]`, `flickr8k[train+val]-5000s7`, `mscoco[train]-1000s42
 A bare name (`flickr8k`) means every split of the dataset. A seed only matters
 when sampling, so it is only accepted after a size.
 
+A selection joins queries with `+` outside brackets (inside them `+` joins splits):
+
+    selection := query { "+" query }
+
+e.g. `flickr8k[train]-1000s42+feedback[train]`. Each query is sampled on its own;
+the records come part by part, a record that two parts both select only once.
+An image id is unique only within its dataset, so every selected record carries
+the name of its dataset (`SelectedRecord.dataset`): that, not the id alone,
+says which image (and which feature store) it is.
+
 Sampling is the same on every machine: records are sorted by image id, then
 `random.Random(seed).sample` picks them (never Python's `hash()`, which is
 salted per process). The selection keeps that sorted order.
@@ -22,7 +32,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from captioning.data.records import Dataset, Record
 
@@ -71,6 +81,21 @@ class Query:
         return format_query(self)
 
 
+@dataclass(frozen=True)
+class SelectedRecord(Record):
+    """A record as `select` returns it: with the name of the dataset it came from.
+
+    An image id is unique only within its dataset, so `key` (dataset, image id)
+    is what tells two records of a union apart.
+    """
+
+    dataset: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.dataset, self.image_id)
+
+
 def format_query(query: Query) -> str:
     """The canonical text of a query; `parse_query(format_query(q)) == q`."""
     text = query.dataset
@@ -84,11 +109,15 @@ def format_query(query: Query) -> str:
 
 
 class _Scanner:
-    """Reads a query left to right and raises QueryError at the current position."""
+    """Reads one query, text[start:end], left to right; errors point into the whole text."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, start: int = 0, end: int | None = None):
         self.text = text
-        self.pos = 0
+        self.pos = start
+        self.end = len(text) if end is None else end
+
+    def error(self, reason: str, position: int) -> QueryError:
+        return QueryError(f"bad query {self.text!r}: {reason}", self.text, position)
 
     def fail(self, expected: str, position: int | None = None) -> QueryError:
         position = self.pos if position is None else position
@@ -96,13 +125,13 @@ class _Scanner:
             found = "end of query"
         else:
             found = repr(self.text[position])
-        return QueryError(f"bad query {self.text!r}: expected {expected}, found {found}", self.text, position)
+        return self.error(f"expected {expected}, found {found}", position)
 
     def peek(self) -> str:
-        return self.text[self.pos] if self.pos < len(self.text) else ""
+        return self.text[self.pos] if self.pos < self.end else ""
 
     def take(self, pattern: re.Pattern, expected: str) -> tuple[str, int]:
-        match = pattern.match(self.text, self.pos)
+        match = pattern.match(self.text, self.pos, self.end)
         if not match:
             raise self.fail(expected)
         start, self.pos = self.pos, match.end()
@@ -111,12 +140,70 @@ class _Scanner:
 
 def parse_query(text: str) -> Query:
     """Parse `name[split+split]-N sSEED` (see the module doc) into a Query."""
+    text = _clean(text)
+    return _parse_part(text, 0, len(text))
+
+
+def parse_selection(text: str) -> list[Query]:
+    """Parse one query or several joined by `+` outside brackets: `flickr8k[train]+feedback`.
+
+    Errors point into the whole text (an empty part, `a++b`, a trailing `+`, or any
+    error inside a part). Each Query keeps the whole text, so later checks
+    (`check_query`, `select`) point into it as well.
+    """
+    text = _clean(text)
+    queries = []
+    parts = _split_parts(text)
+    for number, (start, end) in enumerate(parts):
+        first, last = start, end
+        while first < last and text[first].isspace():
+            first += 1
+        while last > first and text[last - 1].isspace():
+            last -= 1
+        if first == last:
+            where = "before" if number == 0 else "after"
+            found = "end of query" if end >= len(text) else repr(text[end])
+            raise QueryError(f"bad query {text!r}: empty part: expected a query {where} '+', found {found}",
+                             text, end)
+        queries.append(_parse_part(text, first, last, union=True))
+    return queries
+
+
+def format_selection(queries: Sequence[Query]) -> str:
+    """The canonical text of a selection; `parse_selection(format_selection(qs)) == qs`."""
+    return "+".join(format_query(query) for query in queries)
+
+
+def _clean(text: str) -> str:
     if not isinstance(text, str):
         raise QueryError(f"a query is text, got {type(text).__name__}")
     text = text.strip()
     if not text:
         raise QueryError("empty query: expected a dataset name such as flickr8k[test]")
-    scan = _Scanner(text)
+    return text
+
+
+def _split_parts(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each part: `+` separates parts only outside brackets."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(0, depth - 1)
+        elif char == "+" and depth == 0:
+            parts.append((start, index))
+            start = index + 1
+    parts.append((start, len(text)))
+    return parts
+
+
+def _parse_part(text: str, start: int, end: int, union: bool = False) -> Query:
+    """The query in text[start:end]; the Query keeps the whole text and positions into it.
+
+    `union`: the part belongs to a selection, where a `+` may follow it.
+    """
+    scan = _Scanner(text, start, end)
     spans: dict = {}
     dataset, spans["dataset"] = scan.take(_NAME, "a dataset name (lower-case letters, digits, '_')")
 
@@ -124,11 +211,11 @@ def parse_query(text: str) -> Query:
     if scan.peek() == "[":
         scan.pos += 1
         while True:
-            name, start = scan.take(_NAME, "a split name such as train, val or test")
+            name, at = scan.take(_NAME, "a split name such as train, val or test")
             if name in splits:
-                raise QueryError(f"bad query {text!r}: split {name!r} is listed twice", text, start)
+                raise scan.error(f"split {name!r} is listed twice", at)
             splits.append(name)
-            spans.setdefault("splits", {})[name] = start
+            spans.setdefault("splits", {})[name] = at
             if scan.peek() == "+":
                 scan.pos += 1
                 continue
@@ -144,21 +231,21 @@ def parse_query(text: str) -> Query:
         digits, spans["size"] = scan.take(_DIGITS, "a sample size (a positive integer) after '-'")
         size = int(digits)
         if size < 1:
-            raise QueryError(f"bad query {text!r}: the sample size must be at least 1", text, spans["size"])
+            raise scan.error("the sample size must be at least 1", spans["size"])
         if scan.peek() == "s":
             scan.pos += 1
             digits, spans["seed"] = scan.take(_DIGITS, "a seed (a non-negative integer) after 's'")
             seed = int(digits)
 
-    if scan.pos != len(text):
-        if size is None and not splits:
-            expected = "'[' (splits), '-' (sample size) or the end of the query"
-        elif size is None:
-            expected = "'-' (sample size) or the end of the query"
+    if scan.pos != end:
+        options = ["'[' (splits)"] if size is None and not splits else []
+        if size is None:
+            options.append("'-' (sample size)")
         elif "seed" not in spans:
-            expected = "'s' (seed) or the end of the query"
-        else:
-            expected = "the end of the query"
+            options.append("'s' (seed)")
+        if union:
+            options.append("'+' (another query)")
+        expected = ", ".join(options) + " or the end of the query" if options else "the end of the query"
         raise scan.fail(expected)
     return Query(dataset, tuple(splits), size, seed, text=text, spans=spans)
 
@@ -191,7 +278,8 @@ def check_query(query: Query) -> tuple[str, ...]:
     known = _known_splits()
     if query.dataset not in known:
         names = ", ".join(sorted(known))
-        raise _point(query, f"unknown dataset {query.dataset!r} (known: {names})", 0)
+        position = query.spans.get("dataset", 0) if query.text else 0
+        raise _point(query, f"unknown dataset {query.dataset!r} (known: {names})", position)
     splits = known[query.dataset]
     for split in query.splits:
         if split not in splits:
@@ -200,31 +288,73 @@ def check_query(query: Query) -> tuple[str, ...]:
     return query.splits or splits
 
 
-def select(query: Query | str, loader: Callable[[str], Dataset] | None = None) -> list[Record]:
-    """The records a query names, in image-id order; sampled deterministically when it has a size.
+def _size_position(query: Query) -> int | None:
+    if query.text:
+        return query.spans.get("size")
+    return format_query(query).rfind("-") + 1
 
-    `loader(name) -> Dataset` defaults to `load_dataset`. A size larger than the
-    selected splits hold is an error, not a silent shortfall.
+
+def as_queries(selection: Query | str | Sequence[Query]) -> list[Query]:
+    """A selection as its list of queries: text is parsed, a Query is a selection of one."""
+    if isinstance(selection, Query):
+        return [selection]
+    if isinstance(selection, str):
+        return parse_selection(selection)
+    queries = list(selection)
+    if not queries or not all(isinstance(query, Query) for query in queries):
+        raise QueryError("a selection is query text, a Query or a non-empty list of them")
+    return queries
+
+
+def select(selection: Query | str | Sequence[Query],
+           loader: Callable[[str], Dataset] | None = None) -> list[SelectedRecord]:
+    """The records a query (or a `+` union of queries) names.
+
+    Per query: image-id order, sampled deterministically when it has a size; a union
+    lists its parts in order, a record two parts both select once. `loader(name) -> Dataset`
+    defaults to `load_dataset`. Every part is checked before any dataset is read; a size
+    larger than the selected splits hold is an error, not a silent shortfall.
     """
-    if isinstance(query, str):
-        query = parse_query(query)
-    splits = check_query(query)
+    queries = as_queries(selection)
+    splits = [check_query(query) for query in queries]
     if loader is None:
         from captioning.data.datasets import load_dataset as loader
-    dataset = loader(query.dataset)
+    loaded: dict[str, Dataset] = {}
+    result: list[SelectedRecord] = []
+    seen: set[tuple[str, str, str]] = set()
+    for query, names in zip(queries, splits):
+        if query.dataset not in loaded:
+            loaded[query.dataset] = loader(query.dataset)
+        for record in _select_one(query, names, loaded[query.dataset]):
+            key = (query.dataset, record.image_id, record.split)
+            if key not in seen:
+                seen.add(key)
+                result.append(record)
+    return result
+
+
+def select_by_dataset(selection: Query | str | Sequence[Query],
+                      loader: Callable[[str], Dataset] | None = None) -> dict[str, list[SelectedRecord]]:
+    """`select`, grouped by dataset (in order of first appearance): one feature store each."""
+    groups: dict[str, list[SelectedRecord]] = {}
+    for record in select(selection, loader):
+        groups.setdefault(record.dataset, []).append(record)
+    return groups
+
+
+def _select_one(query: Query, splits: tuple[str, ...], dataset: Dataset) -> list[SelectedRecord]:
     records = sorted(
         (record for record in dataset.records if record.split in splits),
         key=lambda record: (record.image_id, record.split),
     )
-    if query.size is None:
-        return records
-    if query.size > len(records):
-        text = query.text or format_query(query)
-        position = query.spans.get("size") if query.text else text.rfind("-") + 1
-        reason = (
-            f"sample size {query.size} is larger than the {len(records)} records in "
-            f"{query.dataset}[{'+'.join(splits)}]"
-        )
-        raise _point(query, reason, position)
-    chosen = sorted(random.Random(query.seed).sample(range(len(records)), query.size))
-    return [records[index] for index in chosen]
+    if query.size is not None:
+        if query.size > len(records):
+            reason = (
+                f"sample size {query.size} is larger than the {len(records)} records in "
+                f"{query.dataset}[{'+'.join(splits)}]"
+            )
+            raise _point(query, reason, _size_position(query))
+        chosen = sorted(random.Random(query.seed).sample(range(len(records)), query.size))
+        records = [records[index] for index in chosen]
+    return [SelectedRecord(record.image_id, record.path, record.split, record.captions, query.dataset)
+            for record in records]

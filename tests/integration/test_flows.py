@@ -3,8 +3,9 @@
 One server for the session (its own PREFECT_HOME, a free port). The flow runs on a small
 synthetic query with a tiny model; flow and task states are read back through the Prefect API.
 Scenarios: a full run that promotes a model, a second run with nothing new (a quick no-op),
-a run whose metric gate refuses the model (champion untouched), and a run on data with a
-corrupt image (validation fails, nothing is trained).
+a run whose metric gate refuses the model (champion untouched), a run that trains on the stored
+feedback and one stopped by a broken feedback image, and a run on data with a corrupt image
+(validation fails, nothing is trained).
 """
 
 from __future__ import annotations
@@ -251,6 +252,78 @@ def test_gate_refusal_completes_and_leaves_the_champion(promoted_run, workspace,
     flows, tasks = _tree(state.state_details.flow_run_id)
     assert all(run.state.is_completed() for runs in flows.values() for run in runs)
     assert {"train-model", "register-model"} <= _task_names(tasks)
+
+
+def _logs(flow_run_id, text: str, settle: float = 15.0) -> list[str]:
+    """Messages of a flow run's logs that contain `text` (logs reach the server in batches: poll)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + settle
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            found = [log.message for log in logs if text in log.message]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.5)
+
+
+def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypatch):
+    """Corrections stored by the service: the next run validates them and trains on
+    <train_query>+feedback; a correction whose image no longer decodes stops a run before training."""
+    import json
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from captioning.feedback import FeedbackStore
+    from captioning.vocab import Vocabulary
+
+    tracking = _use(monkeypatch, workspace)
+    union = "synthetic[train]-64s1+feedback"
+    images = sorted((workspace["data"] / "synthetic" / "images").glob("*.png"))
+    store = FeedbackStore()  # the SQLite file the service writes: data/feedback/feedback.db
+    for path, caption in zip(images[:2], ["a red teapot in the middle", "a teapot beside a kettle"]):
+        store.add(path.read_bytes(), caption)
+    try:
+        state = _run(SMALL)
+        assert state.is_completed(), state.message
+        summary = state.result()
+        assert summary["status"] == "promoted" and summary["train_query"] == union
+        assert any("2 feedback row(s) stored since" in reason for reason in summary["reasons"])
+        run_id = state.state_details.flow_run_id
+        flows, tasks = _tree(run_id)
+        assert sorted(run.parameters["dataset"] for run in flows["validation"]) == ["feedback", "synthetic"]
+        assert all(run.state.is_completed() for runs in flows.values() for run in runs)
+        assert {"train-model", "register-model"} <= _task_names(tasks)
+        assert _logs(run_id, f"training data: {union}")
+
+        vocab = Vocabulary.from_dict(json.loads(Path(summary["package_dir"], "vocab.json").read_text()))
+        assert "teapot" in vocab and "kettle" in vocab  # words only the feedback uses
+        client = MlflowClient(tracking)
+        experiment = client.get_experiment_by_name("captioning")
+        runs = client.search_runs([experiment.experiment_id], f"tags.data_query = '{union}'")
+        assert len(runs) == 1 and runs[0].data.params["data.train_query"] == union
+
+        # A stored image that no longer decodes: validation of the feedback fails, nothing trains.
+        broken = store.add(images[2].read_bytes(), "a teapot that will not decode")
+        Path(broken.image_path).write_bytes(b"\xff\xd8\xff this is not a JPEG any more")
+        state_file = workspace["artifacts"] / "retrain" / "state.json"
+        recorded, versions = state_file.read_text(), _versions(tracking)
+        failed = _run(SMALL)
+        assert failed.is_failed()
+        assert "stopped before training" in failed.message and "validation of feedback failed" in failed.message
+        assert broken.image_sha256 in failed.message
+        flows, tasks = _tree(failed.state_details.flow_run_id)
+        assert set(flows) == {"retrain", "acquisition", "validation"}
+        outcome = {run.parameters["dataset"]: run.state.type.value for run in flows["validation"]}
+        assert outcome == {"synthetic": "COMPLETED", "feedback": "FAILED"}
+        assert not _task_names(tasks) & {"build-features", "train-model", "evaluate-model", "register-model"}
+        assert _versions(tracking) == versions and state_file.read_text() == recorded
+    finally:
+        # Leave the workspace without feedback for the other scenarios.
+        shutil.rmtree(workspace["data"] / "feedback", ignore_errors=True)
 
 
 def test_bad_data_stops_the_run_before_training(prefect_api, tmp_path, monkeypatch):

@@ -185,3 +185,35 @@ def test_mlflow_tracking(tiny_package, tmp_path):
     local = Path(client.download_artifacts(callback.run_id, "samples/val_captions.json", str(tmp_path / "dl")))
     samples = json.loads(local.read_text())
     assert samples and all(sample["caption"] and sample["references"] for sample in samples)
+
+
+def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
+    # One cross-entropy epoch, then two self-critical ones; killed inside the first of those.
+    params = tiny_params("show_tell", epochs=1, batch_size=64, checkpoint_every=2,
+                         scst_epochs=2, scst_samples=4, scst_lr=1e-3)
+    params["model"].update(embed_dim=32, hidden_dim=64)
+    with synthetic_data() as data:
+        uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
+    history = uninterrupted.history
+    assert len(history) == 3 and "train_reward" not in history[0]
+    assert all(h["train_reward"] > 0 for h in history[1:])
+    assert uninterrupted.best["val_CIDEr"] == max(h["val_CIDEr"] for h in history)
+
+    xe_steps = history[0]["step"]
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(params))
+    env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"),
+                             str(xe_steps + 3)], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the first self-critical epoch
+    with synthetic_data():
+        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+    final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
+    assert [h["val_CIDEr"] for h in resumed.history] == [h["val_CIDEr"] for h in history]
+
+    with synthetic_data(), pytest.raises(TrainingError, match="frozen encoder"):
+        train({**params, "train": {**params["train"], "finetune_blocks": 1}}, out_dir=tmp_path / "ft", resume=False)

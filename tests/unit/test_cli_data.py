@@ -61,6 +61,24 @@ def test_bad_queries_exit_2(flickr8k, query, words):
     assert "^" in result.stderr  # the caret under the offending part
 
 
+def test_query_union_names_each_records_dataset(flickr8k):
+    from captioning.feedback import FeedbackStore
+
+    image = next((flickr8k / "Flicker8k_Dataset").glob("*.jpg")).read_bytes()
+    FeedbackStore().add(image, "a corrected caption")
+    result = run("query", "flickr8k[val]+feedback", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [row["dataset"] for row in rows] == ["flickr8k", "flickr8k", "feedback"]
+    assert rows[-1]["captions"] == ["a corrected caption"] and rows[-1]["split"] == "train"
+
+    summary = run("query", "flickr8k[val]+feedback")
+    assert "flickr8k[val]+feedback: 3 records {'flickr8k[val]': 2, 'feedback[train]': 1}" in summary.stdout
+    assert "  feedback/" in summary.stdout
+    bad = run("query", "flickr8k[val]++feedback")
+    assert bad.exit_code == 2 and "empty part" in bad.stderr and "^" in bad.stderr
+
+
 def test_query_of_a_dataset_not_acquired_exits_1():
     result = run("query", "flickr8k[test]")
     assert result.exit_code == 1

@@ -6,7 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captioning.data.query import DEFAULT_SEED, Query, QueryError, format_query, parse_query, select
+from captioning.data.query import (
+    DEFAULT_SEED,
+    Query,
+    QueryError,
+    format_query,
+    format_selection,
+    parse_query,
+    parse_selection,
+    select,
+    select_by_dataset,
+)
 from captioning.data.records import Dataset, Record
 
 
@@ -178,3 +188,120 @@ def test_same_query_same_selection_and_size_respected(size, seed):
     assert len(first) == size
     assert len({(r.image_id, r.split) for r in first}) == size
     assert select(parse_query(format_query(query)), loader=loader) == first
+
+
+# ------------------------------------------------------------------ unions
+
+
+def fake_feedback() -> Dataset:
+    """Feedback whose image ids collide with flickr8k's: ids are unique only within a dataset."""
+    records = [Record(image_id, f"/feedback/{index}.jpg", "train", (f"a corrected caption {index}",))
+               for index, image_id in enumerate(PINNED_SAMPLE[:3])]
+    return Dataset("feedback", records, [])
+
+
+def union_loader(calls: list[str] | None = None):
+    def load(name: str) -> Dataset:
+        if calls is not None:
+            calls.append(name)
+        return {"flickr8k": fake_flickr8k, "feedback": fake_feedback}[name]()
+    return load
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("flickr8k[train]+feedback", [Query("flickr8k", ("train",)), Query("feedback")]),
+        ("flickr8k[train]-1000s42+feedback[train]", [Query("flickr8k", ("train",), 1000, 42),
+                                                     Query("feedback", ("train",))]),
+        # Inside brackets `+` still joins splits.
+        ("flickr8k[train+val]-5s1+feedback", [Query("flickr8k", ("train", "val"), 5, 1), Query("feedback")]),
+        (" synthetic[train] + feedback ", [Query("synthetic", ("train",)), Query("feedback")]),
+        ("flickr8k[test]", [Query("flickr8k", ("test",))]),
+    ],
+)
+def test_parses_unions(text, expected):
+    assert parse_selection(text) == expected
+    assert parse_selection(format_selection(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text, position, words",
+    [
+        ("flickr8k[train]++feedback", 16, "empty part: expected a query after '+', found '+'"),
+        ("flickr8k[train]+", 16, "empty part: expected a query after '+', found end of query"),
+        ("+feedback", 0, "empty part: expected a query before '+'"),
+        ("flickr8k[train]+ +feedback", 17, "empty part"),
+        ("flickr8k[train]-+feedback", 16, "sample size"),
+        ("flickr8k[train]+Feedback", 16, "dataset name"),
+        ("flickr8k[train]x+feedback", 15, "'+' (another query)"),
+        ("flickr8k[train+feedback", 23, "'+' or ']'"),
+        ("flickr8k[train]+feedback[train+train]", 31, "listed twice"),
+        ("flickr8k[train]+feedback-0", 25, "at least 1"),
+    ],
+)
+def test_union_errors_point_into_the_whole_text(text, position, words):
+    with pytest.raises(QueryError) as info:
+        parse_selection(text)
+    error = info.value
+    assert error.position == position and error.query == text
+    assert words in str(error)
+    lines = str(error).splitlines()
+    assert lines[1].strip() == text
+    assert lines[2].index("^") - lines[1].index(text[0]) == position
+
+
+def test_a_single_query_is_not_a_union():
+    # Callers that take one query (a validation or test query) still refuse a union.
+    with pytest.raises(QueryError, match="found '\\+'") as info:
+        parse_query("flickr8k[train]+feedback")
+    assert info.value.position == 15
+
+
+def test_select_union_keeps_each_records_dataset():
+    chosen = select("flickr8k[train]-4s7+feedback", loader=union_loader())
+    assert [r.dataset for r in chosen] == ["flickr8k"] * 4 + ["feedback"] * 3
+    # Each part is sampled on its own: the flickr8k part is the same as alone.
+    assert [r.image_id for r in chosen[:4]] == PINNED_SAMPLE
+    # The same image id in two datasets is two records, told apart by (dataset, image id).
+    clash = {r.image_id for r in chosen[:4]} & {r.image_id for r in chosen[4:]}
+    assert clash and len({r.key for r in chosen}) == 7
+    feedback = [r for r in chosen if r.dataset == "feedback"]
+    assert all(r.path.startswith("/feedback/") and r.captions[0].startswith("a corrected") for r in feedback)
+
+    groups = select_by_dataset("flickr8k[train]-4s7+feedback", loader=union_loader())
+    assert list(groups) == ["flickr8k", "feedback"]
+    assert groups["flickr8k"] == chosen[:4] and groups["feedback"] == chosen[4:]
+    # A list of Query objects is a selection too.
+    assert select([Query("flickr8k", ("train",), 4, 7), Query("feedback")], loader=union_loader()) == chosen
+
+
+def test_union_lists_a_record_once():
+    chosen = select("flickr8k[train]+flickr8k[train+val]", loader=union_loader())
+    assert len(chosen) == 36 and len({(r.image_id, r.split) for r in chosen}) == 36
+
+
+def test_every_part_is_checked_before_any_data_is_read():
+    calls: list[str] = []
+    with pytest.raises(QueryError, match="unknown dataset 'feedbak'") as info:
+        select("flickr8k[train]+feedbak", loader=union_loader(calls))
+    assert info.value.position == 16 and calls == []
+    with pytest.raises(QueryError, match="feedback has no split 'val'") as info:
+        select("flickr8k[train]+feedback[val]", loader=union_loader(calls))
+    assert info.value.position == 25 and calls == []
+
+
+def test_union_size_error_points_at_its_part():
+    text = "flickr8k[test]-2+feedback-4"
+    with pytest.raises(QueryError, match="larger than the 3 records in feedback") as info:
+        select(text, loader=union_loader())
+    assert info.value.position == len("flickr8k[test]-2+feedback-")
+    assert info.value.query == text
+
+
+selections = st.lists(queries, min_size=1, max_size=3)
+
+
+@given(selections)
+def test_selection_round_trip(parts):
+    assert parse_selection(format_selection(parts)) == parts

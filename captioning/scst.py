@@ -1,0 +1,151 @@
+"""Self-critical sequence training (Rennie et al., 2017): optimise CIDEr-D itself after cross-entropy.
+
+For each image the model samples `samples` captions; each caption's reward is its CIDEr-D
+against the image's training references, and its baseline is the mean reward of the other
+captions sampled for the same image (Luo, 2020: no extra greedy pass, a lower-variance
+baseline). The loss is REINFORCE: -(reward - baseline) * log p(caption).
+
+CIDEr-D here is the metric pycocoevalcap computes (n = 1..4, tf-idf, clipped counts,
+Gaussian length penalty, sigma 6, times 10), but its document frequencies come from the
+whole training corpus once, not from the batch being scored, so rewards are comparable
+across batches. Rewards count the end of the caption as a word (EOS closes both the
+sample and the references), so a caption cut off mid-phrase ("a man in a") earns less
+than one that ends where references end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from captioning.decoding import mask_log_probs
+from captioning.vocab import BOS, EOS, PAD
+
+NGRAMS = 4
+SIGMA = 6.0
+
+Tokens = Sequence[int]
+
+
+def ngram_counts(tokens: Tokens, n_max: int = NGRAMS) -> Counter:
+    tokens = tuple(tokens)
+    return Counter(tokens[i: i + n] for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+
+
+class CiderD:
+    """CIDEr-D rewards for captions of a fixed set of images, given as token ids."""
+
+    def __init__(self, references: Sequence[Sequence[Tokens]]):
+        if not references:
+            raise ValueError("CIDEr-D needs the references of at least one image")
+        self.log_images = math.log(float(len(references)))
+        self.df: Counter = Counter()
+        counts = [[ngram_counts(ref) for ref in refs] for refs in references]
+        for image_counts in counts:
+            # Document frequency: in how many images' references an n-gram occurs.
+            self.df.update({gram for ref in image_counts for gram in ref})
+        self.references = [[self._vector(c, len(ref)) for c, ref in zip(image_counts, refs)]
+                           for image_counts, refs in zip(counts, references)]
+
+    def _vector(self, counts: Counter, length: int):
+        """(tf-idf weights per n-gram, norm per n, length) of one caption."""
+        vec: dict[tuple, float] = {}
+        norms = [0.0] * NGRAMS
+        for gram, tf in counts.items():
+            weight = tf * (self.log_images - math.log(max(1.0, float(self.df.get(gram, 0)))))
+            vec[gram] = weight
+            norms[len(gram) - 1] += weight * weight
+        return vec, [math.sqrt(value) for value in norms], length
+
+    def score(self, image: int, tokens: Tokens) -> float:
+        """CIDEr-D of one caption (token ids, no BOS/EOS/PAD) for image number `image`."""
+        vec, norms, length = self._vector(ngram_counts(tokens), len(tokens))
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in self.references[image]:
+            sims = [0.0] * NGRAMS
+            for gram, weight in vec.items():
+                ref_weight = ref_vec.get(gram)
+                if ref_weight is not None:
+                    # CIDEr-D clips the candidate's counts at the reference's.
+                    sims[len(gram) - 1] += min(weight, ref_weight) * ref_weight
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))
+            total += sum(sim / (norm * ref_norm) * penalty if norm and ref_norm else 0.0
+                         for sim, norm, ref_norm in zip(sims, norms, ref_norms)) / NGRAMS
+        return 10.0 * total / len(self.references[image])
+
+
+def references_from_pairs(rows: np.ndarray, tokens: torch.Tensor, images: int) -> list[list[list[int]]]:
+    """Per image, its training captions as token ids: pair i (tokens[i], BOS ... EOS PAD...) is of image rows[i]."""
+    references: list[list[list[int]]] = [[] for _ in range(images)]
+    for image, row in zip(rows.tolist(), tokens.tolist()):
+        references[image].append(strip(row))
+    return references
+
+
+def strip(ids: Sequence[int]) -> list[int]:
+    """The words and the EOS that ends them, if any: BOS and PAD dropped, nothing after EOS."""
+    words = []
+    for token in ids:
+        if token not in (BOS, PAD):
+            words.append(int(token))
+        if token == EOS:
+            break
+    return words
+
+
+def sample(model, features: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One caption sampled per row of `features`, with gradients.
+
+    Returns tokens (B, T) (EOS included when produced, PAD after), their log-probabilities (B, T)
+    and a mask (B, T) of the positions that count (words and the EOS). The same tokens are
+    banned as in decoding (PAD, BOS, UNK; EOS first).
+    """
+    state = model.init_state(features)
+    batch = features.size(0)
+    prev = torch.full((batch,), BOS, dtype=torch.long, device=features.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=features.device)
+    tokens, log_probs, masks = [], [], []
+    for step in range(max_length + 1):
+        step_log_probs, state, _ = model.step(prev, state)
+        if step == max_length:
+            # A caption may be max_length words long: the last step may only end it.
+            allowed = torch.full_like(step_log_probs, float("-inf"), dtype=torch.float32)
+            allowed[:, EOS] = 0.0
+            step_log_probs = step_log_probs.float() + allowed
+        else:
+            step_log_probs = mask_log_probs(step_log_probs, step)
+        step_log_probs = torch.log_softmax(step_log_probs, dim=-1)  # renormalised over what may be drawn
+        drawn = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
+        drawn = torch.where(alive, drawn, torch.full_like(drawn, PAD))
+        tokens.append(drawn)
+        picked = step_log_probs.gather(1, drawn[:, None]).squeeze(1)
+        # Finished rows "draw" PAD, whose log-probability is -inf: keep it out of the sum.
+        log_probs.append(torch.where(alive, picked, torch.zeros_like(picked)))
+        masks.append(alive.clone())
+        alive = alive & (drawn != EOS)
+        prev = drawn
+        if not alive.any():
+            break
+    mask = torch.stack(masks, dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(log_probs, dim=1), mask
+
+
+def scst_loss(model, features: torch.Tensor, images: Sequence[int], cider: CiderD, samples: int,
+              max_length: int) -> tuple[torch.Tensor, float]:
+    """The self-critical loss for a batch of images (features (B, N, C)); returns it and the mean reward."""
+    if samples < 2:
+        raise ValueError(f"self-critical training needs at least 2 samples per image (the baseline), not {samples}")
+    expanded = features.repeat_interleave(samples, dim=0)
+    tokens, log_probs, mask = sample(model, expanded, max_length)
+    rewards = torch.tensor(
+        [cider.score(images[k // samples], strip(row)) for k, row in enumerate(tokens.tolist())],
+        dtype=torch.float32, device=features.device,
+    ).view(-1, samples)
+    baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples - 1)
+    advantage = (rewards - baseline).view(-1, 1)
+    loss = -(advantage * log_probs).sum() / mask.sum().clamp(min=1)
+    return loss, float(rewards.mean())

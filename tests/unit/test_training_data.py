@@ -1,0 +1,116 @@
+"""Training pairs over several feature stores: records of a union keep their own dataset's features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.data.query import SelectedRecord
+from captioning.data.records import Record
+from captioning.features import FeatureStore
+from captioning.training import (
+    FeatureStores,
+    TrainingError,
+    caption_data,
+    image_keys,
+    load_split,
+    references_by_key,
+)
+from captioning.vocab import Vocabulary
+
+POSITIONS, DIM = 3, 4
+
+
+def make_store(root, ids: list[str], offset: float) -> FeatureStore:
+    """A real store on disk; image n holds the value offset + n everywhere."""
+    store = FeatureStore.open_or_create(root, "lite0", POSITIONS, DIM)
+    values = np.stack([np.full((POSITIONS, DIM), offset + n, dtype=np.float16) for n in range(len(ids))])
+    store.append(ids, values)
+    store.flush()
+    return FeatureStore.open(root)
+
+
+@pytest.fixture
+def union(tmp_path):
+    """Records of two datasets sharing the id "same.jpg", and their two stores."""
+    stores = FeatureStores({
+        "synthetic": make_store(tmp_path / "synthetic", ["a.png", "same.jpg", "b.png"], 10.0),
+        "feedback": make_store(tmp_path / "feedback", ["same.jpg", "c.jpg"], 100.0),
+    })
+    records = [
+        SelectedRecord("b.png", "/s/b.png", "train", ("two red circles", "red circles"), "synthetic"),
+        SelectedRecord("same.jpg", "/s/same.jpg", "train", ("a blue star",), "synthetic"),
+        SelectedRecord("same.jpg", "/f/same.jpg", "train", ("a teapot",), "feedback"),
+        SelectedRecord("c.jpg", "/f/c.jpg", "train", ("a kettle", "a small kettle"), "feedback"),
+    ]
+    return records, stores
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_each_image_gets_its_own_datasets_features(union, preload):
+    records, stores = union
+    vocab = Vocabulary.build([c for r in records for c in r.captions])
+    data = caption_data(records, stores, vocab, max_length=8, preload=preload)
+    assert data.image_ids == ["synthetic/b.png", "synthetic/same.jpg", "feedback/same.jpg", "feedback/c.jpg"]
+    assert data.paths == ["/s/b.png", "/s/same.jpg", "/f/same.jpg", "/f/c.jpg"]
+    assert (data.store_rows is None) == preload  # memory maps, gathered per store, when not preloaded
+    feats = data.image_features([0, 1, 2, 3], "cpu")
+    assert feats.shape == (4, POSITIONS, DIM) and feats.dtype == torch.float32
+    # Row values: synthetic b.png is row 2 (12), same.jpg row 1 (11); feedback same.jpg row 0 (100), c.jpg row 1 (101).
+    assert feats[:, 0, 0].tolist() == [12.0, 11.0, 100.0, 101.0]
+
+    assert len(data) == 6 and data.rows.tolist() == [0, 0, 1, 2, 3, 3]
+    captions = [vocab.decode(row.tolist()) for row in data.tokens]
+    assert captions[3:] == ["a teapot", "a kettle", "a small kettle"]
+    batch_feats, tokens = data.batch([4, 2], "cpu")
+    assert batch_feats[:, 0, 0].tolist() == [101.0, 11.0] and tokens.shape[0] == 2
+
+
+def test_references_use_the_same_keys(union):
+    records, _ = union
+    references = references_by_key(records)
+    assert references["feedback/same.jpg"] == ["a teapot"] and references["synthetic/same.jpg"] == ["a blue star"]
+    # Records of one dataset keep their plain ids (packages, samples and checkpoints unchanged).
+    assert image_keys(records[:2]) == ["b.png", "same.jpg"]
+
+
+def test_one_store_and_plain_records_work_as_before(union):
+    _, stores = union
+    records = [Record("c.jpg", "/f/c.jpg", "train", ("a kettle",)), Record("same.jpg", "/f/s.jpg", "train", ("a",))]
+    data = caption_data(records, stores["feedback"], Vocabulary.build(["a kettle"]), max_length=4)
+    assert data.image_ids == ["c.jpg", "same.jpg"]
+    assert data.image_features([0, 1], "cpu")[:, 0, 0].tolist() == [101.0, 100.0]
+
+
+def test_a_record_without_a_store_is_an_error(union):
+    records, stores = union
+    del stores["feedback"]
+    with pytest.raises(TrainingError, match=r"no feature store for dataset\(s\) \['feedback'\]"):
+        caption_data(records, stores, Vocabulary.build(["a"]), max_length=4)
+
+
+def test_load_split_gives_one_store_per_dataset(tmp_path):
+    """A union of synthetic and feedback: each dataset's images are encoded into its own store."""
+    import io
+
+    from PIL import Image
+
+    from captioning.feedback import FeedbackStore
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 120, 200)).save(buffer, format="PNG")
+    stored = FeedbackStore().add(buffer.getvalue(), "a plain blue picture")
+
+    features = {"encoder": "lite0", "dir": str(tmp_path / "features"), "workers": 0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the synthetic data is generated into the per-test data folder (about 2 s)
+        records, stores = load_split("synthetic[train]-2+feedback", features, 4, progress=False, rank=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.dataset for r in records] == ["synthetic", "synthetic", "feedback"]
+    assert list(stores) == ["synthetic", "feedback"] and stores.dim == 1280 and stores.positions == 49
+    assert stores["feedback"].root == tmp_path / "features" / "lite0" / "feedback"
+    assert stores["feedback"].ids == [stored.image_sha256]
+    assert set(stores["synthetic"].ids) == {r.image_id for r in records[:2]}
