@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["decoding", "training", "evaluation", "serving", "validate_flickr8k"]
+BENCHMARKS = ["decoding", "inference", "training", "evaluation", "serving", "validate_flickr8k"]
 
 
 def main() -> int:

@@ -138,9 +138,10 @@ class _Pool:
         entries.sort(key=lambda h: -h.score)
         del entries[self.size :]
 
-    def worst(self, device: torch.device) -> torch.Tensor:
-        """(B,) score a new hypothesis must beat to enter a full pool (-inf while not full)."""
-        values = [e[-1].score if len(e) == self.size else -math.inf for e in self.entries]
+    def worst(self, images: list[int], device: torch.device) -> torch.Tensor:
+        """Per image in `images`, the score a new hypothesis must beat to enter its full pool
+        (-inf while not full)."""
+        values = [e[-1].score if len(e) == self.size else -math.inf for e in map(self.entries.__getitem__, images)]
         return torch.tensor(values, device=device)
 
 
@@ -156,7 +157,8 @@ def beam_search(
     length_penalty: float = 0.0,
 ) -> list[list[Hypothesis]]:
     """Beam search over images x beams in tensor operations; per image, `beam_size`
-    hypotheses best first. Stops early once no live beam can enter any image's top list."""
+    hypotheses best first. An image whose live beams can no longer enter its top list leaves
+    the batch (the rest decode without it); the search stops when none is left."""
     _check(beam_size, max_length, model.vocab_size)
     with inference(model):
         features = as_features(model, features)
@@ -169,7 +171,7 @@ def beam_search(
         beam_log_prob[:, 0] = 0.0
         seqs = torch.zeros(batch * beams, max_length, dtype=torch.long, device=device)
         attention = None
-        offsets = torch.arange(batch, device=device)[:, None] * beams
+        images = list(range(batch))  # the image of each group of `beams` rows still decoding
         pool = _Pool(batch, beams)
         stopped_early = False
         for t in range(max_length):
@@ -178,10 +180,12 @@ def beam_search(
                 if attention is None:
                     attention = torch.zeros(batch * beams, max_length, weights.size(-1), device=device)
                 attention[:, t] = weights.float()
-            total = (beam_log_prob.view(-1, 1) + mask_log_probs(log_probs, t)).view(batch, beams * vocab)
-            _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty)
-            total.view(batch, beams, vocab)[:, :, EOS] = -math.inf
+            live = len(images)
+            total = (beam_log_prob.view(-1, 1) + mask_log_probs(log_probs, t)).view(live, beams * vocab)
+            _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty, images)
+            total.view(live, beams, vocab)[:, :, EOS] = -math.inf
             beam_log_prob, top = total.topk(beams, dim=1)
+            offsets = torch.arange(live, device=device)[:, None] * beams
             source = (offsets + top // vocab).view(-1)
             prev = (top % vocab).view(-1)
             state = _reorder(state, source, model.static_keys)
@@ -189,16 +193,27 @@ def beam_search(
             seqs[:, t] = prev
             if attention is not None:
                 attention = attention.index_select(0, source)
-            if t + 1 < max_length and _all_settled(beam_log_prob, pool, t, max_length, length_penalty):
-                stopped_early = True
-                break
+            if t + 1 < max_length:
+                settled = _settled(beam_log_prob, pool, images, t, max_length, length_penalty)
+                if bool(settled.all()):
+                    stopped_early = True
+                    break
+                if bool(settled.any()):
+                    keep = (~settled).nonzero().squeeze(1)
+                    rows = (keep[:, None] * beams + torch.arange(beams, device=device)).view(-1)
+                    state = {key: value.index_select(0, rows) for key, value in state.items()}
+                    prev, seqs = prev.index_select(0, rows), seqs.index_select(0, rows)
+                    attention = None if attention is None else attention.index_select(0, rows)
+                    beam_log_prob = beam_log_prob.index_select(0, keep)
+                    images = [images[i] for i in keep.tolist()]
         if not stopped_early:
-            _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty)
+            _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty, images)
         return pool.entries
 
 
-def _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty) -> None:
-    """Move the EOS candidates ranked among the top `beams` of their image into the pool."""
+def _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty, images) -> None:
+    """Move the EOS candidates ranked among the top `beams` of their image into the pool
+    (row group g of `total` is image images[g])."""
     top = total.topk(beams, dim=1).indices
     image, rank = ((top % vocab) == EOS).nonzero(as_tuple=True)
     if len(image) == 0:
@@ -211,10 +226,10 @@ def _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty
     maps = _rows(attention, source, lengths)
     for i, b in enumerate(image.tolist()):
         score = length_score(log_probs[i], t + 1, length_penalty)
-        pool.add(b, Hypothesis(tokens[i], log_probs[i], score, maps[i], True))
+        pool.add(images[b], Hypothesis(tokens[i], log_probs[i], score, maps[i], True))
 
 
-def _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty) -> None:
+def _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penalty, images) -> None:
     """At max_length the live beams end without EOS and compete with the finished ones."""
     batch, beams = beam_log_prob.shape
     log_probs = beam_log_prob.view(-1).tolist()
@@ -223,15 +238,15 @@ def _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penal
     maps = _rows(attention, index, torch.full_like(index, max_length))
     for row in range(batch * beams):
         score = length_score(log_probs[row], max_length, length_penalty)
-        pool.add(row // beams, Hypothesis(tokens[row], log_probs[row], score, maps[row], False))
+        pool.add(images[row // beams], Hypothesis(tokens[row], log_probs[row], score, maps[row], False))
 
 
-def _all_settled(beam_log_prob, pool, t, max_length, length_penalty) -> bool:
-    """True when no live beam of any image can still beat that image's full pool.
+def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torch.Tensor:
+    """Per image still decoding, True when none of its live beams can still beat its full pool.
 
     Log-probabilities only fall as words are added, and a live beam ends with a length in
     [t + 2, max_length], so its best possible score is its current log-probability over
     one of those two lengths' penalty (whichever is larger)."""
     best = beam_log_prob.max(dim=1).values
     bound = torch.maximum(best / float(t + 2) ** length_penalty, best / float(max_length) ** length_penalty)
-    return bool((bound <= pool.worst(best.device)).all())
+    return bound <= pool.worst(images, best.device)

@@ -117,10 +117,16 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size"),
         out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: the reports folder."),
         as_json: bool = typer.Option(False, "--json"),
+        published: Optional[str] = typer.Option(None, "--published", help="Add the published results "
+                                                "on this dataset's test split (flickr8k)."),
+        stem: str = typer.Option("comparison", "--name", help="File name of the table, without suffix."),
     ) -> None:
         """Comparison table (Markdown + JSON) of models x decoding settings."""
         from captioning.config import load_params, reports_dir
-        from captioning.evaluation import compare_models, comparison_table, write_comparison
+        from captioning.evaluation import PUBLISHED, compare_models, comparison_table, write_comparison
+
+        if published is not None and published not in PUBLISHED:
+            fail(f"no published results for {published!r} (known: {', '.join(sorted(PUBLISHED))})")
 
         pairs = _model_pairs(models)
         beams = beams or load_params().get("evaluate", {}).get("beam_sizes", [1, 3])
@@ -129,7 +135,8 @@ def register(app: typer.Typer) -> None:
             rows = compare_models(pairs, query, beams, max_length=max_length, batch_size=batch_size)
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
-        md_path, json_path = write_comparison(rows, out_dir or reports_dir())
+        rows += PUBLISHED.get(published or "", [])
+        md_path, json_path = write_comparison(rows, out_dir or reports_dir(), stem)
         markdown, table = comparison_table(rows)
         if as_json:
             print_json(table)

@@ -217,3 +217,17 @@ def test_caption_empty_after_tokenisation_scores_zero(meteor):
     # A model's own empty output is scored the same way (a predictions file may not have one).
     _, per_image = score_details({**PREDICTIONS, "img2.jpg": ""}, REFERENCES, meteor=meteor, allow_empty=True)
     assert per_image["img2.jpg"]["CIDEr"] == 0.0
+
+
+def test_published_rows_sit_beside_measured_ones(tmp_path):
+    from captioning.cli import app
+    from captioning.evaluation import PUBLISHED
+
+    markdown, table = comparison_table(PUBLISHED["flickr8k"])
+    hard = next(line for line in markdown.splitlines() if "hard" in line)
+    # Unreported metrics stay blank, never 0.
+    assert hard.endswith("| 67.00 | 21.30 | 20.30 |  |  |")
+    assert table["published: Show, Attend and Tell, hard (Xu et al. 2015)"] == {
+        "BLEU-1": 67.0, "BLEU-4": 21.3, "METEOR": 20.3}
+    result = CliRunner().invoke(app, ["compare", "--model", f"a={tmp_path}", "--published", "coco9"])
+    assert result.exit_code == 2 and "no published results for 'coco9'" in result.output
