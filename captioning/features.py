@@ -229,3 +229,28 @@ def default_store_dir(encoder_name: str, dataset: str) -> Path:
     from captioning.config import artifacts_dir
 
     return artifacts_dir() / "features" / encoder_name / dataset
+
+
+def store_dir(encoder_name: str, dataset: str, root: str | Path | None = None) -> Path:
+    """The store of one dataset's features: `root`/<encoder>/<dataset> (params features.dir),
+    else the default under artifacts_dir()."""
+    return Path(root) / encoder_name / dataset if root else default_store_dir(encoder_name, dataset)
+
+
+def build_selection_features(
+    records_by_dataset: dict[str, list],
+    encoder_name: str,
+    root: str | Path | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> dict[str, tuple[FeatureStore, int]]:
+    """Fill the store of every dataset of a selection (an image id is unique only within its
+    dataset, so each has its own); returns dataset -> (store, images newly encoded)."""
+    result = {}
+    for dataset, records in records_by_dataset.items():
+        folder = store_dir(encoder_name, dataset, root)
+        before = len(FeatureStore.open(folder)) if (folder / INDEX_FILE).is_file() else 0
+        store = build_features(records, encoder_name, folder, batch_size, progress, num_workers)
+        result[dataset] = (store, len(store) - before)
+    return result

@@ -224,7 +224,7 @@ def load_split(query_text: str, features_params: dict, batch_size: int, progress
     cache=False (fine-tuning reads the images): (records, None), no encoding.
     """
     from captioning.data.query import select
-    from captioning.features import build_features, default_store_dir
+    from captioning.features import build_selection_features
 
     records = select(query_text)
     if not records:
@@ -232,19 +232,16 @@ def load_split(query_text: str, features_params: dict, batch_size: int, progress
     if not cache:
         return records, None
     encoder = features_params.get("encoder", "lite0")
-    root = features_params.get("dir")
     groups: dict[str, list] = {}
     for record in records:
         groups.setdefault(record.dataset, []).append(record)
-    dirs = {name: Path(root) / encoder / name if root else default_store_dir(encoder, name) for name in groups}
     if rank == 0:
-        for name, group in groups.items():
-            build_features(group, encoder, dirs[name], features_params.get("batch_size", batch_size), progress,
-                           num_workers=features_params.get("workers"))
+        build_selection_features(groups, encoder, features_params.get("dir"),
+                                 features_params.get("batch_size", batch_size), progress, features_params.get("workers"))
     _barrier()
     # No work left: every image is cached.
-    stores = FeatureStores({name: build_features(group, encoder, dirs[name], batch_size, progress=False)
-                            for name, group in groups.items()})
+    built = build_selection_features(groups, encoder, features_params.get("dir"), batch_size, progress=False)
+    stores = FeatureStores({name: store for name, (store, _) in built.items()})
     return records, stores
 
 

@@ -17,33 +17,16 @@ def build_features(query: str, encoder: str, batch_size: int = 32, store_root: s
     Each dataset has the store training and evaluation read: artifacts_dir()/features/<encoder>/<dataset>,
     or `store_root`/<encoder>/<dataset> when params set features.dir. No work when all are cached.
     """
-    from pathlib import Path
-
     from captioning.data.query import select_by_dataset
-    from captioning.features import build_features as build
-    from captioning.features import default_store_dir
+    from captioning.features import build_selection_features
 
     logger = run_logger()
-    stores: dict[str, str] = {}
-    images = encoded = 0
-    for dataset, records in select_by_dataset(query).items():
-        store_dir = Path(store_root) / encoder / dataset if store_root else default_store_dir(encoder, dataset)
-        before = _stored(store_dir)
-        store = build(records, encoder, store_dir, batch_size, progress=False)
-        added = len(store) - before
+    groups = select_by_dataset(query)
+    built = build_selection_features(groups, encoder, store_root, batch_size, progress=False)
+    for dataset, (store, added) in built.items():
         logger.info("%s: %d %s images, %d newly encoded with %s (store %s holds %d)",
-                    query, len(records), dataset, added, encoder, store_dir, len(store))
-        stores[dataset] = str(store_dir)
-        images += len(records)
-        encoded += added
-    return {"query": query, "images": images, "encoded": encoded, "store": next(iter(stores.values()), None),
-            "stores": stores}
-
-
-def _stored(store_dir) -> int:
-    from captioning.features import FeatureStore
-
-    try:
-        return len(FeatureStore.open(store_dir))
-    except (FileNotFoundError, ValueError):
-        return 0
+                    query, len(groups[dataset]), dataset, added, encoder, store.root, len(store))
+    stores = {dataset: str(store.root) for dataset, (store, _) in built.items()}
+    return {"query": query, "images": sum(map(len, groups.values())),
+            "encoded": sum(added for _, added in built.values()),
+            "store": next(iter(stores.values()), None), "stores": stores}

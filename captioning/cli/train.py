@@ -36,17 +36,8 @@ def _params(path: Optional[Path], assignments: list[str]) -> dict[str, Any]:
         fail(str(error))
 
 
-def _check_query(text: str) -> None:
-    from captioning.data.query import QueryError, check_query, parse_query
-
-    try:
-        check_query(parse_query(text))
-    except QueryError as error:
-        fail(error.reason)  # one line: the full message adds a caret diagram
-
-
 def _check_selection(text: str) -> None:
-    """Like _check_query, for a query or a `+` union of queries (training data)."""
+    """Check a query or a `+` union of queries; exit 2 with a one-line reason when bad."""
     from captioning.data.query import QueryError, check_query, parse_selection
 
     try:
@@ -62,10 +53,10 @@ def features_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder pass."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
 ) -> None:
-    """Encode the images of QUERY into the feature cache (only those not cached yet)."""
-    from captioning.data.query import QueryError, parse_query, select
+    """Encode the images of QUERY (or a `+` union of queries) into the feature cache (only those not cached yet)."""
+    from captioning.data.query import QueryError, select_by_dataset
     from captioning.encoder import ENCODERS
-    from captioning.features import build_features, default_store_dir
+    from captioning.features import build_selection_features
     from captioning.images import ImageError
 
     params = _params(params_file, [])
@@ -73,31 +64,24 @@ def features_command(
     encoder = encoder or feat.get("encoder", "lite0")
     if encoder not in ENCODERS:
         fail(f"unknown encoder {encoder!r}; known: {', '.join(sorted(ENCODERS))}")
-    _check_query(query)
+    _check_selection(query)
     try:
-        records = select(query)
+        groups = select_by_dataset(query)
     except (QueryError, FileNotFoundError) as error:
         fail(str(error))
-    parsed = parse_query(query)
-    store_dir = Path(feat["dir"]) / encoder / parsed.dataset if feat.get("dir") else default_store_dir(encoder, parsed.dataset)
     start = time.perf_counter()
     try:
-        before = _stored(store_dir)
-        store = build_features(records, encoder, store_dir, batch_size or int(feat.get("batch_size", 32)))
+        built = build_selection_features(groups, encoder, feat.get("dir"), batch_size or int(feat.get("batch_size", 32)))
     except ImageError as error:
         fail(str(error), code=1)
-    print_json({"store": str(store_dir), "encoder": encoder, "images": len({r.image_id for r in records}),
-                "encoded": len(store) - before, "stored": len(store),
-                "seconds": round(time.perf_counter() - start, 2)})
-
-
-def _stored(store_dir: Path) -> int:
-    from captioning.features import FeatureStore
-
-    try:
-        return len(FeatureStore.open(store_dir))
-    except FileNotFoundError:
-        return 0
+    stores = {dataset: {"store": str(store.root), "images": len({r.image_id for r in groups[dataset]}),
+                        "encoded": added, "stored": len(store)} for dataset, (store, added) in built.items()}
+    first = next(iter(stores.values()))
+    summary = {**first, "encoder": encoder, "images": sum(s["images"] for s in stores.values()),
+               "encoded": sum(s["encoded"] for s in stores.values()), "seconds": round(time.perf_counter() - start, 2)}
+    if len(stores) > 1:
+        summary["stores"] = stores
+    print_json(summary)
 
 
 def train_command(

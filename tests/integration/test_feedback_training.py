@@ -72,3 +72,16 @@ def test_training_on_synthetic_plus_feedback(feedback_data, tmp_path):
         assert pairs[item.caption] == image
         expected = stores["feedback"].get([item.image_sha256])[0]
         assert (data.image_features([image], "cpu")[0].numpy() == expected.astype("float32")).all()
+
+    # `captioning features` fills (here: finds filled) one store per dataset of the union.
+    from typer.testing import CliRunner
+
+    from captioning.cli import app
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(params))  # JSON is YAML
+    listed = CliRunner().invoke(app, ["features", TRAIN_QUERY, "--params", str(params_file)])
+    assert listed.exit_code == 0, listed.output
+    summary = json.loads(listed.stdout)
+    assert summary["images"] == 43 and summary["encoded"] == 0
+    assert {name: store["images"] for name, store in summary["stores"].items()} == {"synthetic": 40, "feedback": 3}

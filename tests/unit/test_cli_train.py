@@ -16,6 +16,8 @@ from captioning.cli import app
     (["train", "--data", "nodata[train]", "--no-tracking"], "unknown dataset 'nodata'"),
     (["features", "synthetic[train"], "bad query"),
     (["features", "synthetic[train]", "--encoder", "resnet"], "unknown encoder 'resnet'"),
+    (["features", "synthetic[train]+"], "expected a query after '+'"),
+    (["features", "synthetic[train]+nodata"], "unknown dataset 'nodata'"),
 ])
 def test_bad_usage_exits_2_with_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, args)
