@@ -723,8 +723,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                 augment_seed = f"{seed}:{epoch}" if train_p.get("augment") else None
                 keys = pair_keys(train_data, batches[state["batch"]:], augment_seed)
                 pixels = iter(image_loader(train_data.paths, keys, core_encoder.image_size, workers, device))
-            bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not progress, leave=False)
+            label = f"{'self-critical ' if phase['scst'] else ''}epoch {epoch + 1}/{epochs + scst_epochs}"
+            bar = tqdm(total=len(batches), initial=state["batch"], desc=label, disable=not progress, leave=False)
             data_time, epoch_start, seen = 0.0, time.perf_counter(), 0
             for index in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
@@ -747,7 +747,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                 state["batch"] = index + 1
                 state["loss_sum"] += value
                 state["loss_count"] += 1
-                seen += len(batches[index])
+                # Captions: in self-critical epochs every image of the batch is sampled scst_samples times.
+                seen += len(batches[index]) * (scst_samples if phase["scst"] else 1)
                 rate = seen * world / max(1e-9, time.perf_counter() - epoch_start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.3f}", cap_s=f"{rate:.0f}")
