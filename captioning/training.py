@@ -697,7 +697,7 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         stop = state["bad_epochs"] >= patience
         while state["epoch"] < epochs + scst_epochs:
             if stop:
-                if state["epoch"] >= epochs or not scst_epochs:
+                if phase["scst"] or state["epoch"] > epochs or not scst_epochs:
                     break
                 # Early stopping ends the cross-entropy phase; the self-critical epochs still run.
                 state.update(epoch=epochs, bad_epochs=0)
@@ -707,6 +707,9 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                 if not phase["scst"]:
                     starting = state["batch"] == 0 and epoch == epochs
                     cider = _enter_scst(core, optimizer, phase, package_dir, train_data, starting, scst_factor)
+                    if starting:
+                        # Patience counts anew: the cross-entropy epochs' misses do not stop this phase.
+                        state["bad_epochs"] = 0
                 # Batches of images, each sampled scst_samples times: about batch_size captions a step.
                 order = torch.randperm(len(train_data.image_ids), generator=torch.Generator().manual_seed(seed + epoch))
                 order = order.tolist()[rank::world]

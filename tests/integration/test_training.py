@@ -217,3 +217,16 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
 
     with synthetic_data(), pytest.raises(TrainingError, match="frozen encoder"):
         train({**params, "train": {**params["train"], "finetune_blocks": 1}}, out_dir=tmp_path / "ft", resume=False)
+
+
+def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
+    # A learning rate of ~0 leaves the model as it was: epoch 2 is no better than epoch 1, and
+    # with patience 1 the cross-entropy phase stops there, a planned epoch early.
+    params = tiny_params("show_tell", epochs=3, lr=1e-12, patience=1, scst_epochs=1, scst_samples=2,
+                         scst_lr=1e-3)
+    params["model"].update(embed_dim=32, hidden_dim=64)
+    with synthetic_data():
+        result = train(params, out_dir=tmp_path / "run", resume=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 4]
+    assert "train_reward" in result.history[-1] and "train_reward" not in result.history[1]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["finished"]
