@@ -46,11 +46,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# Records of this checkout's own runs (the data it acquired, the stages it ran): a fresh project has neither.
+LOCAL_STATE = {"data.dvc", "dvc.lock"}
+
+
 def _project_files() -> list[str]:
-    """What a commit of the project holds: tracked files plus new files git does not ignore."""
+    """What a commit of the project holds: tracked files plus new files git does not ignore,
+    without the checkout's own DVC state."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    return [name for name in listed.split("\0") if name and (PROJECT_ROOT / name).is_file()]
+    return [name for name in listed.split("\0")
+            if name and name not in LOCAL_STATE and (PROJECT_ROOT / name).is_file()]
 
 
 def _env(repo: Path) -> dict[str, str]:
