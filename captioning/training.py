@@ -712,7 +712,8 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
                         state["bad_epochs"] = 0
                 # Batches of images, each sampled scst_samples times: about batch_size captions a step.
                 order = torch.randperm(len(train_data.image_ids), generator=torch.Generator().manual_seed(seed + epoch))
-                order = order.tolist()[rank::world]
+                # Every rank gets as many batches (the gradients are averaged across ranks at each step).
+                order = order.tolist()[: len(order) - len(order) % world][rank::world]
                 step_images = max(1, batch_size // scst_samples)
                 batches = [order[i: i + step_images] for i in range(0, len(order), step_images)]
             else:
