@@ -269,6 +269,18 @@ def _logs(flow_run_id, text: str, settle: float = 15.0) -> list[str]:
             time.sleep(0.5)
 
 
+def _stopped_before_training(state, dataset: str, culprit: str):
+    """Check that a run failed on the validation of `dataset`, naming `culprit`, with no step after
+    validation run; returns its (flows, tasks) tree."""
+    assert state.is_failed()
+    assert "stopped before training" in state.message and f"validation of {dataset} failed" in state.message
+    assert culprit in state.message
+    flows, tasks = _tree(state.state_details.flow_run_id)
+    assert set(flows) == {"retrain", "acquisition", "validation"}
+    assert not _task_names(tasks) & {"build-features", "train-model", "evaluate-model", "register-model"}
+    return flows, tasks
+
+
 def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypatch):
     """Corrections stored by the service: the next run validates them and trains on
     <train_query>+feedback; a correction whose image no longer decodes stops a run before training."""
@@ -311,15 +323,9 @@ def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypat
         Path(broken.image_path).write_bytes(b"\xff\xd8\xff this is not a JPEG any more")
         state_file = workspace["artifacts"] / "retrain" / "state.json"
         recorded, versions = state_file.read_text(), _versions(tracking)
-        failed = _run(SMALL)
-        assert failed.is_failed()
-        assert "stopped before training" in failed.message and "validation of feedback failed" in failed.message
-        assert broken.image_sha256 in failed.message
-        flows, tasks = _tree(failed.state_details.flow_run_id)
-        assert set(flows) == {"retrain", "acquisition", "validation"}
+        flows, _ = _stopped_before_training(_run(SMALL), "feedback", broken.image_sha256)
         outcome = {run.parameters["dataset"]: run.state.type.value for run in flows["validation"]}
         assert outcome == {"synthetic": "COMPLETED", "feedback": "FAILED"}
-        assert not _task_names(tasks) & {"build-features", "train-model", "evaluate-model", "register-model"}
         assert _versions(tracking) == versions and state_file.read_text() == recorded
     finally:
         # Leave the workspace without feedback for the other scenarios.
@@ -336,18 +342,10 @@ def test_bad_data_stops_the_run_before_training(prefect_api, tmp_path, monkeypat
     broken = Path(next(r.path for r in dataset.records if r.split == "train"))
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
-    state = _run(SMALL)
-    assert state.is_failed()
-    assert "stopped before training" in state.message and "validation of synthetic failed" in state.message
-    assert broken.name in state.message
-
-    flows, tasks = _tree(state.state_details.flow_run_id)
-    assert set(flows) == {"retrain", "acquisition", "validation"}
+    flows, tasks = _stopped_before_training(_run(SMALL), "synthetic", broken.name)
     assert flows["retrain"][0].state.type.value == "FAILED"
     assert flows["validation"][0].state.type.value == "FAILED"
-    names = _task_names(tasks)
-    assert "validate-dataset" in names
-    assert not names & {"build-features", "train-model", "evaluate-model", "register-model"}
+    assert "validate-dataset" in _task_names(tasks)
     assert _versions(tracking) == []
     assert not (space["artifacts"] / "retrain" / "state.json").exists()
 

@@ -54,6 +54,19 @@ def test_parses_examples(text, expected):
     assert parse_query(text) == expected
 
 
+def assert_points_at(parse, text: str, position: int, words: str) -> None:
+    """`parse(text)` raises a QueryError at `position` naming `words`, with the whole text
+    shown and a caret under the offending character."""
+    with pytest.raises(QueryError) as info:
+        parse(text)
+    error = info.value
+    assert error.position == position and error.query == text
+    assert words in str(error)
+    lines = str(error).splitlines()
+    assert lines[1].strip() == text
+    assert lines[2].index("^") - lines[1].index(text[0]) == position
+
+
 @pytest.mark.parametrize(
     "text, position, words",
     [
@@ -71,15 +84,7 @@ def test_parses_examples(text, expected):
     ],
 )
 def test_errors_point_at_the_offending_part(text, position, words):
-    with pytest.raises(QueryError) as info:
-        parse_query(text)
-    error = info.value
-    assert error.position == position
-    assert words in str(error)
-    # The message shows the query with a caret under the offending character.
-    lines = str(error).splitlines()
-    assert lines[1].strip() == text
-    assert lines[2].index("^") - lines[1].index(text[0]) == position
+    assert_points_at(parse_query, text, position, words)
 
 
 def test_empty_query_is_a_query_error():
@@ -241,14 +246,7 @@ def test_parses_unions(text, expected):
     ],
 )
 def test_union_errors_point_into_the_whole_text(text, position, words):
-    with pytest.raises(QueryError) as info:
-        parse_selection(text)
-    error = info.value
-    assert error.position == position and error.query == text
-    assert words in str(error)
-    lines = str(error).splitlines()
-    assert lines[1].strip() == text
-    assert lines[2].index("^") - lines[1].index(text[0]) == position
+    assert_points_at(parse_selection, text, position, words)
 
 
 def test_a_single_query_is_not_a_union():
