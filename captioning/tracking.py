@@ -111,7 +111,9 @@ class MLflowCallback:
             "val_query": str(data.get("val_query")),
             "git_commit": git_commit() or "unknown",
             "data_hash": data_version() or "none",
-            "decoder": str((params.get("model") or {}).get("decoder")),
+            # An ensemble's decoders joined: "attention+transformer".
+            "decoder": "+".join(map(str, [(params.get("model") or {}).get("decoder"),
+                                          *((params.get("model") or {}).get("ensemble") or [])])),
             "encoder": str((params.get("features") or {}).get("encoder", "lite0")),
         }
         if info.get("resumed_from"):

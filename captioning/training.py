@@ -38,6 +38,7 @@ from captioning.package import load_checkpoint, save_checkpoint, save_package
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"
 PACKAGE_DIR = "model"
 # Cached features up to this size are copied into memory; larger caches are read from the memory map.
 PRELOAD_LIMIT_BYTES = 2 << 30
@@ -527,11 +528,128 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
 
     With `resume`, an existing out_dir/checkpoint.pt from the same params is continued
     (or, when that run has finished, its result is returned without training).
+    With `model.ensemble` (more decoder names) each decoder trains in turn, in
+    out_dir/members/<n>-<decoder> with seed train.seed + n, and out_dir/model is their Ensemble.
+    The per-epoch history is also written to out_dir/history.json.
     """
+    from captioning.config import artifacts_dir
+    from captioning.models import member_configs
+
+    out_dir = Path(out_dir) if out_dir else artifacts_dir() / "train"
+    try:
+        members = member_configs(params.get("model") or {})
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if len(members) == 1:
+        result = _train_one(params, callbacks, out_dir, resume)
+    else:
+        result = _train_ensemble(params, members, list(callbacks), out_dir, resume)
+    if _rank() == 0:
+        (out_dir / HISTORY_FILE).write_text(json.dumps(result.history, indent=1), encoding="utf-8")
+    return result
+
+
+class _MemberRelay:
+    """Passes a member's training events on as parts of one run: epochs and steps count on
+    from the previous members', metrics carry the member's number, ends are the ensemble's."""
+
+    def __init__(self, callbacks: list, params: dict[str, Any]):
+        self.callbacks, self.params = callbacks, params
+        self.member, self.epochs, self.steps, self.started = 0, 0, 0, False
+        self._last_step = 0
+
+    def next_member(self, result: "TrainResult") -> None:
+        self.member += 1
+        self.epochs += len(result.history)
+        self.steps += int(result.history[-1].get("step", 0)) if result.history else 0
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        if not self.started:
+            self.started = True
+            _notify(self.callbacks, "on_train_start", {**info, "params": self.params})
+
+    def on_batch_end(self, step: int, loss: float) -> None:
+        _notify(self.callbacks, "on_batch_end", self.steps + step, loss)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        _notify(self.callbacks, "on_epoch_end", self.epochs + epoch, {**metrics, "member": self.member})
+
+    def on_train_failed(self, error: BaseException) -> None:
+        _notify(self.callbacks, "on_train_failed", error)
+
+
+def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callbacks: list, out_dir: Path,
+                    resume: bool) -> TrainResult:
+    """Train each member (resuming or reusing its own run), then package and validate the ensemble."""
+    import copy
+
+    from captioning.config import get_device
+    from captioning.models import Ensemble, ensemble_config
+    from captioning.package import load_package
+
+    train_p = params.get("train") or {}
+    if int(train_p.get("finetune_blocks", 0) or 0):
+        raise TrainingError("an ensemble (model.ensemble) needs a frozen encoder (train.finetune_blocks 0): "
+                            "its members read the same cached features")
+    relay = _MemberRelay(callbacks, params)
+    results, history = [], []
+    seed = int(train_p.get("seed", 42))
+    for number, member in enumerate(members):
+        member_params = copy.deepcopy(params)
+        member_params["model"].update(decoder=member["decoder"], ensemble=[])
+        member_params["train"]["seed"] = seed + number
+        member_dir = out_dir / "members" / f"{number}-{member['decoder']}"
+        result = _train_one(member_params, [relay], member_dir, resume)
+        history += [{**row, "epoch": relay.epochs + row["epoch"], "member": number} for row in result.history]
+        relay.next_member(result)
+        results.append(result)
+    try:
+        if _rank() != 0:
+            return TrainResult(out_dir / PACKAGE_DIR, {}, history)
+        device = get_device()
+        loaded = [load_package(result.package_dir, device) for result in results]
+        vocab = loaded[0][1]
+        if any(other.fingerprint() != vocab.fingerprint() for _, other, _ in loaded[1:]):
+            raise TrainingError("the ensemble's members were trained with different vocabularies")
+        feature_dim = loaded[0][0].feature_dim
+        config = ensemble_config([model.config for model, _, _ in loaded])
+        ensemble = Ensemble(config, len(vocab), feature_dim, [model for model, _, _ in loaded])
+        val_data, references = _validation_data(params, vocab)
+        val = validate(ensemble, vocab, val_data, references,
+                       {**(params.get("decoding") or {}), "beam_size": train_p.get("val_beam_size", 1)}, device)
+        samples = val.pop("samples")
+        best = {"epoch": relay.epochs + 1, "member": "ensemble", **val}
+        package_params = {**params, "model": config}
+        save_package(out_dir / PACKAGE_DIR, ensemble, vocab, _package_config(package_params, feature_dim, best))
+        logger.info("ensemble of %s: %s", [m["decoder"] for m in members],
+                    {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+        _notify(callbacks, "on_epoch_end", relay.epochs + 1, {**val, "samples": samples})
+        result = TrainResult(out_dir / PACKAGE_DIR, best, history + [best])
+        _notify(callbacks, "on_train_end", result)
+        return result
+    except BaseException as error:
+        _notify(callbacks, "on_train_failed", error)
+        raise
+
+
+def _validation_data(params: dict[str, Any], vocab) -> tuple[CaptionData, dict[str, list[str]]]:
+    """The validation images (train.val_images of them) with their cached features and references."""
+    data_p, train_p = params.get("data") or {}, params.get("train") or {}
+    records, store = load_split(data_p["val_query"], params.get("features") or {}, int(train_p.get("batch_size", 64)),
+                                False, 0)
+    limit = int(train_p.get("val_images", 500))
+    if limit > 0:
+        records = records[:limit]
+    max_length = int((params.get("vocab") or {}).get("max_length", 22))
+    return caption_data(records, store, vocab, max_length), references_by_key(records)
+
+
+def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resume: bool) -> TrainResult:
+    """Train one decoder (see `train`)."""
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from captioning.config import artifacts_dir, get_device, use_mixed_precision
+    from captioning.config import get_device, use_mixed_precision
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
@@ -557,7 +675,6 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
         rank, world = _rank(), (dist.get_world_size() if dist.is_initialized() else 1)
         device = get_device()
         amp = use_mixed_precision(device)
-        out_dir = Path(out_dir) if out_dir else artifacts_dir() / "train"
         checkpoint_path, package_dir = out_dir / CHECKPOINT_FILE, out_dir / PACKAGE_DIR
         seed = int(train_p.get("seed", 42))
         progress = bool(train_p.get("progress", True)) and rank == 0

@@ -1,6 +1,6 @@
 """Small report files that `dvc plots` draws: the training history and the comparison table as CSV.
 
-    python -m tasks.reports history artifacts/train/checkpoint.pt reports/training_history.csv
+    python -m tasks.reports history artifacts/train/history.json reports/training_history.csv
     python -m tasks.reports comparison reports/comparison.json reports/comparison.csv
 
 The training flow writes the history CSV beside each run; the DVC train and evaluate stages call
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_CIDEr", "val_BLEU-4", "lr", "captions_per_s")
+HISTORY_COLUMNS = ("epoch", "member", "step", "train_loss", "val_loss", "val_CIDEr", "val_BLEU-4", "lr", "captions_per_s")
 
 
 def write_csv(rows: Iterable[dict[str, Any]], columns: Iterable[str], path: str | Path) -> Path:
@@ -36,8 +36,11 @@ def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def history_from_checkpoint(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The history in a training checkpoint, or in the history.json a training run writes."""
     from captioning.package import load_checkpoint
 
+    if Path(checkpoint).suffix == ".json":
+        return list(json.loads(Path(checkpoint).read_text(encoding="utf-8")))
     return list(load_checkpoint(checkpoint).get("history") or [])
 
 

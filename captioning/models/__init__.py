@@ -6,6 +6,7 @@ from typing import Any
 
 from captioning.models.attention import SoftAttention
 from captioning.models.base import CaptionModel, State
+from captioning.models.ensemble import Ensemble
 from captioning.models.show_tell import ShowTell
 from captioning.models.transformer import TransformerCaptioner
 
@@ -27,12 +28,37 @@ DEFAULTS: dict[str, Any] = {
 }
 _SIZES = ("embed_dim", "hidden_dim", "attention_dim", "layers", "heads", "ff_dim")
 
-__all__ = ["MODELS", "DEFAULTS", "CaptionModel", "State", "build_model", "model_config"]
+__all__ = ["MODELS", "DEFAULTS", "CaptionModel", "Ensemble", "State", "build_model", "model_config",
+           "member_configs", "ensemble_config"]
+
+
+def member_configs(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The decoders a `model:` section trains: `decoder`, then each of `ensemble` (a list of
+    decoder names) with the same settings. One entry: a single model, no ensemble."""
+    extra = section.get("ensemble") or []
+    if isinstance(extra, str) or not isinstance(extra, (list, tuple)):
+        raise ValueError(f"model.ensemble must be a list of decoder names, got {extra!r}")
+    configs = [model_config(section)]
+    for decoder in extra:
+        configs.append(model_config({**section, "decoder": decoder}))
+    return configs
+
+
+def ensemble_config(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """The config of an Ensemble of models with these configs."""
+    return {"decoder": "ensemble", "members": [model_config(member) for member in members]}
 
 
 def model_config(config: dict[str, Any]) -> dict[str, Any]:
     """The complete, checked decoder settings from a `model:` section (unknown keys dropped)."""
     decoder = config.get("decoder")
+    if decoder == "ensemble":
+        members = config.get("members")
+        if not isinstance(members, list) or len(members) < 2:
+            raise ValueError("an ensemble config needs a list of at least two member configs")
+        if any(isinstance(m, dict) and m.get("decoder") == "ensemble" for m in members):
+            raise ValueError("an ensemble cannot contain an ensemble")
+        return {"decoder": "ensemble", "members": [model_config(member) for member in members]}
     if decoder not in MODELS:
         raise ValueError(f"unknown decoder {decoder!r}; known decoders: {', '.join(sorted(MODELS))}")
     result: dict[str, Any] = {"decoder": decoder}
@@ -58,4 +84,7 @@ def build_model(config: dict[str, Any], vocab_size: int, feature_dim: int) -> Ca
     if feature_dim < 1:
         raise ValueError(f"feature_dim must be positive, got {feature_dim}")
     config = model_config(config)
+    if config["decoder"] == "ensemble":
+        members = [build_model(member, vocab_size, feature_dim) for member in config["members"]]
+        return Ensemble(config, vocab_size, feature_dim, members)
     return MODELS[config["decoder"]](config, vocab_size, feature_dim)

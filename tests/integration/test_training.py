@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -230,3 +231,54 @@ def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
     assert [h["epoch"] for h in result.history] == [1, 2, 4]
     assert "train_reward" in result.history[-1] and "train_reward" not in result.history[1]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["finished"]
+
+
+def test_ensemble_trains_its_members_and_packages_them(tmp_path):
+    from captioning.models import Ensemble
+    from captioning.predict import Captioner
+    from tasks.reports import history_from_checkpoint
+
+    params = tiny_params("show_tell", epochs=2)
+    params["model"]["ensemble"] = ["attention"]
+    epochs: list[tuple[int, Any]] = []
+
+    class Events:
+        def on_epoch_end(self, epoch, metrics):
+            epochs.append((epoch, metrics.get("member")))
+
+    with synthetic_data():
+        result = train(params, [Events()], out_dir=tmp_path / "run", resume=True)
+    members = sorted(path.name for path in (tmp_path / "run" / "members").iterdir())
+    assert members == ["0-show_tell", "1-attention"]
+    seeds = [load_checkpoint(tmp_path / "run" / "members" / name / "checkpoint.pt")["fingerprint"] for name in members]
+    assert seeds[0] != seeds[1]
+    # Epochs count on across the members; the last event is the ensemble's validation.
+    assert epochs == [(1, 0), (2, 0), (3, 1), (4, 1), (5, None)]
+    assert result.best["member"] == "ensemble" and result.best["val_CIDEr"] > 0
+    model, _, config = load_package(result.package_dir)
+    assert isinstance(model, Ensemble) and [m["decoder"] for m in config["model"]["members"]] == ["show_tell", "attention"]
+    history = history_from_checkpoint(tmp_path / "run" / "history.json")
+    assert [row["member"] for row in history] == [0, 0, 1, 1, "ensemble"]
+
+    # The package holds the members' own weights, and captions held-out images sensibly.
+    for number, name in enumerate(members):
+        trained, _, _ = load_package(tmp_path / "run" / "members" / name / "model")
+        own = model.members[number].state_dict()
+        assert all(torch.equal(value, own[key]) for key, value in trained.state_dict().items())
+    ids, features, references = held_out_features()
+    captioner = Captioner.load(result.package_dir, with_encoder=False)
+    captions = {i: r["caption"] for i, r in zip(ids, captioner.caption_features(features, beam_size=3))}
+    assert _bleu4(captions, references) > 25.0
+
+    # Run again: every member's finished run is reused, nothing trains.
+    class Steps:
+        def on_batch_end(self, step, loss):
+            raise AssertionError("a finished member trained again")
+
+    with synthetic_data():
+        again = train(params, [Steps()], out_dir=tmp_path / "run", resume=True)
+    assert again.best["val_CIDEr"] == pytest.approx(result.best["val_CIDEr"])
+
+    params["train"]["finetune_blocks"] = 1
+    with pytest.raises(TrainingError, match="frozen encoder"):
+        train(params, out_dir=tmp_path / "other")
