@@ -165,7 +165,10 @@ def beam_search(
         features = as_features(model, features)
         batch, beams, vocab = features.size(0), beam_size, model.vocab_size
         device = features.device
-        state = {k: v.repeat_interleave(beams, dim=0) for k, v in model.init_state(features).items()}
+        # Static entries stay one row per image when the model can share them among its beams.
+        shared = model.static_keys if model.shared_static else ()
+        state = {k: v if k in shared else v.repeat_interleave(beams, dim=0)
+                 for k, v in model.init_state(features).items()}
         prev = torch.full((batch * beams,), BOS, dtype=torch.long, device=device)
         # Only the first beam is real at the start, so the first step does not pick duplicates.
         beam_log_prob = torch.full((batch, beams), -math.inf, device=device)
@@ -204,7 +207,8 @@ def beam_search(
                 if 4 * int(settled.sum()) >= len(images):
                     keep = (~settled).nonzero().squeeze(1)
                     rows = (keep[:, None] * beams + torch.arange(beams, device=device)).view(-1)
-                    state = {key: value.index_select(0, rows) for key, value in state.items()}
+                    state = {key: value.index_select(0, keep if key in shared else rows)
+                             for key, value in state.items()}
                     prev, seqs = prev.index_select(0, rows), seqs.index_select(0, rows)
                     attention = None if attention is None else attention.index_select(0, rows)
                     beam_log_prob = beam_log_prob.index_select(0, keep)

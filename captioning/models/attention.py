@@ -23,6 +23,7 @@ class SoftAttention(CaptionModel):
 
     name = "attention"
     static_keys = ("features", "feature_att")
+    shared_static = True
 
     def __init__(self, config: dict[str, Any], vocab_size: int, feature_dim: int):
         super().__init__(config, vocab_size, feature_dim)
@@ -53,9 +54,15 @@ class SoftAttention(CaptionModel):
 
     def _advance(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
         h, c = state["h"], state["c"]
-        scores = self.score_att(torch.tanh(state["feature_att"] + self.hidden_att(h)[:, None])).squeeze(-1)
+        features = state["features"]
+        # k rows of h per image row of the features (k > 1: beams sharing their image's features).
+        images, k = features.size(0), h.size(0) // features.size(0)
+        hidden = self.hidden_att(h).view(images, k, 1, -1)
+        scores = self.score_att(torch.tanh(state["feature_att"][:, None] + hidden)).squeeze(-1)  # (images, k, N)
         alpha = F.softmax(scores, dim=-1)
-        context = torch.sigmoid(self.gate(h)) * torch.bmm(alpha[:, None], state["features"]).squeeze(1)
+        context = torch.bmm(alpha, features).view(h.size(0), -1)
+        alpha = alpha.view(h.size(0), -1)
+        context = torch.sigmoid(self.gate(h)) * context
         embedded = self.embedding(tokens)
         h, c = self.lstm(torch.cat([self.dropout(embedded), context], dim=-1), (h, c))
         deep = embedded + self.out_hidden(h) + self.out_context(context)

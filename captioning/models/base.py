@@ -28,6 +28,9 @@ class CaptionModel(nn.Module, abc.ABC):
     # State entries that never change while decoding and are equal for all beams of one
     # image: beam search may skip reordering them.
     static_keys: tuple[str, ...] = ()
+    # True: `step` also accepts static entries with one row per image while the other entries
+    # hold `k` adjacent rows per image (its beams), so beam search need not repeat them k times.
+    shared_static: bool = False
 
     def __init__(self, config: dict[str, Any], vocab_size: int, feature_dim: int):
         super().__init__()

@@ -25,6 +25,7 @@ class Ensemble(CaptionModel):
         super().__init__(config, vocab_size, feature_dim)
         self.members = nn.ModuleList(members)
         self.static_keys = tuple(f"{i}.{key}" for i, member in enumerate(members) for key in member.static_keys)
+        self.shared_static = all(member.shared_static for member in members)
 
     @property
     def output(self) -> nn.Linear:  # type: ignore[override]
