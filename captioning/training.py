@@ -494,6 +494,8 @@ def _fingerprint(params: dict) -> str:
     if not relevant["train"].get("scst_epochs"):
         for key in _SCST_KEYS:
             relevant["train"].pop(key, None)
+    if not relevant["model"].get("ensemble"):
+        relevant["model"].pop("ensemble", None)  # a single decoder (or an ensemble's member)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -87,3 +87,13 @@ def test_configs():
     nested = {"decoder": "ensemble", "members": [{"decoder": "attention"}, {"decoder": "attention"}]}
     with pytest.raises(ValueError, match="cannot contain an ensemble"):
         build_model({"decoder": "ensemble", "members": [nested, {"decoder": "attention"}]}, VOCAB, CHANNELS)
+
+
+def test_single_decoder_runs_keep_their_resume_fingerprint():
+    from captioning.training import _fingerprint
+
+    params = {"model": {"decoder": "attention", **TINY}, "train": {"epochs": 2}, "data": {}}
+    listed = {**params, "model": {**params["model"], "ensemble": []}}
+    assert _fingerprint(params) == _fingerprint(listed)  # checkpoints from before model.ensemble existed resume
+    listed["model"]["ensemble"] = ["transformer"]
+    assert _fingerprint(params) != _fingerprint(listed)
