@@ -558,7 +558,6 @@ class _MemberRelay:
     def __init__(self, callbacks: list, params: dict[str, Any]):
         self.callbacks, self.params = callbacks, params
         self.member, self.epochs, self.steps, self.started = 0, 0, 0, False
-        self._last_step = 0
 
     def next_member(self, result: "TrainResult") -> None:
         self.member += 1
