@@ -46,7 +46,7 @@ def member_configs(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 def ensemble_config(members: list[dict[str, Any]]) -> dict[str, Any]:
     """The config of an Ensemble of models with these configs."""
-    return {"decoder": "ensemble", "members": [model_config(member) for member in members]}
+    return model_config({"decoder": "ensemble", "members": list(members)})
 
 
 def model_config(config: dict[str, Any]) -> dict[str, Any]:
