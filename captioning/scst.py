@@ -5,6 +5,11 @@ against the image's training references, and its baseline is the mean reward of 
 captions sampled for the same image (Luo, 2020: no extra greedy pass, a lower-variance
 baseline). The loss is REINFORCE: -(reward - baseline) * log p(caption).
 
+Words may be drawn among each step's k most likely only (the policy is then the model's
+distribution renormalised over them): a label-smoothed model keeps about a tenth of its
+probability spread over the whole vocabulary, and drawing from all of it puts a stray word
+into most samples, so their rewards say little about the words the model would choose.
+
 CIDEr-D here is the metric pycocoevalcap computes (n = 1..4, tf-idf, clipped counts,
 Gaussian length penalty, sigma 6, times 10), but its document frequencies come from the
 whole training corpus once, not from the batch being scored, so rewards are comparable
@@ -97,7 +102,7 @@ def strip(ids: Sequence[int]) -> list[int]:
     return words
 
 
-def sample(model, features: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample(model, features: torch.Tensor, max_length: int, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One caption sampled per row of `features`, with gradients.
 
     Returns tokens (B, T) (EOS included when produced, PAD after), their log-probabilities (B, T)
@@ -118,6 +123,8 @@ def sample(model, features: torch.Tensor, max_length: int) -> tuple[torch.Tensor
             step_log_probs = step_log_probs.float() + allowed
         else:
             step_log_probs = mask_log_probs(step_log_probs, step)
+            if top_k > 0:
+                step_log_probs = keep_top_k(step_log_probs, top_k)
         step_log_probs = torch.log_softmax(step_log_probs, dim=-1)  # renormalised over what may be drawn
         drawn = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
         drawn = torch.where(alive, drawn, torch.full_like(drawn, PAD))
@@ -134,13 +141,19 @@ def sample(model, features: torch.Tensor, max_length: int) -> tuple[torch.Tensor
     return torch.stack(tokens, dim=1), torch.stack(log_probs, dim=1), mask
 
 
+def keep_top_k(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """`log_probs` with every word outside each row's k most likely set to -inf."""
+    threshold = log_probs.float().topk(min(k, log_probs.size(-1)), dim=-1).values[:, -1:]
+    return log_probs.float().masked_fill(log_probs.float() < threshold, float("-inf"))
+
+
 def scst_loss(model, features: torch.Tensor, images: Sequence[int], cider: CiderD, samples: int,
-              max_length: int) -> tuple[torch.Tensor, float]:
+              max_length: int, top_k: int = 0) -> tuple[torch.Tensor, float]:
     """The self-critical loss for a batch of images (features (B, N, C)); returns it and the mean reward."""
     if samples < 2:
         raise ValueError(f"self-critical training needs at least 2 samples per image (the baseline), not {samples}")
     expanded = features.repeat_interleave(samples, dim=0)
-    tokens, log_probs, mask = sample(model, expanded, max_length)
+    tokens, log_probs, mask = sample(model, expanded, max_length, top_k)
     rewards = torch.tensor(
         [cider.score(images[k // samples], strip(row)) for k, row in enumerate(tokens.tolist())],
         dtype=torch.float32, device=features.device,

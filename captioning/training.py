@@ -47,7 +47,7 @@ _RESUME_NEUTRAL = {"train": {"progress", "checkpoint_every", "threads"}, "featur
 # Settings that do nothing while the encoder is frozen (finetune_blocks 0).
 _FINETUNE_KEYS = ("finetune_blocks", "encoder_lr", "augment")
 # Settings that do nothing without self-critical epochs (scst_epochs 0).
-_SCST_KEYS = ("scst_epochs", "scst_lr", "scst_samples")
+_SCST_KEYS = ("scst_epochs", "scst_lr", "scst_samples", "scst_top_k")
 # Random resized crop for fine-tuning: area share and aspect ratio range. Mild, because
 # captions speak about the whole picture ("two dogs on the grass").
 CROP_AREA = (0.6, 1.0)
@@ -416,7 +416,7 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
 
 
 def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, samples: int, max_length: int,
-              grad_clip: float = 0.0) -> tuple[float, float]:
+              grad_clip: float = 0.0, top_k: int = 0) -> tuple[float, float]:
     """One self-critical step on a batch of images (full precision); returns the loss and the mean reward.
 
     `model` is the bare decoder (sampling goes through its `step`, not DistributedDataParallel's
@@ -424,7 +424,7 @@ def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, s
     """
     from captioning.scst import scst_loss
 
-    loss, reward = scst_loss(model, feats, images, cider, samples, max_length)
+    loss, reward = scst_loss(model, feats, images, cider, samples, max_length, top_k)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     _average_gradients(model)
@@ -758,6 +758,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         schedule_name = str(train_p.get("schedule", "cosine"))
         scst_epochs = int(train_p.get("scst_epochs", 0) or 0)
         scst_samples = int(train_p.get("scst_samples", 5))
+        scst_top_k = int(train_p.get("scst_top_k", 0) or 0)
         if scst_epochs and finetune:
             raise TrainingError("self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)")
         # Self-critical epochs run at their own constant rate after the cross-entropy schedule.
@@ -854,7 +855,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                     feats = train_data.image_features(batches[index], device)
                     data_time += time.perf_counter() - tick
                     value, reward = scst_step(core, optimizer, scheduler, feats, batches[index], cider, scst_samples,
-                                              int(decoding_p.get("max_length", 20)), grad_clip)
+                                              int(decoding_p.get("max_length", 20)), grad_clip, scst_top_k)
                     state["reward_sum"] += reward
                 elif pixels is None:
                     feats, tokens = train_data.batch(batches[index], device)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from captioning.models import build_model
-from captioning.scst import CiderD, references_from_pairs, sample, scst_loss, strip
+from captioning.decoding import mask_log_probs
+from captioning.scst import CiderD, keep_top_k, references_from_pairs, sample, scst_loss, strip
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 WORDS = "a dog cat runs on the grass red ball two men play in park water jumps".split()
@@ -85,3 +86,36 @@ def test_one_sample_per_image_is_refused():
     model = build_model({"decoder": "show_tell", "embed_dim": 8, "hidden_dim": 8, "dropout": 0.0}, 20, 4)
     with pytest.raises(ValueError, match="at least 2 samples"):
         scst_loss(model, torch.randn(2, 3, 4), [0, 0], CiderD([[[5]]]), samples=1, max_length=3)
+
+
+def test_keep_top_k_leaves_the_k_most_likely_words():
+    log_probs = torch.log_softmax(torch.tensor([[0.1, 2.0, -1.0, 3.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]]), dim=-1)
+    kept = keep_top_k(log_probs, 2)
+    assert torch.isfinite(kept).sum(dim=1).tolist() == [2, 2]
+    assert torch.isfinite(kept[0, [1, 3]]).all() and torch.isfinite(kept[1, [0, 1]]).all()
+    assert torch.equal(kept[torch.isfinite(kept)], log_probs[torch.isfinite(kept)])
+    assert torch.equal(keep_top_k(log_probs, 10), log_probs)  # k beyond the vocabulary keeps all
+
+
+def test_top_k_sampling_draws_only_among_the_k_most_likely_words():
+    torch.manual_seed(0)
+    config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "dropout": 0.0}
+    model = build_model(config, 30, 8).eval()
+    features = torch.randn(64, 4, 8)
+    tokens, log_probs, mask = sample(model, features, max_length=4, top_k=2)
+    # Replay the model on the drawn prefixes: every drawn word is among that step's two most likely
+    # allowed words, and its log-probability is renormalised over those two.
+    with torch.no_grad():
+        state = model.init_state(features)
+        prev = torch.full((64,), BOS, dtype=torch.long)
+        for step in range(tokens.size(1)):
+            step_log_probs, state, _ = model.step(prev, state)
+            allowed = mask_log_probs(step_log_probs, step) if step < 4 else step_log_probs
+            best = allowed.topk(2, dim=-1).indices
+            live = mask[:, step]
+            if step < 4:
+                assert (best[live] == tokens[live, step, None]).any(dim=1).all()
+                top = torch.log_softmax(allowed.gather(1, best), dim=-1)
+                picked = top.gather(1, (best == tokens[:, step, None]).float().argmax(1, keepdim=True)).squeeze(1)
+                assert torch.allclose(picked[live], log_probs[live, step], atol=1e-5)
+            prev = tokens[:, step].clamp(min=0)
