@@ -762,7 +762,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         if scst_epochs and finetune:
             raise TrainingError("self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)")
         # Self-critical epochs run at their own constant rate after the cross-entropy schedule.
-        scst_factor = float(train_p.get("scst_lr", 5e-5)) / float(train_p.get("lr", 5e-4))
+        scst_factor = float(train_p.get("scst_lr", 1e-5)) / float(train_p.get("lr", 5e-4))
         phase = {"scst": False}
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

@@ -191,7 +191,7 @@ def test_mlflow_tracking(tiny_package, tmp_path):
 def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
     # One cross-entropy epoch, then two self-critical ones; killed inside the first of those.
     params = tiny_params("show_tell", epochs=1, batch_size=64, checkpoint_every=2,
-                         scst_epochs=2, scst_samples=4, scst_lr=1e-3)
+                         scst_epochs=2, scst_samples=4, scst_lr=1e-3, scst_top_k=5)
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data() as data:
         uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
