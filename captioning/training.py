@@ -633,14 +633,18 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
         raise
 
 
-def _validation_data(params: dict[str, Any], vocab) -> tuple[CaptionData, dict[str, list[str]]]:
-    """The validation images (train.val_images of them) with their cached features and references."""
+def _validation_split(params: dict[str, Any], progress: bool = False, rank: int = 0, cache: bool = True):
+    """The validation records (the first train.val_images of them; 0: all) and their feature stores."""
     data_p, train_p = params.get("data") or {}, params.get("train") or {}
     records, store = load_split(data_p["val_query"], params.get("features") or {}, int(train_p.get("batch_size", 64)),
-                                False, 0)
+                                progress, rank, cache=cache)
     limit = int(train_p.get("val_images", 500))
-    if limit > 0:
-        records = records[:limit]
+    return (records[:limit] if limit > 0 else records), store
+
+
+def _validation_data(params: dict[str, Any], vocab) -> tuple[CaptionData, dict[str, list[str]]]:
+    """The validation images with their cached features and references."""
+    records, store = _validation_split(params)
     max_length = int((params.get("vocab") or {}).get("max_length", 22))
     return caption_data(records, store, vocab, max_length), references_by_key(records)
 
@@ -703,11 +707,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         encoder_name = feat_p.get("encoder", "lite0")
         train_records, train_store = load_split(data_p["train_query"], feat_p, batch_size, progress, rank,
                                                 cache=not finetune)
-        val_records, val_store = load_split(data_p["val_query"], feat_p, batch_size, progress, rank,
-                                            cache=not finetune)
-        val_limit = int(train_p.get("val_images", 500))
-        if val_limit > 0:
-            val_records = val_records[:val_limit]
+        val_records, val_store = _validation_split(params, progress, rank, cache=not finetune)
 
         if checkpoint is not None:
             vocab = Vocabulary.from_dict(checkpoint["vocab"])
