@@ -758,7 +758,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         schedule_name = str(train_p.get("schedule", "cosine"))
         scst_epochs = int(train_p.get("scst_epochs", 0) or 0)
         scst_samples = int(train_p.get("scst_samples", 5))
-        scst_top_k = int(train_p.get("scst_top_k", 0) or 0)
+        scst_top_k = int(train_p.get("scst_top_k", 5) or 0)
         if scst_epochs and finetune:
             raise TrainingError("self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)")
         # Self-critical epochs run at their own constant rate after the cross-entropy schedule.
