@@ -142,7 +142,7 @@ def sample(model, features: torch.Tensor, max_length: int, top_k: int = 0) -> tu
 
 
 def keep_top_k(log_probs: torch.Tensor, k: int) -> torch.Tensor:
-    """`log_probs` with every word outside each row's k most likely set to -inf."""
+    """`log_probs` with every word less likely than each row's k-th set to -inf (ties with it are kept)."""
     log_probs = log_probs.float()
     threshold = log_probs.topk(min(k, log_probs.size(-1)), dim=-1).values[:, -1:]
     return log_probs.masked_fill(log_probs < threshold, float("-inf"))

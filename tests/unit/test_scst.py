@@ -108,14 +108,14 @@ def test_top_k_sampling_draws_only_among_the_k_most_likely_words():
     with torch.no_grad():
         state = model.init_state(features)
         prev = torch.full((64,), BOS, dtype=torch.long)
-        for step in range(tokens.size(1)):
+        # Steps 0-3 may draw words; step 4 (max_length) may only end the caption.
+        for step in range(min(tokens.size(1), 4)):
             step_log_probs, state, _ = model.step(prev, state)
-            allowed = mask_log_probs(step_log_probs, step) if step < 4 else step_log_probs
+            allowed = mask_log_probs(step_log_probs, step)
             best = allowed.topk(2, dim=-1).indices
             live = mask[:, step]
-            if step < 4:
-                assert (best[live] == tokens[live, step, None]).any(dim=1).all()
-                top = torch.log_softmax(allowed.gather(1, best), dim=-1)
-                picked = top.gather(1, (best == tokens[:, step, None]).float().argmax(1, keepdim=True)).squeeze(1)
-                assert torch.allclose(picked[live], log_probs[live, step], atol=1e-5)
-            prev = tokens[:, step].clamp(min=0)
+            assert (best[live] == tokens[live, step, None]).any(dim=1).all()
+            top = torch.log_softmax(allowed.gather(1, best), dim=-1)
+            picked = top.gather(1, (best == tokens[:, step, None]).float().argmax(1, keepdim=True)).squeeze(1)
+            assert torch.allclose(picked[live], log_probs[live, step], atol=1e-5)
+            prev = tokens[:, step]  # finished rows feed PAD on, as they did while sampling
