@@ -25,8 +25,8 @@ def random_model(decoder: str, seed: int = 0, eos_bias: float = 0.0):
     model = build_model({"decoder": decoder, **TINY}, VOCAB, CHANNELS)
     with torch.no_grad():
         model.output.weight.mul_(6.0)
-        # A decoder whose first states are zeros (updown) starts with flat scores: sharpen
-        # it until its first step's logits spread at least as far as the others'.
+        # Some decoders start with flat scores (show_tell; updown, whose states start at
+        # zero): sharpen those until their first step's log-probabilities spread by 2 or more.
         state = model.eval().init_state(features(4))
         logits = model.step(torch.full((4,), BOS), state)[0]
         model.output.weight.mul_(max(1.0, 2.0 / float(logits.std(dim=-1).mean())))
