@@ -1,6 +1,6 @@
 """Training-side speed: the encoder, the feature cache and the decoder training step.
 
-- encoder: images/s of `lite0` (and `lite2`) on a batch of 32 preprocessed images;
+- encoder: images/s of each encoder (`lite0`, `lite2`, `lite2_260`) on a batch of 32 preprocessed images;
 - feature caching: wall time of `build_features` for N real image files (PNG decoding,
   preprocessing and encoding), with 0 and 2 decoding workers; a second call shows the
   cache hit (no work);
@@ -29,6 +29,8 @@ import torch
 
 from benchmarks import write_report
 from captioning.config import load_params, reports_dir
+from captioning.encoder import ENCODERS
+from captioning.models import MODELS
 
 VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
 
@@ -137,12 +139,12 @@ def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str,
         },
         "encoder": {}, "training": {},
     }
-    for name in ("lite0", "lite2"):
+    for name in ENCODERS:
         report["encoder"][name] = bench_encoder(name)
         print("encoder", name, json.dumps(report["encoder"][name]), flush=True)
     report["feature_caching"] = bench_caching(images)
     print("caching", json.dumps(report["feature_caching"]), flush=True)
-    for decoder in ("show_tell", "attention", "transformer"):
+    for decoder in MODELS:
         report["training"][decoder] = bench_training(decoder, model_params, steps)
         print("training", decoder, json.dumps(report["training"][decoder]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
