@@ -530,16 +530,18 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
 
     With `resume`, an existing out_dir/checkpoint.pt from the same params is continued
     (or, when that run has finished, its result is returned without training).
-    With `model.ensemble` (more decoder names) each decoder trains in turn, in
-    out_dir/members/<n>-<decoder> with seed train.seed + n, and out_dir/model is their Ensemble.
+    With `model.ensemble` (more decoders) each decoder trains in turn, in
+    out_dir/members/<n>-<decoder> with seed train.seed + n and its own overrides of the
+    `model` and `train` settings, and out_dir/model is their Ensemble.
     The per-epoch history is also written to out_dir/history.json.
     """
     from captioning.config import artifacts_dir
-    from captioning.models import member_configs
+    from captioning.models import ensemble_members, member_configs
 
     out_dir = Path(out_dir) if out_dir else artifacts_dir() / "train"
     try:
-        members = member_configs(params.get("model") or {})
+        member_configs(params.get("model") or {})  # checks every member's settings before any training
+        members = ensemble_members(params.get("model") or {})
     except ValueError as error:
         raise TrainingError(str(error)) from None
     if len(members) == 1:
@@ -589,16 +591,23 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
     from captioning.package import load_package
 
     train_p = params.get("train") or {}
-    if int(train_p.get("finetune_blocks", 0) or 0):
-        raise TrainingError("an ensemble (model.ensemble) needs a frozen encoder (train.finetune_blocks 0): "
-                            "its members read the same cached features")
-    relay = _MemberRelay(callbacks, params)
-    results, history = [], []
     seed = int(train_p.get("seed", 42))
+    runs = []
     for number, member in enumerate(members):
         member_params = copy.deepcopy(params)
-        member_params["model"].update(decoder=member["decoder"], ensemble=[])
+        member_params["model"].update(member["model"], decoder=member["decoder"], ensemble=[])
         member_params["train"]["seed"] = seed + number
+        unknown = sorted(set(member["train"]) - set(train_p))
+        if unknown:
+            raise TrainingError(f"ensemble member {number} ({member['decoder']}) sets unknown train settings {unknown}")
+        member_params["train"].update(member["train"])
+        if int(member_params["train"].get("finetune_blocks", 0) or 0):
+            raise TrainingError("an ensemble (model.ensemble) needs a frozen encoder (train.finetune_blocks 0): "
+                                "its members read the same cached features")
+        runs.append(member_params)
+    relay = _MemberRelay(callbacks, params)
+    results, history = [], []
+    for number, (member, member_params) in enumerate(zip(members, runs)):
         member_dir = out_dir / "members" / f"{number}-{member['decoder']}"
         result = _train_one(member_params, [relay], member_dir, resume)
         history += [{**row, "epoch": relay.epochs + row["epoch"], "member": number} for row in result.history]

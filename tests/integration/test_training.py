@@ -282,3 +282,18 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
     params["train"]["finetune_blocks"] = 1
     with pytest.raises(TrainingError, match="frozen encoder"):
         train(params, out_dir=tmp_path / "other")
+
+
+def test_ensemble_members_take_their_own_settings(tmp_path):
+    params = tiny_params("show_tell", epochs=1)
+    params["model"]["ensemble"] = [{"decoder": "show_tell", "model": {"embed_dim": 16}, "train": {"epochs": 2}}]
+    with synthetic_data():
+        result = train(params, out_dir=tmp_path / "run", resume=False)
+    assert [(row["member"], row["epoch"]) for row in result.history[:-1]] == [(0, 1), (1, 2), (1, 3)]
+    _, _, config = load_package(result.package_dir)
+    assert [m["embed_dim"] for m in config["model"]["members"]] == [params["model"]["embed_dim"], 16]
+
+    params["model"]["ensemble"] = [{"decoder": "show_tell", "train": {"epochs_typo": 2}}]
+    with synthetic_data(), pytest.raises(TrainingError, match=r"member 1 \(show_tell\) sets unknown train settings"):
+        train(params, out_dir=tmp_path / "typo", resume=False)
+    assert not (tmp_path / "typo" / "members").exists()  # refused before any member trained

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captioning.decoding import beam_search, greedy
-from captioning.models import Ensemble, build_model, ensemble_config, member_configs
+from captioning.models import Ensemble, build_model, ensemble_config, ensemble_members, member_configs
 from captioning.package import load_package, save_package
 from captioning.vocab import BOS, Vocabulary
 
@@ -82,6 +82,15 @@ def test_configs():
         member_configs({"decoder": "attention", "ensemble": "transformer"})
     with pytest.raises(ValueError, match="unknown decoder 'lstm'"):
         member_configs({"decoder": "attention", "ensemble": ["lstm"]})
+    own = {**section, "ensemble": [{"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}]}
+    assert [c["layers"] for c in member_configs(own)] == [TINY["layers"], 3]
+    assert ensemble_members(own)[1] == {"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}
+    assert ensemble_members(section)[1] == {"decoder": "transformer", "model": {}, "train": {}}
+    for entry, message in [({"model": {}}, "mapping with `decoder`"), ({"decoder": "attention", "data": {}}, "unknown keys"),
+                           ({"decoder": "attention", "model": {"size": 3}}, "unknown model settings"),
+                           ({"decoder": "attention", "train": 5}, "must be mappings")]:
+        with pytest.raises(ValueError, match=message):
+            member_configs({**section, "ensemble": [entry]})
     with pytest.raises(ValueError, match="at least two"):
         build_model({"decoder": "ensemble", "members": [{"decoder": "attention"}]}, VOCAB, CHANNELS)
     nested = {"decoder": "ensemble", "members": [{"decoder": "attention"}, {"decoder": "attention"}]}

@@ -15,8 +15,10 @@ def test_full_profile_overrides_existing_params():
     assignments = profile_overrides(params, "full")
     assert assignments and all("=" in item for item in assignments)
     full = override(params, assignments)
-    assert full["train"]["epochs"] == 5 and full["model"]["ensemble"] == ["transformer"]
-    assert full["model"]["decoder"] == params["model"]["decoder"] and full["decoding"]["length_penalty"] == 0.7
+    assert full["train"]["epochs"] == 5 and full["train"]["scst_epochs"] == 1
+    # The mapping entry survives the round trip through `section.key=value` text.
+    assert full["model"]["ensemble"] == [{"decoder": "transformer", "train": {"scst_epochs": 0}}]
+    assert full["model"]["decoder"] == params["model"]["decoder"] and full["decoding"]["length_penalty"] == 1.0
 
 
 def test_profile_command_prints_dvc_flags_and_refuses_unknown_names(tmp_path):
