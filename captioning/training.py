@@ -536,12 +536,11 @@ def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path 
     The per-epoch history is also written to out_dir/history.json.
     """
     from captioning.config import artifacts_dir
-    from captioning.models import ensemble_members, member_configs
+    from captioning.models import ensemble_members
 
     out_dir = Path(out_dir) if out_dir else artifacts_dir() / "train"
     try:
-        member_configs(params.get("model") or {})  # checks every member's settings before any training
-        members = ensemble_members(params.get("model") or {})
+        members = ensemble_members(params.get("model") or {})  # every member's settings checked before training
     except ValueError as error:
         raise TrainingError(str(error)) from None
     if len(members) == 1:

@@ -39,7 +39,8 @@ MEMBER_SECTIONS = ("model", "train")
 
 
 def ensemble_members(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """The decoders a `model:` section trains, each as {"decoder", "model", "train"}: first
+    """The decoders a `model:` section trains, each as {"decoder", "model", "train", "config"} (the
+    last its checked model config): first
     `decoder` with the section's settings, then each entry of `ensemble`. An entry is a decoder
     name, or a mapping with `decoder` and settings of the `model` and `train` sections that
     apply to that member alone, e.g. {decoder: transformer, train: {scst_epochs: 0}}."""
@@ -63,13 +64,14 @@ def ensemble_members(section: dict[str, Any]) -> list[dict[str, Any]]:
         if unknown:
             raise ValueError(f"model.ensemble entry {entry!r}: unknown model settings {unknown}")
         members.append({"decoder": entry["decoder"], **overrides})
+    for member in members:
+        member["config"] = model_config({**section, **member["model"], "decoder": member["decoder"]})
     return members
 
 
 def member_configs(section: dict[str, Any]) -> list[dict[str, Any]]:
     """The checked model configs of `ensemble_members(section)`. One entry: a single model, no ensemble."""
-    return [model_config({**section, **member["model"], "decoder": member["decoder"]})
-            for member in ensemble_members(section)]
+    return [member["config"] for member in ensemble_members(section)]
 
 
 def ensemble_config(members: list[dict[str, Any]]) -> dict[str, Any]:

@@ -84,8 +84,10 @@ def test_configs():
         member_configs({"decoder": "attention", "ensemble": ["lstm"]})
     own = {**section, "ensemble": [{"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}]}
     assert [c["layers"] for c in member_configs(own)] == [TINY["layers"], 3]
-    assert ensemble_members(own)[1] == {"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}
-    assert ensemble_members(section)[1] == {"decoder": "transformer", "model": {}, "train": {}}
+    assert ensemble_members(own)[1] == {"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0},
+                                        "config": member_configs(own)[1]}
+    assert ensemble_members(section)[1] == {"decoder": "transformer", "model": {}, "train": {},
+                                            "config": member_configs(section)[1]}
     for entry, message in [({"model": {}}, "mapping with `decoder`"), ({"decoder": "attention", "data": {}}, "unknown keys"),
                            ({"decoder": "attention", "model": {"size": 3}}, "unknown model settings"),
                            ({"decoder": "attention", "train": 5}, "must be mappings")]:
