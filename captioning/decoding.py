@@ -165,10 +165,8 @@ def beam_search(
         features = as_features(model, features)
         batch, beams, vocab = features.size(0), beam_size, model.vocab_size
         device = features.device
-        # Static entries stay one row per image when the model can share them among its beams.
-        shared = model.static_keys if model.shared_static else ()
-        state = {k: v if k in shared else v.repeat_interleave(beams, dim=0)
-                 for k, v in model.init_state(features).items()}
+        state = model.start(features, batch * beams)
+        shared = model.static_keys if model.shared_static else ()  # entries kept one row per image
         prev = torch.full((batch * beams,), BOS, dtype=torch.long, device=device)
         # Only the first beam is real at the start, so the first step does not pick duplicates.
         beam_log_prob = torch.full((batch, beams), -math.inf, device=device)

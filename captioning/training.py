@@ -107,9 +107,25 @@ class CaptionData:
         length = int((tokens != 0).sum(1).max())
         return tokens[:, :length].to(device)
 
-    def batch(self, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices, device, per_image: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and tokens of the pairs `indices`; per_image k > 1: the pairs come as k
+        adjacent captions of each image, and the features hold one row per image."""
         indices = np.asarray(indices, dtype=np.int64)
-        return self.image_features(self.rows[indices], device), self.batch_tokens(indices, device)
+        return self.image_features(self.rows[indices[::per_image]], device), self.batch_tokens(indices, device)
+
+    def captions_per_image(self, k: int, seed: int) -> np.ndarray:
+        """(images, k) pair indices: k captions of each image, drawn without repeats while it
+        has enough (every caption once when it has exactly k), repeated when it has fewer."""
+        rng = np.random.default_rng(seed)
+        by_image = np.argsort(self.rows, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(self.rows, minlength=len(self.image_ids)))])
+        chosen = np.empty((len(self.image_ids), k), dtype=np.int64)
+        for image in range(len(self.image_ids)):
+            own = rng.permutation(by_image[starts[image]:starts[image + 1]])
+            if len(own) == 0:
+                raise TrainingError(f"image {self.image_ids[image]} has no caption")
+            chosen[image] = np.resize(own, k)
+        return chosen
 
 
 class FeatureStores(dict):
@@ -494,6 +510,8 @@ def _fingerprint(params: dict) -> str:
     if not relevant["train"].get("scst_epochs"):
         for key in _SCST_KEYS:
             relevant["train"].pop(key, None)
+    if not relevant["train"].get("captions_per_image"):
+        relevant["train"].pop("captions_per_image", None)  # 0: batches of captions, as before it existed
     if not relevant["model"].get("ensemble"):
         relevant["model"].pop("ensemble", None)  # a single decoder (or an ensemble's member)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -712,6 +730,12 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         finetune = int(train_p.get("finetune_blocks", 0) or 0)
         if finetune < 0:
             raise TrainingError(f"train.finetune_blocks must be 0 (frozen encoder) or more, not {finetune}")
+        per_image = int(train_p.get("captions_per_image", 0) or 0)
+        if per_image < 0 or per_image > batch_size:
+            raise TrainingError(f"train.captions_per_image must be 0 (batches of captions) or 1..batch_size "
+                                f"({batch_size}), not {per_image}")
+        if per_image and finetune:
+            raise TrainingError("train.captions_per_image needs cached features (train.finetune_blocks 0)")
         encoder_name = feat_p.get("encoder", "lite0")
         train_records, train_store = load_split(data_p["train_query"], feat_p, batch_size, progress, rank,
                                                 cache=not finetune)
@@ -756,10 +780,14 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             [{"params": list(model.parameters())}, *groups],
             lr=float(train_p.get("lr", 5e-4)), weight_decay=float(train_p.get("weight_decay", 0.0)),
         )
+        # captions_per_image k: the sampler draws images, each step takes batch_size // k of them
+        # with k captions each, and the decoder does its image-side work once per image.
+        step_items = batch_size // per_image if per_image else batch_size  # images or captions per step
         sampler = torch.utils.data.DistributedSampler(
-            range(len(train_data)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False
+            range(len(train_data.image_ids) if per_image else len(train_data)), num_replicas=world, rank=rank,
+            shuffle=True, seed=seed, drop_last=False
         )
-        steps_per_epoch = math.ceil(len(sampler) / batch_size)
+        steps_per_epoch = math.ceil(len(sampler) / step_items)
         epochs = int(train_p.get("epochs", 8))
         total_steps = epochs * steps_per_epoch
         warmup = int(train_p.get("warmup_steps", 0))
@@ -846,7 +874,11 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             else:
                 sampler.set_epoch(epoch)
                 order = list(sampler)
-                batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+                batches = [order[i: i + step_items] for i in range(0, len(order), step_items)]
+                if per_image:
+                    # Each batch of images as its pairs: k adjacent captions per image.
+                    captions = train_data.captions_per_image(per_image, seed + epoch)
+                    batches = [captions[images].reshape(-1).tolist() for images in batches]
             model.train()
             pixels = None
             if encoder is not None:
@@ -866,7 +898,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                                               int(decoding_p.get("max_length", 20)), grad_clip, scst_top_k)
                     state["reward_sum"] += reward
                 elif pixels is None:
-                    feats, tokens = train_data.batch(batches[index], device)
+                    feats, tokens = train_data.batch(batches[index], device, max(1, per_image))
                 else:
                     feats = next(pixels).to(device, non_blocking=True)
                     tokens = train_data.batch_tokens(batches[index], device)

@@ -70,7 +70,7 @@ class SoftAttention(CaptionModel):
         return logits, {**state, "h": h, "c": c}, alpha
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.init_state(features)
+        state = self.start(features, tokens.size(0))
         logits, alphas = [], []
         for t in range(tokens.size(1)):
             step_logits, state, alpha = self._advance(tokens[:, t], state)

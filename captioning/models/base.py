@@ -47,10 +47,28 @@ class CaptionModel(nn.Module, abc.ABC):
         weight = self.output.weight
         return features.to(device=weight.device, dtype=weight.dtype)
 
+    def start(self, features: torch.Tensor, rows: int) -> State:
+        """`init_state` for `rows` caption rows, k = rows / images adjacent rows per image (the
+        captions or beams of one image). Static entries stay one row per image when the model
+        can share them (`shared_static`); every other entry is repeated k times."""
+        images = features.size(0)
+        if images == 0 or rows % images:
+            raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
+        state = self.init_state(features)
+        if rows == images:
+            return state
+        shared = self.static_keys if self.shared_static else ()
+        return {key: value if key in shared else value.repeat_interleave(rows // images, dim=0)
+                for key, value in state.items()}
+
     @abc.abstractmethod
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: `tokens` (B, T) start with BOS; returns logits (B, T, V) where
-        position t scores the token after tokens[:, t], and an auxiliary loss (scalar)."""
+        position t scores the token after tokens[:, t], and an auxiliary loss (scalar).
+
+        `features` hold B rows, or one row per k adjacent token rows (B / k images, each with k
+        captions): the image-side work is then done once per image, with the same result as
+        repeating each image's features k times."""
 
     @abc.abstractmethod
     def init_state(self, features: torch.Tensor) -> State:

@@ -36,7 +36,7 @@ class ShowTell(CaptionModel):
         return self.output(self.dropout(h)), {"h": h, "c": c}
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.init_state(features)
+        state = self.start(features, tokens.size(0))
         logits = []
         for t in range(tokens.size(1)):
             step_logits, state = self._advance(tokens[:, t], state)

@@ -75,9 +75,39 @@ class TransformerCaptioner(CaptionModel):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         memory = self._memory(features)
         mask = nn.Transformer.generate_square_subsequent_mask(tokens.size(1), device=tokens.device)
-        x = self.decoder(self._embed(tokens, 0), memory, tgt_mask=mask, tgt_is_causal=True)
+        if tokens.size(0) == memory.size(0):
+            x = self.decoder(self._embed(tokens, 0), memory, tgt_mask=mask, tgt_is_causal=True)
+        else:
+            x = self._decode_shared(self._embed(tokens, 0), memory, mask)
         logits = self.output(self.final_norm(x))
         return logits, logits.new_zeros(())
+
+    def _decode_shared(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pre-norm decoder layers for k adjacent caption rows per image row of `memory`:
+        each image's cross-attention keys and values are projected once for its k captions
+        (same weights and result as `self.decoder` on memory repeated k times)."""
+        images, (rows, length, _) = memory.size(0), x.shape
+        if rows % images:
+            raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
+        k = rows // images
+        for layer in self.decoder.layers:
+            normed = layer.norm1(x)
+            attended = layer.self_attn(normed, normed, normed, attn_mask=mask, is_causal=True, need_weights=False)[0]
+            x = x + layer.dropout1(attended)
+            cross = layer.multihead_attn
+            query = self._heads(cross, layer.norm2(x), 0)  # (rows, heads, T, d)
+            # An image's k captions as one query sequence of k * T positions over its features.
+            query = query.view(images, k, cross.num_heads, length, cross.head_dim).transpose(1, 2)
+            query = query.reshape(images, cross.num_heads, k * length, cross.head_dim)
+            weights = torch.softmax(query @ self._heads(cross, memory, 1).transpose(-1, -2)
+                                    / math.sqrt(cross.head_dim), dim=-1)
+            weights = F.dropout(weights, cross.dropout, self.training)
+            mixed = weights @ self._heads(cross, memory, 2)  # (images, heads, k * T, d)
+            mixed = mixed.view(images, cross.num_heads, k, length, cross.head_dim).permute(0, 2, 3, 1, 4)
+            x = x + layer.dropout2(cross.out_proj(mixed.reshape(rows, length, cross.embed_dim)))
+            hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
+            x = x + layer.dropout3(layer.linear2(hidden))
+        return x
 
     def init_state(self, features: torch.Tensor) -> State:
         memory = self._memory(features)

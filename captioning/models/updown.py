@@ -65,7 +65,7 @@ class UpDown(CaptionModel):
         return logits, {**state, "h1": h1, "c1": c1, "h2": h2, "c2": c2}, alpha.view(h1.size(0), -1)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = self.init_state(features)
+        state = self.start(features, tokens.size(0))
         logits = []
         for t in range(tokens.size(1)):
             step_logits, state, _ = self._advance(tokens[:, t], state)

@@ -220,6 +220,44 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
         train({**params, "train": {**params["train"], "finetune_blocks": 1}}, out_dir=tmp_path / "ft", resume=False)
 
 
+def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
+    # Steps of 12 images with all 5 of their captions; killed mid-epoch and resumed.
+    params = tiny_params("transformer", epochs=2, batch_size=64, checkpoint_every=3, captions_per_image=5)
+    class Start:
+        def on_train_start(self, info):
+            self.info = info
+
+    start = Start()
+    with synthetic_data() as data:
+        uninterrupted = train(params, [start], out_dir=tmp_path / "full", resume=False)
+    images = start.info["train_images"]
+    assert start.info["train_pairs"] == 5 * images  # so each epoch draws every caption once
+    steps = -(-images // 12)
+    assert start.info["steps_per_epoch"] == steps
+    assert [h["step"] for h in uninterrupted.history] == [steps, 2 * steps]
+    assert uninterrupted.best["val_CIDEr"] > 100  # the synthetic captions are learnable; a random model scores ~0
+
+    params_file = tmp_path / "params.json"
+    params_file.write_text(json.dumps(params))
+    env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(steps + 4)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the second epoch
+    with synthetic_data():
+        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+    final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
+    assert [h["val_CIDEr"] for h in resumed.history] == [h["val_CIDEr"] for h in uninterrupted.history]
+
+    for bad, message in [({"captions_per_image": 65}, "1..batch_size"), ({"captions_per_image": -1}, "1..batch_size"),
+                         ({"finetune_blocks": 1}, "needs cached features")]:
+        with synthetic_data(), pytest.raises(TrainingError, match=message):
+            train({**params, "train": {**params["train"], **bad}}, out_dir=tmp_path / "bad", resume=False)
+
+
 def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
     # A learning rate of ~0 leaves the model as it was: epoch 2 is no better than epoch 1, and
     # with patience 1 the cross-entropy phase stops there, a planned epoch early.

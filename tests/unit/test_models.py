@@ -60,6 +60,28 @@ def test_step_matches_teacher_forcing(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
+def test_features_shared_by_an_images_captions(decoder):
+    """One feature row for k adjacent caption rows gives the logits, loss and gradients of
+    repeating that row k times (training with train.captions_per_image)."""
+    model = tiny(decoder).eval()
+    features, tokens = torch.randn(3, POSITIONS, CHANNELS), random_tokens(12, 6)
+    shared_logits, shared_aux = model(features, tokens)
+    (shared_logits.logsumexp(-1).mean() + shared_aux).backward()
+    shared_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits, aux = model(features.repeat_interleave(4, dim=0), tokens)
+    (logits.logsumexp(-1).mean() + aux).backward()
+    torch.testing.assert_close(shared_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_aux, aux)
+    assert shared_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(shared_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        model(features, random_tokens(10, 6))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_state_is_batch_first(decoder):
     """Reordering the state rows reorders the next step's outputs the same way."""
     model = tiny(decoder).eval()

@@ -114,3 +114,21 @@ def test_load_split_gives_one_store_per_dataset(tmp_path):
     assert stores["feedback"].root == tmp_path / "features" / "lite0" / "feedback"
     assert stores["feedback"].ids == [stored.image_sha256]
     assert set(stores["synthetic"].ids) == {r.image_id for r in records[:2]}
+
+
+def test_captions_per_image_draws_each_images_own_captions(union):
+    records, stores = union
+    data = caption_data(records, stores, Vocabulary.build(["a b"], 1), 8)
+    chosen = data.captions_per_image(2, seed=0)
+    assert chosen.shape == (len(data.image_ids), 2)
+    for image, pairs in enumerate(chosen):
+        own = set(np.flatnonzero(data.rows == image))
+        assert set(pairs) <= own
+        # Two captions: both, once each; one caption: it, twice.
+        assert sorted(pairs) == sorted(own) if len(own) == 2 else list(pairs) == [min(own)] * 2
+    assert np.array_equal(chosen, data.captions_per_image(2, seed=0))  # the seed fixes the draw (exact resume)
+    # The batch holds one feature row per image, in the order of its pairs.
+    feats, tokens = data.batch(chosen[[2, 0]].reshape(-1), "cpu", per_image=2)
+    assert feats.shape == (2, POSITIONS, DIM) and tokens.shape[0] == 4
+    expected, _ = data.batch(chosen[[2, 0]].reshape(-1)[::2], "cpu")
+    assert torch.equal(feats, expected)
