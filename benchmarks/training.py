@@ -5,11 +5,13 @@
   preprocessing and encoding), with 0 and 2 decoding workers; a second call shows the
   cache hit (no work);
 - training: captions/s of `training_step` per decoder on cached-style features
-  (float16, 49 x 1280), the `model:` sizes of params.yaml, a 2500-word vocabulary and
-  12-word captions (Flickr8k-like), batch 64; and the share of the time spent
-  assembling batches (`CaptionData.batch`).
+  (float16, 49 x 1280 by default: `--positions 81` for lite2_260), the `model:` sizes of
+  params.yaml, a 2500-word vocabulary and 12-word captions (Flickr8k-like), batch 64; and
+  the share of the time spent assembling batches (`CaptionData.batch`). Measured twice:
+  batches of shuffled captions, and `train.captions_per_image: 5` (12 images x 5 captions
+  a step, the image-side work done once per image).
 
-    python -m benchmarks.training [--threads 2] [--images 96] [--output reports/benchmark_training.json]
+    python -m benchmarks.training [--threads 2] [--images 96] [--positions 49] [--output reports/benchmark_training.json]
 """
 
 from __future__ import annotations
@@ -89,13 +91,14 @@ def bench_caching(count: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 2048) -> dict[str, Any]:
+def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 2050, positions: int = 49,
+                   per_image: int = 0) -> dict[str, Any]:
     from captioning.models import build_model
     from captioning.training import CaptionData, lr_factor, training_step
 
     generator = torch.Generator().manual_seed(0)
     images = (pairs + 4) // 5
-    features = (torch.randn(images, 49, 1280, generator=generator) * 0.5).half()
+    features = (torch.randn(images, positions, 1280, generator=generator) * 0.5).half()
     tokens = torch.zeros(pairs, CAPTION_WORDS + 2, dtype=torch.long)
     tokens[:, 0] = 1
     tokens[:, 1: CAPTION_WORDS + 1] = torch.randint(4, VOCAB_SIZE, (pairs, CAPTION_WORDS), generator=generator)
@@ -108,26 +111,38 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 10, 1000))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    order = torch.randperm(pairs, generator=generator).tolist()
     device = torch.device("cpu")
+    if per_image:
+        # Steps of BATCH // per_image images, each with per_image adjacent captions.
+        step_images = BATCH // per_image
+        captions = data.captions_per_image(per_image, 0)
+        order = torch.randperm(images, generator=generator).numpy()
+        batches = [captions[order[i: i + step_images]].reshape(-1).tolist()
+                   for i in range(0, images - step_images + 1, step_images)]
+    else:
+        order = torch.randperm(pairs, generator=generator).tolist()
+        batches = [order[i: i + BATCH] for i in range(0, pairs - BATCH + 1, BATCH)]
     data_time = step_time = 0.0
+    captions_done = 0
     for step in range(steps + 1):
-        batch = order[(step * BATCH) % pairs:][:BATCH] or order[:BATCH]
+        batch = batches[step % len(batches)]
         tick = time.perf_counter()
-        feats, toks = data.batch(batch, device)
+        feats, toks = data.batch(batch, device, max(1, per_image))
         tock = time.perf_counter()
         training_step(model, optimizer, scheduler, scaler, feats, toks, 0.1, 1.0, 5.0)
         done = time.perf_counter()
         if step > 0:  # the first step pays for allocations
             data_time += tock - tick
             step_time += done - tock
+            captions_done += len(batch)
     total = data_time + step_time
-    return {"steps": steps, "batch": BATCH, "captions_per_s": round(steps * BATCH / total, 1),
+    return {"steps": steps, "captions_per_step": len(batches[0]), "positions": positions,
+            "captions_per_image": per_image, "captions_per_s": round(captions_done / total, 1),
             "seconds_per_step": round(total / steps, 4), "data_time_share": round(data_time / total, 4),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str, Any]:
+def run(threads: int, images: int, steps: int, output: Path | None, positions: int = 49) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model_params = load_params()["model"]
     report: dict[str, Any] = {
@@ -137,7 +152,7 @@ def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str,
             "load_average_at_start": list(os.getloadavg()), "model": model_params,
             "vocab_size": VOCAB_SIZE, "caption_words": CAPTION_WORDS,
         },
-        "encoder": {}, "training": {},
+        "encoder": {}, "training": {}, "training_captions_per_image_5": {},
     }
     for name in ENCODERS:
         report["encoder"][name] = bench_encoder(name)
@@ -145,8 +160,9 @@ def run(threads: int, images: int, steps: int, output: Path | None) -> dict[str,
     report["feature_caching"] = bench_caching(images)
     print("caching", json.dumps(report["feature_caching"]), flush=True)
     for decoder in MODELS:
-        report["training"][decoder] = bench_training(decoder, model_params, steps)
-        print("training", decoder, json.dumps(report["training"][decoder]), flush=True)
+        for key, per_image in (("training", 0), ("training_captions_per_image_5", 5)):
+            report[key][decoder] = bench_training(decoder, model_params, steps, positions=positions, per_image=per_image)
+            print(key, decoder, json.dumps(report[key][decoder]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
     write_report(report, "training", output)
     return report
@@ -157,9 +173,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=96, help="image files for the caching benchmark")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per decoder")
+    parser.add_argument("--positions", type=int, default=49, help="feature positions: 49 (7 x 7), 81 (lite2_260)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    run(args.threads, args.images, args.steps, args.output)
+    run(args.threads, args.images, args.steps, args.output, args.positions)
     print(f"wrote {args.output or reports_dir() / 'benchmark_training.json'}")
 
 
