@@ -52,11 +52,11 @@ class CaptionModel(nn.Module, abc.ABC):
         captions or beams of one image). Static entries stay one row per image when the model
         can share them (`shared_static`); every other entry is repeated k times."""
         images = features.size(0)
+        if rows == images:
+            return self.init_state(features)
         if images == 0 or rows % images:
             raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
         state = self.init_state(features)
-        if rows == images:
-            return state
         shared = self.static_keys if self.shared_static else ()
         return {key: value if key in shared else value.repeat_interleave(rows // images, dim=0)
                 for key, value in state.items()}
