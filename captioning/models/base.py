@@ -16,6 +16,13 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
+def rows_per_image(rows: int, images: int) -> int:
+    """k, when `rows` caption rows are k adjacent rows for each of `images` images."""
+    if images == 0 or rows % images:
+        raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
+    return rows // images
+
+
 class CaptionModel(nn.Module, abc.ABC):
     """A decoder from image features (B, N, C) to words.
 
@@ -51,15 +58,12 @@ class CaptionModel(nn.Module, abc.ABC):
         """`init_state` for `rows` caption rows, k = rows / images adjacent rows per image (the
         captions or beams of one image). Static entries stay one row per image when the model
         can share them (`shared_static`); every other entry is repeated k times."""
-        images = features.size(0)
-        if rows == images:
+        if rows == features.size(0):
             return self.init_state(features)
-        if images == 0 or rows % images:
-            raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
-        state = self.init_state(features)
+        k = rows_per_image(rows, features.size(0))
         shared = self.static_keys if self.shared_static else ()
-        return {key: value if key in shared else value.repeat_interleave(rows // images, dim=0)
-                for key, value in state.items()}
+        return {key: value if key in shared else value.repeat_interleave(k, dim=0)
+                for key, value in self.init_state(features).items()}
 
     @abc.abstractmethod
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.models.base import CaptionModel, State
+from captioning.models.base import CaptionModel, State, rows_per_image
 from captioning.vocab import PAD
 
 # Learned embeddings for up to this many feature positions (7x7 = 49 for the encoders here).
@@ -86,25 +86,18 @@ class TransformerCaptioner(CaptionModel):
         """The pre-norm decoder layers for k adjacent caption rows per image row of `memory`:
         each image's cross-attention keys and values are projected once for its k captions
         (same weights and result as `self.decoder` on memory repeated k times)."""
-        images, (rows, length, _) = memory.size(0), x.shape
-        if rows % images:
-            raise ValueError(f"{rows} caption rows cannot be split evenly among {images} images")
-        k = rows // images
+        images, (rows, length, width) = memory.size(0), x.shape
+        k = rows_per_image(rows, images)
         for layer in self.decoder.layers:
             normed = layer.norm1(x)
             attended = layer.self_attn(normed, normed, normed, attn_mask=mask, is_causal=True, need_weights=False)[0]
             x = x + layer.dropout1(attended)
             cross = layer.multihead_attn
-            query = self._heads(cross, layer.norm2(x), 0)  # (rows, heads, T, d)
             # An image's k captions as one query sequence of k * T positions over its features.
-            query = query.view(images, k, cross.num_heads, length, cross.head_dim).transpose(1, 2)
-            query = query.reshape(images, cross.num_heads, k * length, cross.head_dim)
-            weights = torch.softmax(query @ self._heads(cross, memory, 1).transpose(-1, -2)
-                                    / math.sqrt(cross.head_dim), dim=-1)
-            weights = F.dropout(weights, cross.dropout, self.training)
-            mixed = weights @ self._heads(cross, memory, 2)  # (images, heads, k * T, d)
-            mixed = mixed.view(images, cross.num_heads, k, length, cross.head_dim).permute(0, 2, 3, 1, 4)
-            x = x + layer.dropout2(cross.out_proj(mixed.reshape(rows, length, cross.embed_dim)))
+            query = self._heads(cross, layer.norm2(x).reshape(images, k * length, width), 0)
+            attended, _ = self._attend(cross, query, self._heads(cross, memory, 1), self._heads(cross, memory, 2),
+                                       cross.dropout if self.training else 0.0)
+            x = x + layer.dropout2(attended.reshape(rows, length, width))
             hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
             x = x + layer.dropout3(layer.linear2(hidden))
         return x
@@ -152,9 +145,11 @@ class TransformerCaptioner(CaptionModel):
 
     @staticmethod
     def _attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                values: torch.Tensor, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled dot-product attention with the module's output projection; returns the
-        output (B, Lq, D) and the weights (B, heads, Lq, Lk)."""
+        output (B, Lq, D) and the weights (B, heads, Lq, Lk). `dropout` on the weights as
+        nn.MultiheadAttention applies it in training (the returned weights are before it)."""
         weights = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(attention.head_dim), dim=-1)
-        mixed = (weights @ values).transpose(1, 2).reshape(query.size(0), query.size(2), attention.embed_dim)
+        dropped = F.dropout(weights, dropout) if dropout else weights
+        mixed = (dropped @ values).transpose(1, 2).reshape(query.size(0), query.size(2), attention.embed_dim)
         return attention.out_proj(mixed), weights
