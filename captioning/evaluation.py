@@ -307,8 +307,8 @@ def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: s
 
 
 def caption_records(captioner, store, records, beam_size: int, max_length: int,
-                    batch_size: int, return_attention: bool = False) -> list[dict]:
-    """Caption records from cached features, batch by batch."""
+                    batch_size: int, return_attention: bool = False, rerank: str | None = None) -> list[dict]:
+    """Caption records from cached features, batch by batch (`rerank` None: the package's)."""
     import torch
 
     outputs: list[dict] = []
@@ -316,7 +316,8 @@ def caption_records(captioner, store, records, beam_size: int, max_length: int,
         ids = [r.image_id for r in records[start:start + batch_size]]
         features = torch.from_numpy(store.get(ids).astype("float32"))
         outputs.extend(captioner.caption_features(
-            features, beam_size=beam_size, max_length=max_length, return_attention=return_attention))
+            features, beam_size=beam_size, max_length=max_length, return_attention=return_attention,
+            rerank=rerank))
     return outputs
 
 
@@ -330,8 +331,11 @@ def evaluate_model(
     encoder: str | None = None,
     meteor=None,
     feature_dir: str | Path | None = None,
+    rerank: str | None = None,
 ) -> EvaluationResult:
     """Caption a data query with a model (package folder or models:/ URI) and score it.
+
+    Unset decoding settings (beam_size, max_length, rerank) are the package's own.
 
     Features come from the feature cache (computed once per image and encoder; a package
     with a fine-tuned encoder gets a store of its own encoder's features).
@@ -343,11 +347,11 @@ def evaluate_model(
         if meteor is None:
             meteor = stack.enter_context(meteor_process())
         return _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images,
-                               encoder, meteor, feature_dir)
+                               encoder, meteor, feature_dir, rerank)
 
 
 def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
-                    meteor, feature_dir) -> EvaluationResult:
+                    meteor, feature_dir, rerank) -> EvaluationResult:
     from captioning.config import load_params
     from captioning.predict import Captioner
 
@@ -358,6 +362,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     # Unset decoding settings: the package's own defaults.
     beam_size = int(beam_size or captioner.beam_size)
     max_length = int(max_length or captioner.max_length)
+    rerank = rerank or captioner.rerank
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
         raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
                               f"it cannot be evaluated on {encoder} features")
@@ -367,7 +372,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
     feature_seconds = time.perf_counter() - started
 
-    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size)
+    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size, rerank=rerank)
     predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
     caption_seconds = time.perf_counter() - started - feature_seconds
     references = references_of(records)
@@ -376,17 +381,17 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     result = EvaluationResult(metrics, predictions, references, per_image,
                               paths={r.image_id: r.path for r in records})
     result.attention = _attention_for(result, captioner, store, records, beam_size, max_length,
-                                      attention_images)
+                                      attention_images, rerank)
     result.info = {
         "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "encoder": key, "seconds": round(time.perf_counter() - started, 2),
+        "length_penalty": captioner.length_penalty, "rerank": rerank, "encoder": key, "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
     }
     return result
 
 
-def _attention_for(result, captioner, store, records, beam_size, max_length, count) -> dict[str, dict]:
+def _attention_for(result, captioner, store, records, beam_size, max_length, count, rerank) -> dict[str, dict]:
     """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
     if count <= 0:
         return {}
@@ -394,7 +399,7 @@ def _attention_for(result, captioner, store, records, beam_size, max_length, cou
     chosen = list(dict.fromkeys(ranked[: (count + 1) // 2] + ranked[::-1][: count // 2]))
     by_id = {r.image_id: r for r in records}
     outputs = caption_records(captioner, store, [by_id[i] for i in chosen], beam_size, max_length,
-                              batch_size=len(chosen), return_attention=True)
+                              batch_size=len(chosen), return_attention=True, rerank=rerank)
     return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
 
 

@@ -4,7 +4,9 @@ A package is `config.json` (model section, encoder, decoding defaults, vocabular
 fingerprint, parameter shapes, format version), `vocab.json` and `weights.pt` (a plain
 state dict). A model trained with a fine-tuned encoder also carries `encoder.pt` (the
 whole backbone in timm's layout), named with its fingerprint in `encoder_weights`;
-without it the package uses the pretrained encoder. Loading checks every piece against
+without it the package uses the pretrained encoder. `ngrams.json` holds the document
+frequencies of the training captions' n-grams, which consensus reranking of a beam weighs
+n-grams with (`decoding.rerank: consensus`). Loading checks every piece against
 the others and refuses a mismatch with PackageError rather than running a model with
 the wrong vocabulary, layers or encoder.
 """
@@ -25,6 +27,7 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
 ENCODER_FILE = "encoder.pt"
+NGRAMS_FILE = "ngrams.json"
 
 
 class PackageError(ValueError):
@@ -32,12 +35,13 @@ class PackageError(ValueError):
 
 
 def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any],
-                 encoder: torch.nn.Module | None = None) -> Path:
+                 encoder: torch.nn.Module | None = None, frequencies=None) -> Path:
     """Write a package folder (replacing an existing one only once the new one is complete).
 
     `config` holds at least `model` (the params section build_model takes) and
     `encoder`; `decoding` defaults and any other JSON-able keys (metrics, data) are kept.
     `encoder`: a fine-tuned Encoder whose weights the package carries (None: the pretrained one).
+    `frequencies`: the training captions' NgramFrequencies, for consensus reranking.
     """
     directory = Path(directory)
     if "model" not in config or "encoder" not in config:
@@ -58,6 +62,10 @@ def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: d
         weights_sha256=_sha256(tmp / WEIGHTS_FILE),
     )
     full.pop("encoder_weights", None)  # describes only the file written here
+    full.pop("ngrams_sha256", None)
+    if frequencies is not None:
+        (tmp / NGRAMS_FILE).write_text(json.dumps(frequencies.to_dict(), separators=(",", ":")), encoding="utf-8")
+        full["ngrams_sha256"] = _sha256(tmp / NGRAMS_FILE)
     if encoder is not None:
         full["encoder_weights"] = _save_encoder(_unwrap(encoder), tmp / ENCODER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -99,6 +107,21 @@ def load_package(directory: str | Path, device: torch.device | str = "cpu"):
     model.to(device).eval()
     encoder_weights(directory, config)  # a fine-tuned encoder must be there, intact
     return model, vocab, config
+
+
+def load_frequencies(directory: str | Path, config: dict[str, Any]):
+    """The package's NgramFrequencies (checked against its checksum), or None when it has none."""
+    from captioning.cider import NgramFrequencies
+
+    if not config.get("ngrams_sha256"):
+        return None
+    path = Path(directory) / NGRAMS_FILE
+    if not path.is_file() or _sha256(path) != config["ngrams_sha256"]:
+        raise PackageError(f"{path} is missing or does not match the checksum in {CONFIG_FILE}")
+    try:
+        return NgramFrequencies.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise PackageError(f"{path} cannot be read: {error}") from None
 
 
 def encoder_weights(directory: str | Path, config: dict[str, Any]) -> Path | None:

@@ -26,10 +26,14 @@ class Captioner:
     `version` is the registry version the package came from, or "local".
     `encoder_weights`: the package's fine-tuned encoder file (None: the pretrained encoder);
     `feature_key` names the encoder whose features this decoder must be given.
+    `frequencies`: the package's training n-gram frequencies (NgramFrequencies), needed when
+    the beam is reranked by consensus (`decoding.rerank`).
     """
 
     def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
-                 version: str = "local", source: str = "", encoder_weights: str | Path | None = None):
+                 version: str = "local", source: str = "", encoder_weights: str | Path | None = None,
+                 frequencies=None):
+        from captioning.decoding import check_rerank
         from captioning.config import get_device
         from captioning.package import feature_key
 
@@ -47,11 +51,13 @@ class Captioner:
         self.beam_size = int(decoding.get("beam_size", 3))
         self.max_length = int(decoding.get("max_length", 20))
         self.length_penalty = float(decoding.get("length_penalty", 0.0))
+        self.rerank = check_rerank(str(decoding.get("rerank", "none")))
+        self.frequencies = frequencies
 
     @classmethod
     def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
         """From a package folder, or a `models:/...` / `runs:/...` URI (through the registry)."""
-        from captioning.package import encoder_weights, load_package
+        from captioning.package import encoder_weights, load_frequencies, load_package
 
         text = str(source)
         version = "local"
@@ -65,7 +71,8 @@ class Captioner:
         model, vocab, config = load_package(folder)
         weights = encoder_weights(folder, config)
         encoder = _build_encoder(config["encoder"], weights) if with_encoder else None
-        return cls(model, vocab, config, encoder, device, version, text, encoder_weights=weights)
+        return cls(model, vocab, config, encoder, device, version, text, encoder_weights=weights,
+                   frequencies=load_frequencies(folder, config))
 
     @property
     def encoder(self):
@@ -103,7 +110,8 @@ class Captioner:
         return torch.cat(outputs)
 
     def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_length: int | None = None,
-                return_attention: bool = False, length_penalty: float | None = None) -> list[dict[str, Any]]:
+                return_attention: bool = False, length_penalty: float | None = None,
+                rerank: str | None = None) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
         An unreadable image raises ImageError naming its position; nothing is captioned then.
@@ -112,17 +120,27 @@ class Captioner:
         if not images:
             return []
         features = self.encode(images)
-        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty)
+        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank)
 
     def caption_features(self, features: np.ndarray | torch.Tensor, beam_size: int | None = None,
                          max_length: int | None = None, return_attention: bool = False,
-                         length_penalty: float | None = None) -> list[dict[str, Any]]:
-        """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache."""
-        from captioning.decoding import beam_search, greedy
+                         length_penalty: float | None = None, rerank: str | None = None) -> list[dict[str, Any]]:
+        """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache.
+
+        `rerank` (default: the package's `decoding.rerank`): "consensus" orders each image's
+        beam by agreement with the rest of it (`decoding.rerank_by_consensus`); "none" by score.
+        """
+        from captioning.decoding import beam_search, check_rerank, greedy, rerank_by_consensus
 
         beam = int(beam_size or self.beam_size)
         length = int(max_length or self.max_length)
         penalty = self.length_penalty if length_penalty is None else float(length_penalty)
+        consensus = check_rerank(self.rerank if rerank is None else rerank) == "consensus" and beam > 1
+        if consensus and self.frequencies is None:
+            from captioning.package import PackageError
+
+            raise PackageError(f"reranking by consensus needs the training n-gram frequencies "
+                               f"(ngrams.json), which the package from {self.source or 'memory'} does not carry")
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
         if features.dim() == 2:
             features = features.unsqueeze(0)
@@ -134,6 +152,8 @@ class Captioner:
                     hypotheses = greedy(self.model, chunk, length)
                 else:
                     hypotheses = beam_search(self.model, chunk, beam, length, penalty)
+                    if consensus:
+                        hypotheses = [rerank_by_consensus(options, self.frequencies) for options in hypotheses]
                 results.extend(self._result(options, return_attention, chunk.size(1)) for options in hypotheses)
         return results
 

@@ -10,77 +10,21 @@ distribution renormalised over them): a label-smoothed model keeps about a tenth
 probability spread over the whole vocabulary, and drawing from all of it puts a stray word
 into most samples, so their rewards say little about the words the model would choose.
 
-CIDEr-D here is the metric pycocoevalcap computes (n = 1..4, tf-idf, clipped counts,
-Gaussian length penalty, sigma 6, times 10), but its document frequencies come from the
-whole training corpus once, not from the batch being scored, so rewards are comparable
-across batches. Rewards count the end of the caption as a word (EOS closes both the
-sample and the references), so a caption cut off mid-phrase ("a man in a") earns less
-than one that ends where references end.
+The reward is `captioning.cider.CiderD` over the training references, with document
+frequencies of the whole training corpus; it counts the end of the caption as a word
+(EOS closes both the sample and the references).
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter, defaultdict
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from captioning.cider import CiderD
 from captioning.decoding import mask_log_probs
 from captioning.vocab import BOS, EOS, PAD
-
-NGRAMS = 4
-SIGMA = 6.0
-
-Tokens = Sequence[int]
-
-
-def ngram_counts(tokens: Tokens, n_max: int = NGRAMS) -> Counter:
-    tokens = tuple(tokens)
-    return Counter(tokens[i: i + n] for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
-
-
-class CiderD:
-    """CIDEr-D rewards for captions of a fixed set of images, given as token ids."""
-
-    def __init__(self, references: Sequence[Sequence[Tokens]]):
-        if not references:
-            raise ValueError("CIDEr-D needs the references of at least one image")
-        self.log_images = math.log(float(len(references)))
-        self.df: Counter = Counter()
-        counts = [[ngram_counts(ref) for ref in refs] for refs in references]
-        for image_counts in counts:
-            # Document frequency: in how many images' references an n-gram occurs.
-            self.df.update({gram for ref in image_counts for gram in ref})
-        self.references = [[self._vector(c, len(ref)) for c, ref in zip(image_counts, refs)]
-                           for image_counts, refs in zip(counts, references)]
-
-    def _vector(self, counts: Counter, length: int):
-        """(tf-idf weights per n-gram, norm per n, length) of one caption."""
-        vec: dict[tuple, float] = {}
-        norms = [0.0] * NGRAMS
-        for gram, tf in counts.items():
-            weight = tf * (self.log_images - math.log(max(1.0, float(self.df.get(gram, 0)))))
-            vec[gram] = weight
-            norms[len(gram) - 1] += weight * weight
-        return vec, [math.sqrt(value) for value in norms], length
-
-    def score(self, image: int, tokens: Tokens) -> float:
-        """CIDEr-D of one caption (token ids, no BOS/EOS/PAD) for image number `image`."""
-        vec, norms, length = self._vector(ngram_counts(tokens), len(tokens))
-        total = 0.0
-        for ref_vec, ref_norms, ref_length in self.references[image]:
-            sims = [0.0] * NGRAMS
-            for gram, weight in vec.items():
-                ref_weight = ref_vec.get(gram)
-                if ref_weight is not None:
-                    # CIDEr-D clips the candidate's counts at the reference's.
-                    sims[len(gram) - 1] += min(weight, ref_weight) * ref_weight
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))
-            total += sum(sim / (norm * ref_norm) * penalty if norm and ref_norm else 0.0
-                         for sim, norm, ref_norm in zip(sims, norms, ref_norms)) / NGRAMS
-        return 10.0 * total / len(self.references[image])
 
 
 def references_from_pairs(rows: np.ndarray, tokens: torch.Tensor, images: int) -> list[list[list[int]]]:

@@ -605,7 +605,7 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
 
     from captioning.config import get_device
     from captioning.models import Ensemble, ensemble_config
-    from captioning.package import load_package
+    from captioning.package import load_frequencies, load_package
 
     train_p = params.get("train") or {}
     seed = int(train_p.get("seed", 42))
@@ -647,7 +647,10 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
         samples = val.pop("samples")
         best = {"epoch": relay.epochs + 1, "member": "ensemble", **val}
         package_params = {**params, "model": config}
-        save_package(out_dir / PACKAGE_DIR, ensemble, vocab, _package_config(package_params, feature_dim, best))
+        # The members learnt from the same captions: the first one's n-gram frequencies are theirs.
+        frequencies = load_frequencies(results[0].package_dir, loaded[0][2])
+        save_package(out_dir / PACKAGE_DIR, ensemble, vocab, _package_config(package_params, feature_dim, best),
+                     frequencies=frequencies)
         logger.info("ensemble of %s: %s", [m["decoder"] for m in members],
                     {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
         _notify(callbacks, "on_epoch_end", relay.epochs + 1, {**val, "samples": samples})
@@ -681,6 +684,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     from tqdm import tqdm
 
     from captioning.config import get_device, use_mixed_precision
+    from captioning.decoding import check_rerank
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
@@ -692,6 +696,10 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     for key in ("train_query", "val_query"):
         if not data_p.get(key):
             raise TrainingError(f"params data.{key} is missing")
+    try:
+        check_rerank(str(decoding_p.get("rerank", "none")))  # the package would not load otherwise
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
 
     threads = int(train_p.get("threads", 0) or 0)
     previous_threads = torch.get_num_threads()
@@ -748,6 +756,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             vocab = Vocabulary.build(captions, int(vocab_p.get("min_freq", 5)))
         max_length = int(vocab_p.get("max_length", 22))
         train_data = caption_data(train_records, train_store, vocab, max_length)
+        frequencies = _ngram_frequencies(train_data)
         val_data = caption_data(val_records, val_store, vocab, max_length)
         references = references_by_key(val_records)
 
@@ -942,7 +951,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if improved:
                     state["best"] = dict(metrics)
                     save_package(package_dir, core, vocab, _package_config(params, feature_dim, metrics),
-                                 encoder=core_encoder)
+                                 encoder=core_encoder, frequencies=frequencies)
                 logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
                 metrics_with_samples = {**metrics, "samples": samples}
                 _notify(callbacks, "on_epoch_end", epoch + 1, metrics_with_samples)
@@ -989,6 +998,14 @@ def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: Cap
             group["lr"] = group["initial_lr"] * lr_scale
     references = references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids))
     return CiderD(references)
+
+
+def _ngram_frequencies(train_data: CaptionData):
+    """Document frequencies of the training captions' n-grams (packaged for consensus reranking)."""
+    from captioning.cider import NgramFrequencies
+    from captioning.scst import references_from_pairs
+
+    return NgramFrequencies.of(references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids)))
 
 
 def _package_config(params: dict, feature_dim: int, metrics: dict) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Data query (default: params data.test_query)."),
         beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (1: greedy; default params)."),
         max_length: Optional[int] = typer.Option(None, "--max-length"),
+        rerank: Optional[str] = typer.Option(None, "--rerank", help="none or consensus: how the beam's captions "
+                                             "are ordered (default: the model's decoding.rerank)."),
         batch_size: int = typer.Option(64, "--batch-size"),
         as_json: bool = typer.Option(False, "--json", help="Print metrics and details as JSON."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
@@ -80,9 +82,16 @@ def register(app: typer.Typer) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
         from captioning.evaluation import evaluate_model, save_predictions
 
+        from captioning.decoding import check_rerank
+
         query = _default_query(data)
         try:
-            result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size)
+            check_rerank(rerank or "none")
+        except ValueError as error:
+            fail(str(error))
+        try:
+            result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size,
+                                    rerank=rerank)
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
         if predictions_out:

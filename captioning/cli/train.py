@@ -49,7 +49,7 @@ def _check_selection(text: str) -> None:
 
 def features_command(
     query: str = typer.Argument(..., help="Data query, e.g. flickr8k[train+val]."),
-    encoder: Optional[str] = typer.Option(None, help="lite0, lite2 or lite2_260 (default: params features.encoder)."),
+    encoder: Optional[str] = typer.Option(None, help="lite0, lite2, lite2_260 or lite2_320 (default: params features.encoder)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder pass."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
 ) -> None:

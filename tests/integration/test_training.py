@@ -308,6 +308,12 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
     captions = {i: r["caption"] for i, r in zip(ids, captioner.caption_features(features, beam_size=3))}
     assert _bleu4(captions, references) > 25.0
 
+    # The ensemble carries its members' training n-gram frequencies, for consensus reranking.
+    member_frequencies = Captioner.load(tmp_path / "run" / "members" / members[0] / "model", with_encoder=False)
+    assert captioner.frequencies.df == member_frequencies.frequencies.df and captioner.frequencies.images > 0
+    reranked = captioner.caption_features(features, beam_size=3, rerank="consensus")
+    assert _bleu4({i: r["caption"] for i, r in zip(ids, reranked)}, references) > 25.0
+
     # Run again: every member's finished run is reused, nothing trains.
     class Steps:
         def on_batch_end(self, step, loss):

@@ -1,0 +1,104 @@
+"""CIDEr-D over token ids, the n-gram frequencies packages carry, and consensus reranking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from captioning.cider import CiderD, NgramFrequencies, consensus
+from captioning.decoding import Hypothesis, rerank_by_consensus
+from captioning.models import build_model
+from captioning.package import PackageError, load_frequencies, save_package
+from captioning.predict import Captioner
+from captioning.vocab import Vocabulary
+
+TRAINING = [
+    ["a dog runs on the grass", "a brown dog running on grass", "the dog runs outside"],
+    ["a man rides a bike", "a man on a bicycle", "a person riding a bike down the street"],
+    ["two children play in the water", "kids splash in a pool", "two kids play in water"],
+]
+
+
+def ids(vocab, text):
+    return vocab.encode(text)
+
+
+@pytest.fixture
+def vocab():
+    return Vocabulary.build([c for refs in TRAINING for c in refs], 1)
+
+
+@pytest.fixture
+def frequencies(vocab):
+    return NgramFrequencies.of([[ids(vocab, c) for c in refs] for refs in TRAINING])
+
+
+def test_frequencies_round_trip_keeps_every_weight(vocab, frequencies):
+    """n-grams of a single image are not stored, yet every caption's vector is unchanged."""
+    restored = NgramFrequencies.from_dict(json.loads(json.dumps(frequencies.to_dict())))
+    assert len(restored.df) < len(frequencies.df)
+    for caption in ["a dog runs on the grass", "a man rides a bicycle in the water", "zebra"]:
+        assert restored.vector(ids(vocab, caption)) == frequencies.vector(ids(vocab, caption))
+    references = [[ids(vocab, c) for c in refs] for refs in TRAINING]
+    assert CiderD(references, restored).score(0, ids(vocab, "a dog runs")) == pytest.approx(
+        CiderD(references).score(0, ids(vocab, "a dog runs")))
+
+
+def test_consensus_ranks_the_outlier_last(vocab, frequencies):
+    candidates = ["a dog runs on the grass", "a brown dog runs on grass", "a dog runs", "a man rides a bike"]
+    agreement = consensus([ids(vocab, c) for c in candidates], frequencies)
+    assert min(range(4), key=agreement.__getitem__) == 3
+    assert max(range(4), key=agreement.__getitem__) in (0, 1)
+    assert consensus([ids(vocab, "a dog")], frequencies) == [0.0]
+    assert consensus([], frequencies) == []
+
+
+def test_rerank_puts_the_caption_the_beam_agrees_on_first(vocab, frequencies):
+    beam = [Hypothesis(ids(vocab, text), score, score) for text, score in [
+        ("a man rides a bike", -1.0),  # most probable, but alone in what it says
+        ("a dog runs on the grass", -2.0),
+        ("a brown dog runs on grass", -2.5),
+        ("a dog runs on grass", -3.0),
+    ]]
+    reranked = rerank_by_consensus(beam, frequencies)
+    assert sorted(map(id, reranked)) == sorted(map(id, beam))
+    assert reranked[-1] is beam[0] and reranked[0] is not beam[0]
+    # Equal agreement keeps the beam's order.
+    twins = [Hypothesis(ids(vocab, "a dog"), -1.0, -1.0), Hypothesis(ids(vocab, "a dog"), -2.0, -2.0)]
+    assert rerank_by_consensus(twins, frequencies) == twins
+
+
+def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, vocab, frequencies):
+    torch.manual_seed(0)
+    model_config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
+    model = build_model(model_config, len(vocab), 32)
+    decoding = {"beam_size": 4, "max_length": 6, "rerank": "consensus"}
+    config = {"model": model_config, "encoder": "lite0", "feature_dim": 32, "decoding": decoding}
+    folder = save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies)
+    captioner = Captioner.load(folder, with_encoder=False)
+    assert captioner.rerank == "consensus"
+    assert load_frequencies(folder, captioner.config).df == {g: n for g, n in frequencies.df.items() if n > 1}
+
+    features = torch.randn(3, 5, 32)
+    plain = captioner.caption_features(features, rerank="none")
+    reranked = captioner.caption_features(features)
+    for before, after in zip(plain, reranked):
+        options = [a["caption"] for a in before["alternatives"]]
+        assert sorted(options) == sorted(a["caption"] for a in after["alternatives"])
+        agreement = consensus([vocab.encode(text) for text in options], captioner.frequencies)
+        assert after["caption"] == options[max(range(len(options)), key=agreement.__getitem__)]
+    assert captioner.caption_features(features, beam_size=1) == captioner.caption_features(features, beam_size=1,
+                                                                                           rerank="none")
+
+    # Without the frequencies, or with a damaged file, consensus is refused, not silently skipped.
+    bare = save_package(tmp_path / "bare", model, vocab, config)
+    with pytest.raises(PackageError, match="ngrams.json"):
+        Captioner.load(bare, with_encoder=False).caption_features(features)
+    assert Captioner.load(bare, with_encoder=False).caption_features(features, rerank="none")
+    (folder / "ngrams.json").write_text('{"images": 1, "ngrams": []}')
+    with pytest.raises(PackageError, match="checksum"):
+        Captioner.load(folder, with_encoder=False)
+    with pytest.raises(ValueError, match="decoding.rerank"):
+        Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank": "best"}})
