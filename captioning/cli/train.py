@@ -124,7 +124,7 @@ def train_command(
 def caption_command(
     images: list[Path] = typer.Argument(..., help="Image files."),
     model: str = typer.Option(..., "--model", help="Package folder, or models:/NAME@ALIAS / runs:/ URI."),
-    beam: int = typer.Option(3, "--beam", min=1, help="Beam size (1: greedy)."),
+    beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy; default: the model's)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Words per caption at most."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -146,7 +146,7 @@ def caption_command(
         fail(f"cannot load model {model!r}: {error}")
     try:
         results = captioner.caption([str(path) for path in images], beam_size=beam, max_length=max_length)
-    except ImageError as error:
+    except (ImageError, PackageError) as error:
         fail(str(error))
     rows = [{"image": str(path), "caption": result["caption"], "alternatives": result["alternatives"]}
             for path, result in zip(images, results)]
