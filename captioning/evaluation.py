@@ -442,8 +442,16 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def decoding_name(beam_size: int) -> str:
-    return "greedy" if beam_size <= 1 else f"beam {beam_size}"
+def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none") -> str:
+    """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus"."""
+    if beam_size <= 1:
+        return "greedy"
+    parts = [f"beam {beam_size}"]
+    if length_penalty:
+        parts.append(f"length penalty {length_penalty:g}")
+    if rerank != "none":
+        parts.append(rerank)
+    return ", ".join(parts)
 
 
 def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "comparison") -> tuple[Path, Path]:
@@ -466,5 +474,6 @@ def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max
             for beam in beam_sizes:
                 result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
                                         batch_size=batch_size, attention_images=0, meteor=meteor)
-                rows.append({"model": name, "decoding": decoding_name(beam), **result.metrics})
+                setting = decoding_name(beam, result.info["length_penalty"], result.info["rerank"])
+                rows.append({"model": name, "decoding": setting, **result.metrics})
     return rows

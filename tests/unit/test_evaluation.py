@@ -231,3 +231,12 @@ def test_published_rows_sit_beside_measured_ones(tmp_path):
         "BLEU-1": 67.0, "BLEU-4": 21.3, "METEOR": 20.3}
     result = CliRunner().invoke(app, ["compare", "--model", f"a={tmp_path}", "--published", "coco9"])
     assert result.exit_code == 2 and "no published results for 'coco9'" in result.output
+
+
+def test_decoding_names_say_every_setting_that_changes_captions():
+    from captioning.evaluation import decoding_name
+
+    assert decoding_name(1, 0.7, "consensus") == "greedy"
+    assert decoding_name(3) == "beam 3"
+    assert decoding_name(10, 0.7, "consensus") == "beam 10, length penalty 0.7, consensus"
+    assert decoding_name(5, 1.0) == "beam 5, length penalty 1"
