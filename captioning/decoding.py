@@ -268,7 +268,8 @@ def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequenc
 
     Among a beam's captions, the one that shares the most weighted n-grams with the rest
     carries what most of them say; the most probable one is often a short, generic caption.
-    The n-gram weights are the training captions' (`frequencies`).
+    The n-gram weights are the training captions' (`frequencies`); hypotheses are compared
+    by their words.
     """
     agreement = consensus([h.tokens for h in hypotheses], frequencies)
     order = sorted(range(len(hypotheses)), key=lambda i: -agreement[i])

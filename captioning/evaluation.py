@@ -385,7 +385,8 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     result.info = {
         "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "length_penalty": captioner.length_penalty, "rerank": rerank, "encoder": key, "seconds": round(time.perf_counter() - started, 2),
+        "length_penalty": captioner.length_penalty, "rerank": rerank, "encoder": key,
+        "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
     }
     return result

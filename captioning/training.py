@@ -870,7 +870,8 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             if epoch >= epochs:
                 if not phase["scst"]:
                     starting = state["batch"] == 0 and epoch == epochs
-                    cider = _enter_scst(core, optimizer, phase, package_dir, train_data, starting, scst_factor)
+                    cider = _enter_scst(core, optimizer, phase, package_dir, train_data, frequencies, starting,
+                                        scst_factor)
                     if starting:
                         # Patience counts anew: the cross-entropy epochs' misses do not stop this phase.
                         state["bad_epochs"] = 0
@@ -979,15 +980,16 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             torch.set_num_threads(previous_threads)
 
 
-def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: CaptionData, starting: bool,
-                lr_scale: float):
+def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: CaptionData, frequencies,
+                starting: bool, lr_scale: float):
     """Switch to self-critical training; returns the CIDEr-D reward over the training references.
 
     On the first self-critical step the decoder restarts from the best cross-entropy model
     (the package), which the validation CIDEr chose; a resumed run keeps its checkpoint's weights.
     """
+    from captioning.cider import CiderD
     from captioning.package import load_package
-    from captioning.scst import CiderD, references_from_pairs
+    from captioning.scst import references_from_pairs
 
     if starting and (package_dir / "weights.pt").is_file():
         best, _, _ = load_package(package_dir)
@@ -997,7 +999,7 @@ def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: Cap
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_scale
     references = references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids))
-    return CiderD(references)
+    return CiderD(references, frequencies)
 
 
 def _ngram_frequencies(train_data: CaptionData):

@@ -80,9 +80,8 @@ def register(app: typer.Typer) -> None:
                                                        help="Write the captions (COCO results format)."),
     ) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
-        from captioning.evaluation import evaluate_model, save_predictions
-
         from captioning.decoding import check_rerank
+        from captioning.evaluation import evaluate_model, save_predictions
 
         query = _default_query(data)
         try:
