@@ -33,8 +33,8 @@ class Captioner:
     def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
                  version: str = "local", source: str = "", encoder_weights: str | Path | None = None,
                  frequencies=None):
-        from captioning.decoding import check_rerank
         from captioning.config import get_device
+        from captioning.decoding import check_rerank
         from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
