@@ -280,3 +280,10 @@ def check_rerank(rerank: str) -> str:
     if rerank not in RERANKS:
         raise ValueError(f"decoding.rerank must be one of {', '.join(RERANKS)}, not {rerank!r}")
     return rerank
+
+
+def check_flip(flip) -> bool:
+    """`decoding.flip` must be a true boolean: "false" from a hand-edited file would read as true."""
+    if not isinstance(flip, bool):
+        raise ValueError(f"decoding.flip must be true or false, not {flip!r}")
+    return flip

@@ -289,35 +289,43 @@ def evaluate_predictions(path: str | Path, query, meteor=None) -> EvaluationResu
 
 
 def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: str | Path | None,
-                   weights: str | Path | None = None, key: str | None = None):
+                   weights: str | Path | None = None, key: str | None = None, flip: bool = False):
     """The cached features of the query's images (encoding only those not yet stored).
 
     Stores live in <feature_dir>/<key>/<dataset>; feature_dir defaults to params
     features.dir, else artifacts_dir()/features (where training caches them too). The key
     is the encoder name, or `<encoder>-<fingerprint>` for a package's fine-tuned `weights`,
-    so a fine-tuned decoder is never given the pretrained encoder's features.
+    so a fine-tuned decoder is never given the pretrained encoder's features; `flip`: the
+    mirrored images' features, under `<key>-flip`.
     """
     from captioning.data.query import parse_query
     from captioning.features import build_features, default_store_dir
 
-    key = key or encoder
+    key = (key or encoder) + ("-flip" if flip else "")
     dataset = parse_query(query).dataset if isinstance(query, str) else query.dataset
     store_dir = Path(feature_dir) / key / dataset if feature_dir else default_store_dir(key, dataset)
-    return build_features(records, encoder, store_dir, batch_size, progress=False, weights=weights)
+    return build_features(records, encoder, store_dir, batch_size, progress=False, weights=weights, flip=flip)
 
 
 def caption_records(captioner, store, records, beam_size: int, max_length: int,
-                    batch_size: int, return_attention: bool = False, rerank: str | None = None) -> list[dict]:
-    """Caption records from cached features, batch by batch (`rerank` None: the package's)."""
+                    batch_size: int, return_attention: bool = False, rerank: str | None = None,
+                    flipped=None) -> list[dict]:
+    """Caption records from cached features, batch by batch (`rerank` None: the package's).
+
+    `flipped`: the store of the mirrored images' features; each image is then read both ways
+    (`decoding.flip`).
+    """
+    import numpy as np
     import torch
 
     outputs: list[dict] = []
     for start in range(0, len(records), batch_size):
         ids = [r.image_id for r in records[start:start + batch_size]]
-        features = torch.from_numpy(store.get(ids).astype("float32"))
+        views = [store] if flipped is None else [store, flipped]
+        features = torch.from_numpy(np.concatenate([view.get(ids) for view in views], axis=1).astype("float32"))
         outputs.extend(captioner.caption_features(
             features, beam_size=beam_size, max_length=max_length, return_attention=return_attention,
-            rerank=rerank))
+            rerank=rerank, flip=flipped is not None))
     return outputs
 
 
@@ -332,10 +340,11 @@ def evaluate_model(
     meteor=None,
     feature_dir: str | Path | None = None,
     rerank: str | None = None,
+    flip: bool | None = None,
 ) -> EvaluationResult:
     """Caption a data query with a model (package folder or models:/ URI) and score it.
 
-    Unset decoding settings (beam_size, max_length, rerank) are the package's own.
+    Unset decoding settings (beam_size, max_length, rerank, flip) are the package's own.
 
     Features come from the feature cache (computed once per image and encoder; a package
     with a fine-tuned encoder gets a store of its own encoder's features).
@@ -347,11 +356,12 @@ def evaluate_model(
         if meteor is None:
             meteor = stack.enter_context(meteor_process())
         return _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images,
-                               encoder, meteor, feature_dir, rerank)
+                               encoder, meteor, feature_dir, rerank, flip)
 
 
 def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
-                    meteor, feature_dir, rerank) -> EvaluationResult:
+                    meteor, feature_dir, rerank, flip) -> EvaluationResult:
+    from captioning.decoding import check_flip
     from captioning.config import load_params
     from captioning.predict import Captioner
 
@@ -363,6 +373,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     beam_size = int(beam_size or captioner.beam_size)
     max_length = int(max_length or captioner.max_length)
     rerank = rerank or captioner.rerank
+    flip = captioner.flip if flip is None else check_flip(flip)
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
         raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
                               f"it cannot be evaluated on {encoder} features")
@@ -370,9 +381,12 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     key = captioner.feature_key if encoder == captioner.encoder_name else encoder
     feature_dir = feature_dir or params.get("features", {}).get("dir")
     store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
+    flipped = (_feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key,
+                              flip=True) if flip else None)
     feature_seconds = time.perf_counter() - started
 
-    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size, rerank=rerank)
+    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size, rerank=rerank,
+                              flipped=flipped)
     predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
     caption_seconds = time.perf_counter() - started - feature_seconds
     references = references_of(records)
@@ -380,27 +394,28 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
 
     result = EvaluationResult(metrics, predictions, references, per_image,
                               paths={r.image_id: r.path for r in records})
-    result.attention = _attention_for(result, captioner, store, records, beam_size, max_length,
+    result.attention = _attention_for(result, captioner, (store, flipped), records, beam_size, max_length,
                                       attention_images, rerank)
     result.info = {
         "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "length_penalty": captioner.length_penalty, "rerank": rerank, "encoder": key,
+        "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip, "encoder": key,
         "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
     }
     return result
 
 
-def _attention_for(result, captioner, store, records, beam_size, max_length, count, rerank) -> dict[str, dict]:
+def _attention_for(result, captioner, stores, records, beam_size, max_length, count, rerank) -> dict[str, dict]:
     """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
     if count <= 0:
         return {}
     ranked = result.ranked()
     chosen = list(dict.fromkeys(ranked[: (count + 1) // 2] + ranked[::-1][: count // 2]))
     by_id = {r.image_id: r for r in records}
+    store, flipped = stores
     outputs = caption_records(captioner, store, [by_id[i] for i in chosen], beam_size, max_length,
-                              batch_size=len(chosen), return_attention=True, rerank=rerank)
+                              batch_size=len(chosen), return_attention=True, rerank=rerank, flipped=flipped)
     return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
 
 
@@ -443,15 +458,18 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none") -> str:
-    """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus"."""
+def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none", flip: bool = False) -> str:
+    """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"."""
     if beam_size <= 1:
-        return "greedy"
-    parts = [f"beam {beam_size}"]
-    if length_penalty:
-        parts.append(f"length penalty {length_penalty:g}")
-    if rerank != "none":
-        parts.append(rerank)
+        parts = ["greedy"]
+    else:
+        parts = [f"beam {beam_size}"]
+        if length_penalty:
+            parts.append(f"length penalty {length_penalty:g}")
+        if rerank != "none":
+            parts.append(rerank)
+    if flip:
+        parts.append("flip")
     return ", ".join(parts)
 
 
@@ -475,6 +493,7 @@ def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max
             for beam in beam_sizes:
                 result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
                                         batch_size=batch_size, attention_images=0, meteor=meteor)
-                setting = decoding_name(beam, result.info["length_penalty"], result.info["rerank"])
+                setting = decoding_name(beam, result.info["length_penalty"], result.info["rerank"],
+                                        result.info["flip"])
                 rows.append({"model": name, "decoding": setting, **result.metrics})
     return rows

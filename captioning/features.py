@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from PIL import ImageOps
 
 from captioning.images import ImageError, open_image, to_tensor
 
@@ -139,9 +140,10 @@ class FeatureStore:
 class _ImageFiles:
     """Decodes images for the DataLoader workers; failures travel back as messages."""
 
-    def __init__(self, paths: list[str], size: int):
+    def __init__(self, paths: list[str], size: int, flip: bool = False):
         self.paths = paths
         self.size = size
+        self.flip = flip
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -150,7 +152,8 @@ class _ImageFiles:
         import torch
 
         try:
-            return index, to_tensor(open_image(self.paths[index]), self.size), ""
+            image = open_image(self.paths[index])
+            return index, to_tensor(ImageOps.mirror(image) if self.flip else image, self.size), ""
         except ImageError as error:
             return index, torch.zeros(3, self.size, self.size), str(error)
 
@@ -163,6 +166,7 @@ def build_features(
     progress: bool = True,
     num_workers: int | None = None,
     weights: str | Path | None = None,
+    flip: bool = False,
 ) -> FeatureStore:
     """Encode the images of `records` that the store does not hold yet.
 
@@ -170,7 +174,8 @@ def build_features(
     encoder). A corrupt image stops the run with an ImageError naming the file; the
     batches encoded before it stay stored. `weights`: other encoder weights than the
     pretrained ones (a package's encoder.pt); the store then records `<encoder>-<fingerprint>`
-    and refuses to mix them with any other encoder's features.
+    and refuses to mix them with any other encoder's features. `flip`: features of the images
+    mirrored left to right (the store records `<key>-flip`), for decoding with `decoding.flip`.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -182,7 +187,7 @@ def build_features(
     spec = ENCODERS[encoder_name] if encoder_name in ENCODERS else None
     if spec is None:
         raise KeyError(f"unknown encoder {encoder_name!r}; known: {', '.join(sorted(ENCODERS))}")
-    key = encoder_key(encoder_name, weights)
+    key = encoder_key(encoder_name, weights) + ("-flip" if flip else "")
     store = FeatureStore.open_or_create(store_dir, key, spec.grid * spec.grid, spec.feature_dim)
     todo: dict[str, str] = {}
     for record in records:
@@ -198,7 +203,7 @@ def build_features(
         # JPEG decoding in one or two worker processes overlaps with the encoder.
         num_workers = 0 if len(paths) <= batch_size else min(2, os.cpu_count() or 1)
     loader = DataLoader(
-        _ImageFiles(paths, spec.image_size), batch_size=batch_size, shuffle=False,
+        _ImageFiles(paths, spec.image_size, flip), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=device.type == "cuda",
     )
     last_flush = time.monotonic()

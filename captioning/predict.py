@@ -12,6 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from PIL import ImageOps
+
+from captioning.decoding import check_flip
 from captioning.images import ImageError, ImageSource, open_image, preprocess
 
 # Images encoded per forward pass: bounds memory for long request lists.
@@ -28,6 +31,9 @@ class Captioner:
     `feature_key` names the encoder whose features this decoder must be given.
     `frequencies`: the package's training n-gram frequencies (NgramFrequencies), needed when
     the beam is reranked by consensus (`decoding.rerank`).
+    `flip` (`decoding.flip`): each image is also read mirrored left to right, and the word
+    probabilities are averaged over both views; features then hold the image's positions
+    followed by the mirror's (B, 2N, C).
     """
 
     def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
@@ -52,7 +58,9 @@ class Captioner:
         self.max_length = int(decoding.get("max_length", 20))
         self.length_penalty = float(decoding.get("length_penalty", 0.0))
         self.rerank = check_rerank(str(decoding.get("rerank", "none")))
+        self.flip = check_flip(decoding.get("flip", False))
         self.frequencies = frequencies
+        self._flipped = None
 
     @classmethod
     def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
@@ -92,8 +100,10 @@ class Captioner:
 
         return ENCODERS[self.encoder_name].image_size
 
-    def encode(self, images: Sequence[ImageSource]) -> torch.Tensor:
-        """Spatial features (B, N, C) of images (bytes, paths or PIL images)."""
+    def encode(self, images: Sequence[ImageSource], flip: bool | None = None) -> torch.Tensor:
+        """Spatial features (B, N, C) of images (bytes, paths or PIL images); with `flip`
+        (default: the package's), those of each image and of its mirror side by side (B, 2N, C)."""
+        flip = self.flip if flip is None else flip
         pil = []
         for number, item in enumerate(images):
             try:
@@ -103,15 +113,27 @@ class Captioner:
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(pil), CHUNK):
-                pixels = preprocess(pil[start: start + CHUNK], self.image_size).to(self.device)
-                outputs.append(self.encoder(pixels))
+                chunk = pil[start: start + CHUNK]
+                views = [chunk, [ImageOps.mirror(image) for image in chunk]] if flip else [chunk]
+                outputs.append(torch.cat([self.encoder(preprocess(view, self.image_size).to(self.device))
+                                          for view in views], dim=1))
         if not outputs:
             return torch.empty(0, 0, 0)
         return torch.cat(outputs)
 
+    def decoder(self, flip: bool):
+        """The model that decodes features of one view, or of the image and its mirror (`flip`)."""
+        if not flip:
+            return self.model
+        if self._flipped is None:
+            from captioning.models.ensemble import with_flip
+
+            self._flipped = with_flip(self.model)
+        return self._flipped
+
     def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_length: int | None = None,
                 return_attention: bool = False, length_penalty: float | None = None,
-                rerank: str | None = None) -> list[dict[str, Any]]:
+                rerank: str | None = None, flip: bool | None = None) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
         An unreadable image raises ImageError naming its position; nothing is captioned then.
@@ -119,16 +141,21 @@ class Captioner:
         images = list(images)
         if not images:
             return []
-        features = self.encode(images)
-        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank)
+        flip = self.flip if flip is None else check_flip(flip)
+        features = self.encode(images, flip)
+        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank,
+                                     flip)
 
     def caption_features(self, features: np.ndarray | torch.Tensor, beam_size: int | None = None,
                          max_length: int | None = None, return_attention: bool = False,
-                         length_penalty: float | None = None, rerank: str | None = None) -> list[dict[str, Any]]:
+                         length_penalty: float | None = None, rerank: str | None = None,
+                         flip: bool | None = None) -> list[dict[str, Any]]:
         """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache.
 
         `rerank` (default: the package's `decoding.rerank`): "consensus" orders each image's
         beam by agreement with the rest of it (`decoding.rerank_by_consensus`); "none" by score.
+        `flip` (default: the package's `decoding.flip`): the features hold the image's positions
+        and then its mirror's (B, 2N, C), as `encode` gives them.
         """
         from captioning.decoding import beam_search, check_rerank, greedy, rerank_by_consensus
 
@@ -141,20 +168,23 @@ class Captioner:
 
             raise PackageError(f"reranking by consensus needs the training n-gram frequencies "
                                f"(ngrams.json), which the package from {self.source or 'memory'} does not carry")
+        flip = self.flip if flip is None else check_flip(flip)
+        model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
         if features.dim() == 2:
             features = features.unsqueeze(0)
+        positions = features.size(1) // 2 if flip else features.size(1)  # attention maps cover one view
         results: list[dict[str, Any]] = []
         with torch.inference_mode():
             for start in range(0, features.size(0), DECODE_CHUNK):
                 chunk = features[start: start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:
-                    hypotheses = greedy(self.model, chunk, length)
+                    hypotheses = greedy(model, chunk, length)
                 else:
-                    hypotheses = beam_search(self.model, chunk, beam, length, penalty)
+                    hypotheses = beam_search(model, chunk, beam, length, penalty)
                     if consensus:
                         hypotheses = [rerank_by_consensus(options, self.frequencies) for options in hypotheses]
-                results.extend(self._result(options, return_attention, chunk.size(1)) for options in hypotheses)
+                results.extend(self._result(options, return_attention, positions) for options in hypotheses)
         return results
 
     def _result(self, options, return_attention: bool, positions: int) -> dict[str, Any]:

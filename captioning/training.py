@@ -684,7 +684,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     from tqdm import tqdm
 
     from captioning.config import get_device, use_mixed_precision
-    from captioning.decoding import check_rerank
+    from captioning.decoding import check_flip, check_rerank
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
@@ -697,7 +697,9 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         if not data_p.get(key):
             raise TrainingError(f"params data.{key} is missing")
     try:
-        check_rerank(str(decoding_p.get("rerank", "none")))  # the package would not load otherwise
+        # The package would not load otherwise.
+        check_rerank(str(decoding_p.get("rerank", "none")))
+        check_flip(decoding_p.get("flip", False))
     except ValueError as error:
         raise TrainingError(str(error)) from None
 

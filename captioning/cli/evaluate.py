@@ -72,6 +72,8 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length"),
         rerank: Optional[str] = typer.Option(None, "--rerank", help="none or consensus: how the beam's captions "
                                              "are ordered (default: the model's decoding.rerank)."),
+        flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also read each image mirrored left to "
+                                            "right, averaging both views (default: the model's decoding.flip)."),
         batch_size: int = typer.Option(64, "--batch-size"),
         as_json: bool = typer.Option(False, "--json", help="Print metrics and details as JSON."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
             fail(str(error))
         try:
             result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size,
-                                    rerank=rerank)
+                                    rerank=rerank, flip=flip)
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
         if predictions_out:

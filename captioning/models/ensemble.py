@@ -5,6 +5,10 @@ member advances its own state (kept in the ensemble's state under the member's i
 e.g. "1.h"), and the ensemble's log-probability of a word is log(mean_i p_i(word)), so
 greedy and beam search work on it unchanged. Attention weights are the mean of the
 members' that have them.
+
+`with_flip` makes the same kind of average over two views of each image, the image and
+its left-right mirror: features then hold both views' positions side by side (B, 2N, C),
+and each member reads each half (`View`).
 """
 
 from __future__ import annotations
@@ -58,3 +62,51 @@ class Ensemble(CaptionModel):
                 weights.append(member_weights.float())
         attention = torch.stack(weights).mean(dim=0) if weights else None
         return self._average(log_probs), new_state, attention
+
+
+class View(CaptionModel):
+    """A member reading one view of the image: its part of the positions (B, views * N, C).
+
+    A mirrored view maps its attention weights back onto the image's own grid, so attention
+    averaged over views stays where it was on the image.
+    """
+
+    name = "view"
+
+    def __init__(self, member: CaptionModel, view: int, views: int, mirrored: bool = False):
+        super().__init__(member.config, member.vocab_size, member.feature_dim)
+        self.member, self.view, self.views, self.mirrored = member, view, views, mirrored
+        self.static_keys, self.shared_static = member.static_keys, member.shared_static
+
+    @property
+    def output(self) -> nn.Linear:  # type: ignore[override]
+        return self.member.output
+
+    def _part(self, features: torch.Tensor) -> torch.Tensor:
+        if features.size(1) % self.views:
+            raise ValueError(f"features of {self.views} views need a multiple of {self.views} positions, "
+                             f"got {features.size(1)}")
+        size = features.size(1) // self.views
+        return features[:, self.view * size: (self.view + 1) * size]
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.member(self._part(features), tokens)
+
+    def init_state(self, features: torch.Tensor) -> State:
+        return self.member.init_state(self._part(features))
+
+    def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        log_probs, state, weights = self.member.step(prev_tokens, state)
+        if weights is not None and self.mirrored:
+            side = math.isqrt(weights.size(-1))
+            if side * side == weights.size(-1):  # a square grid: column c of the mirror is W-1-c of the image
+                weights = weights.reshape(*weights.shape[:-1], side, side).flip(-1).reshape(weights.shape)
+        return log_probs, state, weights
+
+
+def with_flip(model: CaptionModel) -> Ensemble:
+    """`model` (one decoder or an ensemble) reading features of the image and of its mirror,
+    side by side (B, 2N, C): every member's word probabilities averaged over both views."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    views = [View(member, view, 2, mirrored=view == 1) for view in (0, 1) for member in members]
+    return Ensemble(dict(model.config), model.vocab_size, model.feature_dim, views).eval()

@@ -89,6 +89,36 @@ def test_images_and_cached_features_caption_alike(tiny_package):
     assert captioner.version == "local"
 
 
+def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny_package, tmp_path):
+    """`decoding.flip`: images and cached features of both views caption alike; the cache keeps the mirrors apart."""
+    from PIL import ImageOps
+
+    from captioning.data.query import select
+    from captioning.evaluation import decoding_name, evaluate_model
+    from captioning.features import FeatureStore
+    from captioning.images import open_image
+    from captioning.predict import Captioner
+    from tests.fixtures.trained import TEST_QUERY
+
+    with synthetic_data():
+        records = select(TEST_QUERY)
+        result = evaluate_model(tiny_package, TEST_QUERY, beam_size=3, flip=True, feature_dir=tmp_path,
+                                attention_images=2)
+    paths = [record.path for record in records]
+    captioner = Captioner.load(tiny_package)
+    features = captioner.encode(paths[:4], flip=True)
+    mirrored = captioner.encode([ImageOps.mirror(open_image(path)) for path in paths[:4]], flip=False)
+    assert features.shape[1] == 2 * 49 and torch.allclose(features[:, 49:], mirrored, atol=1e-5)
+
+    from_files = captioner.caption(paths, beam_size=3, flip=True)
+    assert result.predictions == {r.image_id: out["caption"] for r, out in zip(records, from_files)}
+    assert _bleu4(result.predictions, result.references) > 50.0
+    assert result.info["flip"] is True and decoding_name(3, 0.0, "none", True) == "beam 3, flip"
+    assert FeatureStore.open(tmp_path / "lite0-flip" / "synthetic").encoder == "lite0-flip"
+    assert FeatureStore.open(tmp_path / "lite0" / "synthetic").encoder == "lite0"
+    assert all(len(row) == 49 for maps in result.attention.values() for row in maps["maps"])
+
+
 def test_caption_command(tiny_package, tmp_path):
     from typer.testing import CliRunner
 

@@ -240,3 +240,5 @@ def test_decoding_names_say_every_setting_that_changes_captions():
     assert decoding_name(3) == "beam 3"
     assert decoding_name(10, 0.7, "consensus") == "beam 10, length penalty 0.7, consensus"
     assert decoding_name(5, 1.0) == "beam 5, length penalty 1"
+    assert decoding_name(1, 0.7, "consensus", flip=True) == "greedy, flip"
+    assert decoding_name(10, 0.7, "consensus", True) == "beam 10, length penalty 0.7, consensus, flip"
