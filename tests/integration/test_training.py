@@ -118,6 +118,21 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
     assert FeatureStore.open(tmp_path / "lite0" / "synthetic").encoder == "lite0"
     assert all(len(row) == 49 for maps in result.attention.values() for row in maps["maps"])
 
+    # The command line scores the same captions; --no-flip reads the image alone.
+    from typer.testing import CliRunner
+
+    from captioning.cli import app
+
+    runner, command = CliRunner(), ["evaluate", "--model", str(tiny_package), "--data", TEST_QUERY, "--beam", "3",
+                                    "--json"]
+    with synthetic_data(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+        flipped, alone = runner.invoke(app, [*command, "--flip"]), runner.invoke(app, [*command, "--no-flip"])
+    assert flipped.exit_code == 0 and alone.exit_code == 0, flipped.output + alone.output
+    flipped, alone = json.loads(flipped.stdout), json.loads(alone.stdout)
+    assert flipped["flip"] is True and flipped["metrics"] == pytest.approx(result.metrics)
+    assert alone["flip"] is False and (tmp_path / "artifacts" / "features" / "lite0-flip" / "synthetic").is_dir()
+
 
 def test_caption_command(tiny_package, tmp_path):
     from typer.testing import CliRunner
