@@ -361,8 +361,8 @@ def evaluate_model(
 
 def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
                     meteor, feature_dir, rerank, flip) -> EvaluationResult:
-    from captioning.decoding import check_flip
     from captioning.config import load_params
+    from captioning.decoding import check_flip
     from captioning.predict import Captioner
 
     params = load_params()

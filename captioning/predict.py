@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-
 from PIL import ImageOps
 
 from captioning.decoding import check_flip
