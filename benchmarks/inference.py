@@ -57,6 +57,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from PIL import ImageOps
+
     from captioning.images import open_image, preprocess
 
     captioner, source = _load_captioner(args.model)
@@ -79,11 +81,14 @@ def main() -> None:
             timing["full"] += time.perf_counter() - start
             words += sum(len(result["caption"].split()) for result in results)
 
-            # The same work again in its parts, to show where the time goes.
+            # The same work again in its parts, to show where the time goes (a package that
+            # decodes with `decoding.flip` encodes each image and its mirror).
             start = time.perf_counter()
-            pixels = preprocess([open_image(data) for data in batch], captioner.image_size)
+            decoded = [open_image(data) for data in batch]
+            views = [decoded, [ImageOps.mirror(image) for image in decoded]] if captioner.flip else [decoded]
+            pixels = [preprocess(view, captioner.image_size) for view in views]
             middle = time.perf_counter()
-            features = captioner.encoder(pixels)
+            features = torch.cat([captioner.encoder(view) for view in pixels], dim=1)
             end = time.perf_counter()
             captioner.caption_features(features, beam_size=args.beam)
             timing["image_decoding"] += middle - start
@@ -97,6 +102,7 @@ def main() -> None:
         "setup": {"model": source, "model_version": captioner.version, "decoder": captioner.config["model"]["decoder"],
                   "encoder": captioner.encoder_name, "data": args.data, "images": count,
                   "batch_size": args.batch_size, "beam_size": args.beam, "threads": torch.get_num_threads(),
+                  "length_penalty": captioner.length_penalty, "rerank": captioner.rerank, "flip": captioner.flip,
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "load_average": os.getloadavg()},
         "encoder_images_per_s": round(encoder_rate, 2),
