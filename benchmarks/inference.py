@@ -57,9 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from PIL import ImageOps
-
-    from captioning.images import open_image, preprocess
+    from captioning.images import open_image, preprocess, views
 
     captioner, source = _load_captioner(args.model)
     images = _images(args.data)
@@ -84,9 +82,8 @@ def main() -> None:
             # The same work again in its parts, to show where the time goes (a package that
             # decodes with `decoding.flip` encodes each image and its mirror).
             start = time.perf_counter()
-            decoded = [open_image(data) for data in batch]
-            views = [decoded, [ImageOps.mirror(image) for image in decoded]] if captioner.flip else [decoded]
-            pixels = [preprocess(view, captioner.image_size) for view in views]
+            pixels = [preprocess(view, captioner.image_size)
+                      for view in views([open_image(data) for data in batch], captioner.flip)]
             middle = time.perf_counter()
             features = torch.cat([captioner.encoder(view) for view in pixels], dim=1)
             end = time.perf_counter()

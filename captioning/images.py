@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Larger images are refused: a tiny compressed file can decode to gigabytes
 # (a "decompression bomb"). 40 megapixels covers every real photo we caption.
@@ -95,6 +95,11 @@ def to_tensor(image: Image.Image, size: int, mean: float = 0.5, std: float = 0.5
     array = np.asarray(resize(image.convert("RGB"), size), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     return (tensor - mean) / std
+
+
+def views(images: list[Image.Image], flip: bool) -> list[list[Image.Image]]:
+    """The images as they are, and with `flip` also mirrored left to right (`decoding.flip`)."""
+    return [images, [ImageOps.mirror(image) for image in images]] if flip else [images]
 
 
 def preprocess(images: Iterable[ImageSource], size: int, mean: float = 0.5, std: float = 0.5):

@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import ImageOps
 
 from captioning.decoding import check_flip
-from captioning.images import ImageError, ImageSource, open_image, preprocess
+from captioning.images import ImageError, ImageSource, open_image, preprocess, views
 
 # Images encoded per forward pass: bounds memory for long request lists.
 CHUNK = 16
@@ -102,7 +101,7 @@ class Captioner:
     def encode(self, images: Sequence[ImageSource], flip: bool | None = None) -> torch.Tensor:
         """Spatial features (B, N, C) of images (bytes, paths or PIL images); with `flip`
         (default: the package's), those of each image and of its mirror side by side (B, 2N, C)."""
-        flip = self.flip if flip is None else flip
+        flip = self._flip(flip)
         pil = []
         for number, item in enumerate(images):
             try:
@@ -112,13 +111,14 @@ class Captioner:
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(pil), CHUNK):
-                chunk = pil[start: start + CHUNK]
-                views = [chunk, [ImageOps.mirror(image) for image in chunk]] if flip else [chunk]
                 outputs.append(torch.cat([self.encoder(preprocess(view, self.image_size).to(self.device))
-                                          for view in views], dim=1))
+                                          for view in views(pil[start: start + CHUNK], flip)], dim=1))
         if not outputs:
             return torch.empty(0, 0, 0)
         return torch.cat(outputs)
+
+    def _flip(self, flip: bool | None) -> bool:
+        return self.flip if flip is None else check_flip(flip)
 
     def decoder(self, flip: bool):
         """The model that decodes features of one view, or of the image and its mirror (`flip`)."""
@@ -140,7 +140,7 @@ class Captioner:
         images = list(images)
         if not images:
             return []
-        flip = self.flip if flip is None else check_flip(flip)
+        flip = self._flip(flip)
         features = self.encode(images, flip)
         return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank,
                                      flip)
@@ -167,7 +167,7 @@ class Captioner:
 
             raise PackageError(f"reranking by consensus needs the training n-gram frequencies "
                                f"(ngrams.json), which the package from {self.source or 'memory'} does not carry")
-        flip = self.flip if flip is None else check_flip(flip)
+        flip = self._flip(flip)
         model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
         if features.dim() == 2:
