@@ -95,14 +95,21 @@ class CiderD:
         return 10.0 * sum(similarity(candidate, ref) for ref in refs) / len(refs)
 
 
-def consensus(candidates: Sequence[Tokens], frequencies: NgramFrequencies) -> list[float]:
+def consensus(candidates: Sequence[Tokens], frequencies: NgramFrequencies,
+              evidence: Sequence[Tokens] = (), weight: float = 0.0) -> list[float]:
     """Each candidate's mean CIDEr-D against the other candidates (0 for a lone one).
 
     The candidate with the highest consensus is the minimum-Bayes-risk choice among them,
-    with the others as equally likely stand-ins for the references.
+    with the others as equally likely stand-ins for the references. `evidence`: more
+    stand-ins from outside the beam (the captions of the nearest training images); a
+    candidate then scores (1 - weight) times its agreement with the others plus `weight`
+    times its mean CIDEr-D against the evidence.
     """
     vectors = [frequencies.vector(tokens) for tokens in candidates]
-    if len(vectors) < 2:
-        return [0.0] * len(vectors)
-    return [10.0 * sum(similarity(vec, other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
-            for i, vec in enumerate(vectors)]
+    beam = [10.0 * sum(similarity(vec, other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
+            if len(vectors) > 1 else 0.0 for i, vec in enumerate(vectors)]
+    if not evidence or not weight:
+        return beam
+    outside = [frequencies.vector(tokens) for tokens in evidence]
+    return [(1.0 - weight) * agreement + weight * 10.0 * sum(similarity(vec, ref) for ref in outside) / len(outside)
+            for agreement, vec in zip(beam, vectors)]

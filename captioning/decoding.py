@@ -263,15 +263,17 @@ def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torc
     return bound <= pool.worst(images, best.device)
 
 
-def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequencies) -> list[Hypothesis]:
+def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequencies,
+                        evidence: list[list[int]] = (), weight: float = 0.0) -> list[Hypothesis]:
     """One image's hypotheses, highest mean CIDEr-D against the others first (ties keep beam order).
 
     Among a beam's captions, the one that shares the most weighted n-grams with the rest
     carries what most of them say; the most probable one is often a short, generic caption.
     The n-gram weights are the training captions' (`frequencies`); hypotheses are compared
-    by their words.
+    by their words. `evidence` (the captions of the image's nearest training images,
+    `neighbours.CaptionMemory`) counts for `weight` of the agreement, the beam for the rest.
     """
-    agreement = consensus([h.tokens for h in hypotheses], frequencies)
+    agreement = consensus([h.tokens for h in hypotheses], frequencies, evidence, weight)
     order = sorted(range(len(hypotheses)), key=lambda i: -agreement[i])
     return [hypotheses[i] for i in order]
 
@@ -280,6 +282,16 @@ def check_rerank(rerank: str) -> str:
     if rerank not in RERANKS:
         raise ValueError(f"decoding.rerank must be one of {', '.join(RERANKS)}, not {rerank!r}")
     return rerank
+
+
+def check_neighbours(neighbours, weight) -> tuple[int, float]:
+    """`decoding.rerank_neighbours` (training images whose captions join the evidence, 0: none)
+    and `decoding.rerank_neighbour_weight` (their share of it, 0..1)."""
+    if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
+        raise ValueError(f"decoding.rerank_neighbours must be a whole number of images, 0 or more, not {neighbours!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"decoding.rerank_neighbour_weight must be a number from 0 to 1, not {weight!r}")
+    return neighbours, float(weight)
 
 
 def check_flip(flip) -> bool:

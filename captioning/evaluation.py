@@ -309,8 +309,8 @@ def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: s
 
 def caption_records(captioner, store, records, beam_size: int, max_length: int,
                     batch_size: int, return_attention: bool = False, rerank: str | None = None,
-                    flipped=None) -> list[dict]:
-    """Caption records from cached features, batch by batch (`rerank` None: the package's).
+                    flipped=None, neighbours: int | None = None) -> list[dict]:
+    """Caption records from cached features, batch by batch (`rerank`, `neighbours` None: the package's).
 
     `flipped`: the store of the mirrored images' features; each image is then read both ways
     (`decoding.flip`).
@@ -325,7 +325,7 @@ def caption_records(captioner, store, records, beam_size: int, max_length: int,
         features = torch.from_numpy(np.concatenate([view.get(ids) for view in views], axis=1).astype("float32"))
         outputs.extend(captioner.caption_features(
             features, beam_size=beam_size, max_length=max_length, return_attention=return_attention,
-            rerank=rerank, flip=flipped is not None))
+            rerank=rerank, flip=flipped is not None, neighbours=neighbours))
     return outputs
 
 
@@ -341,10 +341,12 @@ def evaluate_model(
     feature_dir: str | Path | None = None,
     rerank: str | None = None,
     flip: bool | None = None,
+    neighbours: int | None = None,
 ) -> EvaluationResult:
     """Caption a data query with a model (package folder or models:/ URI) and score it.
 
-    Unset decoding settings (beam_size, max_length, rerank, flip) are the package's own.
+    Unset decoding settings (beam_size, max_length, rerank, flip, neighbours: the number of
+    nearest training images whose captions join a consensus rerank) are the package's own.
 
     Features come from the feature cache (computed once per image and encoder; a package
     with a fine-tuned encoder gets a store of its own encoder's features).
@@ -356,13 +358,13 @@ def evaluate_model(
         if meteor is None:
             meteor = stack.enter_context(meteor_process())
         return _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images,
-                               encoder, meteor, feature_dir, rerank, flip)
+                               encoder, meteor, feature_dir, rerank, flip, neighbours)
 
 
 def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
-                    meteor, feature_dir, rerank, flip) -> EvaluationResult:
+                    meteor, feature_dir, rerank, flip, neighbours) -> EvaluationResult:
     from captioning.config import load_params
-    from captioning.decoding import check_flip
+    from captioning.decoding import check_flip, check_neighbours
     from captioning.predict import Captioner
 
     params = load_params()
@@ -374,6 +376,8 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     max_length = int(max_length or captioner.max_length)
     rerank = rerank or captioner.rerank
     flip = captioner.flip if flip is None else check_flip(flip)
+    neighbours = captioner.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
+    neighbours = neighbours if rerank == "consensus" and beam_size > 1 else 0  # only a consensus uses them
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
         raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
                               f"it cannot be evaluated on {encoder} features")
@@ -386,7 +390,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     feature_seconds = time.perf_counter() - started
 
     outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size, rerank=rerank,
-                              flipped=flipped)
+                              flipped=flipped, neighbours=neighbours)
     predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
     caption_seconds = time.perf_counter() - started - feature_seconds
     references = references_of(records)
@@ -395,18 +399,21 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     result = EvaluationResult(metrics, predictions, references, per_image,
                               paths={r.image_id: r.path for r in records})
     result.attention = _attention_for(result, captioner, (store, flipped), records, beam_size, max_length,
-                                      attention_images, rerank)
+                                      attention_images, rerank, neighbours)
     result.info = {
         "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip, "encoder": key,
+        "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip,
+        "rerank_neighbours": neighbours, "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
+        "encoder": key,
         "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
     }
     return result
 
 
-def _attention_for(result, captioner, stores, records, beam_size, max_length, count, rerank) -> dict[str, dict]:
+def _attention_for(result, captioner, stores, records, beam_size, max_length, count, rerank,
+                   neighbours) -> dict[str, dict]:
     """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
     if count <= 0:
         return {}
@@ -415,7 +422,8 @@ def _attention_for(result, captioner, stores, records, beam_size, max_length, co
     by_id = {r.image_id: r for r in records}
     store, flipped = stores
     outputs = caption_records(captioner, store, [by_id[i] for i in chosen], beam_size, max_length,
-                              batch_size=len(chosen), return_attention=True, rerank=rerank, flipped=flipped)
+                              batch_size=len(chosen), return_attention=True, rerank=rerank, flipped=flipped,
+                              neighbours=neighbours)
     return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
 
 
@@ -458,8 +466,10 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none", flip: bool = False) -> str:
-    """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"."""
+def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none", flip: bool = False,
+                  neighbours: int = 0) -> str:
+    """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"
+    or "beam 10, consensus with 20 neighbours"."""
     if beam_size <= 1:
         parts = ["greedy"]
     else:
@@ -467,7 +477,7 @@ def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "no
         if length_penalty:
             parts.append(f"length penalty {length_penalty:g}")
         if rerank != "none":
-            parts.append(rerank)
+            parts.append(f"{rerank} with {neighbours} neighbours" if neighbours else rerank)
     if flip:
         parts.append("flip")
     return ", ".join(parts)
@@ -494,6 +504,6 @@ def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max
                 result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
                                         batch_size=batch_size, attention_images=0, meteor=meteor)
                 setting = decoding_name(beam, result.info["length_penalty"], result.info["rerank"],
-                                        result.info["flip"])
+                                        result.info["flip"], result.info["rerank_neighbours"])
                 rows.append({"model": name, "decoding": setting, **result.metrics})
     return rows

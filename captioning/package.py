@@ -6,7 +6,9 @@ state dict). A model trained with a fine-tuned encoder also carries `encoder.pt`
 whole backbone in timm's layout), named with its fingerprint in `encoder_weights`;
 without it the package uses the pretrained encoder. `ngrams.json` holds the document
 frequencies of the training captions' n-grams, which consensus reranking of a beam weighs
-n-grams with (`decoding.rerank: consensus`). Loading checks every piece against
+n-grams with (`decoding.rerank: consensus`), and `neighbours.npz` the training images'
+pooled features and captions, the evidence that reranking can add from an image's nearest
+training images (`decoding.rerank_neighbours`, see `captioning.neighbours`). Loading checks every piece against
 the others and refuses a mismatch with PackageError rather than running a model with
 the wrong vocabulary, layers or encoder.
 """
@@ -28,6 +30,7 @@ VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
 ENCODER_FILE = "encoder.pt"
 NGRAMS_FILE = "ngrams.json"
+MEMORY_FILE = "neighbours.npz"
 
 
 class PackageError(ValueError):
@@ -35,13 +38,14 @@ class PackageError(ValueError):
 
 
 def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any],
-                 encoder: torch.nn.Module | None = None, frequencies=None) -> Path:
+                 encoder: torch.nn.Module | None = None, frequencies=None, memory=None) -> Path:
     """Write a package folder (replacing an existing one only once the new one is complete).
 
     `config` holds at least `model` (the params section build_model takes) and
     `encoder`; `decoding` defaults and any other JSON-able keys (metrics, data) are kept.
     `encoder`: a fine-tuned Encoder whose weights the package carries (None: the pretrained one).
     `frequencies`: the training captions' NgramFrequencies, for consensus reranking.
+    `memory`: the training images' CaptionMemory, for reranking with their captions.
     """
     directory = Path(directory)
     if "model" not in config or "encoder" not in config:
@@ -63,9 +67,12 @@ def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: d
     )
     full.pop("encoder_weights", None)  # describes only the file written here
     full.pop("ngrams_sha256", None)
+    full.pop("neighbours_sha256", None)
     if frequencies is not None:
         (tmp / NGRAMS_FILE).write_text(json.dumps(frequencies.to_dict(), separators=(",", ":")), encoding="utf-8")
         full["ngrams_sha256"] = _sha256(tmp / NGRAMS_FILE)
+    if memory is not None:
+        full["neighbours_sha256"] = _sha256(memory.save(tmp / MEMORY_FILE))
     if encoder is not None:
         full["encoder_weights"] = _save_encoder(_unwrap(encoder), tmp / ENCODER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -122,6 +129,21 @@ def load_frequencies(directory: str | Path, config: dict[str, Any]):
         return NgramFrequencies.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise PackageError(f"{path} cannot be read: {error}") from None
+
+
+def load_memory(directory: str | Path, config: dict[str, Any]):
+    """The package's CaptionMemory (checked against its checksum), or None when it has none."""
+    from captioning.neighbours import CaptionMemory, CaptionMemoryError
+
+    if not config.get("neighbours_sha256"):
+        return None
+    path = Path(directory) / MEMORY_FILE
+    if not path.is_file() or _sha256(path) != config["neighbours_sha256"]:
+        raise PackageError(f"{path} is missing or does not match the checksum in {CONFIG_FILE}")
+    try:
+        return CaptionMemory.load(path)
+    except CaptionMemoryError as error:
+        raise PackageError(str(error)) from None
 
 
 def encoder_weights(directory: str | Path, config: dict[str, Any]) -> Path | None:

@@ -28,7 +28,9 @@ class Captioner:
     `encoder_weights`: the package's fine-tuned encoder file (None: the pretrained encoder);
     `feature_key` names the encoder whose features this decoder must be given.
     `frequencies`: the package's training n-gram frequencies (NgramFrequencies), needed when
-    the beam is reranked by consensus (`decoding.rerank`).
+    the beam is reranked by consensus (`decoding.rerank`); `memory`: its training images'
+    CaptionMemory, whose captions of the `decoding.rerank_neighbours` images nearest to each
+    image join the beam as evidence (weight `decoding.rerank_neighbour_weight`).
     `flip` (`decoding.flip`): each image is also read mirrored left to right, and the word
     probabilities are averaged over both views; features then hold the image's positions
     followed by the mirror's (B, 2N, C).
@@ -36,9 +38,9 @@ class Captioner:
 
     def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
                  version: str = "local", source: str = "", encoder_weights: str | Path | None = None,
-                 frequencies=None):
+                 frequencies=None, memory=None):
         from captioning.config import get_device
-        from captioning.decoding import check_rerank
+        from captioning.decoding import check_neighbours, check_rerank
         from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
@@ -57,13 +59,16 @@ class Captioner:
         self.length_penalty = float(decoding.get("length_penalty", 0.0))
         self.rerank = check_rerank(str(decoding.get("rerank", "none")))
         self.flip = check_flip(decoding.get("flip", False))
+        self.neighbours, self.neighbour_weight = check_neighbours(decoding.get("rerank_neighbours", 0),
+                                                                  decoding.get("rerank_neighbour_weight", 0.97))
         self.frequencies = frequencies
+        self.memory = memory
         self._flipped = None
 
     @classmethod
     def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
         """From a package folder, or a `models:/...` / `runs:/...` URI (through the registry)."""
-        from captioning.package import encoder_weights, load_frequencies, load_package
+        from captioning.package import encoder_weights, load_frequencies, load_memory, load_package
 
         text = str(source)
         version = "local"
@@ -78,7 +83,7 @@ class Captioner:
         weights = encoder_weights(folder, config)
         encoder = _build_encoder(config["encoder"], weights) if with_encoder else None
         return cls(model, vocab, config, encoder, device, version, text, encoder_weights=weights,
-                   frequencies=load_frequencies(folder, config))
+                   frequencies=load_frequencies(folder, config), memory=load_memory(folder, config))
 
     @property
     def encoder(self):
@@ -132,7 +137,8 @@ class Captioner:
 
     def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_length: int | None = None,
                 return_attention: bool = False, length_penalty: float | None = None,
-                rerank: str | None = None, flip: bool | None = None) -> list[dict[str, Any]]:
+                rerank: str | None = None, flip: bool | None = None,
+                neighbours: int | None = None) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
         An unreadable image raises ImageError naming its position; nothing is captioned then.
@@ -143,30 +149,36 @@ class Captioner:
         flip = self._flip(flip)
         features = self.encode(images, flip)
         return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank,
-                                     flip)
+                                     flip, neighbours)
 
     def caption_features(self, features: np.ndarray | torch.Tensor, beam_size: int | None = None,
                          max_length: int | None = None, return_attention: bool = False,
                          length_penalty: float | None = None, rerank: str | None = None,
-                         flip: bool | None = None) -> list[dict[str, Any]]:
+                         flip: bool | None = None, neighbours: int | None = None) -> list[dict[str, Any]]:
         """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache.
 
         `rerank` (default: the package's `decoding.rerank`): "consensus" orders each image's
         beam by agreement with the rest of it (`decoding.rerank_by_consensus`); "none" by score.
+        `neighbours` (default: the package's `decoding.rerank_neighbours`): consensus also
+        weighs agreement with the captions of that many nearest training images (0: none).
         `flip` (default: the package's `decoding.flip`): the features hold the image's positions
         and then its mirror's (B, 2N, C), as `encode` gives them.
         """
-        from captioning.decoding import beam_search, check_rerank, greedy, rerank_by_consensus
+        from captioning.decoding import beam_search, check_neighbours, check_rerank, greedy, rerank_by_consensus
+        from captioning.package import PackageError
 
         beam = int(beam_size or self.beam_size)
         length = int(max_length or self.max_length)
         penalty = self.length_penalty if length_penalty is None else float(length_penalty)
         consensus = check_rerank(self.rerank if rerank is None else rerank) == "consensus" and beam > 1
+        neighbours = self.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
         if consensus and self.frequencies is None:
-            from captioning.package import PackageError
-
             raise PackageError(f"reranking by consensus needs the training n-gram frequencies "
                                f"(ngrams.json), which the package from {self.source or 'memory'} does not carry")
+        if consensus and neighbours and self.memory is None:
+            raise PackageError(f"reranking with the captions of the nearest training images needs the package's "
+                               f"caption memory (neighbours.npz), which the package from "
+                               f"{self.source or 'memory'} does not carry")
         flip = self._flip(flip)
         model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
@@ -182,7 +194,11 @@ class Captioner:
                 else:
                     hypotheses = beam_search(model, chunk, beam, length, penalty)
                     if consensus:
-                        hypotheses = [rerank_by_consensus(options, self.frequencies) for options in hypotheses]
+                        # Neighbours are found by the image as it is, never by its mirror.
+                        evidence = (self.memory.evidence(chunk[:, :positions], neighbours) if neighbours
+                                    else [()] * len(hypotheses))
+                        hypotheses = [rerank_by_consensus(options, self.frequencies, captions, self.neighbour_weight)
+                                      for options, captions in zip(hypotheses, evidence)]
                 results.extend(self._result(options, return_attention, positions) for options in hypotheses)
         return results
 

@@ -605,7 +605,7 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
 
     from captioning.config import get_device
     from captioning.models import Ensemble, ensemble_config
-    from captioning.package import load_frequencies, load_package
+    from captioning.package import load_frequencies, load_memory, load_package
 
     train_p = params.get("train") or {}
     seed = int(train_p.get("seed", 42))
@@ -647,10 +647,12 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
         samples = val.pop("samples")
         best = {"epoch": relay.epochs + 1, "member": "ensemble", **val}
         package_params = {**params, "model": config}
-        # The members learnt from the same captions: the first one's n-gram frequencies are theirs.
+        # The members learnt from the same captions and features: the first one's n-gram
+        # frequencies and caption memory are theirs.
         frequencies = load_frequencies(results[0].package_dir, loaded[0][2])
+        memory = load_memory(results[0].package_dir, loaded[0][2])
         save_package(out_dir / PACKAGE_DIR, ensemble, vocab, _package_config(package_params, feature_dim, best),
-                     frequencies=frequencies)
+                     frequencies=frequencies, memory=memory)
         logger.info("ensemble of %s: %s", [m["decoder"] for m in members],
                     {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
         _notify(callbacks, "on_epoch_end", relay.epochs + 1, {**val, "samples": samples})
@@ -684,7 +686,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     from tqdm import tqdm
 
     from captioning.config import get_device, use_mixed_precision
-    from captioning.decoding import check_flip, check_rerank
+    from captioning.decoding import check_flip, check_neighbours, check_rerank
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
@@ -700,8 +702,12 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         # The package would not load otherwise.
         check_rerank(str(decoding_p.get("rerank", "none")))
         check_flip(decoding_p.get("flip", False))
+        check_neighbours(decoding_p.get("rerank_neighbours", 0), decoding_p.get("rerank_neighbour_weight", 0.97))
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    if decoding_p.get("rerank_neighbours") and int(train_p.get("finetune_blocks", 0) or 0):
+        raise TrainingError("decoding.rerank_neighbours needs the training images' cached features: "
+                            "it cannot be used with a fine-tuned encoder (train.finetune_blocks)")
 
     threads = int(train_p.get("threads", 0) or 0)
     previous_threads = torch.get_num_threads()
@@ -759,6 +765,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         max_length = int(vocab_p.get("max_length", 22))
         train_data = caption_data(train_records, train_store, vocab, max_length)
         frequencies = _ngram_frequencies(train_data)
+        memory = _caption_memory(train_data)
         val_data = caption_data(val_records, val_store, vocab, max_length)
         references = references_by_key(val_records)
 
@@ -954,7 +961,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if improved:
                     state["best"] = dict(metrics)
                     save_package(package_dir, core, vocab, _package_config(params, feature_dim, metrics),
-                                 encoder=core_encoder, frequencies=frequencies)
+                                 encoder=core_encoder, frequencies=frequencies, memory=memory)
                 logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
                 metrics_with_samples = {**metrics, "samples": samples}
                 _notify(callbacks, "on_epoch_end", epoch + 1, metrics_with_samples)
@@ -1010,6 +1017,23 @@ def _ngram_frequencies(train_data: CaptionData):
     from captioning.scst import references_from_pairs
 
     return NgramFrequencies.of(references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids)))
+
+
+def _caption_memory(train_data: CaptionData):
+    """The training images' pooled features and captions (packaged for reranking with the
+    captions of an image's nearest training images); None when training reads image files."""
+    from captioning.neighbours import CaptionMemory, pool
+    from captioning.scst import references_from_pairs
+    from captioning.vocab import EOS
+
+    if train_data.features is None:
+        return None
+    images = len(train_data.image_ids)
+    pooled = np.concatenate([pool(train_data.image_features(np.arange(start, min(start + 256, images)), "cpu"))
+                             for start in range(0, images, 256)])
+    captions = [[caption[:-1] if caption and caption[-1] == EOS else caption for caption in refs]
+                for refs in references_from_pairs(train_data.rows, train_data.tokens, images)]
+    return CaptionMemory(train_data.image_ids, pooled, captions)
 
 
 def _package_config(params: dict, feature_dim: int, metrics: dict) -> dict[str, Any]:

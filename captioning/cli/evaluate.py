@@ -74,6 +74,9 @@ def register(app: typer.Typer) -> None:
                                              "are ordered (default: the model's decoding.rerank)."),
         flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also read each image mirrored left to "
                                             "right, averaging both views (default: the model's decoding.flip)."),
+        neighbours: Optional[int] = typer.Option(None, "--neighbours", help="Consensus reranking also weighs the "
+                                                 "captions of this many nearest training images (0: none; "
+                                                 "default: the model's decoding.rerank_neighbours)."),
         batch_size: int = typer.Option(64, "--batch-size"),
         as_json: bool = typer.Option(False, "--json", help="Print metrics and details as JSON."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
@@ -82,17 +85,18 @@ def register(app: typer.Typer) -> None:
                                                        help="Write the captions (COCO results format)."),
     ) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
-        from captioning.decoding import check_rerank
+        from captioning.decoding import check_neighbours, check_rerank
         from captioning.evaluation import evaluate_model, save_predictions
 
         query = _default_query(data)
         try:
             check_rerank(rerank or "none")
+            check_neighbours(0 if neighbours is None else neighbours, 0.0)
         except ValueError as error:
             fail(str(error))
         try:
             result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size,
-                                    rerank=rerank, flip=flip)
+                                    rerank=rerank, flip=flip, neighbours=neighbours)
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
         if predictions_out:

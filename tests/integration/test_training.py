@@ -134,6 +134,53 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
     assert alone["flip"] is False and (tmp_path / "artifacts" / "features" / "lite0-flip" / "synthetic").is_dir()
 
 
+def test_package_remembers_its_training_images_for_reranking_with_their_captions(tiny_package, tmp_path):
+    """`decoding.rerank_neighbours`: the package's caption memory is the training split's; the library
+    and the command line rerank with it alike."""
+    from typer.testing import CliRunner
+
+    from captioning.cli import app
+    from captioning.data.query import select
+    from captioning.evaluation import decoding_name, evaluate_model
+    from captioning.features import FeatureStore
+    from captioning.neighbours import pool
+    from captioning.predict import Captioner
+    from tests.fixtures.trained import TEST_QUERY, TRAIN_QUERY, shared_dir
+
+    captioner = Captioner.load(tiny_package, with_encoder=False)
+    with synthetic_data():
+        train_records = select(TRAIN_QUERY)
+    memory = captioner.memory
+    assert len(memory) == len(train_records) and memory.dim == 1280
+    assert memory.image_ids == [record.image_id for record in train_records]
+    assert memory.captions[:10] == [[captioner.vocab.encode(c, 16) for c in r.captions] for r in train_records[:10]]
+    # A training image's own features find it first.
+    store = FeatureStore.open(shared_dir() / "features" / "lite0" / "synthetic")
+    own = store.get(memory.image_ids[:5])
+    assert memory.nearest(pool(own), 1)[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+    with synthetic_data():
+        result = evaluate_model(tiny_package, TEST_QUERY, beam_size=5, rerank="consensus", neighbours=5,
+                                feature_dir=tmp_path)
+        beam_only = evaluate_model(tiny_package, TEST_QUERY, beam_size=5, rerank="consensus", neighbours=0,
+                                   feature_dir=tmp_path)
+    assert result.info["rerank_neighbours"] == 5 and beam_only.info["rerank_neighbours"] == 0
+    assert result.info["rerank_neighbour_weight"] == captioner.neighbour_weight
+    assert _bleu4(result.predictions, result.references) > 50.0
+    assert decoding_name(5, 0.0, "consensus", False, 5) == "beam 5, consensus with 5 neighbours"
+
+    runner = CliRunner()
+    command = ["evaluate", "--model", str(tiny_package), "--data", TEST_QUERY, "--beam", "5", "--rerank",
+               "consensus", "--json"]
+    with synthetic_data(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+        done = runner.invoke(app, [*command, "--neighbours", "5"])
+        wrong = runner.invoke(app, [*command, "--neighbours", "-1"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["metrics"] == pytest.approx(result.metrics)
+    assert wrong.exit_code != 0 and "rerank_neighbours" in wrong.output
+
+
 def test_caption_command(tiny_package, tmp_path):
     from typer.testing import CliRunner
 
