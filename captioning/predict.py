@@ -178,7 +178,8 @@ class Captioner:
         if consensus and neighbours and self.memory is None:
             raise PackageError(f"reranking with the captions of the nearest training images needs the package's "
                                f"caption memory (neighbours.npz), which the package from "
-                               f"{self.source or 'memory'} does not carry")
+                               f"{self.source or 'memory'} does not carry: a model trained with "
+                               f"decoding.rerank_neighbours above 0 packages it")
         flip = self._flip(flip)
         model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)

@@ -765,7 +765,8 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         max_length = int(vocab_p.get("max_length", 22))
         train_data = caption_data(train_records, train_store, vocab, max_length)
         frequencies = _ngram_frequencies(train_data)
-        memory = _caption_memory(train_data)
+        # Only a package that reranks with neighbours carries them (for MSCOCO they would weigh 300 MB).
+        memory = _caption_memory(train_data) if decoding_p.get("rerank_neighbours") else None
         val_data = caption_data(val_records, val_store, vocab, max_length)
         references = references_by_key(val_records)
 

@@ -135,8 +135,8 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
 
 
 def test_package_remembers_its_training_images_for_reranking_with_their_captions(tiny_package, tmp_path):
-    """`decoding.rerank_neighbours`: the package's caption memory is the training split's; the library
-    and the command line rerank with it alike."""
+    """`decoding.rerank_neighbours`: a package trained with it carries the training split's caption
+    memory, and the library and the command line rerank with it alike; other packages go without."""
     from typer.testing import CliRunner
 
     from captioning.cli import app
@@ -144,10 +144,19 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
     from captioning.evaluation import decoding_name, evaluate_model
     from captioning.features import FeatureStore
     from captioning.neighbours import pool
+    from captioning.package import PackageError
     from captioning.predict import Captioner
     from tests.fixtures.trained import TEST_QUERY, TRAIN_QUERY, shared_dir
 
-    captioner = Captioner.load(tiny_package, with_encoder=False)
+    without = Captioner.load(tiny_package, with_encoder=False)
+    assert without.memory is None and not (tiny_package / "neighbours.npz").exists()
+    _, features, _ = held_out_features()
+    with pytest.raises(PackageError, match="rerank_neighbours above 0"):
+        without.caption_features(features[:2], beam_size=3, rerank="consensus", neighbours=5)
+
+    package = train_tiny_model(tmp_path, decoding={"beam_size": 5, "rerank": "consensus", "rerank_neighbours": 5})
+    captioner = Captioner.load(package, with_encoder=False)
+    assert captioner.neighbours == 5
     with synthetic_data():
         train_records = select(TRAIN_QUERY)
     memory = captioner.memory
@@ -160,18 +169,15 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
     assert memory.nearest(pool(own), 1)[:, 0].tolist() == [0, 1, 2, 3, 4]
 
     with synthetic_data():
-        result = evaluate_model(tiny_package, TEST_QUERY, beam_size=5, rerank="consensus", neighbours=5,
-                                feature_dir=tmp_path)
-        beam_only = evaluate_model(tiny_package, TEST_QUERY, beam_size=5, rerank="consensus", neighbours=0,
-                                   feature_dir=tmp_path)
+        result = evaluate_model(package, TEST_QUERY, feature_dir=tmp_path)
+        beam_only = evaluate_model(package, TEST_QUERY, neighbours=0, feature_dir=tmp_path)
     assert result.info["rerank_neighbours"] == 5 and beam_only.info["rerank_neighbours"] == 0
     assert result.info["rerank_neighbour_weight"] == captioner.neighbour_weight
     assert _bleu4(result.predictions, result.references) > 50.0
     assert decoding_name(5, 0.0, "consensus", False, 5) == "beam 5, consensus with 5 neighbours"
 
     runner = CliRunner()
-    command = ["evaluate", "--model", str(tiny_package), "--data", TEST_QUERY, "--beam", "5", "--rerank",
-               "consensus", "--json"]
+    command = ["evaluate", "--model", str(package), "--data", TEST_QUERY, "--json"]
     with synthetic_data(), pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
         done = runner.invoke(app, [*command, "--neighbours", "5"])
