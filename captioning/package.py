@@ -120,11 +120,9 @@ def load_frequencies(directory: str | Path, config: dict[str, Any]):
     """The package's NgramFrequencies (checked against its checksum), or None when it has none."""
     from captioning.cider import NgramFrequencies
 
-    if not config.get("ngrams_sha256"):
+    path = _checked_part(directory, config, "ngrams_sha256", NGRAMS_FILE)
+    if path is None:
         return None
-    path = Path(directory) / NGRAMS_FILE
-    if not path.is_file() or _sha256(path) != config["ngrams_sha256"]:
-        raise PackageError(f"{path} is missing or does not match the checksum in {CONFIG_FILE}")
     try:
         return NgramFrequencies.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError, IndexError) as error:
@@ -135,15 +133,23 @@ def load_memory(directory: str | Path, config: dict[str, Any]):
     """The package's CaptionMemory (checked against its checksum), or None when it has none."""
     from captioning.neighbours import CaptionMemory, CaptionMemoryError
 
-    if not config.get("neighbours_sha256"):
+    path = _checked_part(directory, config, "neighbours_sha256", MEMORY_FILE)
+    if path is None:
         return None
-    path = Path(directory) / MEMORY_FILE
-    if not path.is_file() or _sha256(path) != config["neighbours_sha256"]:
-        raise PackageError(f"{path} is missing or does not match the checksum in {CONFIG_FILE}")
     try:
         return CaptionMemory.load(path)
     except CaptionMemoryError as error:
         raise PackageError(str(error)) from None
+
+
+def _checked_part(directory: str | Path, config: dict[str, Any], checksum: str, name: str) -> Path | None:
+    """An optional part of the package, present and matching config[checksum]; None when it has none."""
+    if not config.get(checksum):
+        return None
+    path = Path(directory) / name
+    if not path.is_file() or _sha256(path) != config[checksum]:
+        raise PackageError(f"{path} is missing or does not match the checksum in {CONFIG_FILE}")
+    return path
 
 
 def encoder_weights(directory: str | Path, config: dict[str, Any]) -> Path | None:
