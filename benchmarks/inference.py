@@ -101,6 +101,7 @@ def main() -> None:
                   "batch_size": args.batch_size, "beam_size": args.beam, "threads": torch.get_num_threads(),
                   "length_penalty": captioner.length_penalty, "rerank": captioner.rerank, "flip": captioner.flip,
                   "rerank_neighbours": captioner.neighbours if captioner.rerank == "consensus" else 0,
+                  "rerank_score_weight": captioner.score_weight if captioner.rerank == "consensus" else 0.0,
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "load_average": os.getloadavg()},
         "encoder_images_per_s": round(encoder_rate, 2),

@@ -14,7 +14,8 @@ Rules shared by both (and by the reference implementation in `benchmarks/referen
 
 `rerank_by_consensus` reorders a beam's hypotheses by how much each agrees with the others
 (minimum Bayes risk under CIDEr-D): the caption the beam as a whole supports, rather than
-the single most probable one.
+the single most probable one; `decoding.rerank_score_weight` adds back a share of each
+caption's own beam score.
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torc
 
 
 def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequencies,
-                        evidence: list[list[int]] = (), weight: float = 0.0) -> list[Hypothesis]:
+                        evidence: list[list[int]] = (), weight: float = 0.0,
+                        score_weight: float = 0.0) -> list[Hypothesis]:
     """One image's hypotheses, highest mean CIDEr-D against the others first (ties keep beam order).
 
     Among a beam's captions, the one that shares the most weighted n-grams with the rest
@@ -272,8 +274,13 @@ def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequenc
     The n-gram weights are the training captions' (`frequencies`); hypotheses are compared
     by their words. `evidence` (the captions of the image's nearest training images,
     `neighbours.CaptionMemory`) counts for `weight` of the agreement, the beam for the rest.
+    `score_weight` times each hypothesis's beam score (length-normalised log-probability, at
+    most 0) is added to its agreement: agreement alone drifts to long captions that repeat the
+    beam's common phrases, and the model's own preference pulls back toward fluent, shorter ones.
     """
     agreement = consensus([h.tokens for h in hypotheses], frequencies, evidence, weight)
+    if score_weight:
+        agreement = [value + score_weight * h.score for value, h in zip(agreement, hypotheses)]
     order = sorted(range(len(hypotheses)), key=lambda i: -agreement[i])
     return [hypotheses[i] for i in order]
 
@@ -292,6 +299,13 @@ def check_neighbours(neighbours, weight) -> tuple[int, float]:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
         raise ValueError(f"decoding.rerank_neighbour_weight must be a number from 0 to 1, not {weight!r}")
     return neighbours, float(weight)
+
+
+def check_score_weight(weight) -> float:
+    """`decoding.rerank_score_weight`: how much of each caption's beam score joins its consensus (0: none)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < math.inf:
+        raise ValueError(f"decoding.rerank_score_weight must be a number, 0 or more, not {weight!r}")
+    return float(weight)
 
 
 def check_flip(flip) -> bool:

@@ -405,6 +405,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
         "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip,
         "rerank_neighbours": neighbours, "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
+        "rerank_score_weight": captioner.score_weight if rerank == "consensus" and beam_size > 1 else 0.0,
         "encoder": key,
         "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
@@ -467,9 +468,9 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
 
 
 def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none", flip: bool = False,
-                  neighbours: int = 0) -> str:
+                  neighbours: int = 0, score_weight: float = 0.0) -> str:
     """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"
-    or "beam 10, consensus with 20 neighbours"."""
+    or "beam 10, consensus with 20 neighbours and 0.7 of the beam score"."""
     if beam_size <= 1:
         parts = ["greedy"]
     else:
@@ -477,10 +478,17 @@ def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "no
         if length_penalty:
             parts.append(f"length penalty {length_penalty:g}")
         if rerank != "none":
-            parts.append(f"{rerank} with {neighbours} neighbours" if neighbours else rerank)
+            name = f"{rerank} with {neighbours} neighbours" if neighbours else rerank
+            parts.append(f"{name} and {score_weight:g} of the beam score" if score_weight else name)
     if flip:
         parts.append("flip")
     return ", ".join(parts)
+
+
+def decoding_setting(info: dict) -> str:
+    """`decoding_name` of an evaluation's settings (`EvaluationResult.info`, or its `to_dict()`)."""
+    return decoding_name(int(info.get("beam_size", 1)), info.get("length_penalty", 0.0), info.get("rerank", "none"),
+                         info.get("flip", False), info.get("rerank_neighbours", 0), info.get("rerank_score_weight", 0.0))
 
 
 def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "comparison") -> tuple[Path, Path]:
@@ -503,7 +511,5 @@ def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max
             for beam in beam_sizes:
                 result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
                                         batch_size=batch_size, attention_images=0, meteor=meteor)
-                setting = decoding_name(beam, result.info["length_penalty"], result.info["rerank"],
-                                        result.info["flip"], result.info["rerank_neighbours"])
-                rows.append({"model": name, "decoding": setting, **result.metrics})
+                rows.append({"model": name, "decoding": decoding_setting(result.info), **result.metrics})
     return rows

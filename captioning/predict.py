@@ -40,7 +40,7 @@ class Captioner:
                  version: str = "local", source: str = "", encoder_weights: str | Path | None = None,
                  frequencies=None, memory=None):
         from captioning.config import get_device
-        from captioning.decoding import check_neighbours, check_rerank
+        from captioning.decoding import check_neighbours, check_rerank, check_score_weight
         from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
@@ -61,6 +61,7 @@ class Captioner:
         self.flip = check_flip(decoding.get("flip", False))
         self.neighbours, self.neighbour_weight = check_neighbours(decoding.get("rerank_neighbours", 0),
                                                                   decoding.get("rerank_neighbour_weight", 0.97))
+        self.score_weight = check_score_weight(decoding.get("rerank_score_weight", 0.0))
         self.frequencies = frequencies
         self.memory = memory
         self._flipped = None
@@ -198,7 +199,8 @@ class Captioner:
                         # Neighbours are found by the image as it is, never by its mirror.
                         evidence = (self.memory.evidence(chunk[:, :positions], neighbours) if neighbours
                                     else [()] * len(hypotheses))
-                        hypotheses = [rerank_by_consensus(options, self.frequencies, captions, self.neighbour_weight)
+                        hypotheses = [rerank_by_consensus(options, self.frequencies, captions, self.neighbour_weight,
+                                                          self.score_weight)
                                       for options, captions in zip(hypotheses, evidence)]
                 results.extend(self._result(options, return_attention, positions) for options in hypotheses)
         return results

@@ -686,7 +686,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     from tqdm import tqdm
 
     from captioning.config import get_device, use_mixed_precision
-    from captioning.decoding import check_flip, check_neighbours, check_rerank
+    from captioning.decoding import check_flip, check_neighbours, check_rerank, check_score_weight
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
     from captioning.vocab import Vocabulary
@@ -703,6 +703,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         check_rerank(str(decoding_p.get("rerank", "none")))
         check_flip(decoding_p.get("flip", False))
         check_neighbours(decoding_p.get("rerank_neighbours", 0), decoding_p.get("rerank_neighbour_weight", 0.97))
+        check_score_weight(decoding_p.get("rerank_score_weight", 0.0))
     except ValueError as error:
         raise TrainingError(str(error)) from None
     if decoding_p.get("rerank_neighbours") and int(train_p.get("finetune_blocks", 0) or 0):

@@ -27,7 +27,7 @@ def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str
     When a champion exists and its stored metrics come from another query, it is scored on this
     query too, so the metric gate compares like with like.
     """
-    from captioning.evaluation import decoding_name
+    from captioning.evaluation import decoding_setting
     from captioning.registry import model_name
 
     params = params or load_settings()
@@ -45,9 +45,7 @@ def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str
             report_path=str(reports / "evaluation.html") if main_setting else None,
             metrics_path=str(reports / "metrics.json") if main_setting else None,
         )
-        setting = decoding_name(size, result.get("length_penalty", 0.0), result.get("rerank", "none"),
-                                result.get("flip", False))
-        rows.append({"model": "candidate", "decoding": setting, **result["metrics"]})
+        rows.append({"model": "candidate", "decoding": decoding_setting(result), **result["metrics"]})
         if main_setting:
             metrics = result["metrics"]
 
@@ -60,9 +58,8 @@ def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str
             uri = f"models:/{name}/{champion['version']}"
             scored = evaluate_model(uri, query, beam, max_length)
             champion_metrics = scored["metrics"]
-            setting = decoding_name(beam, scored.get("length_penalty", 0.0), scored.get("rerank", "none"),
-                                    scored.get("flip", False))
-            rows.append({"model": f"champion v{champion['version']}", "decoding": setting, **champion_metrics})
+            rows.append({"model": f"champion v{champion['version']}", "decoding": decoding_setting(scored),
+                         **champion_metrics})
     table = write_comparison(rows, str(reports))
     return {"model": model, "query": query, "beam_size": beam, "metrics": metrics,
             "champion_metrics": champion_metrics, "comparison": table,

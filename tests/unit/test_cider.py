@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captioning.cider import CiderD, NgramFrequencies, consensus
-from captioning.decoding import Hypothesis, rerank_by_consensus
+from captioning.decoding import Hypothesis, check_score_weight, rerank_by_consensus
 from captioning.models import build_model
 from captioning.package import PackageError, load_frequencies, save_package
 from captioning.predict import Captioner
@@ -70,6 +70,26 @@ def test_rerank_puts_the_caption_the_beam_agrees_on_first(vocab, frequencies):
     assert rerank_by_consensus(twins, frequencies) == twins
 
 
+def test_a_share_of_the_beam_score_pulls_the_choice_back_toward_the_likelier_caption(vocab, frequencies):
+    beam = [Hypothesis(ids(vocab, text), score, score) for text, score in [
+        ("a dog runs on the grass", -1.0),
+        ("a brown dog runs on grass", -4.0),
+        ("a dog runs on grass", -1.2),
+    ]]
+    agreement = consensus([h.tokens for h in beam], frequencies)
+    assert rerank_by_consensus(beam, frequencies, score_weight=0.0)[0] is beam[max(range(3), key=agreement.__getitem__)]
+    # Each caption's agreement plus the weight times its beam score decides.
+    for weight in (0.1, 1.0, 100.0):
+        expected = max(range(3), key=lambda i: agreement[i] + weight * beam[i].score)
+        assert rerank_by_consensus(beam, frequencies, score_weight=weight)[0] is beam[expected]
+    # A large enough weight gives the beam's own order back.
+    assert rerank_by_consensus(beam, frequencies, score_weight=100.0) == [beam[0], beam[2], beam[1]]
+    assert check_score_weight(0) == 0.0 and check_score_weight(0.7) == 0.7
+    for bad in (-0.1, "0.7", True, float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
+            check_score_weight(bad)
+
+
 def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, vocab, frequencies):
     torch.manual_seed(0)
     model_config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
@@ -102,3 +122,21 @@ def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, 
         Captioner.load(folder, with_encoder=False)
     with pytest.raises(ValueError, match="decoding.rerank"):
         Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank": "best"}})
+
+
+def test_captioner_adds_the_packaged_share_of_the_beam_score(tmp_path, vocab, frequencies):
+    torch.manual_seed(0)
+    model_config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
+    model = build_model(model_config, len(vocab), 32)
+    decoding = {"beam_size": 4, "max_length": 6, "rerank": "consensus", "length_penalty": 0.7,
+                "rerank_score_weight": 100.0}
+    config = {"model": model_config, "encoder": "lite0", "feature_dim": 32, "decoding": decoding}
+    folder = save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies)
+    captioner = Captioner.load(folder, with_encoder=False)
+    assert captioner.score_weight == 100.0
+    features = torch.randn(3, 5, 32)
+    # At a weight this large the beam score decides: the beam's own best caption comes first.
+    assert [r["caption"] for r in captioner.caption_features(features)] == \
+        [r["caption"] for r in captioner.caption_features(features, rerank="none")]
+    with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
+        Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank_score_weight": -1}})

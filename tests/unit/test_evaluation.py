@@ -234,7 +234,7 @@ def test_published_rows_sit_beside_measured_ones(tmp_path):
 
 
 def test_decoding_names_say_every_setting_that_changes_captions():
-    from captioning.evaluation import decoding_name
+    from captioning.evaluation import decoding_name, decoding_setting
 
     assert decoding_name(1, 0.7, "consensus") == "greedy"
     assert decoding_name(3) == "beam 3"
@@ -242,3 +242,9 @@ def test_decoding_names_say_every_setting_that_changes_captions():
     assert decoding_name(5, 1.0) == "beam 5, length penalty 1"
     assert decoding_name(1, 0.7, "consensus", flip=True) == "greedy, flip"
     assert decoding_name(10, 0.7, "consensus", True) == "beam 10, length penalty 0.7, consensus, flip"
+    assert decoding_name(10, 0.7, "consensus", True, 30, 0.7) == \
+        "beam 10, length penalty 0.7, consensus with 30 neighbours and 0.7 of the beam score, flip"
+    assert decoding_name(1, 0.0, "consensus", False, 30, 0.7) == "greedy"
+    assert decoding_setting({"beam_size": 5, "length_penalty": 0.7, "rerank": "consensus", "flip": False,
+                             "rerank_neighbours": 0, "rerank_score_weight": 0.5}) == \
+        "beam 5, length penalty 0.7, consensus and 0.5 of the beam score"
