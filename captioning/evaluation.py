@@ -377,7 +377,8 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     rerank = rerank or captioner.rerank
     flip = captioner.flip if flip is None else check_flip(flip)
     neighbours = captioner.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
-    neighbours = neighbours if rerank == "consensus" and beam_size > 1 else 0  # only a consensus uses them
+    consensus = rerank == "consensus" and beam_size > 1  # only a consensus uses neighbours and the score weight
+    neighbours = neighbours if consensus else 0
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
         raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
                               f"it cannot be evaluated on {encoder} features")
@@ -405,7 +406,7 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
         "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
         "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip,
         "rerank_neighbours": neighbours, "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
-        "rerank_score_weight": captioner.score_weight if rerank == "consensus" and beam_size > 1 else 0.0,
+        "rerank_score_weight": captioner.score_weight if consensus else 0.0,
         "encoder": key,
         "seconds": round(time.perf_counter() - started, 2),
         "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
