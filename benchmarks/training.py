@@ -9,7 +9,8 @@
   params.yaml, a 2500-word vocabulary and 12-word captions (Flickr8k-like), batch 64; and
   the share of the time spent assembling batches (`CaptionData.batch`). Measured twice:
   batches of shuffled captions, and `train.captions_per_image: 5` (12 images x 5 captions
-  a step, the image-side work done once per image).
+  a step, the image-side work done once per image), and shuffled captions again with the
+  forward pass in bfloat16 (`train.precision: bfloat16`).
 
     python -m benchmarks.training [--threads 2] [--images 96] [--positions 49] [--output reports/benchmark_training.json]
 """
@@ -92,7 +93,7 @@ def bench_caching(count: int) -> dict[str, Any]:
 
 
 def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 2050, positions: int = 49,
-                   per_image: int = 0) -> dict[str, Any]:
+                   per_image: int = 0, dtype: torch.dtype | None = None) -> dict[str, Any]:
     from captioning.models import build_model
     from captioning.training import CaptionData, lr_factor, training_step
 
@@ -129,7 +130,7 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
         tick = time.perf_counter()
         feats, toks = data.batch(batch, device, max(1, per_image))
         tock = time.perf_counter()
-        training_step(model, optimizer, scheduler, scaler, feats, toks, 0.1, 1.0, 5.0)
+        training_step(model, optimizer, scheduler, scaler, feats, toks, 0.1, 1.0, 5.0, dtype=dtype)
         done = time.perf_counter()
         if step > 0:  # the first step pays for allocations
             data_time += tock - tick
@@ -137,7 +138,8 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
             captions_done += len(batch)
     total = data_time + step_time
     return {"steps": steps, "captions_per_step": len(batches[0]), "positions": positions,
-            "captions_per_image": per_image, "captions_per_s": round(captions_done / total, 1),
+            "captions_per_image": per_image, "precision": str(dtype or torch.float32).removeprefix("torch."),
+            "captions_per_s": round(captions_done / total, 1),
             "seconds_per_step": round(total / steps, 4), "data_time_share": round(data_time / total, 4),
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -152,7 +154,7 @@ def run(threads: int, images: int, steps: int, output: Path | None, positions: i
             "load_average_at_start": list(os.getloadavg()), "model": model_params,
             "vocab_size": VOCAB_SIZE, "caption_words": CAPTION_WORDS,
         },
-        "encoder": {}, "training": {}, "training_captions_per_image_5": {},
+        "encoder": {}, "training": {}, "training_captions_per_image_5": {}, "training_bfloat16": {},
     }
     for name in ENCODERS:
         report["encoder"][name] = bench_encoder(name)
@@ -160,8 +162,10 @@ def run(threads: int, images: int, steps: int, output: Path | None, positions: i
     report["feature_caching"] = bench_caching(images)
     print("caching", json.dumps(report["feature_caching"]), flush=True)
     for decoder in MODELS:
-        for key, per_image in (("training", 0), ("training_captions_per_image_5", 5)):
-            report[key][decoder] = bench_training(decoder, model_params, steps, positions=positions, per_image=per_image)
+        for key, per_image, dtype in (("training", 0, None), ("training_captions_per_image_5", 5, None),
+                                      ("training_bfloat16", 0, torch.bfloat16)):
+            report[key][decoder] = bench_training(decoder, model_params, steps, positions=positions,
+                                                  per_image=per_image, dtype=dtype)
             print(key, decoder, json.dumps(report[key][decoder]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
     write_report(report, "training", output)

@@ -94,9 +94,26 @@ def get_device(prefer: str | None = None):
     return torch.device("cpu")
 
 
-def use_mixed_precision(device) -> bool:
-    """Mixed precision only pays off (and is only checked) on CUDA."""
-    return getattr(device, "type", str(device)) == "cuda"
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def autocast_dtype(device, precision: str = "auto"):
+    """The dtype training's forward passes compute in under autocast, or None for float32.
+
+    `auto`: float16 on CUDA (with a gradient scaler), float32 elsewhere. `bfloat16` runs on
+    CUDA and on CPUs (several times faster where they have AVX-512 BF16 or AMX). Weights,
+    optimiser state and the loss stay float32 in every case.
+    """
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if kind == "cuda" else None
+    if precision == "float16" and kind != "cuda":
+        raise ValueError("train.precision float16 needs CUDA; on a CPU use bfloat16")
+    return None if precision == "float32" else getattr(torch, precision)
 
 
 def profile_overrides(params: dict[str, Any], name: str) -> list[str]:

@@ -102,7 +102,8 @@ class MLflowCallback:
         params = info.get("params") or {}
         flat = flatten({key: params[key] for key in ("data", "features", "vocab", "model", "train", "decoding")
                         if key in params})
-        for key in ("vocab_size", "train_images", "train_pairs", "val_images", "parameters", "device", "world_size"):
+        for key in ("vocab_size", "train_images", "train_pairs", "val_images", "parameters", "device", "precision",
+                    "world_size"):
             if key in info:
                 flat[f"run.{key}"] = str(info[key])
         data = params.get("data") or {}

@@ -18,6 +18,7 @@ DistributedSampler, and rank 0 alone writing files and calling callbacks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -405,14 +406,15 @@ def validate(model, vocab, data: CaptionData, references: dict[str, list[str]], 
 
 def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, tokens: torch.Tensor,
                   label_smoothing: float = 0.0, alpha_c: float = 0.0, grad_clip: float = 0.0,
-                  encoder=None) -> float:
+                  encoder=None, dtype: torch.dtype | None = None) -> float:
     """One optimisation step on a batch (teacher forcing); returns the caption loss.
 
-    With an `encoder` (fine-tuning), `feats` are pixels that it encodes first.
-    Mixed precision follows `scaler.is_enabled()` (CUDA only); the loss is computed in float32.
+    With an `encoder` (fine-tuning), `feats` are pixels that it encodes first. `dtype`
+    (`config.autocast_dtype`) runs the forward pass under autocast in float16 or bfloat16;
+    None: float32. The loss is computed in float32; `scaler` is enabled for float16 only.
     """
-    amp = scaler.is_enabled()
-    with torch.autocast(feats.device.type, dtype=torch.float16, enabled=amp):
+    autocast = torch.autocast(feats.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with autocast:
         if encoder is not None:
             feats = encoder(feats)
         logits, aux = model(feats, tokens[:, :-1])
@@ -510,6 +512,8 @@ def _fingerprint(params: dict) -> str:
     if not relevant["train"].get("scst_epochs"):
         for key in _SCST_KEYS:
             relevant["train"].pop(key, None)
+    if relevant["train"].get("precision", "auto") == "auto":
+        relevant["train"].pop("precision", None)  # the device's default, as before the setting existed
     if not relevant["train"].get("captions_per_image"):
         relevant["train"].pop("captions_per_image", None)  # 0: batches of captions, as before it existed
     if not relevant["model"].get("ensemble"):
@@ -685,7 +689,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from captioning.config import get_device, use_mixed_precision
+    from captioning.config import autocast_dtype, get_device
     from captioning.decoding import check_flip, check_neighbours, check_rerank, check_score_weight
     from captioning.encoder import ENCODERS, build_encoder
     from captioning.models import build_model
@@ -704,6 +708,8 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         check_flip(decoding_p.get("flip", False))
         check_neighbours(decoding_p.get("rerank_neighbours", 0), decoding_p.get("rerank_neighbour_weight", 0.97))
         check_score_weight(decoding_p.get("rerank_score_weight", 0.0))
+        precision = str(train_p.get("precision", "auto"))
+        autocast_dtype(get_device(), precision)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     if decoding_p.get("rerank_neighbours") and int(train_p.get("finetune_blocks", 0) or 0):
@@ -722,7 +728,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     try:
         rank, world = _rank(), (dist.get_world_size() if dist.is_initialized() else 1)
         device = get_device()
-        amp = use_mixed_precision(device)
+        dtype = autocast_dtype(device, precision)
         checkpoint_path, package_dir = out_dir / CHECKPOINT_FILE, out_dir / PACKAGE_DIR
         seed = int(train_p.get("seed", 42))
         progress = bool(train_p.get("progress", True)) and rank == 0
@@ -824,7 +830,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             optimizer,
             lambda step: scst_factor if phase["scst"] else lr_factor(step, warmup, total_steps, schedule_name),
         )
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         label_smoothing = float(train_p.get("label_smoothing", 0.0))
         grad_clip = float(train_p.get("grad_clip", 0.0))
         alpha_c = float(train_p.get("alpha_c", 0.0))
@@ -861,7 +867,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 "train_images": len(train_data.image_ids), "train_pairs": len(train_data),
                 "val_images": len(val_data.image_ids), "steps_per_epoch": steps_per_epoch,
                 "parameters": sum(p.numel() for p in core.parameters()), "device": str(device),
-                "finetune_blocks": finetune,
+                "precision": str(dtype or torch.float32).removeprefix("torch."), "finetune_blocks": finetune,
                 "encoder_trainable_parameters": sum(p.numel() for group in groups for p in group["params"]),
                 "world_size": world, "resumed_from": None if checkpoint is None else
                 {"epoch": state["epoch"], "batch": state["batch"], "step": state["step"]},
@@ -926,7 +932,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if not phase["scst"]:
                     data_time += time.perf_counter() - tick
                     value = training_step(model, optimizer, scheduler, scaler, feats, tokens, label_smoothing,
-                                          alpha_c, grad_clip, encoder)
+                                          alpha_c, grad_clip, encoder, dtype)
                 state["step"] += 1
                 state["batch"] = index + 1
                 state["loss_sum"] += value

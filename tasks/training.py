@@ -20,9 +20,9 @@ class RunLog:
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.started = True
-        self.logger.info("training on %s images (%s caption pairs), %s steps per epoch, %s parameters, %s",
+        self.logger.info("training on %s images (%s caption pairs), %s steps per epoch, %s parameters, %s, %s",
                          info.get("train_images"), info.get("train_pairs"), info.get("steps_per_epoch"),
-                         info.get("parameters"), info.get("device"))
+                         info.get("parameters"), info.get("device"), info.get("precision"))
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         shown = {key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)}

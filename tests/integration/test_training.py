@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -354,6 +355,25 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
                          ({"finetune_blocks": 1}, "needs cached features")]:
         with synthetic_data(), pytest.raises(TrainingError, match=message):
             train({**params, "train": {**params["train"], **bad}}, out_dir=tmp_path / "bad", resume=False)
+
+
+def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_path):
+    class Info:
+        def on_train_start(self, info):
+            self.precision = info["precision"]
+
+    seen = Info()
+    with synthetic_data():
+        result = train(tiny_params("transformer", epochs=1, precision="bfloat16"), callbacks=[seen],
+                       out_dir=tmp_path / "bf16", resume=False)
+        assert seen.precision == "bfloat16"
+        assert result.history[0]["val_CIDEr"] > 0 and math.isfinite(result.history[0]["train_loss"])
+        model, _, _ = load_package(result.package_dir)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        for bad, message in (("float16", "needs CUDA"), ("half", "expected one of")):
+            with pytest.raises(TrainingError, match=message):
+                train(tiny_params("transformer", epochs=1, precision=bad), out_dir=tmp_path / bad, resume=False)
+            assert not (tmp_path / bad).exists()  # refused before any work
 
 
 def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
