@@ -155,13 +155,17 @@ def batch_tokens(vocab: Vocabulary, captions: list[str]) -> torch.Tensor:
     return torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_tiny_model_overfits_and_greedy_reproduces(decoder):
+def overfit_problem(decoder: str):
+    """The CAPTIONS task: vocabulary, one random feature map per caption, their tokens, a fresh model."""
     vocab = Vocabulary.build(CAPTIONS, min_freq=1)
     torch.manual_seed(1)
     features = torch.randn(len(CAPTIONS), POSITIONS, CHANNELS)
-    tokens = batch_tokens(vocab, CAPTIONS)
-    model = build_model({"decoder": decoder, **TINY}, len(vocab), CHANNELS)
+    return vocab, features, batch_tokens(vocab, CAPTIONS), build_model({"decoder": decoder, **TINY}, len(vocab), CHANNELS)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_tiny_model_overfits_and_greedy_reproduces(decoder):
+    vocab, features, tokens, model = overfit_problem(decoder)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     model.train()
@@ -194,11 +198,7 @@ def test_autocast_precision_choices():
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_bfloat16_training_steps_learn_and_keep_float32_weights(decoder):
-    vocab = Vocabulary.build(CAPTIONS, min_freq=1)
-    torch.manual_seed(1)
-    features = torch.randn(len(CAPTIONS), POSITIONS, CHANNELS)
-    tokens = batch_tokens(vocab, CAPTIONS)
-    model = build_model({"decoder": decoder, **TINY}, len(vocab), CHANNELS)
+    vocab, features, tokens, model = overfit_problem(decoder)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
