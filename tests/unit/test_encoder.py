@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ from captioning.encoder import ENCODERS, EncoderError, build_encoder, convert_st
 from captioning.images import preprocess
 
 MILITARY_UNIFORM = 652  # ImageNet class of the classic Grace Hopper portrait
+# timm (a dev dependency only) is the reference the plain-PyTorch backbone must match.
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0", "efficientnet_lite2": "tf_efficientnet_lite2"}
+TOLERANCE = 1e-4  # absolute, float32
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +38,7 @@ def test_converted_keys_and_shapes_match_timm(name):
     import timm
 
     spec = ENCODERS[name]
-    backbone = timm.create_model(spec.timm_name, pretrained=False)
+    backbone = timm.create_model(TIMM_NAMES[spec.arch], pretrained=False)
     original = torch.load(weights_file(name), map_location="cpu", weights_only=True)
     converted = convert_state_dict(original, [len(stage) for stage in backbone.blocks])
     expected = backbone.state_dict()
@@ -115,3 +120,67 @@ def test_inference_optimisation_keeps_the_features():
     assert actual.shape == expected.shape == (2, 49, 1280)
     assert torch.allclose(actual, expected, atol=1e-3, rtol=1e-3)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def _timm_twin(encoder):
+    """timm's model of the same architecture, holding the encoder's weights."""
+    import timm
+
+    model = timm.create_model(TIMM_NAMES[ENCODERS[encoder.name].arch], pretrained=False).eval()
+    model.load_state_dict(encoder.backbone.state_dict(), strict=True)
+    return model
+
+
+def _max_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape
+    return float((actual - expected).abs().max())
+
+
+@pytest.mark.parametrize("name", ["lite0", "lite2"])
+def test_backbone_matches_timm_with_the_pretrained_weights(name):
+    encoder = build_encoder(name)
+    reference = _timm_twin(encoder)
+    ours, theirs = encoder.backbone.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[key].shape == theirs[key].shape for key in theirs)
+    assert encoder.backbone.drop_rate == reference.drop_rate
+    torch.manual_seed(0)
+    batches = {size: torch.rand(2, 3, size, size) * 2 - 1 for size in (224, 260, 320)}
+    with torch.inference_mode():
+        expected = {size: (reference.forward_features(x), reference(x)) for size, x in batches.items()}
+        for optimized in (False, True):
+            if optimized:
+                encoder.optimize_for_inference()
+            for size, pixels in batches.items():
+                maps, logits = expected[size]
+                features = maps.flatten(2).transpose(1, 2)
+                assert _max_difference(encoder(pixels), features) < TOLERANCE, (size, optimized)
+                assert _max_difference(encoder.classify(pixels), logits) < TOLERANCE, (size, optimized)
+
+
+def test_finetuning_matches_timm_and_trains_the_last_stages():
+    encoder = build_encoder("lite0")
+    reference = _timm_twin(encoder)
+    trainable = encoder.finetune(2)
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.inference_mode():  # the folded frozen prefix plus the plain trained stages
+        expected = reference.forward_features(pixels).flatten(2).transpose(1, 2)
+        assert _max_difference(encoder(pixels), expected) < TOLERANCE
+    encoder.train()
+    encoder(pixels).square().mean().backward()
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    frozen = [p for p in encoder.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_serving_imports_need_neither_timm_nor_torchvision():
+    code = (
+        "import sys, captioning.predict, captioning.encoder; "
+        "print(' '.join(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.stdout.strip() == ""
