@@ -7,7 +7,9 @@ machine; in Kubernetes each runs in its own Deployment and scales on its own
 (see deploy/).
 
 Environment:
-  CAPTIONING_MODEL            package folder or models:/NAME@ALIAS (default models:/captioner@champion)
+  CAPTIONING_MODEL            package folder, models:/NAME@ALIAS, or bento:NAME:VERSION (a model in
+                              BentoML's store, as a release's image carries it; default
+                              models:/captioner@champion)
   CAPTIONING_POLL_SECONDS     how often the model service asks the registry for a new champion
                               (default 60 for models:/ URIs, 0 = never)
   CAPTIONING_RELOAD_TOKEN     enables POST /reload (header X-Reload-Token or Authorization: Bearer)
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import logging
 import os
 import threading
@@ -146,18 +147,31 @@ class CaptionJob(BaseModel):
     return_attention: bool = False
 
 
+BENTO_PREFIX = "bento:"
+
+
+def _bento_model(source: str):
+    """The BentoML model a `bento:NAME:VERSION` source names (a served bento's own store first)."""
+    return bentoml.models.get(source[len(BENTO_PREFIX):])
+
+
 def _load_captioner(source: str):
     from captioning.config import get_device
     from captioning.predict import Captioner
 
-    # Captioner.load may take a device; pass it when it does.
-    if "device" in inspect.signature(Captioner.load).parameters:
-        return Captioner.load(source, device=get_device())
-    return Captioner.load(source)
+    if source.startswith(BENTO_PREFIX):
+        model = _bento_model(source)
+        captioner = Captioner.load(model.path, device=get_device())
+        captioner.version = str(model.info.metadata.get("registry_version", "local"))
+        return captioner
+    return Captioner.load(source, device=get_device())
 
 
 def _registry_version(uri: str) -> str | None:
-    """The version a models:/NAME@ALIAS (or models:/NAME/N) URI points at now; None for folders."""
+    """The version a models:/NAME@ALIAS (or models:/NAME/N) URI points at now, the version a
+    bento model was released from; None for folders."""
+    if uri.startswith(BENTO_PREFIX):
+        return str(_bento_model(uri).info.metadata.get("registry_version"))
     if not uri.startswith("models:/"):
         return None
     from mlflow import MlflowClient

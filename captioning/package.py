@@ -165,6 +165,25 @@ def encoder_weights(directory: str | Path, config: dict[str, Any]) -> Path | Non
     return path
 
 
+def check_package_files(directory: str | Path) -> dict[str, str]:
+    """Every file of a package checked against the checksums its config records; returns
+    each file's sha256. PackageError names the first part that is missing or differs."""
+    directory = Path(directory)
+    config = read_config(directory)
+    recorded = {WEIGHTS_FILE: config.get("weights_sha256"), NGRAMS_FILE: config.get("ngrams_sha256"),
+                MEMORY_FILE: config.get("neighbours_sha256")}
+    entry = config.get("encoder_weights")
+    if entry:
+        recorded[entry.get("file", ENCODER_FILE)] = entry.get("sha256")
+    if not recorded[WEIGHTS_FILE]:
+        raise PackageError(f"{directory / CONFIG_FILE} records no weights checksum")
+    sums = {path.name: _sha256(path) for path in sorted(directory.iterdir()) if path.is_file()}
+    for name, checksum in recorded.items():
+        if checksum and sums.get(name) != checksum:
+            raise PackageError(f"{directory / name} is missing or does not match the checksum in {CONFIG_FILE}")
+    return sums
+
+
 def feature_key(config: dict[str, Any]) -> str:
     """The encoder identity a package's features must come from: the encoder name, or
     `<name>-<fingerprint>` when the package carries fine-tuned encoder weights."""
