@@ -1,6 +1,6 @@
 """Bentos of released models, and each BentoML service of a bento served on its own.
 
-    python -m bento build --package DIR --version 7 [--name captioner]   # prints the bento's folder
+    python -m bento build --package DIR --version 7 --out FILE.bento     # prints the archive's path
     python -m bento serve api --model-url http://127.0.0.1:3001 [--port 3000]
     python -m bento serve model [--port 3001]
     python -m bento serve all [--port 3000]                             # both, as `make serve` does
@@ -37,8 +37,9 @@ def tag_version(version: str) -> str:
     return version if version.startswith("v") else f"v{version}"
 
 
-def build(package: Path, version: str, name: str = "captioner") -> Path:
-    """The bento `captioning:vN` holding the package as model `name:vN`; returns its folder."""
+def build(package: Path, version: str, out: Path, name: str = "captioner") -> Path:
+    """The bento `captioning:vN` holding the package as model `name:vN`, exported with its
+    model to the archive `out` (what `bentoml import` takes and the image is built from)."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -63,25 +64,45 @@ def build(package: Path, version: str, name: str = "captioner") -> Path:
     bento = bentoml.bentos.build(
         SERVICE, name=BENTO_NAME, version=tag_version(version), include=INCLUDE, models=[tag],
         labels={"project": BENTO_NAME, "registry_version": str(version)},
-        envs=[{"name": "CAPTIONING_MODEL", "value": f"bento:{tag}"}],
         build_ctx=str(PROJECT_ROOT),
     )
-    return Path(bento.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(bento.export(str(out)))
+
+
+def bento_model(folder: Path) -> str:
+    """`bento:NAME:VERSION` of the model a bento folder carries."""
+    import yaml
+
+    models = yaml.safe_load((folder / "bento.yaml").read_text(encoding="utf-8")).get("models") or []
+    if not models:
+        sys.exit(f"error: the bento {folder} carries no model")
+    return f"bento:{models[0]['tag']}"
 
 
 def serve(part: str, port: int, host: str, model_url: str | None, bento: str) -> None:
     """Serve the API, the model service, or both, from a bento folder or the source tree."""
     from _bentoml_impl.server import serve_http
+    from bentoml._internal.log import configure_server_logging
+    from bentoml._internal.service.loader import load
 
-    target = bento if bento != "." else SERVICE
+    if part == "api" and not model_url:
+        sys.exit("error: serve api needs --model-url (where the model service answers)")
+    configure_server_logging()
+    working_dir = str(Path(bento).resolve())
+    if bento != ".":
+        os.environ.setdefault("CAPTIONING_MODEL", bento_model(Path(working_dir)))
+    target = working_dir if bento != "." else SERVICE
+    if sys.path[0] != working_dir:
+        sys.path.insert(0, working_dir)
+    load(bento_identifier=target, working_dir=working_dir).inject_config()
+    options = dict(working_dir=working_dir, host=host, port=port)
     if part == "model":
-        serve_http(target, working_dir=bento, host=host, port=port, service_name=MODEL_SERVICE)
+        serve_http(target, service_name=MODEL_SERVICE, **options)
     elif part == "api":
-        if not model_url:
-            sys.exit("error: serve api needs --model-url (where the model service answers)")
-        serve_http(target, working_dir=bento, host=host, port=port, dependency_map={MODEL_SERVICE: model_url})
+        serve_http(target, dependency_map={MODEL_SERVICE: model_url}, **options)
     else:
-        serve_http(target, working_dir=bento, host=host, port=port)
+        serve_http(target, **options)
 
 
 def health(port: int) -> int:
@@ -98,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     built = commands.add_parser("build", help="a bento holding one model package")
     built.add_argument("--package", required=True, type=Path)
     built.add_argument("--version", required=True, help="the registry version the package is")
+    built.add_argument("--out", required=True, type=Path, help="the archive to write (.bento)")
     built.add_argument("--name", default="captioner", help="the model's name in the store")
     served = commands.add_parser("serve", help="serve one part of the service")
     served.add_argument("part", choices=["api", "model", "all"])
@@ -112,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         if not args.version.removeprefix("v").isdigit():
             parser.error(f"--version must be a registry version number, not {args.version!r}")
-        print(build(args.package.resolve(), args.version.removeprefix("v"), args.name))
+        print(build(args.package.resolve(), args.version.removeprefix("v"), args.out.resolve(), args.name))
         return 0
     if args.command == "health":
         return health(args.port)
