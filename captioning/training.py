@@ -13,7 +13,8 @@ by DataLoader workers (optionally augmented, `train.augment`), validation encode
 val images with the current encoder, and the package carries the encoder's weights.
 
 Runs unchanged under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel, a
-DistributedSampler, and rank 0 alone writing files and calling callbacks.
+DistributedSampler, and rank 0 alone writing files and calling callbacks; at the end
+every rank's weights digest goes to out_dir/ranks.json, and ranks that disagree fail the run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
+RANKS_FILE = "ranks.json"  # under torchrun: every rank's final weights digest
 PACKAGE_DIR = "model"
 # Cached features up to this size are copied into memory; larger caches are read from the memory map.
 PRELOAD_LIMIT_BYTES = 2 << 30
@@ -53,6 +55,9 @@ _SCST_KEYS = ("scst_epochs", "scst_lr", "scst_samples", "scst_top_k")
 # captions speak about the whole picture ("two dogs on the grass").
 CROP_AREA = (0.6, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# Steps in a row whose loss is NaN or inf (each skipped) before training gives up: a few are
+# a bad batch, this many mean the weights or the learning rate are beyond repair.
+MAX_NONFINITE_STEPS = 20
 
 
 class TrainingError(RuntimeError):
@@ -422,6 +427,8 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
                                ignore_index=0, label_smoothing=label_smoothing)
         total = loss + alpha_c * aux
     optimizer.zero_grad(set_to_none=True)
+    if _nonfinite(total):
+        return math.nan  # skipped: the caller counts it
     scaler.scale(total).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -444,6 +451,8 @@ def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, s
 
     loss, reward = scst_loss(model, feats, images, cider, samples, max_length, top_k)
     optimizer.zero_grad(set_to_none=True)
+    if _nonfinite(loss):
+        return math.nan, reward
     loss.backward()
     _average_gradients(model)
     if grad_clip > 0:
@@ -451,6 +460,26 @@ def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, s
     optimizer.step()
     scheduler.step()
     return float(loss.detach()), reward
+
+
+def _nonfinite(loss: torch.Tensor) -> bool:
+    """True when the loss is NaN or inf on this rank or any other: the step is then skipped
+    (no backward, no optimizer step), since one such step turns every weight into NaN.
+    Every rank decides alike, before backward, so DistributedDataParallel never waits on a
+    rank that skipped."""
+    import torch.distributed as dist
+
+    bad = torch.logical_not(torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+def _nonfinite_weights(*modules) -> list[str]:
+    """Names of the parameters holding a NaN or inf, in the given modules (None ones skipped)."""
+    return [name for module in modules if module is not None
+            for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -463,7 +492,10 @@ def _distributed() -> bool:
 def _rank() -> int:
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    # After the process group is gone (train() writing history.json) torchrun's RANK still tells.
+    return int(os.environ.get("RANK", "0"))
 
 
 def _barrier() -> None:
@@ -492,6 +524,45 @@ def _broadcast_flag(flag: bool, device) -> bool:
     tensor = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(tensor, 0)
     return bool(tensor.item())
+
+
+def backend_for(device_type: str) -> str:
+    """The torch.distributed backend for one process per device: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 ones do not."""
+    return dtype == torch.float16
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes and bytes: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _record_rank_digests(model, device, out_dir: Path, rank: int, world: int) -> None:
+    """Every rank's final weights digest, gathered to rank 0 and written to out_dir/ranks.json.
+
+    DistributedDataParallel keeps the replicas equal only if every rank took every step alike;
+    ranks that drifted apart would make rank 0's package one of several different models.
+    """
+    import torch.distributed as dist
+
+    mine = torch.tensor(list(bytes.fromhex(weights_digest(model.state_dict()))), dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    digests = [bytes(tensor.tolist()).hex() for tensor in gathered]
+    if rank != 0:
+        return
+    (out_dir / RANKS_FILE).write_text(json.dumps({"world_size": world, "weights_sha256": digests}, indent=1),
+                                      encoding="utf-8")
+    if len(set(digests)) > 1:
+        raise TrainingError(f"the {world} ranks ended with different weights (see {out_dir / RANKS_FILE})")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -723,7 +794,10 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         torch.set_num_threads(threads)
     started_dist = False
     if _distributed() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        local = get_device()
+        if local.type == "cuda":
+            torch.cuda.set_device(local)  # NCCL's collectives run on the current device: this rank's GPU
+        dist.init_process_group(backend_for(local.type))
         started_dist = True
     try:
         rank, world = _rank(), (dist.get_world_size() if dist.is_initialized() else 1)
@@ -802,9 +876,13 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        lr = float(train_p.get("lr", 5e-4))
+        if not 0 < lr <= torch.finfo(torch.float32).max:
+            # AdamW fails deep inside its step on a rate that float32 cannot hold.
+            raise TrainingError(f"train.lr must be a positive number a float32 can hold, not {lr}")
         optimizer = torch.optim.AdamW(
             [{"params": list(model.parameters())}, *groups],
-            lr=float(train_p.get("lr", 5e-4)), weight_decay=float(train_p.get("weight_decay", 0.0)),
+            lr=lr, weight_decay=float(train_p.get("weight_decay", 0.0)),
         )
         # captions_per_image k: the sampler draws images, each step takes batch_size // k of them
         # with k captions each, and the decoder does its image-side work once per image.
@@ -830,7 +908,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             optimizer,
             lambda step: scst_factor if phase["scst"] else lr_factor(step, warmup, total_steps, schedule_name),
         )
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(dtype))
         label_smoothing = float(train_p.get("label_smoothing", 0.0))
         grad_clip = float(train_p.get("grad_clip", 0.0))
         alpha_c = float(train_p.get("alpha_c", 0.0))
@@ -838,7 +916,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         checkpoint_every = int(train_p.get("checkpoint_every", 500))
 
         state = {"epoch": 0, "batch": 0, "step": 0, "best": {}, "bad_epochs": 0, "history": [],
-                 "loss_sum": 0.0, "loss_count": 0, "reward_sum": 0.0}
+                 "loss_sum": 0.0, "loss_count": 0, "reward_sum": 0.0, "skipped": 0, "nonfinite_run": 0}
         cider = None
         if checkpoint is not None:
             core.load_state_dict(checkpoint["model"])
@@ -923,7 +1001,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                     data_time += time.perf_counter() - tick
                     value, reward = scst_step(core, optimizer, scheduler, feats, batches[index], cider, scst_samples,
                                               int(decoding_p.get("max_length", 20)), grad_clip, scst_top_k)
-                    state["reward_sum"] += reward
+                    state["reward_sum"] += reward if math.isfinite(value) else 0.0
                 elif pixels is None:
                     feats, tokens = train_data.batch(batches[index], device, max(1, per_image))
                 else:
@@ -935,8 +1013,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                                           alpha_c, grad_clip, encoder, dtype)
                 state["step"] += 1
                 state["batch"] = index + 1
-                state["loss_sum"] += value
-                state["loss_count"] += 1
+                _count_loss(state, value)
                 # Captions: in self-critical epochs every image of the batch is sampled scst_samples times.
                 seen += len(batches[index]) * (scst_samples if phase["scst"] else 1)
                 rate = seen * world / max(1e-9, time.perf_counter() - epoch_start)
@@ -947,9 +1024,10 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if checkpoint_every > 0 and state["step"] % checkpoint_every == 0 and state["batch"] < len(batches):
                     write_checkpoint()
             bar.close()
+            _check_epoch(state, epoch, core, core_encoder)
             elapsed = time.perf_counter() - epoch_start
             metrics: dict[str, Any] = {
-                "epoch": epoch + 1, "step": state["step"],
+                "epoch": epoch + 1, "step": state["step"], "skipped_steps": state["skipped"],
                 "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
                 "lr": optimizer.param_groups[0]["lr"],
                 "captions_per_s": seen * world / max(1e-9, elapsed),
@@ -965,6 +1043,10 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 val = validate(core, vocab, val_data, references, {**decoding_p, "beam_size": train_p.get("val_beam_size", 1)}, device)
                 samples = val.pop("samples")
                 metrics.update(val)
+                if not math.isfinite(metrics["val_loss"]):
+                    # Finite but huge weights can still give NaN outputs: such a model is never packaged.
+                    raise TrainingError(f"after epoch {epoch + 1} the validation loss is {metrics['val_loss']}: "
+                                        "training diverged; lower train.lr")
                 improved = not state["best"] or metrics["val_CIDEr"] > state["best"]["val_CIDEr"]
                 if improved:
                     state["best"] = dict(metrics)
@@ -976,12 +1058,14 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             improved = _broadcast_flag(improved, device)
             state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
             state["history"].append(metrics)
-            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0, reward_sum=0.0)
+            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0, reward_sum=0.0, skipped=0)
             stop = state["bad_epochs"] >= patience
             finished = state["epoch"] >= epochs + scst_epochs or (stop and (phase["scst"] or not scst_epochs))
             write_checkpoint(finished=finished)
             _barrier()
 
+        if world > 1:
+            _record_rank_digests(core, device, out_dir, rank, world)
         result = TrainResult(package_dir, state["best"], state["history"])
         if rank == 0:
             _notify(callbacks, "on_train_end", result)
@@ -995,6 +1079,39 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             dist.destroy_process_group()
         if threads > 0:
             torch.set_num_threads(previous_threads)
+
+
+def _count_loss(state: dict, value: float) -> None:
+    """Add a step's loss to the epoch's mean; a skipped (non-finite) step is counted apart,
+    and too many in a row stop training rather than spin on a model beyond repair."""
+    if math.isfinite(value):
+        state["loss_sum"] += value
+        state["loss_count"] += 1
+        state["nonfinite_run"] = 0
+        return
+    state["skipped"] += 1
+    state["nonfinite_run"] += 1
+    if state["nonfinite_run"] >= MAX_NONFINITE_STEPS:
+        raise TrainingError(
+            f"the loss was NaN or inf in {state['nonfinite_run']} steps in a row (up to step {state['step']}): "
+            "training diverged; lower train.lr"
+        )
+
+
+def _check_epoch(state: dict, epoch: int, core, encoder) -> None:
+    """Stop before validating or packaging a model whose weights are no longer numbers,
+    or an epoch in which no step could be taken."""
+    broken = _nonfinite_weights(core, encoder)
+    if broken:
+        raise TrainingError(
+            f"after epoch {epoch + 1}, {len(broken)} weight tensors hold NaN or inf (first: {broken[0]}): "
+            "training diverged; lower train.lr"
+        )
+    if state["skipped"] and not state["loss_count"]:
+        raise TrainingError(
+            f"every step of epoch {epoch + 1} had a NaN or inf loss ({state['skipped']} skipped): "
+            "training diverged; lower train.lr"
+        )
 
 
 def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: CaptionData, frequencies,

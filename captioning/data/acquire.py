@@ -15,6 +15,7 @@ holds the repository lock, so versioning is a separate step (`versioning.py`).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import stat
 import tarfile
 import time
 import zipfile
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Iterable
@@ -128,9 +130,10 @@ def _from_archives(
             except AcquisitionError as error:
                 hint = f"set CAPTIONING_MIRROR to a folder holding {name}/ with the official archives or the unpacked dataset"
                 raise AcquisitionError(f"{error}; {hint}") from None
+            _check_md5(local, archive, delete=True)
             verified = _verification(archive)
             source, fetched = archive.url, True
-        safe_extract(local, dest / archive.extract_to, progress=progress)
+        safe_extract(local, dest / archive.extract_to, progress=progress, files=archive.files)
         if fetched and not keep_archives:
             local.unlink()  # unpacked and checked: the archive would only double the disk use
         entries.append({
@@ -148,12 +151,26 @@ def _from_archives(
 def _verification(archive: Archive) -> str:
     if archive.sha256:
         return "sha256"
-    log.warning(
-        "%s has no published sha256: verified only by %s",
-        archive.filename,
-        "size and layout" if archive.size else "layout",
-    )
-    return "size+layout" if archive.size else "layout"
+    if archive.md5:
+        return "md5"
+    checks = [name for name, known in (("size", archive.size), ("files", archive.files)) if known] + ["layout"]
+    log.warning("%s has no published sha256: verified only by %s", archive.filename, " and ".join(checks))
+    return "+".join(checks)
+
+
+def _check_md5(path: Path, archive: Archive, delete: bool) -> None:
+    """Compare with the published MD5 (the Flickr archives have no published sha256)."""
+    if not archive.md5:
+        return
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    if digest.hexdigest() != archive.md5:
+        if delete:
+            path.unlink()
+        raise AcquisitionError(f"md5 mismatch for {path.name}: expected {archive.md5}, got {digest.hexdigest()}"
+                               + ("; the download was deleted" if delete else ""))
 
 
 def _verify_local(path: Path, archive: Archive) -> tuple[str, str]:
@@ -165,6 +182,7 @@ def _verify_local(path: Path, archive: Archive) -> tuple[str, str]:
     digest = file_sha256(path)
     if archive.sha256 and digest != archive.sha256:
         raise AcquisitionError(f"sha256 mismatch for {path}: expected {archive.sha256}, got {digest}")
+    _check_md5(path, archive, delete=False)  # the mirror is not ours: never deleted
     return digest, _verification(archive)
 
 
@@ -372,23 +390,45 @@ def _range_total(content_range: str) -> int | None:
 
 # ---------------------------------------------------------------- extract
 
+# Limits that refuse a decompression bomb before anything is written. The largest official
+# archive (COCO train2017) is 19.3 GB of JPEGs in 118,287 files, unpacking at a ratio of about 1.
+MAX_MEMBERS = 500_000
+MAX_BYTES = 64 << 30
+MAX_RATIO = 100  # unpacked bytes per archive byte; caption JSON packs about 10x, photos about 1x
+RATIO_FLOOR = 64 << 20  # below this many unpacked bytes a high ratio is harmless (small text files)
+MAX_LINK_BYTES = 4096  # a zip symlink's target is stored as the member's data
+MAX_LINK_DEPTH = 40  # links followed while resolving one path, as the kernel's ELOOP limit
 
-def safe_extract(archive: str | Path, dest: str | Path, progress: bool = False) -> list[str]:
+
+def safe_extract(
+    archive: str | Path,
+    dest: str | Path,
+    progress: bool = False,
+    *,
+    files: tuple[str, int] | None = None,
+    max_members: int = MAX_MEMBERS,
+    max_bytes: int = MAX_BYTES,
+    max_ratio: float = MAX_RATIO,
+) -> list[str]:
     """Unpack a zip or tar archive into `dest`; return the member names written.
 
-    Every member is checked before anything is written: absolute paths, `..` and links
-    that point outside `dest` are refused with an error naming the member. macOS
-    resource forks (`__MACOSX/`, present in the official Flickr8k zip) are skipped.
+    Every member is checked before anything is written: absolute paths, `..`, links whose
+    real destination (following the links of the archive and of `dest`, in order) is
+    outside `dest`, devices, too many members, too many bytes or too high a compression
+    ratio (a bomb), and, with `files=(pattern, count)`, a member count other than the
+    published one. macOS resource forks (`__MACOSX/`, present in the official Flickr8k
+    zip) are skipped.
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = os.path.realpath(dest)
+    limits = {"files": files, "max_members": max_members, "max_bytes": max_bytes, "max_ratio": max_ratio}
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, root, progress)
+            return _extract_zip(archive, root, progress, limits)
         if tarfile.is_tarfile(archive):
-            return _extract_tar(archive, root, progress)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
+            return _extract_tar(archive, root, progress, limits)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         raise AcquisitionError(f"{archive.name} is damaged: {error}") from None
     raise AcquisitionError(f"{archive.name} is neither a zip nor a tar archive")
 
@@ -397,42 +437,138 @@ def _skipped(name: str) -> bool:
     return name.startswith("__MACOSX/") or name.rstrip("/") == "__MACOSX"
 
 
+def _refuse(archive: Path, why: str) -> AcquisitionError:
+    return AcquisitionError(f"refusing to extract {archive.name}: {why}")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
 def _check_path(archive: Path, name: str, root: str) -> str:
-    """Where member `name` would land; refuse absolute paths and `..`."""
+    """Where member `name` would land, lexically; refuse absolute paths and `..`."""
     clean = name.replace("\\", "/")
     if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean):
-        raise AcquisitionError(f"refusing to extract {archive.name}: member {name!r} has an absolute path")
+        raise _refuse(archive, f"member {name!r} has an absolute path")
     if ".." in PurePosixPath(clean).parts:
-        raise AcquisitionError(f"refusing to extract {archive.name}: member {name!r} contains '..'")
+        raise _refuse(archive, f"member {name!r} contains '..'")
     return os.path.normpath(os.path.join(root, clean))
 
 
-def _check_link(archive: Path, name: str, target: str, base: str, root: str) -> None:
-    """Refuse a link whose target (relative to `base`) resolves outside `root`."""
-    if target.startswith("/") or re.match(r"^[A-Za-z]:", target):
-        raise AcquisitionError(f"refusing to extract {archive.name}: link {name!r} points to absolute path {target!r}")
-    resolved = os.path.normpath(os.path.join(base, target))
-    if resolved != root and not resolved.startswith(root + os.sep):
-        raise AcquisitionError(f"refusing to extract {archive.name}: link {name!r} points outside the target ({target!r})")
+class _Tree:
+    """The target folder as it will be once the members checked so far are extracted:
+    their links, then whatever is already on disk. Resolves paths as the kernel would, so a
+    chain of links (`a -> .`, `a/b -> ..`, then `b/x`) is seen for where it really leads."""
+
+    def __init__(self, archive: Path, root: str):
+        self.archive, self.root = archive, root
+        self.links: dict[str, str] = {}  # lexical path of a link -> its target
+
+    def realpath(self, path: str, depth: int = 0) -> str:
+        current = "/"
+        if path.startswith(self.root + os.sep):
+            # The root itself is already a real path: only what lies below it can hold links.
+            current, path = self.root, path[len(self.root):]
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                current = os.path.dirname(current)
+                continue
+            candidate = os.path.join(current, part)
+            target = self._link(candidate)
+            if target is None:
+                current = candidate
+                continue
+            if depth >= MAX_LINK_DEPTH:
+                raise _refuse(self.archive, f"too many levels of links at {candidate!r}")
+            current = self.realpath(os.path.join(current, target), depth + 1)
+        return current
+
+    def _link(self, path: str) -> str | None:
+        if path in self.links:
+            return self.links[path]
+        # Only the target folder can gain links from this archive; elsewhere trust the disk.
+        return os.readlink(path) if os.path.islink(path) else None
+
+    def check_member(self, name: str) -> str:
+        """The lexical destination of a file or folder member, refused if it really lands outside."""
+        where = _check_path(self.archive, name, self.root)
+        if not _inside(self.realpath(where), self.root):
+            raise _refuse(self.archive, f"member {name!r} would be written outside the target through a link")
+        return where
+
+    def add_link(self, name: str, target: str, relative_to: str | None = None) -> str:
+        """Check a symlink (target relative to its folder) or a hard link (`relative_to` the root)."""
+        where = self.check_member(name)
+        if target.startswith("/") or re.match(r"^[A-Za-z]:", target):
+            raise _refuse(self.archive, f"link {name!r} points to absolute path {target!r}")
+        base = relative_to if relative_to is not None else os.path.dirname(where)
+        if not _inside(self.realpath(os.path.join(base, target)), self.root):
+            raise _refuse(self.archive, f"link {name!r} points outside the target ({target!r})")
+        if relative_to is None:
+            self.links[where] = target
+        return where
+
+    def check_links_again(self) -> None:
+        """Every link once all are known: a later link can redirect an earlier one (`c -> d/..`, `d -> .`)."""
+        for where, target in self.links.items():
+            if not _inside(self.realpath(os.path.join(os.path.dirname(where), target)), self.root):
+                name = os.path.relpath(where, self.root)
+                raise _refuse(self.archive, f"link {name!r} points outside the target once later links are made")
+
+
+def _check_sizes(archive: Path, names: list[str], total: int, root: str, limits: dict) -> None:
+    """Refuse a bomb (members, bytes, ratio), a short disk, or a member count other than the published one."""
+    if len(names) > limits["max_members"]:
+        raise _refuse(archive, f"it has {len(names)} members, more than the limit of {limits['max_members']}")
+    if total > limits["max_bytes"]:
+        raise _refuse(archive, f"it unpacks to {total} bytes, more than the limit of {limits['max_bytes']}")
+    packed = max(1, archive.stat().st_size)
+    if total > RATIO_FLOOR and total / packed > limits["max_ratio"]:
+        raise _refuse(archive, f"it unpacks {packed} bytes into {total} (ratio {total / packed:.0f}, "
+                               f"limit {limits['max_ratio']}): a decompression bomb")
+    free = shutil.disk_usage(root).free
+    if total > free:
+        raise _refuse(archive, f"it unpacks to {total} bytes and {root} has {free} free")
+    if limits["files"] is not None:
+        pattern, expected = limits["files"]
+        found = sum(1 for name in names if fnmatch.fnmatch(PurePosixPath(name).name, pattern))
+        if found != expected:
+            raise _refuse(archive, f"it holds {found} files matching {pattern!r}, the published count is {expected}: "
+                                   "incomplete or not the official archive")
+
+
+def _write_check(archive: Path, name: str, root: str) -> None:
+    """Just before writing: the member's real destination on disk is inside the target."""
+    if not _inside(os.path.realpath(os.path.join(root, name)), root):
+        raise _refuse(archive, f"member {name!r} would be written outside the target through a link")
 
 
 def _zip_link(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _extract_zip(archive: Path, root: str, progress: bool) -> list[str]:
+def _extract_zip(archive: Path, root: str, progress: bool, limits: dict) -> list[str]:
     from tqdm import tqdm
 
     with zipfile.ZipFile(archive) as zf:
         members = [info for info in zf.infolist() if not _skipped(info.filename)]
-        links = {}
+        # Declared sizes bound what zipfile writes: it stops at file_size and checks the CRC.
+        files = [info.filename for info in members if not info.is_dir() and not _zip_link(info)]
+        _check_sizes(archive, files, sum(info.file_size for info in members), root, limits)
+        tree, links = _Tree(archive, root), {}
         for info in members:
-            where = _check_path(archive, info.filename, root)
             if _zip_link(info):
-                target = zf.read(info).decode("utf-8")
-                _check_link(archive, info.filename, target, os.path.dirname(where), root)
-                links[info.filename] = target
+                if info.file_size > MAX_LINK_BYTES:
+                    raise _refuse(archive, f"link {info.filename!r} has a {info.file_size}-byte target")
+                links[info.filename] = zf.read(info).decode("utf-8")
+                tree.add_link(info.filename, links[info.filename])
+            else:
+                tree.check_member(info.filename)
+        tree.check_links_again()
         for info in tqdm(members, desc=f"unpack {archive.name}", unit="file", disable=not progress):
+            _write_check(archive, info.filename, root)
             if info.filename in links:
                 where = _check_path(archive, info.filename, root)
                 os.makedirs(os.path.dirname(where), exist_ok=True)
@@ -444,20 +580,42 @@ def _extract_zip(archive: Path, root: str, progress: bool) -> list[str]:
         return [info.filename for info in members]
 
 
-def _extract_tar(archive: Path, root: str, progress: bool) -> list[str]:
+def _extract_tar(archive: Path, root: str, progress: bool, limits: dict) -> list[str]:
     from tqdm import tqdm
 
     with tarfile.open(archive) as tf:
-        members = [m for m in tf.getmembers() if not _skipped(m.name)]
+        members = _tar_members(archive, tf, root, limits)
+        tree = _Tree(archive, root)
         for member in members:
-            where = _check_path(archive, member.name, root)
             if member.issym():
-                _check_link(archive, member.name, member.linkname, os.path.dirname(where), root)
+                tree.add_link(member.name, member.linkname)
             elif member.islnk():
-                _check_link(archive, member.name, member.linkname, root, root)
-            elif not (member.isfile() or member.isdir()):
-                raise AcquisitionError(f"refusing to extract {archive.name}: member {member.name!r} is a device or pipe")
+                tree.add_link(member.name, member.linkname, relative_to=root)
+            elif member.isfile() or member.isdir():
+                tree.check_member(member.name)
+            else:
+                raise _refuse(archive, f"member {member.name!r} is a device or pipe")
+        tree.check_links_again()
         for member in tqdm(members, desc=f"unpack {archive.name}", unit="file", disable=not progress):
+            _write_check(archive, member.name, root)
             # The "data" filter repeats the checks above inside tarfile itself.
             tf.extract(member, root, filter="data")
         return [m.name for m in members]
+
+
+def _tar_members(archive: Path, tf: tarfile.TarFile, root: str, limits: dict) -> list[tarfile.TarInfo]:
+    """The members, read one header at a time so that a compressed bomb is refused once its
+    declared sizes pass a limit, not after decompressing all of it."""
+    members, total = [], 0
+    packed = max(1, archive.stat().st_size)
+    ceiling = min(limits["max_bytes"], max(RATIO_FLOOR, limits["max_ratio"] * packed))
+    while (member := tf.next()) is not None:
+        if _skipped(member.name):
+            continue
+        members.append(member)
+        total += member.size
+        if len(members) > limits["max_members"] or total > ceiling:
+            break  # _check_sizes names the limit passed
+    files = [m.name for m in members if m.isfile()]
+    _check_sizes(archive, files, total, root, limits)
+    return members

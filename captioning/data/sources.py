@@ -1,9 +1,14 @@
 """Where each dataset officially comes from: one list of archives per dataset.
 
-Digests and sizes are filled in only where a published record of them exists
-(TensorFlow Datasets' checksum files for COCO and Karpathy's caption_datasets.zip).
-Where none exists the field is None and `acquire` says, in one log line, that the
-archive is checked only by its size (when known) and by the layout it extracts to.
+Every URL is https, and every archive carries a published digest or a published file count:
+- sha256 and size: TensorFlow Datasets' checksum files (COCO, Karpathy's caption_datasets.zip);
+- md5: the digests that dataset loaders publish for the Flickr archives (the R torchvision
+  loader and CMake builds for Flickr8k_Dataset.zip and Flickr8k_text.zip, a dataset loader
+  script for flickr30k.tar.gz); MD5 still stops a damaged or swapped file;
+- files: the published number of images (8,091 for Flickr8k, 31,783 for Flickr30k), counted
+  in the archive's listing before anything is written. flickr30k-images.zip has no published
+  digest, so this count and the layout are its check.
+Where none is known `acquire` says, in one log line, what the archive is checked by.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ class Archive:
     sha256: published digest, or None when no published digest is known.
     size: size in bytes, or None when unknown.
     extract_to: folder inside the dataset folder it is unpacked into.
+    md5: published MD5, for archives whose only published digest is one.
+    files: (glob pattern, count): how many members (by base name) the official archive holds.
     """
 
     filename: str
@@ -27,6 +34,8 @@ class Archive:
     sha256: str | None = None
     size: int | None = None
     extract_to: str = "."
+    md5: str | None = None
+    files: tuple[str, int] | None = None
 
 
 # Karpathy's splits of Flickr8k, Flickr30k and COCO, one zip holding all three JSON files.
@@ -37,7 +46,7 @@ KARPATHY = Archive(
     36745453,
 )
 
-_COCO = "http://images.cocodataset.org"
+_COCO = "https://images.cocodataset.org"
 
 SOURCES: dict[str, list[Archive]] = {
     # The original University of Illinois links sit behind a request form; these
@@ -46,10 +55,13 @@ SOURCES: dict[str, list[Archive]] = {
         Archive(
             "Flickr8k_Dataset.zip",
             "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip",
+            md5="f18a1e2920de5bd84dae7cf08ec78978",
+            files=("*.jpg", 8091),
         ),
         Archive(
             "Flickr8k_text.zip",
             "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip",
+            md5="bf6c1abcb8e4a833b7f922104de18627",
         ),
     ],
     # Images: flickr30k-images/ (the form-gated original is flickr30k-images.tar.gz);
@@ -58,10 +70,12 @@ SOURCES: dict[str, list[Archive]] = {
         Archive(
             "flickr30k-images.zip",
             "https://huggingface.co/datasets/nlphuji/flickr30k/resolve/main/flickr30k-images.zip",
+            files=("*.jpg", 31783),
         ),
         Archive(
             "flickr30k.tar.gz",
-            "http://shannon.cs.illinois.edu/DenotationGraph/data/flickr30k.tar.gz",
+            "https://shannon.cs.illinois.edu/DenotationGraph/data/flickr30k.tar.gz",
+            md5="d3980ef9db5743acbd5bcd9394065067",
         ),
         KARPATHY,
     ],
