@@ -15,7 +15,7 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELE
 # Spinning OpenMP threads slow torch down many times when the CPU is shared (see captioning/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup system-deps test test-fast run serve repro full schedule bento prefect-ui mlflow-ui benchmark clean
+.PHONY: setup system-deps test test-fast run serve repro full schedule bento container up down prefect-ui mlflow-ui benchmark clean
 
 setup: $(STAMP) system-deps
 
@@ -61,8 +61,19 @@ schedule: setup
 
 bento: setup
 	BENTOML_HOME=$(CURDIR)/bentoml_home $(VENV)/bin/bentoml build
-	@echo "Bento built (Dockerfile: bentoml_home/bentos/captioning/latest/env/docker/Dockerfile)."
-	@echo "No Docker engine on this machine: run 'bentoml containerize captioning:latest' where one runs (the CD workflow does)."
+
+# The image of the current champion (a bento with the model inside, built with podman from a
+# Debian base); the last line printed is the image's tag.
+container: setup
+	@$(VENV)/bin/captioning release
+
+# The champion's image as separate containers (API, 2 model servers, haproxy) on 127.0.0.1:$(PORT),
+# and the watcher that rolls out each new champion by itself; `make down` stops them.
+up: setup
+	PORT=$(PORT) bash scripts/up.sh
+
+down:
+	bash scripts/down.sh
 
 prefect-ui: setup
 	@curl -sf -o /dev/null http://127.0.0.1:4200/api/health && echo "Prefect UI: http://127.0.0.1:4200" || \

@@ -19,7 +19,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from captioning.config import PROJECT_ROOT, artifacts_dir
+from captioning.config import PROJECT_ROOT
 
 CONTAINER_DIR = PROJECT_ROOT / "deploy" / "container"
 BASE_IMAGE = "localhost/captioning-base:bookworm"
@@ -31,6 +31,11 @@ NOT_IN_IMAGE = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*)==", re
 
 class ContainerError(RuntimeError):
     """A podman, buildah or debootstrap step failed; the message ends with its output."""
+
+
+def cache_dir() -> Path:
+    """Wheels and the base image's root file system in the making (kept across releases)."""
+    return Path(os.environ.get("CAPTIONING_CONTAINER_CACHE", PROJECT_ROOT / "artifacts" / "container")).resolve()
 
 
 def podman_env() -> dict[str, str]:
@@ -53,12 +58,14 @@ def run(command: list[str], timeout: float = 900, check: bool = True, **kwargs) 
     return result
 
 
-def podman(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    return run(["podman", *args], timeout=timeout, check=check)
+def podman(*args: str, timeout: float = 900, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return run(["podman", *args], timeout=timeout, check=check, **kwargs)
 
 
 def image_ref(version: str) -> str:
-    return f"{IMAGE_REPO}:v{str(version).removeprefix('v')}"
+    """localhost/captioning:vN ($CAPTIONING_IMAGE_REPO replaces the repository: tests use their own)."""
+    repo = os.environ.get("CAPTIONING_IMAGE_REPO", IMAGE_REPO)
+    return f"{repo}:v{str(version).removeprefix('v')}"
 
 
 def image_exists(ref: str) -> bool:
@@ -85,7 +92,7 @@ def build_base_image(force: bool = False) -> str:
         return BASE_IMAGE
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap is not installed: `make setup` installs it")
-    root = artifacts_dir() / "container" / "rootfs"
+    root = cache_dir() / "rootfs"
     shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", DEBIAN_SUITE,
@@ -115,7 +122,7 @@ def wheelhouse() -> Path:
     """Wheels for every package of the image, gathered once per requirements (pip download)."""
     requirements, constraints = image_requirements()
     key = hashlib.sha256((requirements + constraints).encode()).hexdigest()[:12]
-    folder = artifacts_dir() / "container" / f"wheels-{key}"
+    folder = cache_dir() / f"wheels-{key}"
     if (folder / ".complete").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -146,7 +153,7 @@ def build_image(bento_archive: Path, version: str, model: str) -> dict:
     base = build_base_image()
     wheels = wheelhouse()
     ref = image_ref(version)
-    context = build_context(bento_archive, wheels, artifacts_dir() / "container" / "context" / ref.rsplit(":", 1)[1])
+    context = build_context(bento_archive, wheels, cache_dir() / "context" / ref.rsplit(":", 1)[1])
     try:
         podman("build", "--format", "docker", "--layers", "--network", "none", "--pull=never",
                "--build-arg", f"BASE={base}", "--build-arg", f"MODEL={model}",

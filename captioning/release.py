@@ -70,9 +70,10 @@ def resolve_version(model: str, tracking: str | None = None) -> tuple[str, Path]
 def build_bento(package: Path, version: str) -> Path:
     """The release's .bento archive (BentoML in its own process; see bento.py)."""
     out = release_dir(version) / f"captioning-v{version}.bento"
+    env = {**os.environ, "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))}
     result = subprocess.run([sys.executable, "-m", "bento", "build", "--package", str(package),
                              "--version", version, "--out", str(out)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise ReleaseError(f"the bento of version {version} could not be built:\n"
                            + "\n".join(result.stderr.strip().splitlines()[-10:]))
@@ -137,11 +138,11 @@ def kubernetes_release(version: str, image: str) -> dict:
 
 
 def name_in_overlay() -> str:
-    """The image name the production overlay rewrites (its `images[].name`)."""
+    """The image name the production overlay's manifests carry (its `images[]` rewrite's result)."""
     import yaml
 
     spec = yaml.safe_load((KUBE_OVERLAY / "kustomization.yaml").read_text(encoding="utf-8"))
-    return spec["images"][0]["name"]
+    return spec["images"][0].get("newName", spec["images"][0]["name"])
 
 
 def dispatch_cd(version: str) -> str:

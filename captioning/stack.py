@@ -141,7 +141,8 @@ def stop_haproxy() -> None:
 
 
 def pod_name(role: str, slot: int) -> str:
-    return f"captioning-{role}-s{slot}"
+    """captioning-ROLE-sSLOT ($CAPTIONING_STACK_NAME replaces the prefix: tests use their own)."""
+    return f"{os.environ.get('CAPTIONING_STACK_NAME', 'captioning')}-{role}-s{slot}"
 
 
 def pod_manifest(role: str, slot: int, image: str, port: int) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from captioning.cli import data, evaluate, params, registry, train
+from captioning.cli import data, evaluate, params, registry, release, train
 
 app = typer.Typer(
     name="captioning",
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (data, train, evaluate, registry, params):
+for module in (data, train, evaluate, registry, release, params):
     module.register(app)
 
 
