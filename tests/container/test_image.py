@@ -71,8 +71,16 @@ def test_release_is_a_bento_and_an_image_holding_the_version(first_release, work
     for name, sha in check_package_files(packages[0]).items():  # the package, checksums recorded
         assert sha in model_yaml, name
     assert 300e6 < image_size(first_release) < 2e9
-    rendered = (folder / "kubernetes" / "rendered.yaml").read_text()
-    assert f"image: {first_release}" in rendered  # the production overlay with this release's image
+    # The production overlay with this release's image, rendered and validated offline.
+    import kubernetes_validate
+    import yaml
+
+    docs = [doc for doc in yaml.safe_load_all((folder / "kubernetes" / "rendered.yaml").read_text()) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images == {first_release}
+    assert manifest["kubernetes"]["applied"] is False  # no kube context here
 
 
 def test_image_has_no_mlflow_and_one_torch(first_release):
