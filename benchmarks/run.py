@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["decoding", "inference", "training", "evaluation", "serving", "validate_flickr8k"]
+BENCHMARKS = ["decoding", "inference", "training", "evaluation", "serving", "validate_flickr8k", "release"]
 
 
 def main() -> int:
