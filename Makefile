@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest tests
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not integration and not browser and not slow"
+	$(PY) -m pytest tests -m "not integration and not browser and not slow and not container and not robustness and not scaleout"
 
 # The main job: the retrain flow on params.yaml (DATASET=synthetic: the offline demo), then the
 # service. A local Prefect server and the MLflow UI are started in the background when needed.

@@ -102,7 +102,7 @@ def autocast_dtype(device, precision: str = "auto"):
 
     `auto`: float16 on CUDA (with a gradient scaler), float32 elsewhere. `bfloat16` runs on
     CUDA and on CPUs; it pays off on CPUs with bfloat16 instructions (AVX-512 BF16, AMX), where
-    the decoders trained 1.3-1.9 times as fast (README, Speed), and may be slower on others.
+    the decoders trained 1.3-1.9 times as fast (reports/BENCHMARKS.md), and may be slower on others.
     Weights, optimiser state and the loss stay float32 in every case.
     """
     import torch
