@@ -18,6 +18,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -61,13 +62,25 @@ def build(package: Path, version: str, out: Path, name: str = "captioner") -> Pa
         bentoml.bentos.delete(bento_tag)
     except NotFound:
         pass
-    bento = bentoml.bentos.build(
-        SERVICE, name=BENTO_NAME, version=tag_version(version), include=INCLUDE, models=[tag],
-        labels={"project": BENTO_NAME, "registry_version": str(version)},
-        build_ctx=str(PROJECT_ROOT),
-    )
+    with tempfile.TemporaryDirectory(prefix="bento-context-") as context:
+        copy_sources(Path(context))
+        bento = bentoml.bentos.build(
+            SERVICE, name=BENTO_NAME, version=tag_version(version), include=INCLUDE, models=[tag],
+            labels={"project": BENTO_NAME, "registry_version": str(version)}, build_ctx=context,
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(bento.export(str(out)))
+
+
+def copy_sources(context: Path) -> None:
+    """The files a bento carries, alone in a build context: BentoML walks the whole context, and
+    the project's own folder also holds data, artifacts and BentoML's store."""
+    for pattern in INCLUDE:
+        for path in PROJECT_ROOT.glob(pattern):
+            if path.is_file() and "__pycache__" not in path.parts:
+                target = context / path.relative_to(PROJECT_ROOT)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
 
 
 def bento_model(folder: Path) -> str:

@@ -68,6 +68,8 @@ def test_release_is_a_bento_and_an_image_holding_the_version(first_release, work
         names = archive.getnames()
         model_yaml = archive.extractfile("./models/captioner/v1/model.yaml").read().decode()
     assert "./models/captioner/v1/weights.pt" in names and "./src/service.py" in names
+    sources = {name.split("/")[2] for name in names if name.startswith("./src/") and name.count("/") > 1}
+    assert sources <= {"service.py", "bento.py", "captioning", "web", "bentofile.yaml"}, sources
     for name, sha in check_package_files(packages[0]).items():  # the package, checksums recorded
         assert sha in model_yaml, name
     assert 300e6 < image_size(first_release) < 2e9
