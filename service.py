@@ -14,6 +14,21 @@ Environment:
                               (default 60 for models:/ URIs, 0 = never)
   CAPTIONING_RELOAD_TOKEN     enables POST /reload (header X-Reload-Token or Authorization: Bearer)
   CAPTIONING_API_KEY          when set, every route but the health checks and the page needs X-API-Key
+  CAPTIONING_ENV              "production" (the deploy configmap sets it): the API refuses to start without
+                              CAPTIONING_API_KEY, and both services without CAPTIONING_INTERNAL_TOKEN
+  CAPTIONING_ALLOW_NO_KEY     1 = in production, run without those keys on purpose (logged at start-up)
+  CAPTIONING_INTERNAL_TOKEN   shared secret of the two services: when set, the model service answers only
+                              calls that carry it (the API sends it on every call); unset, the model service
+                              is open, as with `bentoml serve` on one machine, where it listens on a Unix
+                              socket in a private (0700) folder
+  CAPTIONING_FEEDBACK_PER_MINUTE  POST /feedback per client address and minute, per API worker (default 30,
+                              0 = no limit); answered 429 with Retry-After past it
+  CAPTIONING_TRUST_PROXY      1 = the client address is the last X-Forwarded-For entry (the one the ingress
+                              appended; set it behind the ingress); otherwise the peer address
+  CAPTIONING_MAX_CONCURRENCY  requests in flight per API worker before it answers 429 (default 32)
+  CAPTIONING_DECODE_CONCURRENCY  uploads decoded at once per API worker (default 2)
+  CAPTIONING_INFLIGHT_UPLOAD_MB  request bodies held at once per API worker before it answers 429 (default 200,
+                              never less than one full /caption_batch)
   CAPTIONING_MAX_UPLOAD_MB    largest accepted image file (default 10)
   CAPTIONING_MAX_BATCH_IMAGES most images in one /caption_batch request (default 16)
   CAPTIONING_ADAPTIVE_BATCHING  0 turns adaptive batching off (benchmarks compare both)
@@ -27,9 +42,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
+import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +55,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from captioning.config import disable_telemetry
@@ -45,6 +63,13 @@ from captioning.config import disable_telemetry
 disable_telemetry()
 
 logger = logging.getLogger("captioning.service")
+
+
+def _show_info_logs() -> None:
+    """BentoML's server logging shows its own loggers from INFO, others from WARNING: ours from
+    INFO too (start-up modes, model loads, reloads)."""
+    logging.getLogger("captioning").setLevel(logging.INFO)
+
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_MODEL = "models:/captioner@champion"
@@ -61,12 +86,23 @@ MAX_LATENCY_MS = _env_int("CAPTIONING_MAX_LATENCY_MS", 30_000)
 MAX_UPLOAD_BYTES = int(float(os.environ.get("CAPTIONING_MAX_UPLOAD_MB", "10")) * 1024 * 1024)
 MAX_BATCH_IMAGES = _env_int("CAPTIONING_MAX_BATCH_IMAGES", 16)
 MODEL_CALL_ATTEMPTS = 3
+MAX_CONCURRENCY = max(1, _env_int("CAPTIONING_MAX_CONCURRENCY", 32))
+DECODE_CONCURRENCY = max(1, _env_int("CAPTIONING_DECODE_CONCURRENCY", 2))
+FEEDBACK_PER_MINUTE = _env_int("CAPTIONING_FEEDBACK_PER_MINUTE", 30)
+READY_TIMEOUT_SECONDS = 2.0
+INTERNAL_HEADER = "X-Captioning-Internal-Token"
 # Room for the multipart headers and text fields around the files.
 MULTIPART_OVERHEAD = 64 * 1024
+# Request bodies held at once per API worker; never less than the largest request (one
+# /caption_batch at its limits), which must always be able to go through alone.
+INFLIGHT_UPLOAD_BYTES = max(_env_int("CAPTIONING_INFLIGHT_UPLOAD_MB", 200) * 1024 * 1024,
+                            MAX_UPLOAD_BYTES * MAX_BATCH_IMAGES + MULTIPART_OVERHEAD)
 
 OPTION_LIMITS = {"beam_size": (1, 10), "max_length": (1, 60)}
 HEALTH_PATHS = {"/livez", "/readyz", "/healthz"}
 PUBLIC_PATHS = HEALTH_PATHS | {"/", "/web/app.js", "/web/style.css", "/favicon.ico"}
+# What the model service answers without the internal token: probes and Prometheus.
+MODEL_OPEN_PATHS = HEALTH_PATHS | {"/metrics"}
 
 
 # ---------------------------------------------------------------- metrics
@@ -135,16 +171,99 @@ def metrics() -> dict[str, Any]:
     return _METRICS
 
 
+# ---------------------------------------------------------------- start-up checks
+
+
+class StartupRefused(RuntimeError):
+    """A configuration the service must not run with (it says what to set)."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def production() -> bool:
+    return os.environ.get("CAPTIONING_ENV", "").strip().lower() == "production"
+
+
+def internal_token() -> str:
+    return os.environ.get("CAPTIONING_INTERNAL_TOKEN", "").strip()
+
+
+def public_auth_mode() -> str:
+    """How the public API authenticates: "key required" or "open"; refuses production without a key."""
+    if os.environ.get("CAPTIONING_API_KEY", "").strip():
+        return "key required"
+    if production() and not _flag("CAPTIONING_ALLOW_NO_KEY"):
+        raise StartupRefused(
+            "CAPTIONING_ENV=production and CAPTIONING_API_KEY is not set: refusing to start the API. "
+            "Set the key (secret captioning-secrets, key api-key), or CAPTIONING_ALLOW_NO_KEY=1 to run open on purpose."
+        )
+    return "open"
+
+
+def internal_auth_mode() -> str:
+    """How the model service authenticates its callers: "token required" or "open"."""
+    if internal_token():
+        return "token required"
+    if production() and not _flag("CAPTIONING_ALLOW_NO_KEY"):
+        raise StartupRefused(
+            "CAPTIONING_ENV=production and CAPTIONING_INTERNAL_TOKEN is not set: refusing to start. Give both "
+            "services the same token (secret captioning-secrets, key internal-token), or CAPTIONING_ALLOW_NO_KEY=1."
+        )
+    return "open"
+
+
+def refuse_bad_settings(*checks) -> None:
+    """Run the start-up checks; a refusal exits with its message (status 1, no traceback)."""
+    try:
+        for check in checks:
+            check()
+    except StartupRefused as error:
+        sys.exit(f"error: {error}")
+
+
 # ---------------------------------------------------------------- model service
+
+
+def _option(name: str, default: int | None = None):
+    """A decoding option with the API's limits, checked again by the model service itself."""
+    low, high = OPTION_LIMITS[name]
+    return Field(default, ge=low, le=high)
 
 
 class CaptionJob(BaseModel):
     """One image to caption and its decoding options (what the API sends the model)."""
 
-    image: bytes
-    beam_size: int | None = None  # None: the package's decoding defaults
-    max_length: int | None = None
+    image: bytes = Field(max_length=MAX_UPLOAD_BYTES)
+    beam_size: int | None = _option("beam_size")  # None: the package's decoding defaults
+    max_length: int | None = _option("max_length")
     return_attention: bool = False
+
+
+class InternalTokenMiddleware:
+    """With $CAPTIONING_INTERNAL_TOKEN set, the model service answers only callers that send it in
+    the X-Captioning-Internal-Token header (the API service does); probes and /metrics stay open.
+
+    Checked before the body is read: the API's calls carry pickled data, which must never be
+    unpickled for a caller we do not know.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        token = internal_token()
+        if token and scope["type"] == "http" and scope["path"] not in MODEL_OPEN_PATHS:
+            sent = Request(scope).headers.get(INTERNAL_HEADER, "")
+            if not hmac.compare_digest(sent.encode(), token.encode()):
+                response = JSONResponse(
+                    {"error": f"missing or wrong internal token (header {INTERNAL_HEADER})", "kind": "unauthorized"},
+                    status_code=401,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 BENTO_PREFIX = "bento:"
@@ -199,9 +318,16 @@ def _registry_version(uri: str) -> str | None:
 class CaptionModelService:
     """Holds the Captioner; merges concurrent requests into batches."""
 
+    @bentoml.on_deployment
+    def check_settings() -> None:
+        # Runs in the server's supervisor before any worker starts: a refusal stops the server.
+        refuse_bad_settings(internal_auth_mode)
+
     def __init__(self) -> None:
         from captioning.config import get_device
 
+        _show_info_logs()
+        logger.info("model service: callers %s", internal_auth_mode())
         self.source = os.environ.get("CAPTIONING_MODEL", DEFAULT_MODEL)
         self.device = str(get_device())
         threads = _env_int("CAPTIONING_TORCH_THREADS", 0)
@@ -293,6 +419,15 @@ class CaptionModelService:
             return {"error": f"{type(error).__name__}: {error}"}
 
     @bentoml.api
+    async def ready(self) -> dict:
+        """Readiness for the API service. Async on purpose: BentoML runs the sync APIs (caption,
+        info, reload) one at a time on one worker thread, so `info` waits behind caption batches;
+        this answers from the event loop at once."""
+        captioner = self.captioner
+        return {"ready": captioner is not None,
+                "model_version": _version_of(captioner) if captioner is not None else None}
+
+    @bentoml.api
     def info(self) -> dict:
         captioner = self.captioner
         config = getattr(captioner, "config", None)
@@ -354,14 +489,14 @@ def _jsonable(value: Any) -> Any:
 class InputError(Exception):
     """A request we refuse: HTTP status, error kind (metrics label) and message."""
 
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
+def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     metrics()["errors"].labels(kind=kind).inc()
-    return JSONResponse({"error": message, "kind": kind}, status_code=status)
+    return JSONResponse({"error": message, "kind": kind}, status_code=status, headers=headers)
 
 
 app = FastAPI(title="Image captioning", docs_url=None, redoc_url=None, openapi_url=None)
@@ -369,7 +504,7 @@ app = FastAPI(title="Image captioning", docs_url=None, redoc_url=None, openapi_u
 
 @app.exception_handler(InputError)
 async def _input_error(_: Request, error: InputError) -> JSONResponse:
-    return _error(error.status, error.kind, error.message)
+    return _error(error.status, error.kind, error.message, error.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -407,8 +542,36 @@ def _limit_text() -> str:
     return f"the limit is {MAX_UPLOAD_BYTES / 1024 / 1024:g} MB per image (CAPTIONING_MAX_UPLOAD_MB)"
 
 
+class UploadBudget:
+    """Bytes of request bodies this worker holds at once, across requests.
+
+    max_concurrency bounds the requests in flight, but each may carry up to a full batch of
+    uploads; this bounds their sum. A request's bytes count from the moment they arrive until
+    its answer is ready (they travel on to the model service meanwhile). Used from the
+    worker's event loop only (no lock needed).
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, request: Request, size: int) -> None:
+        if self.used + size > self.limit:
+            raise InputError(429, "busy", f"the service holds {self.limit // 2**20} MB of uploads already "
+                             "(CAPTIONING_INFLIGHT_UPLOAD_MB): retry in a few seconds", headers={"Retry-After": "2"})
+        self.used += size
+        request.state.upload_bytes = getattr(request.state, "upload_bytes", 0) + size
+
+    def release(self, request: Request) -> None:
+        self.used -= getattr(request.state, "upload_bytes", 0)
+        request.state.upload_bytes = 0
+
+
+UPLOADS = UploadBudget(INFLIGHT_UPLOAD_BYTES)
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    """The request body, refused with 413 as soon as it passes `limit` bytes, or with 429 when
+    the worker holds too many uploads already."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise InputError(413, "too_large", f"the request is {int(declared)} bytes: {_limit_text()}")
@@ -417,6 +580,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise InputError(413, "too_large", f"the request is more than {limit} bytes: {_limit_text()}")
+        UPLOADS.take(request, len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -459,9 +623,19 @@ async def _read_upload(request: Request, max_files: int) -> tuple[list[tuple[str
     return files, fields
 
 
+# Uploads decoded at once in this worker: the others wait here, holding no decoded pixels.
+_DECODE_SLOTS = asyncio.Semaphore(DECODE_CONCURRENCY)
+
+
+async def _check_images_bounded(files: list[tuple[str, bytes]]) -> None:
+    async with _DECODE_SLOTS:
+        await asyncio.to_thread(_check_images, files)
+
+
 def _check_images(files: list[tuple[str, bytes]]) -> None:
-    """Decode each image with the training code; a bad one is refused with a 4xx."""
-    from captioning.images import ImageError, open_image
+    """Decode each image with the training code (no larger than the model will); a bad one is
+    refused with a 4xx."""
+    from captioning.images import DECODE_SIDE, ImageError, open_image
 
     for name, data in files:
         label = f"{name!r}" if len(files) > 1 else "the image"
@@ -473,7 +647,7 @@ def _check_images(files: list[tuple[str, bytes]]) -> None:
                 f"{label} is {len(data)} bytes: {_limit_text()}",
             )
         try:
-            open_image(data)
+            open_image(data, max_side=DECODE_SIDE)
         except ImageError as error:
             message = str(error)
             if "MAX_PIXELS" in message or "too large" in message:
@@ -504,15 +678,67 @@ def _public(result: dict, return_attention: bool) -> dict:
     return answer
 
 
-def _api_key_ok(request: Request) -> bool:
-    key = os.environ.get("CAPTIONING_API_KEY", "")
-    if not key:
-        return True
+def _sent_key(request: Request) -> str:
     sent = request.headers.get("x-api-key", "")
     auth = request.headers.get("authorization", "")
     if not sent and auth.lower().startswith("bearer "):
         sent = auth[7:].strip()
-    return hmac.compare_digest(sent.encode(), key.encode())
+    return sent
+
+
+def _api_key_ok(request: Request) -> bool:
+    key = os.environ.get("CAPTIONING_API_KEY", "")
+    if not key:
+        return True
+    return hmac.compare_digest(_sent_key(request).encode(), key.encode())
+
+
+def client_id(request: Request) -> str:
+    """Who a request counts against: its address. Not the API key: that is one secret shared
+    by every legitimate client, so it would put them all in one bucket."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded and _flag("CAPTIONING_TRUST_PROXY"):
+        # The last entry is the one our proxy appended; a client can write any entries before it.
+        return forwarded.split(",")[-1].strip()
+    return request.client.host if request.client else "unknown"
+
+
+class RateLimiter:
+    """At most `per_minute` requests per client: a token bucket per client, refilled continuously.
+
+    Used from the worker's event loop only (no lock needed). The least recently seen clients
+    are forgotten beyond `max_clients`, so made-up addresses cannot grow it without bound.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when)
+
+    def wait(self, client: str, now: float | None = None) -> float:
+        """0 when the request may go (it takes a token), else the seconds until it may."""
+        if self.capacity <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, then = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - then) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self.buckets[client] = (tokens - 1 if wait == 0 else tokens, now)
+        while len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)
+        return wait
+
+
+FEEDBACK_LIMITER = RateLimiter(FEEDBACK_PER_MINUTE)
+
+
+def _check_rate(request: Request, limiter: RateLimiter, route: str) -> None:
+    wait = limiter.wait(client_id(request))
+    if wait > 0:
+        seconds = math.ceil(wait)
+        raise InputError(429, "rate_limited", f"too many requests to {route}: retry in {seconds} s",
+                         headers={"Retry-After": str(seconds)})
 
 
 class ApiKeyMiddleware:
@@ -539,10 +765,65 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _send_internal_token(model) -> None:
+    """Make every call of the API's model client carry the internal token.
+
+    BentoML 1.4's client has no per-call headers in its public interface; its default headers
+    are the ones each of its HTTP sessions is created with, so the token goes there before the
+    first call (the robustness tests check that calls carry it).
+    """
+    token = internal_token()
+    headers = getattr(getattr(model, "to_async", None), "default_headers", None)
+    if token and isinstance(headers, dict):
+        headers[INTERNAL_HEADER] = token
+    elif token:
+        logger.warning("the model client has no default headers: calls go without the internal token")
+
+
+def _may_retry(error: BaseException, attempt: int) -> bool:
+    """Whether a failed model call goes out again (to whichever model pod the Service picks).
+
+    Never when a model answered, even with an error: that pod read the request and another
+    would answer the same. A connection that could not be made, or a session closed before
+    sending, never reached a model: retried up to MODEL_CALL_ATTEMPTS times. A connection
+    dropped after sending is a stale keep-alive, a recycled session, or a model that died on
+    this very request: retried once only, so such a request cannot take down pod after pod.
+    """
+    import aiohttp
+
+    if attempt + 1 >= MODEL_CALL_ATTEMPTS:
+        return False
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return True
+    if isinstance(error, RuntimeError) and "closed" in str(error).lower():
+        return True
+    return isinstance(error, aiohttp.ClientConnectionError) and attempt == 0
+
+
+def _model_failure(error: BaseException) -> InputError:
+    """The API's answer when a model call failed.
+
+    503 when the model service could not be reached or said it is busy (retrying later may
+    work); 502 when it answered with an error (retrying the same request would not help).
+    """
+    status = int(getattr(error, "error_code", 0) or 0)
+    if status in (401, 403):
+        logger.error("the model service refused the call (%d): is CAPTIONING_INTERNAL_TOKEN the same on both?", status)
+        return InputError(502, "model_refused", "the model service refused the call (internal token)")
+    if status and status not in (429, 503):
+        logger.error("the model service answered %d: %s", status, error)
+        return InputError(502, "model_refused", f"the model service answered with an error ({status})")
+    logger.error("model service call failed: %s: %s", type(error).__name__, error)
+    return InputError(503, "model_unavailable",
+                      f"the model service is unavailable ({type(error).__name__}); retry shortly")
+
+
 @bentoml.service(
     name="caption_api",
     workers=1,
-    traffic={"timeout": 120},
+    # Beyond max_concurrency requests in flight BentoML answers 429 (health checks and /metrics
+    # bypass it): each request holds its upload, so this bounds the worker's memory.
+    traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
 )
 @bentoml.asgi_app(app, path="/")
 class CaptionAPI:
@@ -550,15 +831,27 @@ class CaptionAPI:
 
     model = bentoml.depends(CaptionModelService)
 
+    @bentoml.on_deployment
+    def check_settings() -> None:
+        # Runs in the server's supervisor before any worker starts: a refusal stops the server.
+        refuse_bad_settings(public_auth_mode, internal_auth_mode)
+
     def __init__(self) -> None:
+        _show_info_logs()
+        public, internal = public_auth_mode(), internal_auth_mode()
+        log = logger.warning if public == "open" and production() else logger.info
+        log("public API: %s%s; model service calls: %s", public,
+            " (CAPTIONING_ALLOW_NO_KEY=1)" if public == "open" and production() else "", internal)
         self._feedback_store = None
         self._feedback_lock = threading.Lock()
+        _send_internal_token(self.model)
         metrics()  # create the series at start-up so /metrics lists them at once
 
     async def __is_ready__(self) -> bool:
+        # The model's `ready`, not `info`: sync model APIs queue behind caption batches.
         try:
-            await asyncio.wait_for(self.model.to_async.info(), timeout=5)
-            return True
+            answer = await asyncio.wait_for(self.model.to_async.ready(), timeout=READY_TIMEOUT_SECONDS)
+            return bool(answer.get("ready"))
         except Exception:
             return False
 
@@ -578,41 +871,37 @@ class CaptionAPI:
         return results
 
     async def _call_model(self, jobs: list[CaptionJob]) -> list[dict]:
-        """Call the model service; a dropped connection is retried (captioning is idempotent).
+        """Call the model service; a dropped connection is retried (captioning is idempotent),
+        an answer is not, even an error (see _may_retry).
 
         BentoML 1.4's client closes its HTTP session when it recycles it, even with other
         requests in flight on it, and a model pod can go away during a rollout: both show
         up as connection errors, not as answers.
         """
-        import aiohttp
-
         for attempt in range(MODEL_CALL_ATTEMPTS):
             try:
                 return await self.model.to_async.caption(jobs)
-            except (aiohttp.ClientConnectionError, RuntimeError) as error:
-                if isinstance(error, RuntimeError) and "closed" not in str(error).lower():
-                    raise
-                if attempt + 1 == MODEL_CALL_ATTEMPTS:
-                    logger.exception("model service unreachable after %d attempts", attempt + 1)
-                    raise InputError(503, "model_unavailable", "the model service is unreachable; retry shortly") from None
+            except Exception as error:
+                if not _may_retry(error, attempt):
+                    raise _model_failure(error) from None
                 metrics()["errors"].labels(kind="model_retry").inc()
                 logger.warning("model service connection dropped (%s); retrying", type(error).__name__)
                 await asyncio.sleep(0.05 * (attempt + 1))
-            except Exception as error:
-                logger.exception("model service call failed")
-                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
         raise AssertionError("unreachable")
 
-    async def _timed(self, route: str, handler) -> JSONResponse:
+    async def _timed(self, route: str, handler, request: Request | None = None) -> JSONResponse:
         m = metrics()
         started = time.perf_counter()
         try:
             response = await handler(started)
         except InputError as error:
-            response = _error(error.status, error.kind, error.message)
+            response = _error(error.status, error.kind, error.message, error.headers)
         except Exception as error:  # never let a bug take the process down
             logger.exception("unexpected error on %s", route)
             response = _error(500, "internal", f"internal error: {type(error).__name__}")
+        finally:
+            if request is not None:
+                UPLOADS.release(request)
         m["requests"].labels(route=route, status=str(response.status_code)).inc()
         m["latency"].labels(route=route).observe(time.perf_counter() - started)
         return response
@@ -637,7 +926,7 @@ class CaptionAPI:
         if not files:
             raise InputError(400, "missing_field", missing)
         options = _options(fields)
-        await asyncio.to_thread(_check_images, files)
+        await _check_images_bounded(files)
         results = await self._caption([CaptionJob(image=data, **options) for _, data in files])
         answers = [_public(result, options["return_attention"]) for result in results]
         for answer in answers:
@@ -654,7 +943,7 @@ class CaptionAPI:
             answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             return JSONResponse(answer)
 
-        return await self._timed("/caption", handle)
+        return await self._timed("/caption", handle, request)
 
     @app.post("/caption_batch")
     async def caption_batch(self, request: Request) -> JSONResponse:
@@ -672,20 +961,21 @@ class CaptionAPI:
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             })
 
-        return await self._timed("/caption_batch", handle)
+        return await self._timed("/caption_batch", handle, request)
 
     @app.post("/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
         async def handle(started: float) -> JSONResponse:
             from captioning.feedback import FeedbackError
 
+            _check_rate(request, FEEDBACK_LIMITER, "/feedback")  # before reading the upload
             files, fields = await _read_upload(request, max_files=1)
             if not files:
                 raise InputError(400, "missing_field", "no file in the multipart field 'image'")
             caption = fields.get("caption", "")
             if not caption.strip():
                 raise InputError(400, "missing_caption", "the field 'caption' (the corrected caption) is empty")
-            await asyncio.to_thread(_check_images, files)
+            await _check_images_bounded(files)
             store = self.feedback_store()
             try:
                 item = await asyncio.to_thread(
@@ -700,7 +990,7 @@ class CaptionAPI:
                 status_code=201,
             )
 
-        return await self._timed("/feedback", handle)
+        return await self._timed("/feedback", handle, request)
 
     @app.get("/model")
     async def model_info(self) -> JSONResponse:
@@ -708,7 +998,7 @@ class CaptionAPI:
             try:
                 info = await self.model.to_async.info()
             except Exception as error:
-                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
+                raise _model_failure(error) from None
             return JSONResponse(info)
 
         return await self._timed("/model", handle)
@@ -728,10 +1018,11 @@ class CaptionAPI:
             try:
                 answer = await self.model.to_async.reload()
             except Exception as error:
-                raise InputError(503, "model_unavailable", f"the model service failed: {type(error).__name__}") from None
+                raise _model_failure(error) from None
             return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
 
         return await self._timed("/reload", handle)
 
 
 CaptionAPI.add_asgi_middleware(ApiKeyMiddleware)
+CaptionModelService.add_asgi_middleware(InternalTokenMiddleware)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from captioning.decoding import check_flip
-from captioning.images import ImageError, ImageSource, open_image, preprocess, views
+from captioning.images import DECODE_SIDE, ImageError, ImageSource, open_image, preprocess, views
 
 # Images encoded per forward pass: bounds memory for long request lists.
 CHUNK = 16
@@ -108,17 +108,15 @@ class Captioner:
         """Spatial features (B, N, C) of images (bytes, paths or PIL images); with `flip`
         (default: the package's), those of each image and of its mirror side by side (B, 2N, C)."""
         flip = self._flip(flip)
-        pil = []
-        for number, item in enumerate(images):
-            try:
-                pil.append(open_image(item))
-            except ImageError as error:
-                raise ImageError(f"image {number + 1} of {len(images)}: {error}") from None
         outputs = []
         with torch.inference_mode():
-            for start in range(0, len(pil), CHUNK):
+            # Decode one chunk at a time, each image no larger than DECODE_SIDE: a batch of
+            # 40 MP uploads never exists at full size in memory.
+            for start in range(0, len(images), CHUNK):
+                pil = [_decode(item, number, len(images))
+                       for number, item in enumerate(images[start: start + CHUNK], start)]
                 outputs.append(torch.cat([self.encoder(preprocess(view, self.image_size).to(self.device))
-                                          for view in views(pil[start: start + CHUNK], flip)], dim=1))
+                                          for view in views(pil, flip)], dim=1))
         if not outputs:
             return torch.empty(0, 0, 0)
         return torch.cat(outputs)
@@ -220,6 +218,13 @@ class Captioner:
         return result
 
 
+def _decode(item: ImageSource, number: int, total: int):
+    try:
+        return open_image(item, max_side=DECODE_SIDE)
+    except ImageError as error:
+        raise ImageError(f"image {number + 1} of {total}: {error}") from None
+
+
 def _build_encoder(name: str, weights: Path | None):
     """The encoder for inference: pretrained, or with a package's fine-tuned weights (strict load)."""
     from captioning.encoder import EncoderError, build_encoder
@@ -247,7 +252,7 @@ def render_attention(image: ImageSource, attention: dict[str, Any], size: int = 
     """A PIL image: the picture once plain, then once per word with its attention as a heat overlay."""
     from PIL import Image, ImageDraw
 
-    base = open_image(image).resize((size, size), Image.Resampling.BICUBIC)
+    base = open_image(image, max_side=DECODE_SIDE).resize((size, size), Image.Resampling.BICUBIC)
     tiles = [(base, "")]
     rows_, cols_ = attention["grid"]
     for word, weights in zip(attention["words"], attention["maps"]):

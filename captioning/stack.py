@@ -19,6 +19,7 @@ import copy
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -89,7 +90,7 @@ def haproxy_config(port: int) -> str:
         "global", "    maxconn 2048", f"    stats socket ipv4@127.0.0.1:{p['admin']} level admin", "",
         "defaults", "    mode http", "    timeout connect 2s", "    timeout client 150s",
         "    timeout server 150s", "    timeout queue 150s", "    retries 3", "    option redispatch",
-        "    option httpchk GET /readyz", "    http-check expect status 200",
+        "    option httpchk GET /readyz", "    http-check expect status 200", "    option forwardfor",
         "    default-server inter 1s fall 2 rise 2", "",
         f"frontend api\n    bind 127.0.0.1:{p['api']}\n    default_backend api\n",
         f"frontend model\n    bind 127.0.0.1:{p['model']}\n    default_backend model\n",
@@ -155,8 +156,10 @@ def pod_manifest(role: str, slot: int, image: str, port: int) -> dict:
     container["image"] = image
     container.pop("ports", None)  # the host's network: the slot's port is in the arguments
     container["args"] = _args(container["args"], ports(port), slot, role)
-    env = [e for e in container.get("env", []) if "value" in e]  # secrets are Kubernetes-only
-    container["env"] = [{"name": k, "value": str(v)} for k, v in config.items()] + env
+    env = [{"name": k, "value": str(v)} for k, v in config.items()]
+    container["env"] = env + [_local_env(e) for e in container.get("env", []) if _local_env(e)]
+    if not os.environ.get("CAPTIONING_API_KEY"):  # on 127.0.0.1 only: open unless a key is given
+        container["env"].append({"name": "CAPTIONING_ALLOW_NO_KEY", "value": "1"})
     container.pop("envFrom", None)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # haproxy checks readiness; podman's checks need systemd
@@ -183,6 +186,28 @@ def _args(args: list[str], p: dict, slot: int, role: str) -> list[str]:
     if "--host" in values:
         result += ["--host", values.pop("--host")]
     return result
+
+
+def _local_env(entry: dict) -> dict | None:
+    """A Deployment's env entry on this machine: the stack's own internal token and, when set in
+    the environment, the API key; other secrets are left out."""
+    if "value" in entry:
+        return entry
+    secrets = {"CAPTIONING_INTERNAL_TOKEN": internal_token(),
+               "CAPTIONING_API_KEY": os.environ.get("CAPTIONING_API_KEY", "")}
+    value = secrets.get(entry["name"])
+    return {"name": entry["name"], "value": value} if value else None
+
+
+def internal_token() -> str:
+    """The token the stack's model servers require of the API (made once per stack, kept private)."""
+    path = stack_dir() / "internal-token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def _local_volume(volume: dict) -> dict:

@@ -120,6 +120,25 @@ def stop_all() -> None:
         server.stop()
 
 
+def model_socket(server: ServiceProcess) -> str:
+    """The Unix socket the model service of a `bentoml serve` listens on: the address BentoML
+    hands its workers in $BENTOML_RUNNER_MAP."""
+    import json
+    from urllib.parse import unquote, urlparse
+
+    import psutil
+
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            mapping = child.environ().get("BENTOML_RUNNER_MAP")
+        except psutil.Error:  # a worker that just exited
+            continue
+        address = json.loads(mapping).get("caption_model", "") if mapping else ""
+        if address.startswith("file://"):
+            return unquote(urlparse(address).path)
+    raise RuntimeError(f"no model service socket among the workers of {server.process.pid}")
+
+
 def synthetic_jpeg(seed: int = 0, size: int = 224, quality: int = 90) -> bytes:
     """A rendered synthetic scene (shapes, colours) as JPEG bytes."""
     from captioning.data.synthetic import make_scene, render

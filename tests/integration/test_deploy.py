@@ -58,10 +58,54 @@ def test_production_overlay_renders_and_validates():
     api = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "captioning-api")
     model = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "captioning-model")
     # Each BentoML service in its own Deployment: the API reaches the model through its Service.
-    assert "caption_model=http://captioning-model:3000" in api["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "caption_model" in model["spec"]["template"]["spec"]["containers"][0]["args"]
+    api_args = api["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert api_args[0] == "api" and api_args[api_args.index("--model-url") + 1] == "http://captioning-model:3000"
+    assert model["spec"]["template"]["spec"]["containers"][0]["args"][0] == "model"
     for hpa in by_kind["HorizontalPodAutoscaler"]:
         assert hpa["spec"]["minReplicas"] == 3  # the production overlay's patch applied
+
+
+def _pod_labels(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector with matchLabels only (what our manifests use) matches `labels`."""
+    assert set(selector) <= {"matchLabels"}, f"unexpected selector form {selector}"
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def test_only_the_api_reaches_the_model_pods():
+    """The NetworkPolicy on the model pods: ingress on the model's port from the API pods (same
+    namespace) and from Prometheus (namespace monitoring), from nothing else."""
+    import kubernetes_validate
+
+    docs = rendered_production()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    kubernetes_validate.validate(policy, "1.30.0", strict=True)
+    assert policy["metadata"]["namespace"] == "captioning"
+    spec = policy["spec"]
+    api_pods, model_pods = _pod_labels(deployments["captioning-api"]), _pod_labels(deployments["captioning-model"])
+    assert _selects(spec["podSelector"], model_pods) and not _selects(spec["podSelector"], api_pods)
+    assert spec["policyTypes"] == ["Ingress"]  # with Ingress listed, whatever no rule allows is denied
+
+    (model_container,) = deployments["captioning-model"]["spec"]["template"]["spec"]["containers"]
+    model_ports = {port["name"] for port in model_container["ports"]}
+    peers = []
+    for rule in spec["ingress"]:
+        # Every rule names the model's port and at least one peer: a rule without "from" would
+        # admit every source, one without "ports" every port.
+        assert rule["from"] and rule["ports"], rule
+        assert {port["port"] for port in rule["ports"]} <= model_ports
+        peers += rule["from"]
+    assert not any("ipBlock" in peer for peer in peers)
+    in_namespace = [peer for peer in peers if "namespaceSelector" not in peer]
+    assert in_namespace and all(_selects(peer["podSelector"], api_pods) for peer in in_namespace)
+    assert not any(_selects(peer["podSelector"], model_pods) for peer in in_namespace)
+    (scraper,) = [peer for peer in peers if "namespaceSelector" in peer]
+    assert scraper["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert scraper["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
 
 
 def test_alert_rules_pass_promtool():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -130,7 +131,10 @@ def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
     record = next(r for r in dataset.records if r.image_id == stored["image_sha256"])
     assert "A corrected caption of the scene" in record.captions
     assert record.split == "train"
-    assert open(record.path, "rb").read() == jpeg_bytes  # the JPEG exactly as sent
+    # Kept re-encoded without metadata, named by the SHA-256 of the stored bytes: same picture, same size.
+    kept = open(record.path, "rb").read()
+    assert hashlib.sha256(kept).hexdigest() == stored["image_sha256"]
+    assert Image.open(io.BytesIO(kept)).size == Image.open(io.BytesIO(jpeg_bytes)).size
 
     missing = requests.post(caption_service.url + "/feedback", files={"image": ("s.jpg", jpeg_bytes, "image/jpeg")},
                             data={"caption": "   "}, timeout=30)
