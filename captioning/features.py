@@ -4,16 +4,21 @@ A store is a folder with one raw float16 array (`features.f16`, images x positio
 channels, memory-mapped when read) and `index.json` (encoder, shape, image ids in row
 order). New images are appended; the index is rewritten atomically after the rows are
 on disk, so an interrupted run keeps every batch it finished and re-running does only
-the missing work.
+the missing work. Several processes fill one store by shards (`build_shard`, then
+`merge_shards`): see "sharded building" below.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import ImageOps
@@ -259,3 +264,113 @@ def build_selection_features(
         store = build_features(records, encoder_name, folder, batch_size, progress, num_workers)
         result[dataset] = (store, len(store) - before)
     return result
+
+
+# --------------------------------------------------------------------------- sharded building
+#
+# Several processes (or machines sharing the folder) fill one store: each shard of the images
+# the store lacks is encoded into a store of its own, <store>/shards/<k>-of-<n>-<digest>/, and
+# merge_shards() then appends the finished shards' rows to the store under a lock. A shard that
+# finished (its done.json) is never redone; a killed one resumes from its last flushed batch.
+
+SHARDS_DIR = "shards"
+SHARD_DONE = "done.json"
+SHARD_LOCK = "owner.lock"
+MERGE_CHUNK = 1024  # rows copied from a shard at a time
+
+
+def plan_shards(records: Iterable, store_dir: str | Path, shards: int) -> list[list]:
+    """The records of the images the store lacks, one per image, in image-id order, dealt into
+    `shards` contiguous parts (sizes differ by one at most). Every shard computes the same plan
+    from the same store, so shards need not talk to each other."""
+    if shards < 1:
+        raise ValueError(f"shards must be 1 or more, not {shards}")
+    index = Path(store_dir) / INDEX_FILE
+    stored = set(FeatureStore.open(store_dir).ids) if index.is_file() else set()
+    todo: dict[str, Any] = {}
+    for record in records:
+        if record.image_id not in stored:
+            todo.setdefault(record.image_id, record)
+    ordered = [todo[image_id] for image_id in sorted(todo)]
+    size, extra = divmod(len(ordered), shards)
+    bounds = [k * size + min(k, extra) for k in range(shards + 1)]
+    return [ordered[bounds[k]: bounds[k + 1]] for k in range(shards)]
+
+
+def shard_dir(store_dir: str | Path, shard: int, shards: int, image_ids: Sequence[str]) -> Path:
+    """<store>/shards/<k>-of-<n>-<digest of the shard's image ids>: another plan, another folder."""
+    digest = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:10]
+    return Path(store_dir) / SHARDS_DIR / f"{shard}-of-{shards}-{digest}"
+
+
+@contextlib.contextmanager
+def _locked_folder(folder: Path):
+    """An exclusive flock on the folder itself (no lock file left behind) for the duration."""
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive flock on `path` (holding this process's id) for the duration: one writer at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_shard(records: Iterable, encoder_name: str, store_dir: str | Path, shard: int, shards: int,
+                batch_size: int = 32, num_workers: int | None = 0) -> dict[str, Any]:
+    """Encode shard `shard` (0-based) of `shards` of the images the store at `store_dir` lacks.
+
+    Returns {shard, folder, images, encoded, reused, pid, seconds}; `reused`: the shard had
+    finished before (nothing encoded). Two runs of one shard never write at once (a lock file).
+    """
+    started = time.monotonic()
+    part = plan_shards(records, store_dir, shards)[shard]
+    folder = shard_dir(store_dir, shard, shards, [record.image_id for record in part])
+    summary = {"shard": shard, "folder": str(folder), "images": len(part), "pid": os.getpid()}
+    with _exclusive(folder / SHARD_LOCK):
+        if (folder / SHARD_DONE).is_file():
+            return {**summary, "encoded": 0, "reused": True, "seconds": 0.0}
+        before = len(FeatureStore.open(folder)) if (folder / INDEX_FILE).is_file() else 0
+        store = build_features(part, encoder_name, folder, batch_size, progress=False, num_workers=num_workers)
+        summary.update(encoded=len(store) - before, reused=False, seconds=round(time.monotonic() - started, 2))
+        tmp = folder / (SHARD_DONE + ".tmp")
+        tmp.write_text(json.dumps(summary), encoding="utf-8")
+        os.replace(tmp, folder / SHARD_DONE)
+    return summary
+
+
+def merge_shards(store_dir: str | Path) -> int:
+    """Append the rows of every finished shard that the store lacks (shards in name order), then
+    remove those shards; returns the rows added. Unfinished shards stay. Merges are serialised by
+    a lock on the store folder; the index names new rows only once they are on disk."""
+    store_dir = Path(store_dir)
+    added = 0
+    with _locked_folder(store_dir):
+        for folder in sorted(path.parent for path in (store_dir / SHARDS_DIR).glob(f"*/{SHARD_DONE}")):
+            shard = FeatureStore.open(folder)
+            store = FeatureStore.open_or_create(store_dir, shard.encoder, shard.positions, shard.dim)
+            new = [image_id for image_id in shard.ids if image_id not in store]
+            for start in range(0, len(new), MERGE_CHUNK):  # a chunk in memory at a time
+                chunk = new[start: start + MERGE_CHUNK]
+                store.append(chunk, shard.get(chunk))
+            store.flush()
+            added += len(new)
+            shutil.rmtree(folder)
+        with contextlib.suppress(OSError):  # only when no unfinished shard is left
+            (store_dir / SHARDS_DIR).rmdir()
+    return added

@@ -3,8 +3,9 @@
 A package folder is logged as an MLflow pyfunc model whose loader is this module
 (`_load_pyfunc`), so it loads back into `Captioner` with no code from the training run.
 `register()` creates a version, tags its lineage and metrics, and moves the `champion`
-alias only when the gates pass. Alias changes happen under a file lock and are re-read
-afterwards, so two registrations racing cannot leave `champion` and `previous` inconsistent.
+alias only when the gates pass. Alias changes happen under a lock (`registry_lock`: a file lock
+for a sqlite store, a lock kept in MLflow itself for a server shared by several machines) and are
+re-read afterwards, so two registrations racing cannot leave `champion` and `previous` inconsistent.
 MLflow is imported inside functions only.
 """
 
@@ -16,11 +17,15 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,25 +99,142 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@contextlib.contextmanager
-def registry_lock(uri: str) -> Iterator[None]:
-    """Exclusive lock for read-compare-set of aliases (and sqlite writes) on this machine.
-
-    The lock file sits next to the sqlite database, or in artifacts_dir() for a server URI.
-    flock locks belong to the open file, so threads of one process exclude each other too.
-    """
+def _lock_file(uri: str) -> Path:
+    """The lock file of a sqlite store: beside the database."""
     db = _sqlite_path(uri)
-    if db is not None:
-        path = db.with_name(db.name + ".lock")
-    else:
-        path = artifacts_dir() / f"registry-{hashlib.sha1(uri.encode()).hexdigest()[:12]}.lock"
+    return db.with_name(db.name + ".lock")
+
+
+_HELD = threading.local()  # lock files this thread holds: re-entering one does not wait on itself
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive flock on `path`, re-entrant within a thread. flock locks belong to the open
+    file, so threads of one process exclude each other too."""
+    held = _HELD.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(path)
         try:
             yield
         finally:
+            held.discard(path)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_writes(uri: str):
+    """One writer at a time on a sqlite store (concurrent writers fail with "database is locked");
+    nothing for a server, which takes concurrent requests."""
+    return _file_lock(_lock_file(uri)) if _sqlite_path(uri) is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str, name: str | None = None) -> Iterator[None]:
+    """Exclusive lock for the read-compare-set of the aliases of model `name`.
+
+    A sqlite store is one file on one machine: a file lock beside it. Any other store (an
+    `mlflow server` over HTTP, a database) is shared by machines that share no folder, so the lock
+    lives in MLflow itself: see `_lease_lock`.
+    """
+    if _sqlite_path(uri) is not None:
+        with _file_lock(_lock_file(uri)):
+            yield
+        return
+    with _lease_lock(_client(uri), name or model_name()):
+        yield
+
+
+LOCK_SUFFIX = ".registry-lock"
+LOCK_LEASE_SECONDS = 300.0  # far beyond the few requests of a critical section
+LOCK_WAIT_SECONDS = 600.0
+_JITTER = random.Random()  # not the global generator, which training seeds
+
+
+@contextlib.contextmanager
+def _lease_lock(client, name: str) -> Iterator[None]:
+    """A mutex made of a registered model, `<name>.registry-lock`, held for the duration.
+
+    Why a registered model: creating one is atomic in every MLflow store (its name is the primary
+    key, so of two concurrent creations one fails with RESOURCE_ALREADY_EXISTS, whatever the
+    database behind the server), it is deleted for good (the name is free again), and it needs
+    nothing but the tracking URI every client already has. MLflow offers no compare-and-set on
+    tags or aliases, and a PostgreSQL advisory lock would need every client to reach the database.
+
+    The lock's tags name its owner (host, process, a random token) and when its lease ends. A
+    holder that died leaves the lock behind; once the lease is over, a waiter breaks it: first it
+    creates `<lock>.break.<hash of the owner>` (atomic again: one waiter alone breaks a holder), then
+    deletes the lock if that owner still holds it. Release deletes the lock only while its owner
+    tag is still ours. The lease must outlast any critical section (a few requests): if one took
+    longer than LOCK_LEASE_SECONDS, a waiter could break the lock while it is still in use.
+    """
+    lock = f"{name}{LOCK_SUFFIX}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while not _try_create(client, lock, {"owner": owner, "expires": f"{time.time() + LOCK_LEASE_SECONDS:.3f}"}):
+        _break_if_expired(client, lock)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"the registry lock {lock!r} stayed held for {LOCK_WAIT_SECONDS:.0f} s")
+        time.sleep(_JITTER.uniform(0.1, 0.4))  # waiters do not retry in lockstep
+    try:
+        yield
+    finally:
+        if _lock_owner(client, lock) == owner:
+            client.delete_registered_model(lock)
+
+
+def _try_create(client, lock: str, tags: dict[str, str]) -> bool:
+    """Create the registered model `lock`; False when it exists already."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(lock, tags=tags, description="held while the aliases of "
+                                       f"{lock.removesuffix(LOCK_SUFFIX)!r} change; deleted afterwards")
+        return True
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_ALREADY_EXISTS":
+            return False
+        raise
+
+
+def _lock_owner(client, lock: str, expired_only: bool = False) -> str | None:
+    """The owner tag of the lock (None when it is not held, or, with expired_only, while its lease runs)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+    except MlflowException:
+        return None
+    if expired_only and time.time() < float(tags.get("expires", "0")):
+        return None
+    return tags.get("owner", "")
+
+
+def _break_if_expired(client, lock: str) -> None:
+    """Delete the lock of a holder whose lease is over (see `_lease_lock`)."""
+    from mlflow.exceptions import MlflowException
+
+    stale = _lock_owner(client, lock, expired_only=True)
+    if stale is None:
+        return
+    breaker = f"{lock}.break.{hashlib.sha1(stale.encode()).hexdigest()[:16]}"
+    if not _try_create(client, breaker, {"owner": stale, "expires": f"{time.time() + 60:.3f}"}):
+        # Another waiter is breaking it; if that one died on the way, its breaker expires too.
+        if _lock_owner(client, breaker, expired_only=True) is not None:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(breaker)
+        return
+    try:
+        if _lock_owner(client, lock) == stale:
+            logger.warning("breaking the registry lock %r: its holder %s let its lease expire", lock, stale)
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+    finally:
+        client.delete_registered_model(breaker)
 
 
 def _experiment_id(uri: str, name: str) -> str:
@@ -175,6 +297,8 @@ def _log_package(package_dir: Path, run_id: str | None, uri: str, experiment: st
     from captioning.package import read_config
 
     read_config(package_dir)  # refuse a folder that is not a package before logging anything
+    # With a server URI MLflow prints run links to stdout, which is the commands' output (--json).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     start = {"run_id": run_id} if run_id else {"experiment_id": _experiment_id(uri, experiment),
@@ -198,7 +322,7 @@ def log_package(package_dir: str | Path, run_id: str | None = None, tracking: st
     params = load_params()
     uri = tracking_uri(tracking, params)
     experiment = experiment or params.get("tracking", {}).get("experiment", "captioning")
-    with registry_lock(uri):
+    with _sqlite_writes(uri):
         return _log_package(Path(package_dir).resolve(), run_id, uri, experiment)[0]
 
 
@@ -279,6 +403,19 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def registered_version(uri: str, tracking: str | None = None) -> str:
+    """The version `models:/NAME/N` names, or the one `models:/NAME@ALIAS` points at now."""
+    match = _MODELS_URI.match(uri)
+    if not match:
+        raise RegistryError(f"{uri!r} is not a models:/NAME@ALIAS or models:/NAME/N URI")
+    if match["version"]:
+        return str(match["version"])
+    version = _alias_version(_client(tracking_uri(tracking)), match["name"], match["alias"])
+    if version is None:
+        raise RegistryError(f"{uri}: model {match['name']!r} has no alias {match['alias']!r}")
+    return version
 
 
 def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
@@ -398,24 +535,26 @@ def register(
     tags = {"data_query": str(query), "metrics": json.dumps(metrics, sort_keys=True),
             **{f"{METRIC_TAG}{k}": f"{float(v):.4f}" for k, v in metrics.items()},
             **{k: str(v) for k, v in lineage.items()}}
-    with registry_lock(uri):
+    # A server numbers versions atomically: only the gate and the aliases need the lock.
+    with _sqlite_writes(uri):
         model_uri, run = _log_package(Path(package_dir).resolve(), run_id, uri, experiment)
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
-        champion, reference, mismatch = _champion_reference(client, name, query, champion_metrics)
-        reasons = gate_reasons(metrics, gates, reference) + ([mismatch] if mismatch else [])
-        if reasons:
-            client.set_model_version_tag(name, version, "gate", "failed")
-            client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons))
-            current = _alias_version(client, name, PREVIOUS)
-            return RegistrationResult(version, False, reasons, champion, current, model_uri)
-        client.set_model_version_tag(name, version, "gate", "passed")
-        if champion is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champion)
-            client.set_model_version_tag(name, version, "previous_champion", champion)
-        client.set_registered_model_alias(name, CHAMPION, version)
-        client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                   time.gmtime()))
-        _verify(client, name, version, champion)
+        with registry_lock(uri, name):  # read the champion, compare, move the aliases: one at a time
+            champion, reference, mismatch = _champion_reference(client, name, query, champion_metrics)
+            reasons = gate_reasons(metrics, gates, reference) + ([mismatch] if mismatch else [])
+            if reasons:
+                client.set_model_version_tag(name, version, "gate", "failed")
+                client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons))
+                current = _alias_version(client, name, PREVIOUS)
+                return RegistrationResult(version, False, reasons, champion, current, model_uri)
+            client.set_model_version_tag(name, version, "gate", "passed")
+            if champion is not None:
+                client.set_registered_model_alias(name, PREVIOUS, champion)
+                client.set_model_version_tag(name, version, "previous_champion", champion)
+            client.set_registered_model_alias(name, CHAMPION, version)
+            client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                       time.gmtime()))
+            _verify(client, name, version, champion)
     return RegistrationResult(version, True, [], version, champion, model_uri)
 
 
@@ -462,7 +601,7 @@ def rollback(tracking: str | None = None, name: str | None = None) -> dict[str, 
     uri = tracking_uri(tracking)
     client = _client(uri)
     name = name or model_name()
-    with registry_lock(uri):
+    with registry_lock(uri, name):
         demoted = _alias_version(client, name, CHAMPION)
         restored = _alias_version(client, name, PREVIOUS)
         if restored is None:

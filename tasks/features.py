@@ -30,3 +30,41 @@ def build_features(query: str, encoder: str, batch_size: int = 32, store_root: s
     return {"query": query, "images": sum(map(len, groups.values())),
             "encoded": sum(added for _, added in built.values()),
             "store": next(iter(stores.values()), None), "stores": stores}
+
+
+@task(name="build-feature-shard", cache_policy=NO_CACHE)
+def build_feature_shard(query: str, encoder: str, shard: int, shards: int, batch_size: int = 32,
+                        store_root: str | None = None) -> dict[str, Any]:
+    """Encode shard `shard` of `shards` of the images of `query` missing from their stores (one part
+    per dataset of the selection). A shard that finished before is reused; see merge_feature_shards."""
+    from captioning.data.query import select_by_dataset
+    from captioning.features import build_shard, store_dir
+
+    logger = run_logger()
+    parts = {}
+    for dataset, records in select_by_dataset(query).items():
+        part = build_shard(records, encoder, store_dir(encoder, dataset, store_root), shard, shards, batch_size)
+        logger.info("%s shard %d/%d of %s: %d images, %d encoded%s", query, shard + 1, shards, dataset,
+                    part["images"], part["encoded"], " (reused)" if part["reused"] else "")
+        parts[dataset] = part
+    return {"query": query, "shard": shard, "shards": shards, "datasets": parts,
+            "encoded": sum(part["encoded"] for part in parts.values()),
+            "reused": all(part["reused"] for part in parts.values())}
+
+
+@task(name="merge-feature-shards", cache_policy=NO_CACHE)
+def merge_feature_shards(query: str, encoder: str, store_root: str | None = None) -> dict[str, Any]:
+    """Append the finished shards of every store of `query` to that store (one writer: a lock);
+    returns the rows added and the images stored, per dataset."""
+    from captioning.data.query import parse_selection
+    from captioning.features import FeatureStore, merge_shards, store_dir
+
+    logger = run_logger()
+    result = {}
+    for dataset in dict.fromkeys(q.dataset for q in parse_selection(query)):
+        folder = store_dir(encoder, dataset, store_root)
+        added = merge_shards(folder)
+        result[dataset] = {"store": str(folder), "added": added, "stored": len(FeatureStore.open(folder))}
+        logger.info("%s: %d rows merged into %s (%d images stored)", dataset, added, folder,
+                    result[dataset]["stored"])
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -105,7 +106,8 @@ def train_command(
             fail(f"params data.{key} is missing")
         _check_selection(value)
     callbacks = []
-    if tracking:
+    # Under torchrun every rank runs this command: rank 0 alone opens the MLflow run.
+    if tracking and int(os.environ.get("RANK", "0")) == 0:
         from captioning.tracking import MLflowCallback
 
         track = params.get("tracking") or {}
