@@ -6,7 +6,8 @@ A package folder is logged as an MLflow pyfunc model whose loader is this module
 alias only when the gates pass. Alias changes happen under a lock (`registry_lock`: a file lock
 for a sqlite store, a lock kept in MLflow itself for a server shared by several machines) and are
 re-read afterwards, so two registrations racing cannot leave `champion` and `previous` inconsistent.
-MLflow is imported inside functions only.
+A tracking server that is down is reported at once (`check_server`), and one that goes down part-way
+leaves the aliases coherent (`register`). MLflow is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -99,6 +100,43 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow retries a failed request 7 times with growing pauses (about four minutes) by default, so a
+# command run against a server that is down looks hung. Commands use these unless the user set them.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+@contextlib.contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """Within: give up on an unreachable tracking server within seconds (HTTP_DEFAULTS, for each
+    setting the user left unset; MLflow reads them at every request)."""
+    unset = [key for key in HTTP_DEFAULTS if key not in os.environ]
+    os.environ.update({key: HTTP_DEFAULTS[key] for key in unset})
+    try:
+        yield
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """RegistryError naming the server when an MLflow tracking server does not answer its /health
+    (a refused connection, a time-out, a 5xx); nothing to check for a database URI."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as error:
+        found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))
+        reason = found.group(1).strip() if found else type(error).__name__
+        raise RegistryError(f"cannot reach the MLflow tracking server at {uri}: {reason}") from None
+    if answer.status_code >= 500:
+        raise RegistryError(f"cannot reach the MLflow tracking server at {uri}: /health answered "
+                            f"{answer.status_code}")
+
+
 def _lock_file(uri: str) -> Path:
     """The lock file of a sqlite store: beside the database."""
     db = _sqlite_path(uri)
@@ -153,6 +191,7 @@ LOCK_SUFFIX = ".registry-lock"
 LOCK_LEASE_SECONDS = 300.0  # far beyond the few requests of a critical section
 LOCK_WAIT_SECONDS = 600.0
 _JITTER = random.Random()  # not the global generator, which training seeds
+_LET_GO: set[str] = set()  # owners in this process that left their critical section, released or not
 
 
 @contextlib.contextmanager
@@ -165,8 +204,10 @@ def _lease_lock(client, name: str) -> Iterator[None]:
     nothing but the tracking URI every client already has. MLflow offers no compare-and-set on
     tags or aliases, and a PostgreSQL advisory lock would need every client to reach the database.
 
-    The lock's tags name its owner (host, process, a random token) and when its lease ends. A
-    holder that died leaves the lock behind; once the lease is over, a waiter breaks it: first it
+    The lock's tags name its owner (host, process, a random token), its machine and when its lease
+    ends. A holder that died leaves the lock behind (so does one that lost the server part-way); once
+    the lease is over, or at once when the holder was a process of this machine that no longer
+    exists or has left its critical section, a waiter breaks it: first it
     creates `<lock>.break.<hash of the owner>` (atomic again: one waiter alone breaks a holder), then
     deletes the lock if that owner still holds it. Release deletes the lock only while its owner
     tag is still ours. The lease must outlast any critical section (a few requests): if one took
@@ -175,7 +216,8 @@ def _lease_lock(client, name: str) -> Iterator[None]:
     lock = f"{name}{LOCK_SUFFIX}"
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while not _try_create(client, lock, {"owner": owner, "expires": f"{time.time() + LOCK_LEASE_SECONDS:.3f}"}):
+    tags = {"owner": owner, "expires": f"{time.time() + LOCK_LEASE_SECONDS:.3f}", "machine": _machine()}
+    while not _try_create(client, lock, tags):
         _break_if_expired(client, lock)
         if time.monotonic() > deadline:
             raise RegistryError(f"the registry lock {lock!r} stayed held for {LOCK_WAIT_SECONDS:.0f} s")
@@ -183,8 +225,10 @@ def _lease_lock(client, name: str) -> Iterator[None]:
     try:
         yield
     finally:
+        _LET_GO.add(owner)  # done with it, even if the release below cannot reach the server
         if _lock_owner(client, lock) == owner:
             client.delete_registered_model(lock)
+            _LET_GO.discard(owner)
 
 
 def _try_create(client, lock: str, tags: dict[str, str]) -> bool:
@@ -202,16 +246,46 @@ def _try_create(client, lock: str, tags: dict[str, str]) -> bool:
 
 
 def _lock_owner(client, lock: str, expired_only: bool = False) -> str | None:
-    """The owner tag of the lock (None when it is not held, or, with expired_only, while its lease runs)."""
+    """The owner tag of the lock (None when it is not held, or, with expired_only, while its lease
+    runs and its holder may be alive)."""
     from mlflow.exceptions import MlflowException
 
     try:
         tags = client.get_registered_model(lock).tags
     except MlflowException:
         return None
-    if expired_only and time.time() < float(tags.get("expires", "0")):
+    if expired_only and time.time() < float(tags.get("expires", "0")) and not _holder_gone(tags):
         return None
     return tags.get("owner", "")
+
+
+def _machine() -> str:
+    """This boot of this host and this process namespace (where a holder's pid means something);
+    empty where /proc does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{socket.gethostname()}:{boot}:{namespace}"
+
+
+def _holder_gone(tags: dict[str, str]) -> bool:
+    """True when the lock's holder was a process of this machine that no longer exists, or an
+    earlier critical section of this process that could not release it."""
+    if tags.get("owner") in _LET_GO:
+        return True
+    machine = _machine()
+    if not machine or tags.get("machine") != machine:
+        return False
+    try:
+        pid = int(tags.get("owner", "").split(":")[1])
+        os.kill(pid, 0)
+    except (IndexError, ValueError, PermissionError):
+        return False
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _break_if_expired(client, lock: str) -> None:
@@ -230,7 +304,8 @@ def _break_if_expired(client, lock: str) -> None:
         return
     try:
         if _lock_owner(client, lock) == stale:
-            logger.warning("breaking the registry lock %r: its holder %s let its lease expire", lock, stale)
+            logger.warning("breaking the registry lock %r: its holder %s is gone or let its lease expire",
+                           lock, stale)
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
     finally:
@@ -397,12 +472,16 @@ def _single_child(folder: Path) -> Path:
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at; None when the model or the alias does not exist (any other
+    failure, such as a server that stopped answering, is raised: it says nothing about the alias)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def registered_version(uri: str, tracking: str | None = None) -> str:
@@ -521,12 +600,14 @@ def register(
 
     `champion_metrics` are the current champion's scores on `query` when the caller has
     re-evaluated it; otherwise the champion's stored tags are used (same query required).
-    A failed gate is a normal result (promoted=False, reasons), not an exception.
+    A failed gate is a normal result (promoted=False, reasons), not an exception. A tracking
+    server that is down, or goes down part-way, is a RegistryError naming it.
     """
     import mlflow
 
     params = load_params()
     uri = tracking_uri(tracking, params)
+    check_server(uri)
     name = name or model_name(params)
     gates = params.get("register", {}).get("gates", {}) if gates is None else gates
     lineage = collect_lineage(params) if lineage is None else lineage
@@ -536,9 +617,10 @@ def register(
             **{f"{METRIC_TAG}{k}": f"{float(v):.4f}" for k, v in metrics.items()},
             **{k: str(v) for k, v in lineage.items()}}
     # A server numbers versions atomically: only the gate and the aliases need the lock.
-    with _sqlite_writes(uri):
+    with _sqlite_writes(uri), _reporting_a_lost_server(uri) as made:
         model_uri, run = _log_package(Path(package_dir).resolve(), run_id, uri, experiment)
         version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+        made.append(version)
         with registry_lock(uri, name):  # read the champion, compare, move the aliases: one at a time
             champion, reference, mismatch = _champion_reference(client, name, query, champion_metrics)
             reasons = gate_reasons(metrics, gates, reference) + ([mismatch] if mismatch else [])
@@ -548,14 +630,38 @@ def register(
                 current = _alias_version(client, name, PREVIOUS)
                 return RegistrationResult(version, False, reasons, champion, current, model_uri)
             client.set_model_version_tag(name, version, "gate", "passed")
+            # One alias write at a time, ordered so that losing the server between two of them
+            # leaves a coherent pair: (old champion, no previous), (new, no previous) or (new, old);
+            # never `previous` equal to `champion`, nor one that skips a version.
+            if champion is not None:
+                client.set_model_version_tag(name, version, "previous_champion", champion)
+                client.delete_registered_model_alias(name, PREVIOUS)
+            client.set_registered_model_alias(name, CHAMPION, version)
             if champion is not None:
                 client.set_registered_model_alias(name, PREVIOUS, champion)
-                client.set_model_version_tag(name, version, "previous_champion", champion)
-            client.set_registered_model_alias(name, CHAMPION, version)
             client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                        time.gmtime()))
             _verify(client, name, version, champion)
     return RegistrationResult(version, True, [], version, champion, model_uri)
+
+
+@contextlib.contextmanager
+def _reporting_a_lost_server(uri: str) -> Iterator[list[str]]:
+    """A failure while the tracking server has stopped answering becomes a RegistryError naming
+    it (and the version created, which the caller appends to the list yielded)."""
+    made: list[str] = []
+    try:
+        yield made
+    except RegistryError:
+        raise
+    except Exception:
+        try:
+            check_server(uri)
+        except RegistryError as lost:
+            where = f"after creating version {made[0]}" if made else "before creating a version"
+            raise RegistryError(f"{lost} (lost {where}: see `captioning registry list`, and register "
+                                "again once the server is back)") from None
+        raise
 
 
 def _verify(client, name: str, champion: str, previous: str | None) -> None:
@@ -570,7 +676,9 @@ def list_versions(tracking: str | None = None, name: str | None = None) -> list[
     """Every version of the model, oldest first, with aliases, gate outcome, metrics and lineage."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri(tracking))
+    uri = tracking_uri(tracking)
+    check_server(uri)  # else a server that is down would read as "no versions"
+    client = _client(uri)
     name = name or model_name()
     try:
         aliases = client.get_registered_model(name).aliases
@@ -599,6 +707,7 @@ def rollback(tracking: str | None = None, name: str | None = None) -> dict[str, 
     The demoted version is tagged `rolled_back`. Raises RegistryError when there is no previous.
     """
     uri = tracking_uri(tracking)
+    check_server(uri)
     client = _client(uri)
     name = name or model_name()
     with registry_lock(uri, name):

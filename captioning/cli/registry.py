@@ -2,7 +2,9 @@
 
 A failed gate is an outcome, not a crash: `register` prints "gate failed: ..." and exits 0,
 so a pipeline goes on (the champion is untouched); `--fail-on-gate` makes it exit 3 instead.
-Bad input (missing package, unreadable metrics) exits 2; registry problems exit 1.
+Bad input (missing package, unreadable metrics) exits 2; registry problems exit 1, among them a
+tracking server that does not answer (named in the message, within seconds: see
+`registry.bounded_http_retries`).
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def register(app: typer.Typer) -> None:
         values = _read_metrics(metrics)
         query = data or load_params().get("data", {}).get("test_query", "flickr8k[test]")
         try:
-            champion = _champion_metrics(query, tracking, reevaluate)
-            result = registry.register(model, values, query, tracking=tracking, run_id=run_id,
-                                       champion_metrics=champion)
+            with registry.bounded_http_retries():
+                registry.check_server(registry.tracking_uri(tracking))
+                champion = _champion_metrics(query, tracking, reevaluate)
+                result = registry.register(model, values, query, tracking=tracking, run_id=run_id,
+                                           champion_metrics=champion)
         except PackageError as error:
             fail(str(error))
         except registry.RegistryError as error:
@@ -98,7 +102,11 @@ def register(app: typer.Typer) -> None:
         """Versions with their aliases, gate outcome and metrics."""
         from captioning import registry
 
-        rows = registry.list_versions(tracking)
+        try:
+            with registry.bounded_http_retries():
+                rows = registry.list_versions(tracking)
+        except registry.RegistryError as error:
+            fail(str(error), code=1)
         if as_json:
             print_json(rows)
             return
@@ -120,7 +128,8 @@ def register(app: typer.Typer) -> None:
         from captioning import registry
 
         try:
-            moved = registry.rollback(tracking)
+            with registry.bounded_http_retries():
+                moved = registry.rollback(tracking)
         except registry.RegistryError as error:
             fail(str(error), code=1)
         if as_json:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.fixtures.postgres import postgres_server  # noqa: F401  (a pytest fixture)
-from tests.scaleout.processes import BIN, child_env, free_port, start, stop, wait_for_http
+from tests.fixtures.processes import BIN, child_env, free_port, start, stop, wait_for_http
 
 # Library log lines outside flow runs (tests call the library directly) stay local, before Prefect
 # reads its settings: `flows` adds the library's loggers to the run logs sent to the server.

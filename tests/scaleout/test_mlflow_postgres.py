@@ -22,7 +22,7 @@ import pytest
 from captioning import registry
 from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
 from tests.fixtures.trained import train_tiny_model
-from tests.scaleout.processes import BIN, child_env, free_port, start, stop, tail, wait_for_http, wait_until
+from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
 
@@ -46,18 +46,11 @@ def server(postgres_server, tmp_path_factory) -> dict:
     """An MLflow server whose backend store is a fresh PostgreSQL database."""
     folder = tmp_path_factory.mktemp("mlflow-pg")
     database = postgres_server.new_database("mlflow")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", database, "--artifacts-destination",
-                  str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 folder / "server.log", env)
+    mlflow = MlflowServer(database, folder / "artifacts", folder / "server.log").start()
     try:
-        wait_for_http(f"{url}/health", proc, folder / "server.log", timeout=180)
-        yield {"url": url, "database": database, "artifacts": folder / "artifacts", "log": folder / "server.log"}
+        yield {"url": mlflow.url, "database": database, "artifacts": folder / "artifacts", "log": folder / "server.log"}
     finally:
-        stop(proc)
+        mlflow.stop()
 
 
 def sql(database: str, query: str, **values) -> list[tuple]:

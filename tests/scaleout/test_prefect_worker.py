@@ -22,7 +22,7 @@ import pytest
 from captioning.config import PROJECT_ROOT
 from flows.deployment import KUBERNETES_TEMPLATE, deploy_retrain, ensure_work_pool
 from tests.fixtures.trained import shared_dir
-from tests.scaleout.processes import BIN, child_env, start, stop, tail, wait_until
+from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
 

@@ -21,7 +21,7 @@ import pytest
 
 from captioning.features import SHARD_DONE, SHARD_LOCK, SHARDS_DIR, FeatureStore
 from tests.fixtures.trained import shared_dir, synthetic_data
-from tests.scaleout.processes import child_env, start, stop, tail, wait_until
+from tests.fixtures.processes import child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
 

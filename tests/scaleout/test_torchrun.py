@@ -29,7 +29,7 @@ from captioning.config import autocast_dtype
 from captioning.package import load_checkpoint
 from captioning.training import RANKS_FILE, backend_for, needs_grad_scaler, train, weights_digest
 from tests.fixtures.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
-from tests.scaleout.processes import BIN, child_env, start, stop, tail, wait_until
+from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
 
