@@ -15,7 +15,7 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELE
 # Spinning OpenMP threads slow torch down many times when the CPU is shared (see captioning/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup system-deps test test-fast run serve repro full schedule bento container up down prefect-ui mlflow-ui benchmark clean
+.PHONY: setup system-deps lint test test-fast run serve repro full schedule bento container up down prefect-ui mlflow-ui benchmark clean
 
 setup: $(STAMP) system-deps
 
@@ -31,8 +31,14 @@ $(STAMP): pyproject.toml constraints.txt
 system-deps:
 	@bash scripts/system-deps.sh
 
-test: setup
+# Lint, format and the import layers first (seconds), then the whole suite.
+test: setup lint
 	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not integration and not browser and not slow and not container and not robustness and not scaleout"

@@ -65,8 +65,13 @@ def build(package: Path, version: str, out: Path, name: str = "captioner") -> Pa
     with tempfile.TemporaryDirectory(prefix="bento-context-") as context:
         copy_sources(Path(context))
         bento = bentoml.bentos.build(
-            SERVICE, name=BENTO_NAME, version=tag_version(version), include=INCLUDE, models=[tag],
-            labels={"project": BENTO_NAME, "registry_version": str(version)}, build_ctx=context,
+            SERVICE,
+            name=BENTO_NAME,
+            version=tag_version(version),
+            include=INCLUDE,
+            models=[tag],
+            labels={"project": BENTO_NAME, "registry_version": str(version)},
+            build_ctx=context,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(bento.export(str(out)))
@@ -139,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     served.add_argument("--port", type=int, default=int(os.environ.get("CAPTIONING_PORT", "3000")))
     served.add_argument("--host", default=os.environ.get("CAPTIONING_HOST", "0.0.0.0"))
     served.add_argument("--model-url", default=os.environ.get("CAPTIONING_MODEL_URL"))
-    served.add_argument("--bento", default=os.environ.get("CAPTIONING_BENTO", "."),
-                        help="a bento folder (default: the source tree)")
+    served.add_argument(
+        "--bento", default=os.environ.get("CAPTIONING_BENTO", "."), help="a bento folder (default: the source tree)"
+    )
     checked = commands.add_parser("health", help="exit 0 when the server's /readyz answers 200")
     checked.add_argument("--port", type=int, default=int(os.environ.get("CAPTIONING_PORT", "3000")))
     args = parser.parse_args(argv)

@@ -95,8 +95,10 @@ INTERNAL_HEADER = "X-Captioning-Internal-Token"
 MULTIPART_OVERHEAD = 64 * 1024
 # Request bodies held at once per API worker; never less than the largest request (one
 # /caption_batch at its limits), which must always be able to go through alone.
-INFLIGHT_UPLOAD_BYTES = max(_env_int("CAPTIONING_INFLIGHT_UPLOAD_MB", 200) * 1024 * 1024,
-                            MAX_UPLOAD_BYTES * MAX_BATCH_IMAGES + MULTIPART_OVERHEAD)
+INFLIGHT_UPLOAD_BYTES = max(
+    _env_int("CAPTIONING_INFLIGHT_UPLOAD_MB", 200) * 1024 * 1024,
+    MAX_UPLOAD_BYTES * MAX_BATCH_IMAGES + MULTIPART_OVERHEAD,
+)
 
 OPTION_LIMITS = {"beam_size": (1, 10), "max_length": (1, 60)}
 HEALTH_PATHS = {"/livez", "/readyz", "/healthz"}
@@ -271,7 +273,7 @@ BENTO_PREFIX = "bento:"
 
 def _bento_model(source: str):
     """The BentoML model a `bento:NAME:VERSION` source names (a served bento's own store first)."""
-    return bentoml.models.get(source[len(BENTO_PREFIX):])
+    return bentoml.models.get(source[len(BENTO_PREFIX) :])
 
 
 def _load_captioner(source: str):
@@ -297,7 +299,7 @@ def _registry_version(uri: str) -> str | None:
 
     from captioning.registry import tracking_uri
 
-    name, _, alias = uri[len("models:/"):].strip("/").partition("@")
+    name, _, alias = uri[len("models:/") :].strip("/").partition("@")
     if not alias:
         return name.rsplit("/", 1)[-1]
     store = tracking_uri()
@@ -365,7 +367,9 @@ class CaptionModelService:
         if previous is not None and _version_of(previous) != _version_of(captioner):
             gauge.labels(version=_version_of(previous), source=self.source).set(0)
         gauge.labels(version=_version_of(captioner), source=self.source).set(1)
-        logger.info("loaded model %s from %s in %.1fs", _version_of(captioner), self.source, time.perf_counter() - started)
+        logger.info(
+            "loaded model %s from %s in %.1fs", _version_of(captioner), self.source, time.perf_counter() - started
+        )
         return _version_of(captioner)
 
     def _poll(self) -> None:
@@ -424,25 +428,31 @@ class CaptionModelService:
         info, reload) one at a time on one worker thread, so `info` waits behind caption batches;
         this answers from the event loop at once."""
         captioner = self.captioner
-        return {"ready": captioner is not None,
-                "model_version": _version_of(captioner) if captioner is not None else None}
+        return {
+            "ready": captioner is not None,
+            "model_version": _version_of(captioner) if captioner is not None else None,
+        }
 
     @bentoml.api
     def info(self) -> dict:
         captioner = self.captioner
         config = getattr(captioner, "config", None)
-        return _jsonable({
-            "model_version": _version_of(captioner),
-            "source": self.source,
-            "registry_version": self.registry_version,
-            "device": self.device,
-            "loaded_at": self.loaded_at,
-            "poll_seconds": self.poll_seconds,
-            "adaptive_batching": ADAPTIVE_BATCHING,
-            "max_batch_size": MAX_BATCH_SIZE,
-            # The package settings, without the per-tensor shapes.
-            "config": {k: v for k, v in config.items() if k != "parameter_shapes"} if isinstance(config, dict) else None,
-        })
+        return _jsonable(
+            {
+                "model_version": _version_of(captioner),
+                "source": self.source,
+                "registry_version": self.registry_version,
+                "device": self.device,
+                "loaded_at": self.loaded_at,
+                "poll_seconds": self.poll_seconds,
+                "adaptive_batching": ADAPTIVE_BATCHING,
+                "max_batch_size": MAX_BATCH_SIZE,
+                # The package settings, without the per-tensor shapes.
+                "config": {k: v for k, v in config.items() if k != "parameter_shapes"}
+                if isinstance(config, dict)
+                else None,
+            }
+        )
 
     @bentoml.api
     def reload(self) -> dict:
@@ -459,8 +469,12 @@ class CaptionModelService:
                 logger.exception("reload failed; still serving %s", previous)
                 return {"reloaded": False, "model_version": previous, "error": f"{type(error).__name__}: {error}"}
         metrics()["reloads"].labels(outcome="ok").inc()
-        return {"reloaded": True, "previous_version": previous, "model_version": version,
-                "changed": previous != version}
+        return {
+            "reloaded": True,
+            "previous_version": previous,
+            "model_version": version,
+            "changed": previous != version,
+        }
 
 
 def _version_of(captioner) -> str:
@@ -556,8 +570,13 @@ class UploadBudget:
 
     def take(self, request: Request, size: int) -> None:
         if self.used + size > self.limit:
-            raise InputError(429, "busy", f"the service holds {self.limit // 2**20} MB of uploads already "
-                             "(CAPTIONING_INFLIGHT_UPLOAD_MB): retry in a few seconds", headers={"Retry-After": "2"})
+            raise InputError(
+                429,
+                "busy",
+                f"the service holds {self.limit // 2**20} MB of uploads already "
+                "(CAPTIONING_INFLIGHT_UPLOAD_MB): retry in a few seconds",
+                headers={"Retry-After": "2"},
+            )
         self.used += size
         request.state.upload_bytes = getattr(request.state, "upload_bytes", 0) + size
 
@@ -597,7 +616,8 @@ async def _read_upload(request: Request, max_files: int) -> tuple[list[tuple[str
         return [("body", body)], fields
     if content_type != "multipart/form-data":
         raise InputError(
-            415, "bad_content_type",
+            415,
+            "bad_content_type",
             f"send multipart/form-data with the field 'image' (or a raw image/* body), not {content_type or 'no content type'!r}",
         )
     request._body = body  # parse the form from the bytes already read
@@ -615,7 +635,8 @@ async def _read_upload(request: Request, max_files: int) -> tuple[list[tuple[str
                 files.append((value.filename or f"image {len(files) + 1}", await value.read()))
             else:
                 raise InputError(
-                    400, "wrong_field",
+                    400,
+                    "wrong_field",
                     f"unexpected file field {key!r}: send the image in the field 'image'",
                 )
     finally:
@@ -643,7 +664,8 @@ def _check_images(files: list[tuple[str, bytes]]) -> None:
             raise InputError(400, "empty_image", f"{label} is empty (0 bytes)")
         if len(data) > MAX_UPLOAD_BYTES:
             raise InputError(
-                413, "too_large",
+                413,
+                "too_large",
                 f"{label} is {len(data)} bytes: {_limit_text()}",
             )
         try:
@@ -737,8 +759,12 @@ def _check_rate(request: Request, limiter: RateLimiter, route: str) -> None:
     wait = limiter.wait(client_id(request))
     if wait > 0:
         seconds = math.ceil(wait)
-        raise InputError(429, "rate_limited", f"too many requests to {route}: retry in {seconds} s",
-                         headers={"Retry-After": str(seconds)})
+        raise InputError(
+            429,
+            "rate_limited",
+            f"too many requests to {route}: retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
 
 
 class ApiKeyMiddleware:
@@ -814,8 +840,9 @@ def _model_failure(error: BaseException) -> InputError:
         logger.error("the model service answered %d: %s", status, error)
         return InputError(502, "model_refused", f"the model service answered with an error ({status})")
     logger.error("model service call failed: %s: %s", type(error).__name__, error)
-    return InputError(503, "model_unavailable",
-                      f"the model service is unavailable ({type(error).__name__}); retry shortly")
+    return InputError(
+        503, "model_unavailable", f"the model service is unavailable ({type(error).__name__}); retry shortly"
+    )
 
 
 @bentoml.service(
@@ -840,8 +867,12 @@ class CaptionAPI:
         _show_info_logs()
         public, internal = public_auth_mode(), internal_auth_mode()
         log = logger.warning if public == "open" and production() else logger.info
-        log("public API: %s%s; model service calls: %s", public,
-            " (CAPTIONING_ALLOW_NO_KEY=1)" if public == "open" and production() else "", internal)
+        log(
+            "public API: %s%s; model service calls: %s",
+            public,
+            " (CAPTIONING_ALLOW_NO_KEY=1)" if public == "open" and production() else "",
+            internal,
+        )
         self._feedback_store = None
         self._feedback_lock = threading.Lock()
         _send_internal_token(self.model)
@@ -952,14 +983,17 @@ class CaptionAPI:
             if len(files) > MAX_BATCH_IMAGES:
                 raise InputError(413, "too_many_images", f"{len(files)} images, at most {MAX_BATCH_IMAGES} per request")
             answers = await self._caption_files(
-                files, fields, "no file in the multipart field 'image' (repeat it per image)")
+                files, fields, "no file in the multipart field 'image' (repeat it per image)"
+            )
             for answer, (name, _) in zip(answers, files):
                 answer["filename"] = name
-            return JSONResponse({
-                "results": answers,
-                "model_version": answers[0]["model_version"],
-                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-            })
+            return JSONResponse(
+                {
+                    "results": answers,
+                    "model_version": answers[0]["model_version"],
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+            )
 
         return await self._timed("/caption_batch", handle, request)
 
@@ -979,8 +1013,11 @@ class CaptionAPI:
             store = self.feedback_store()
             try:
                 item = await asyncio.to_thread(
-                    store.add, files[0][1], caption,
-                    fields.get("model_version") or None, fields.get("predicted_caption") or None,
+                    store.add,
+                    files[0][1],
+                    caption,
+                    fields.get("model_version") or None,
+                    fields.get("predicted_caption") or None,
                 )
             except FeedbackError as error:
                 raise InputError(422, "bad_feedback", str(error)) from None

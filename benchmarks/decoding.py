@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
-from benchmarks.reference import reference_beam_search
 from captioning.config import load_params, reports_dir
 from captioning.decoding import beam_search, greedy
 from captioning.models import MODELS, build_model
+from harness.reference import reference_beam_search
 
 VOCAB_SIZE, POSITIONS, CHANNELS = 3000, 49, 1280
 BATCH_SIZES = (1, 32)
@@ -125,8 +125,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     report = run(args.threads, args.images, args.min_seconds, args.output)
-    print(f"wrote {args.output or reports_dir() / 'benchmark_decoding.json'} "
-          f"({len(report['decoders'])} decoders)")
+    print(f"wrote {args.output or reports_dir() / 'benchmark_decoding.json'} ({len(report['decoders'])} decoders)")
 
 
 if __name__ == "__main__":

@@ -72,12 +72,16 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
     params = load_params()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         uri = model or str(random_package(Path(tmp), parse_query(query).dataset, params))
-        encoder = json.loads((Path(uri) / "config.json").read_text())["encoder"] if Path(uri).is_dir() \
+        encoder = (
+            json.loads((Path(uri) / "config.json").read_text())["encoder"]
+            if Path(uri).is_dir()
             else params["features"]["encoder"]
+        )
         encode_seconds = fill_cache(query, encoder, feature_dir, params["features"]["batch_size"])
         started, cpu_before = time.perf_counter(), _cpu_seconds()
-        result = evaluate_model(uri, query, beam_size=beam, batch_size=batch_size, attention_images=0,
-                                feature_dir=feature_dir)
+        result = evaluate_model(
+            uri, query, beam_size=beam, batch_size=batch_size, attention_images=0, feature_dir=feature_dir
+        )
         seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
     words = [len(c.split()) for c in result.predictions.values()]
     return {

@@ -61,7 +61,7 @@ def main() -> None:
 
     captioner, source = _load_captioner(args.model)
     images = _images(args.data)
-    batches = [images[i: i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     batches = [batch for batch in batches if len(batch) == args.batch_size] or batches
     captioner.caption(batches[0][:2], beam_size=args.beam)  # warm-up: encoder built, first calls paid
 
@@ -82,8 +82,10 @@ def main() -> None:
             # The same work again in its parts, to show where the time goes (a package that
             # decodes with `decoding.flip` encodes each image and its mirror).
             start = time.perf_counter()
-            pixels = [preprocess(view, captioner.image_size)
-                      for view in views([open_image(data) for data in batch], captioner.flip)]
+            pixels = [
+                preprocess(view, captioner.image_size)
+                for view in views([open_image(data) for data in batch], captioner.flip)
+            ]
             middle = time.perf_counter()
             features = torch.cat([captioner.encoder(view) for view in pixels], dim=1)
             end = time.perf_counter()
@@ -96,26 +98,42 @@ def main() -> None:
     encoder_rate, full_rate = count / timing["encoder"], count / timing["full"]
     report = {
         "benchmark": "inference",
-        "setup": {"model": source, "model_version": captioner.version, "decoder": captioner.config["model"]["decoder"],
-                  "encoder": captioner.encoder_name, "data": args.data, "images": count,
-                  "batch_size": args.batch_size, "beam_size": args.beam, "threads": torch.get_num_threads(),
-                  "length_penalty": captioner.length_penalty, "rerank": captioner.rerank, "flip": captioner.flip,
-                  "rerank_neighbours": captioner.neighbours if captioner.rerank == "consensus" else 0,
-                  "rerank_score_weight": captioner.score_weight if captioner.rerank == "consensus" else 0.0,
-                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "load_average": os.getloadavg()},
+        "setup": {
+            "model": source,
+            "model_version": captioner.version,
+            "decoder": captioner.config["model"]["decoder"],
+            "encoder": captioner.encoder_name,
+            "data": args.data,
+            "images": count,
+            "batch_size": args.batch_size,
+            "beam_size": args.beam,
+            "threads": torch.get_num_threads(),
+            "length_penalty": captioner.length_penalty,
+            "rerank": captioner.rerank,
+            "flip": captioner.flip,
+            "rerank_neighbours": captioner.neighbours if captioner.rerank == "consensus" else 0,
+            "rerank_score_weight": captioner.score_weight if captioner.rerank == "consensus" else 0.0,
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_average": os.getloadavg(),
+        },
         "encoder_images_per_s": round(encoder_rate, 2),
         "full_path_images_per_s": round(full_rate, 2),
         "ratio": round(full_rate / encoder_rate, 3),
         "target_ratio": 0.7,
-        "share_of_full_path": {name: round(timing[name] / max(1e-9, timing["image_decoding"] + timing["encoding"]
-                                                              + timing["caption_decoding"]), 3)
-                               for name in ("image_decoding", "encoding", "caption_decoding")},
+        "share_of_full_path": {
+            name: round(
+                timing[name] / max(1e-9, timing["image_decoding"] + timing["encoding"] + timing["caption_decoding"]), 3
+            )
+            for name in ("image_decoding", "encoding", "caption_decoding")
+        },
         "mean_caption_words": round(words / count, 2),
     }
     path = write_report(report, "inference", args.output)
-    print(f"encoder {encoder_rate:.1f} images/s, full path {full_rate:.1f} images/s, "
-          f"ratio {report['ratio']:.2f} (target 0.7); parts {report['share_of_full_path']}; written {path}")
+    print(
+        f"encoder {encoder_rate:.1f} images/s, full path {full_rate:.1f} images/s, "
+        f"ratio {report['ratio']:.2f} (target 0.7); parts {report['share_of_full_path']}; written {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,20 @@ REPO = "localhost/captioning-bench"
 
 
 def workspace(home: Path, port: int) -> dict[str, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"), "CAPTIONING_STACK_DIR": str(home / "stack"),
-           "BENTOML_HOME": str(home / "bentoml"), "PREFECT_HOME": str(home / "prefect"),
-           "CAPTIONING_IMAGE_REPO": REPO, "CAPTIONING_STACK_NAME": "captioning-bench",
-           "CAPTIONING_CONTAINER_CACHE": str(home / "cache"),
-           "CAPTIONING_BASE_IMAGE": "localhost/captioning-base:bench", "PORT": str(port),
-           "PREFECT_PORT": str(port + 20)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"),
+        "CAPTIONING_STACK_DIR": str(home / "stack"),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "PREFECT_HOME": str(home / "prefect"),
+        "CAPTIONING_IMAGE_REPO": REPO,
+        "CAPTIONING_STACK_NAME": "captioning-bench",
+        "CAPTIONING_CONTAINER_CACHE": str(home / "cache"),
+        "CAPTIONING_BASE_IMAGE": "localhost/captioning-base:bench",
+        "PORT": str(port),
+        "PREFECT_PORT": str(port + 20),
+    }
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -86,8 +93,12 @@ def during_change(port: int, stack_dir: Path, photo: bytes, clients: int, minimu
         seconds = time.monotonic() - started
         while loop.requests < minimum:
             time.sleep(0.5)
-    return {**loop.summary(), "version": version, "first_replica_serving_seconds": round(first or seconds, 1),
-            "change_to_rolled_out_seconds": round(seconds, 1)}
+    return {
+        **loop.summary(),
+        "version": version,
+        "first_replica_serving_seconds": round(first or seconds, 1),
+        "change_to_rolled_out_seconds": round(seconds, 1),
+    }
 
 
 def photo_bytes() -> bytes:
@@ -95,8 +106,9 @@ def photo_bytes() -> bytes:
     images = sorted((mirror / "flickr8k" / "images").glob("*.jpg"))[:1] if mirror else []
     if images:
         return images[0].read_bytes()
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (320, 240), (40, 120, 200)).save(buffer, "JPEG")
@@ -106,15 +118,25 @@ def photo_bytes() -> bytes:
 def run(home: Path, port: int, clients: int, minimum: int) -> dict:
     from captioning.containers import image_size, podman
     from captioning.registry import register
-    from tests.fixtures.trained import train_tiny_model
+    from harness.trained import train_tiny_model
 
     env = workspace(home, port)
     os.environ.update({k: env[k] for k in ("CAPTIONING_IMAGE_REPO", "CAPTIONING_STACK_DIR")})
-    packages = [train_tiny_model(home / "a", decoder="attention", epochs=2),
-                train_tiny_model(home / "b", decoder="show_tell", epochs=2)]
+    packages = [
+        train_tiny_model(home / "a", decoder="attention", epochs=2),
+        train_tiny_model(home / "b", decoder="show_tell", epochs=2),
+    ]
     tracking = env["MLFLOW_TRACKING_URI"]
-    promote = lambda package: register(package, {"CIDEr": 10.0}, "synthetic[test]", gates={},  # noqa: E731
-                                       tracking=tracking, lineage={}).version
+    promote = lambda package: (
+        register(
+            package,
+            {"CIDEr": 10.0},
+            "synthetic[test]",
+            gates={},  # noqa: E731
+            tracking=tracking,
+            lineage={},
+        ).version
+    )
     promote(packages[0])
     cold = timed([sys.executable, "-m", "captioning.cli", "release"], env)
     up = timed(["bash", "scripts/up.sh"], env)
@@ -124,8 +146,14 @@ def run(home: Path, port: int, clients: int, minimum: int) -> dict:
         promotion = during_change(port, stack_dir, photo, clients, minimum, lambda: promote(packages[1]))
 
         def rollback() -> str:
-            result = subprocess.run([sys.executable, "-m", "captioning.cli", "registry", "rollback", "--json"],
-                                    env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+            result = subprocess.run(
+                [sys.executable, "-m", "captioning.cli", "registry", "rollback", "--json"],
+                env=env,
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             return json.loads(result.stdout)["champion"]
 
         rolled_back = during_change(port, stack_dir, photo, clients, minimum, rollback)
@@ -139,8 +167,14 @@ def run(home: Path, port: int, clients: int, minimum: int) -> dict:
     for version in (1, 2):
         podman("rmi", "--force", f"{REPO}:v{version}", check=False)
     podman("rmi", "--force", env["CAPTIONING_BASE_IMAGE"], check=False)
-    return {"image_bytes": sizes, "build_cold_seconds": cold, "build_warm_seconds": warm["build_seconds"],
-            "up_seconds": up, "promotion": promotion, "rollback": rolled_back}
+    return {
+        "image_bytes": sizes,
+        "build_cold_seconds": cold,
+        "build_warm_seconds": warm["build_seconds"],
+        "up_seconds": up,
+        "promotion": promotion,
+        "rollback": rolled_back,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="captioning-release-bench-") as home:
         report = run(Path(home), args.port, args.clients, args.requests)
-    report.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                  how="python -m benchmarks.release, alone on the machine; tiny synthetic models; "
-                      "the first release builds the base image, gathers wheels and installs torch")
+    report.update(
+        cpu=platform.processor() or platform.machine(),
+        cores=os.cpu_count(),
+        how="python -m benchmarks.release, alone on the machine; tiny synthetic models; "
+        "the first release builds the base image, gathers wheels and installs torch",
+    )
     print(json.dumps(report, indent=2))
     print(f"written to {write_report(report, 'release')}")
     return 0

@@ -39,8 +39,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def direct_throughput(model: str, images: list[bytes], total: int, batch_size: int, options: dict,
-                      threads: int) -> dict:
+def direct_throughput(
+    model: str, images: list[bytes], total: int, batch_size: int, options: dict, threads: int
+) -> dict:
     """Captioner.caption called directly on the same images: images per second."""
     import torch
 
@@ -56,8 +57,13 @@ def direct_throughput(model: str, images: list[bytes], total: int, batch_size: i
         captioner.caption(batch, **options)
         done += count
     elapsed = time.perf_counter() - started
-    return {"images": total, "batch_size": batch_size, "seconds": round(elapsed, 3),
-            "images_per_s": round(total / elapsed, 2), "model_version": str(captioner.version)}
+    return {
+        "images": total,
+        "batch_size": batch_size,
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(total / elapsed, 2),
+        "model_version": str(captioner.version),
+    }
 
 
 async def _load(url: str, images: list[bytes], total: int, concurrency: int, options: dict) -> dict:
@@ -92,20 +98,34 @@ async def _load(url: str, images: list[bytes], total: int, concurrency: int, opt
         elapsed = time.perf_counter() - started
     ok = statuses.get(200, 0)
     return {
-        "requests": total, "concurrency": concurrency, "seconds": round(elapsed, 3),
-        "requests_per_s": round(ok / elapsed, 2), "statuses": {str(k): v for k, v in statuses.items()},
+        "requests": total,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(ok / elapsed, 2),
+        "statuses": {str(k): v for k, v in statuses.items()},
         "errors": total - ok,
         "latency_ms": {f"p{q}": round(percentile(latencies, q) * 1000, 1) for q in (50, 95, 99)}
         | {"mean": round(statistics.fmean(latencies) * 1000, 1)},
     }
 
 
-def served_throughput(model: str, images: list[bytes], total: int, concurrency: int, options: dict,
-                      batching: bool, home: Path, threads: int) -> dict:
-    from tests.integration.serving import start_service
+def served_throughput(
+    model: str,
+    images: list[bytes],
+    total: int,
+    concurrency: int,
+    options: dict,
+    batching: bool,
+    home: Path,
+    threads: int,
+) -> dict:
+    from harness.serving import start_service
 
-    env = {"CAPTIONING_ADAPTIVE_BATCHING": "1" if batching else "0",
-           "CAPTIONING_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env = {
+        "CAPTIONING_ADAPTIVE_BATCHING": "1" if batching else "0",
+        "CAPTIONING_TORCH_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+    }
     server = start_service(model, home, env)
     try:
         result = asyncio.run(_load(server.url, images, total, concurrency, options))
@@ -126,8 +146,10 @@ def _batch_sizes(url: str) -> dict:
             if line.startswith(name + " "):
                 values[name] = float(line.split()[-1])
     count = values.get("captioning_model_batch_size_count", 0)
-    return {"model_calls": int(count),
-            "mean_batch_size": round(values.get("captioning_model_batch_size_sum", 0) / count, 2) if count else None}
+    return {
+        "model_calls": int(count),
+        "mean_batch_size": round(values.get("captioning_model_batch_size_sum", 0) / count, 2) if count else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,17 +160,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--images", type=int, default=16, help="distinct synthetic images")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, the same for the direct run and the model service")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads, the same for the direct run and the model service"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from tests.integration.serving import synthetic_jpeg
+    from harness.serving import synthetic_jpeg
 
     work = Path(tempfile.mkdtemp(prefix="benchmark-serving-"))
     model = args.model
     if not model:
-        from tests.fixtures.trained import train_tiny_model
+        from harness.trained import train_tiny_model
 
         model = str(train_tiny_model(work / "tiny"))
     images = [synthetic_jpeg(seed) for seed in range(args.images)]
@@ -165,9 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     for batching in (True, False):
         label = "adaptive_batching" if batching else "no_batching"
         print(f"served, {label} ...", flush=True)
-        runs[label] = served_throughput(model, images, args.requests, args.concurrency,
-                                        {**options, "return_attention": False}, batching, work / label,
-                                        args.threads)
+        runs[label] = served_throughput(
+            model,
+            images,
+            args.requests,
+            args.concurrency,
+            {**options, "return_attention": False},
+            batching,
+            work / label,
+            args.threads,
+        )
     direct_after = direct_throughput(model, images, args.requests, batch, options, args.threads)
     load_after = os.getloadavg()
     direct_rate = (direct_before["images_per_s"] + direct_after["images_per_s"]) / 2
@@ -175,17 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
         run["ratio_to_model_throughput"] = round(run["requests_per_s"] / direct_rate, 3)
     direct = direct_before
     report = {
-        "model": model if args.model else "tiny model trained on synthetic data (tests/fixtures/trained.py)",
+        "model": model if args.model else "tiny model trained on synthetic data (harness/trained.py)",
         "model_version": direct["model_version"],
         "options": options,
         "torch_threads": args.threads,
         "cpu": {"count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()},
-        "model_direct": {"batched_before": direct_before, "batched_after": direct_after,
-                         "batched_mean_images_per_s": round(direct_rate, 2), "one_at_a_time": direct_single},
+        "model_direct": {
+            "batched_before": direct_before,
+            "batched_after": direct_after,
+            "batched_mean_images_per_s": round(direct_rate, 2),
+            "one_at_a_time": direct_single,
+        },
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "served": runs,
         "note": "ratio = served requests/s over Captioner.caption images/s on the same images and CPU; "
-                "load generator, API and model server share the machine's cores.",
+        "load generator, API and model server share the machine's cores.",
     }
     output = write_report(report, "serving", args.output)
     print(json.dumps(report, indent=2))

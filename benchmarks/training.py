@@ -51,16 +51,21 @@ def bench_encoder(name: str, batch: int = 32, repeats: int = 3) -> dict[str, Any
             encoder(pixels)
             times.append(time.perf_counter() - start)
     best = min(times)
-    return {"batch": batch, "image_size": encoder.image_size, "seconds_per_batch": round(best, 3),
-            "images_per_s": round(batch / best, 1), "median_images_per_s": round(batch / float(np.median(times)), 1)}
+    return {
+        "batch": batch,
+        "image_size": encoder.image_size,
+        "seconds_per_batch": round(best, 3),
+        "images_per_s": round(batch / best, 1),
+        "median_images_per_s": round(batch / float(np.median(times)), 1),
+    }
 
 
 def _image_records(folder: Path, count: int):
     """Real PNG files (synthetic scenes) and their records."""
+    import random
+
     from captioning.data.records import Record
     from captioning.data.synthetic import captions_for, make_scene, render
-
-    import random
 
     records = []
     for n in range(count):
@@ -92,8 +97,15 @@ def bench_caching(count: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 2050, positions: int = 49,
-                   per_image: int = 0, dtype: torch.dtype | None = None) -> dict[str, Any]:
+def bench_training(
+    decoder: str,
+    model_params: dict,
+    steps: int,
+    pairs: int = 2050,
+    positions: int = 49,
+    per_image: int = 0,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
     from captioning.models import build_model
     from captioning.training import CaptionData, lr_factor, training_step
 
@@ -102,7 +114,7 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
     features = (torch.randn(images, positions, 1280, generator=generator) * 0.5).half()
     tokens = torch.zeros(pairs, CAPTION_WORDS + 2, dtype=torch.long)
     tokens[:, 0] = 1
-    tokens[:, 1: CAPTION_WORDS + 1] = torch.randint(4, VOCAB_SIZE, (pairs, CAPTION_WORDS), generator=generator)
+    tokens[:, 1 : CAPTION_WORDS + 1] = torch.randint(4, VOCAB_SIZE, (pairs, CAPTION_WORDS), generator=generator)
     tokens[:, CAPTION_WORDS + 1] = 2
     data = CaptionData(features, None, np.arange(pairs) // 5, tokens, [str(i) for i in range(images)])
 
@@ -118,11 +130,13 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
         step_images = BATCH // per_image
         captions = data.captions_per_image(per_image, 0)
         order = torch.randperm(images, generator=generator).numpy()
-        batches = [captions[order[i: i + step_images]].reshape(-1).tolist()
-                   for i in range(0, images - step_images + 1, step_images)]
+        batches = [
+            captions[order[i : i + step_images]].reshape(-1).tolist()
+            for i in range(0, images - step_images + 1, step_images)
+        ]
     else:
         order = torch.randperm(pairs, generator=generator).tolist()
-        batches = [order[i: i + BATCH] for i in range(0, pairs - BATCH + 1, BATCH)]
+        batches = [order[i : i + BATCH] for i in range(0, pairs - BATCH + 1, BATCH)]
     data_time = step_time = 0.0
     captions_done = 0
     for step in range(steps + 1):
@@ -137,11 +151,17 @@ def bench_training(decoder: str, model_params: dict, steps: int, pairs: int = 20
             step_time += done - tock
             captions_done += len(batch)
     total = data_time + step_time
-    return {"steps": steps, "captions_per_step": len(batches[0]), "positions": positions,
-            "captions_per_image": per_image, "precision": str(dtype or torch.float32).removeprefix("torch."),
-            "captions_per_s": round(captions_done / total, 1),
-            "seconds_per_step": round(total / steps, 4), "data_time_share": round(data_time / total, 4),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "steps": steps,
+        "captions_per_step": len(batches[0]),
+        "positions": positions,
+        "captions_per_image": per_image,
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
+        "captions_per_s": round(captions_done / total, 1),
+        "seconds_per_step": round(total / steps, 4),
+        "data_time_share": round(data_time / total, 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run(threads: int, images: int, steps: int, output: Path | None, positions: int = 49) -> dict[str, Any]:
@@ -149,12 +169,20 @@ def run(threads: int, images: int, steps: int, output: Path | None, positions: i
     model_params = load_params()["model"]
     report: dict[str, Any] = {
         "setup": {
-            "threads": threads, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_average_at_start": list(os.getloadavg()), "model": model_params,
-            "vocab_size": VOCAB_SIZE, "caption_words": CAPTION_WORDS,
+            "threads": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": list(os.getloadavg()),
+            "model": model_params,
+            "vocab_size": VOCAB_SIZE,
+            "caption_words": CAPTION_WORDS,
         },
-        "encoder": {}, "training": {}, "training_captions_per_image_5": {}, "training_bfloat16": {},
+        "encoder": {},
+        "training": {},
+        "training_captions_per_image_5": {},
+        "training_bfloat16": {},
     }
     for name in ENCODERS:
         report["encoder"][name] = bench_encoder(name)
@@ -162,10 +190,14 @@ def run(threads: int, images: int, steps: int, output: Path | None, positions: i
     report["feature_caching"] = bench_caching(images)
     print("caching", json.dumps(report["feature_caching"]), flush=True)
     for decoder in MODELS:
-        for key, per_image, dtype in (("training", 0, None), ("training_captions_per_image_5", 5, None),
-                                      ("training_bfloat16", 0, torch.bfloat16)):
-            report[key][decoder] = bench_training(decoder, model_params, steps, positions=positions,
-                                                  per_image=per_image, dtype=dtype)
+        for key, per_image, dtype in (
+            ("training", 0, None),
+            ("training_captions_per_image_5", 5, None),
+            ("training_bfloat16", 0, torch.bfloat16),
+        ):
+            report[key][decoder] = bench_training(
+                decoder, model_params, steps, positions=positions, per_image=per_image, dtype=dtype
+            )
             print(key, decoder, json.dumps(report[key][decoder]), flush=True)
     report["setup"]["load_average_at_end"] = list(os.getloadavg())
     write_report(report, "training", output)

@@ -24,7 +24,7 @@ Vector = tuple[dict[tuple, float], list[float], int]
 
 def ngram_counts(tokens: Tokens, n_max: int = NGRAMS) -> Counter:
     tokens = tuple(tokens)
-    return Counter(tokens[i: i + n] for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+    return Counter(tokens[i : i + n] for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
 class NgramFrequencies:
@@ -60,8 +60,9 @@ class NgramFrequencies:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NgramFrequencies":
-        return cls(Counter({tuple(int(t) for t in row[:-1]): int(row[-1]) for row in data["ngrams"]}),
-                   int(data["images"]))
+        return cls(
+            Counter({tuple(int(t) for t in row[:-1]): int(row[-1]) for row in data["ngrams"]}), int(data["images"])
+        )
 
 
 def similarity(candidate: Vector, reference: Vector) -> float:
@@ -75,8 +76,13 @@ def similarity(candidate: Vector, reference: Vector) -> float:
             # CIDEr-D clips the candidate's counts at the reference's.
             sims[len(gram) - 1] += min(weight, ref_weight) * ref_weight
     penalty = math.exp(-((length - ref_length) ** 2) / (2 * SIGMA**2))
-    return sum(sim / (norm * ref_norm) * penalty if norm and ref_norm else 0.0
-               for sim, norm, ref_norm in zip(sims, norms, ref_norms)) / NGRAMS
+    return (
+        sum(
+            sim / (norm * ref_norm) * penalty if norm and ref_norm else 0.0
+            for sim, norm, ref_norm in zip(sims, norms, ref_norms)
+        )
+        / NGRAMS
+    )
 
 
 class CiderD:
@@ -95,8 +101,9 @@ class CiderD:
         return 10.0 * sum(similarity(candidate, ref) for ref in refs) / len(refs)
 
 
-def consensus(candidates: Sequence[Tokens], frequencies: NgramFrequencies,
-              evidence: Sequence[Tokens] = (), weight: float = 0.0) -> list[float]:
+def consensus(
+    candidates: Sequence[Tokens], frequencies: NgramFrequencies, evidence: Sequence[Tokens] = (), weight: float = 0.0
+) -> list[float]:
     """Each candidate's mean CIDEr-D against the other candidates (0 for a lone one).
 
     The candidate with the highest consensus is the minimum-Bayes-risk choice among them,
@@ -106,10 +113,16 @@ def consensus(candidates: Sequence[Tokens], frequencies: NgramFrequencies,
     times its mean CIDEr-D against the evidence.
     """
     vectors = [frequencies.vector(tokens) for tokens in candidates]
-    beam = [10.0 * sum(similarity(vec, other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
-            if len(vectors) > 1 else 0.0 for i, vec in enumerate(vectors)]
+    beam = [
+        10.0 * sum(similarity(vec, other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
+        if len(vectors) > 1
+        else 0.0
+        for i, vec in enumerate(vectors)
+    ]
     if not evidence or not weight:
         return beam
     outside = [frequencies.vector(tokens) for tokens in evidence]
-    return [(1.0 - weight) * agreement + weight * 10.0 * sum(similarity(vec, ref) for ref in outside) / len(outside)
-            for agreement, vec in zip(beam, vectors)]
+    return [
+        (1.0 - weight) * agreement + weight * 10.0 * sum(similarity(vec, ref) for ref in outside) / len(outside)
+        for agreement, vec in zip(beam, vectors)
+    ]

@@ -134,5 +134,7 @@ def profile_overrides(params: dict[str, Any], name: str) -> list[str]:
             if not isinstance(node, dict) or key not in node:
                 raise ValueError(f"profile {name!r} sets {dotted!r}, which is not a param")
             node = node[key]
-        assignments.append(f"{dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+        assignments.append(
+            f"{dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        )
     return assignments

@@ -39,15 +39,13 @@ def cache_dir() -> Path:
 
 
 def podman_env() -> dict[str, str]:
-    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF",
-                                                          str(CONTAINER_DIR / "containers.conf"))}
+    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINER_DIR / "containers.conf"))}
 
 
 def run(command: list[str], timeout: float = 900, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run a container tool; ContainerError with the end of its output when it fails."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                env=podman_env(), **kwargs)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=podman_env(), **kwargs)
     except FileNotFoundError:
         raise ContainerError(f"{command[0]} is not installed: `make setup` installs it") from None
     except subprocess.TimeoutExpired:
@@ -101,14 +99,34 @@ def build_base_image(force: bool = False) -> str:
     root = cache_dir() / "rootfs"
     shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv", DEBIAN_SUITE,
-         str(root), apt_mirror()], timeout=1200)
-    for folder in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-                   "var/cache/apt", "var/lib/apt/lists"):
+    run(
+        ["debootstrap", "--variant=minbase", "--include=python3,python3-venv", DEBIAN_SUITE, str(root), apt_mirror()],
+        timeout=1200,
+    )
+    for folder in (
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/info",
+        "usr/share/locale",
+        "var/cache/apt",
+        "var/lib/apt/lists",
+    ):
         shutil.rmtree(root / folder, ignore_errors=True)
     archive = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    run(["podman", "import", "--change", "ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-         "--change", 'CMD ["/bin/bash"]', "-", base], stdin=archive.stdout, timeout=600)
+    run(
+        [
+            "podman",
+            "import",
+            "--change",
+            "ENV PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "--change",
+            'CMD ["/bin/bash"]',
+            "-",
+            base,
+        ],
+        stdin=archive.stdout,
+        timeout=600,
+    )
     archive.wait()
     shutil.rmtree(root, ignore_errors=True)
     return base
@@ -118,9 +136,11 @@ def image_requirements() -> tuple[str, str]:
     """(requirements, constraints) of the image: its requirements file, and constraints.txt less
     the CUDA build of torch and what only it needs."""
     requirements = (CONTAINER_DIR / "requirements.txt").read_text(encoding="utf-8")
-    constraints = "".join(line + "\n" for line in
-                          (PROJECT_ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
-                          if not NOT_IN_IMAGE.match(line.strip()))
+    constraints = "".join(
+        line + "\n"
+        for line in (PROJECT_ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if not NOT_IN_IMAGE.match(line.strip())
+    )
     return requirements, constraints
 
 
@@ -135,8 +155,23 @@ def wheelhouse() -> Path:
     folder.mkdir(parents=True)
     (folder / "requirements.txt").write_text(requirements, encoding="utf-8")
     (folder / "constraints.txt").write_text(constraints, encoding="utf-8")
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(folder),
-         "-r", str(folder / "requirements.txt"), "-c", str(folder / "constraints.txt")], timeout=1800)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(folder),
+            "-r",
+            str(folder / "requirements.txt"),
+            "-c",
+            str(folder / "constraints.txt"),
+        ],
+        timeout=1800,
+    )
     (folder / ".complete").write_text("")
     return folder
 
@@ -161,10 +196,27 @@ def build_image(bento_archive: Path, version: str, model: str) -> dict:
     ref = image_ref(version)
     context = build_context(bento_archive, wheels, cache_dir() / "context" / ref.rsplit(":", 1)[1])
     try:
-        podman("build", "--format", "docker", "--layers", "--network", "none", "--pull=never",
-               "--build-arg", f"BASE={base}", "--build-arg", f"MODEL={model}",
-               "--build-arg", f"VERSION={version}", "--tag", ref, "--file", str(context / "Containerfile"),
-               str(context), timeout=3600)
+        podman(
+            "build",
+            "--format",
+            "docker",
+            "--layers",
+            "--network",
+            "none",
+            "--pull=never",
+            "--build-arg",
+            f"BASE={base}",
+            "--build-arg",
+            f"MODEL={model}",
+            "--build-arg",
+            f"VERSION={version}",
+            "--tag",
+            ref,
+            "--file",
+            str(context / "Containerfile"),
+            str(context),
+            timeout=3600,
+        )
     finally:
         shutil.rmtree(context, ignore_errors=True)
     return {"image": ref, "size_bytes": image_size(ref), "build_seconds": round(time.perf_counter() - started, 1)}

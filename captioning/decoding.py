@@ -1,7 +1,7 @@
 """Caption generation for any `CaptionModel`: greedy and batched beam search.
 
 Both advance the whole batch in tensor operations through `model.init_state` / `model.step`.
-Rules shared by both (and by the reference implementation in `benchmarks/reference.py`):
+Rules shared by both (and by the reference implementation in `harness/reference.py`):
 - PAD, BOS and UNK are never generated; EOS is not allowed as the first token (no empty captions).
 - A caption has at most `max_length` words; one that never produced EOS is returned as it
   stands at `max_length` (`finished=False`), never an error.
@@ -47,7 +47,7 @@ class Hypothesis:
 
 def length_score(log_prob: float, length: int, length_penalty: float) -> float:
     """Length-normalised score; `length_penalty=0` keeps the raw log-probability."""
-    return log_prob / (length ** length_penalty)
+    return log_prob / (length**length_penalty)
 
 
 @contextmanager
@@ -212,8 +212,9 @@ def beam_search(
                 if 4 * int(settled.sum()) >= len(images):
                     keep = (~settled).nonzero().squeeze(1)
                     rows = (keep[:, None] * beams + torch.arange(beams, device=device)).view(-1)
-                    state = {key: value.index_select(0, keep if key in shared else rows)
-                             for key, value in state.items()}
+                    state = {
+                        key: value.index_select(0, keep if key in shared else rows) for key, value in state.items()
+                    }
                     prev, seqs = prev.index_select(0, rows), seqs.index_select(0, rows)
                     attention = None if attention is None else attention.index_select(0, rows)
                     beam_log_prob = beam_log_prob.index_select(0, keep)
@@ -264,9 +265,13 @@ def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torc
     return bound <= pool.worst(images, best.device)
 
 
-def rerank_by_consensus(hypotheses: list[Hypothesis], frequencies: NgramFrequencies,
-                        evidence: list[list[int]] = (), weight: float = 0.0,
-                        score_weight: float = 0.0) -> list[Hypothesis]:
+def rerank_by_consensus(
+    hypotheses: list[Hypothesis],
+    frequencies: NgramFrequencies,
+    evidence: list[list[int]] = (),
+    weight: float = 0.0,
+    score_weight: float = 0.0,
+) -> list[Hypothesis]:
     """One image's hypotheses, highest mean CIDEr-D against the others first (ties keep beam order).
 
     Among a beam's captions, the one that shares the most weighted n-grams with the rest

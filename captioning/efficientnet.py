@@ -150,7 +150,9 @@ class EfficientNetLite(nn.Module):
         return self.classifier(F.dropout(pooled, self.drop_rate, self.training))
 
 
-def _stage(in_channels: int, out_channels: int, kernel: int, stride: int, expansion: int, repeats: int) -> nn.Sequential:
+def _stage(
+    in_channels: int, out_channels: int, kernel: int, stride: int, expansion: int, repeats: int
+) -> nn.Sequential:
     """`repeats` blocks; only the first one strides or changes the channel count."""
     blocks = []
     for index in range(repeats):

@@ -45,8 +45,12 @@ ENCODERS: dict[str, EncoderSpec] = {
 # Top-level and in-block renames from the lukemelas layout to timm's.
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _BLOCK_EXPANDED = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
 }
 _BLOCK_PLAIN = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
@@ -107,7 +111,7 @@ class Encoder(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         backbone = self.backbone
-        trained = [*backbone.blocks[stages - blocks:], backbone.conv_head, backbone.bn2]
+        trained = [*backbone.blocks[stages - blocks :], backbone.conv_head, backbone.bn2]
         parameters = [parameter for module in trained for parameter in module.parameters()]
         for parameter in parameters:
             parameter.requires_grad_(True)
@@ -132,7 +136,7 @@ class Encoder(nn.Module):
         backbone = self.backbone
         with torch.no_grad():
             maps = self.frozen_prefix(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
-        for stage in backbone.blocks[len(backbone.blocks) - self.trainable_blocks:]:
+        for stage in backbone.blocks[len(backbone.blocks) - self.trainable_blocks :]:
             maps = stage(maps)
         return backbone.bn2(backbone.conv_head(maps))
 
@@ -203,9 +207,7 @@ def weights_file(name: str) -> Path:
     try:
         module = importlib.import_module(spec.package)
     except ImportError as error:
-        raise EncoderError(
-            f"encoder {name!r} needs the package {spec.package.replace('_', '-')}: {error}"
-        ) from None
+        raise EncoderError(f"encoder {name!r} needs the package {spec.package.replace('_', '-')}: {error}") from None
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise EncoderError(f"no .pth weights file inside {module.__file__}")

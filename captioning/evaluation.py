@@ -61,8 +61,7 @@ class EvaluationResult:
 # --------------------------------------------------------------------------- checks
 
 
-def check_predictions(predictions: dict[str, str], references: dict[str, list[str]],
-                      allow_empty: bool = False) -> None:
+def check_predictions(predictions: dict[str, str], references: dict[str, list[str]], allow_empty: bool = False) -> None:
     """Refuse predictions that do not cover exactly the reference images, or have empty captions.
 
     allow_empty: a model's own output may be empty (it then scores 0 on that image); a
@@ -111,7 +110,9 @@ def load_predictions(path: str | Path) -> dict[str, str]:
     except json.JSONDecodeError as error:
         raise PredictionError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(entries, list):
-        raise PredictionError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}}, got {type(entries).__name__}")
+        raise PredictionError(
+            f'{path}: expected a JSON list of {{"image_id", "caption"}}, got {type(entries).__name__}'
+        )
     if not entries:
         raise PredictionError(f"{path}: the predictions list is empty")
     predictions: dict[str, str] = {}
@@ -279,17 +280,30 @@ def evaluate_predictions(path: str | Path, query, meteor=None) -> EvaluationResu
     references = references_of(records)
     check_predictions(predictions, references)
     metrics, per_image = score_details(predictions, references, meteor)
-    info = {"predictions_file": str(path), "data": str(query), "images": len(references),
-            "seconds": round(time.perf_counter() - started, 2)}
-    return EvaluationResult(metrics, predictions, references, per_image,
-                            paths={r.image_id: r.path for r in records}, info=info)
+    info = {
+        "predictions_file": str(path),
+        "data": str(query),
+        "images": len(references),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return EvaluationResult(
+        metrics, predictions, references, per_image, paths={r.image_id: r.path for r in records}, info=info
+    )
 
 
 # --------------------------------------------------------------------------- models
 
 
-def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: str | Path | None,
-                   weights: str | Path | None = None, key: str | None = None, flip: bool = False):
+def _feature_store(
+    records,
+    query,
+    encoder: str,
+    batch_size: int,
+    feature_dir: str | Path | None,
+    weights: str | Path | None = None,
+    key: str | None = None,
+    flip: bool = False,
+):
     """The cached features of the query's images (encoding only those not yet stored).
 
     Stores live in <feature_dir>/<key>/<dataset>; feature_dir defaults to params
@@ -307,9 +321,18 @@ def _feature_store(records, query, encoder: str, batch_size: int, feature_dir: s
     return build_features(records, encoder, store_dir, batch_size, progress=False, weights=weights, flip=flip)
 
 
-def caption_records(captioner, store, records, beam_size: int, max_length: int,
-                    batch_size: int, return_attention: bool = False, rerank: str | None = None,
-                    flipped=None, neighbours: int | None = None) -> list[dict]:
+def caption_records(
+    captioner,
+    store,
+    records,
+    beam_size: int,
+    max_length: int,
+    batch_size: int,
+    return_attention: bool = False,
+    rerank: str | None = None,
+    flipped=None,
+    neighbours: int | None = None,
+) -> list[dict]:
     """Caption records from cached features, batch by batch (`rerank`, `neighbours` None: the package's).
 
     `flipped`: the store of the mirrored images' features; each image is then read both ways
@@ -320,12 +343,20 @@ def caption_records(captioner, store, records, beam_size: int, max_length: int,
 
     outputs: list[dict] = []
     for start in range(0, len(records), batch_size):
-        ids = [r.image_id for r in records[start:start + batch_size]]
+        ids = [r.image_id for r in records[start : start + batch_size]]
         views = [store] if flipped is None else [store, flipped]
         features = torch.from_numpy(np.concatenate([view.get(ids) for view in views], axis=1).astype("float32"))
-        outputs.extend(captioner.caption_features(
-            features, beam_size=beam_size, max_length=max_length, return_attention=return_attention,
-            rerank=rerank, flip=flipped is not None, neighbours=neighbours))
+        outputs.extend(
+            captioner.caption_features(
+                features,
+                beam_size=beam_size,
+                max_length=max_length,
+                return_attention=return_attention,
+                rerank=rerank,
+                flip=flipped is not None,
+                neighbours=neighbours,
+            )
+        )
     return outputs
 
 
@@ -357,12 +388,36 @@ def evaluate_model(
     with contextlib.ExitStack() as stack:
         if meteor is None:
             meteor = stack.enter_context(meteor_process())
-        return _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images,
-                               encoder, meteor, feature_dir, rerank, flip, neighbours)
+        return _evaluate_model(
+            model_uri,
+            query,
+            beam_size,
+            max_length,
+            batch_size,
+            attention_images,
+            encoder,
+            meteor,
+            feature_dir,
+            rerank,
+            flip,
+            neighbours,
+        )
 
 
-def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attention_images, encoder,
-                    meteor, feature_dir, rerank, flip, neighbours) -> EvaluationResult:
+def _evaluate_model(
+    model_uri,
+    query,
+    beam_size,
+    max_length,
+    batch_size,
+    attention_images,
+    encoder,
+    meteor,
+    feature_dir,
+    rerank,
+    flip,
+    neighbours,
+) -> EvaluationResult:
     from captioning.config import load_params
     from captioning.decoding import check_flip, check_neighbours
     from captioning.predict import Captioner
@@ -380,42 +435,65 @@ def _evaluate_model(model_uri, query, beam_size, max_length, batch_size, attenti
     consensus = rerank == "consensus" and beam_size > 1  # only a consensus uses neighbours and the score weight
     neighbours = neighbours if consensus else 0
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
-        raise PredictionError(f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
-                              f"it cannot be evaluated on {encoder} features")
+        raise PredictionError(
+            f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
+            f"it cannot be evaluated on {encoder} features"
+        )
     encoder = encoder or captioner.encoder_name
     key = captioner.feature_key if encoder == captioner.encoder_name else encoder
     feature_dir = feature_dir or params.get("features", {}).get("dir")
     store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
-    flipped = (_feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key,
-                              flip=True) if flip else None)
+    flipped = (
+        _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key, flip=True)
+        if flip
+        else None
+    )
     feature_seconds = time.perf_counter() - started
 
-    outputs = caption_records(captioner, store, records, beam_size, max_length, batch_size, rerank=rerank,
-                              flipped=flipped, neighbours=neighbours)
+    outputs = caption_records(
+        captioner,
+        store,
+        records,
+        beam_size,
+        max_length,
+        batch_size,
+        rerank=rerank,
+        flipped=flipped,
+        neighbours=neighbours,
+    )
     predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
     caption_seconds = time.perf_counter() - started - feature_seconds
     references = references_of(records)
     metrics, per_image = score_details(predictions, references, meteor, allow_empty=True)
 
-    result = EvaluationResult(metrics, predictions, references, per_image,
-                              paths={r.image_id: r.path for r in records})
-    result.attention = _attention_for(result, captioner, (store, flipped), records, beam_size, max_length,
-                                      attention_images, rerank, neighbours)
+    result = EvaluationResult(metrics, predictions, references, per_image, paths={r.image_id: r.path for r in records})
+    result.attention = _attention_for(
+        result, captioner, (store, flipped), records, beam_size, max_length, attention_images, rerank, neighbours
+    )
     result.info = {
-        "model": str(model_uri), "model_version": str(getattr(captioner, "version", "")),
-        "data": str(query), "images": len(records), "beam_size": beam_size, "max_length": max_length,
-        "length_penalty": captioner.length_penalty, "rerank": rerank, "flip": flip,
-        "rerank_neighbours": neighbours, "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
+        "model": str(model_uri),
+        "model_version": str(getattr(captioner, "version", "")),
+        "data": str(query),
+        "images": len(records),
+        "beam_size": beam_size,
+        "max_length": max_length,
+        "length_penalty": captioner.length_penalty,
+        "rerank": rerank,
+        "flip": flip,
+        "rerank_neighbours": neighbours,
+        "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
         "rerank_score_weight": captioner.score_weight if consensus else 0.0,
         "encoder": key,
         "seconds": round(time.perf_counter() - started, 2),
-        "feature_seconds": round(feature_seconds, 2), "caption_seconds": round(caption_seconds, 2),
+        "feature_seconds": round(feature_seconds, 2),
+        "caption_seconds": round(caption_seconds, 2),
     }
     return result
 
 
-def _attention_for(result, captioner, stores, records, beam_size, max_length, count, rerank,
-                   neighbours) -> dict[str, dict]:
+def _attention_for(
+    result, captioner, stores, records, beam_size, max_length, count, rerank, neighbours
+) -> dict[str, dict]:
     """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
     if count <= 0:
         return {}
@@ -423,9 +501,18 @@ def _attention_for(result, captioner, stores, records, beam_size, max_length, co
     chosen = list(dict.fromkeys(ranked[: (count + 1) // 2] + ranked[::-1][: count // 2]))
     by_id = {r.image_id: r for r in records}
     store, flipped = stores
-    outputs = caption_records(captioner, store, [by_id[i] for i in chosen], beam_size, max_length,
-                              batch_size=len(chosen), return_attention=True, rerank=rerank, flipped=flipped,
-                              neighbours=neighbours)
+    outputs = caption_records(
+        captioner,
+        store,
+        [by_id[i] for i in chosen],
+        beam_size,
+        max_length,
+        batch_size=len(chosen),
+        return_attention=True,
+        rerank=rerank,
+        flipped=flipped,
+        neighbours=neighbours,
+    )
     return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
 
 
@@ -437,14 +524,38 @@ def _attention_for(result, captioner, stores, records, beam_size, max_length, co
 PUBLISHED = {
     "flickr8k": [
         {"model": "published: Show and Tell (Vinyals et al. 2015)", "decoding": "", "BLEU-1": 63.0},
-        {"model": "published: Show, Attend and Tell, soft (Xu et al. 2015)", "decoding": "",
-         "BLEU-1": 67.0, "BLEU-4": 19.5, "METEOR": 18.93},
-        {"model": "published: Show, Attend and Tell, hard (Xu et al. 2015)", "decoding": "",
-         "BLEU-1": 67.0, "BLEU-4": 21.3, "METEOR": 20.30},
-        {"model": "reimplementation: spatial attention, ResNet-152 fine-tuned", "decoding": "beam 5",
-         "BLEU-1": 66.9, "BLEU-4": 23.2, "METEOR": 20.9, "ROUGE-L": 48.3, "CIDEr": 56.5},
-        {"model": "reimplementation: adaptive attention, ResNet-152 fine-tuned", "decoding": "beam 5",
-         "BLEU-1": 65.9, "BLEU-4": 23.5, "METEOR": 20.7, "ROUGE-L": 47.6, "CIDEr": 58.9},
+        {
+            "model": "published: Show, Attend and Tell, soft (Xu et al. 2015)",
+            "decoding": "",
+            "BLEU-1": 67.0,
+            "BLEU-4": 19.5,
+            "METEOR": 18.93,
+        },
+        {
+            "model": "published: Show, Attend and Tell, hard (Xu et al. 2015)",
+            "decoding": "",
+            "BLEU-1": 67.0,
+            "BLEU-4": 21.3,
+            "METEOR": 20.30,
+        },
+        {
+            "model": "reimplementation: spatial attention, ResNet-152 fine-tuned",
+            "decoding": "beam 5",
+            "BLEU-1": 66.9,
+            "BLEU-4": 23.2,
+            "METEOR": 20.9,
+            "ROUGE-L": 48.3,
+            "CIDEr": 56.5,
+        },
+        {
+            "model": "reimplementation: adaptive attention, ResNet-152 fine-tuned",
+            "decoding": "beam 5",
+            "BLEU-1": 65.9,
+            "BLEU-4": 23.5,
+            "METEOR": 20.7,
+            "ROUGE-L": 47.6,
+            "CIDEr": 58.9,
+        },
     ],
 }
 
@@ -463,13 +574,18 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
         values = [row.get(name) for name in TABLE_COLUMNS]
         cells = ["" if v is None else f"{v:.2f}" for v in values]
         lines.append(f"| {row['model']} | {row['decoding']} | " + " | ".join(cells) + " |")
-        table[row_key(row)] = {name: round(float(v), 4) for name, v in zip(TABLE_COLUMNS, values)
-                               if v is not None}
+        table[row_key(row)] = {name: round(float(v), 4) for name, v in zip(TABLE_COLUMNS, values) if v is not None}
     return "\n".join(lines) + "\n", table
 
 
-def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "none", flip: bool = False,
-                  neighbours: int = 0, score_weight: float = 0.0) -> str:
+def decoding_name(
+    beam_size: int,
+    length_penalty: float = 0.0,
+    rerank: str = "none",
+    flip: bool = False,
+    neighbours: int = 0,
+    score_weight: float = 0.0,
+) -> str:
     """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"
     or "beam 10, consensus with 20 neighbours and 0.7 of the beam score"."""
     if beam_size <= 1:
@@ -488,8 +604,14 @@ def decoding_name(beam_size: int, length_penalty: float = 0.0, rerank: str = "no
 
 def decoding_setting(info: dict) -> str:
     """`decoding_name` of an evaluation's settings (`EvaluationResult.info`, or its `to_dict()`)."""
-    return decoding_name(int(info.get("beam_size", 1)), info.get("length_penalty", 0.0), info.get("rerank", "none"),
-                         info.get("flip", False), info.get("rerank_neighbours", 0), info.get("rerank_score_weight", 0.0))
+    return decoding_name(
+        int(info.get("beam_size", 1)),
+        info.get("length_penalty", 0.0),
+        info.get("rerank", "none"),
+        info.get("flip", False),
+        info.get("rerank_neighbours", 0),
+        info.get("rerank_score_weight", 0.0),
+    )
 
 
 def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "comparison") -> tuple[Path, Path]:
@@ -503,14 +625,22 @@ def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "compari
     return md_path, json_path
 
 
-def compare_models(models: dict[str, str], query, beam_sizes: Iterable[int], max_length: int | None = None,
-                   batch_size: int = 64) -> list[dict]:
+def compare_models(
+    models: dict[str, str], query, beam_sizes: Iterable[int], max_length: int | None = None, batch_size: int = 64
+) -> list[dict]:
     """One comparison row per model and beam size (beam 1 is greedy decoding)."""
     rows = []
     with meteor_process() as meteor:  # one METEOR start-up for the whole table
         for name, uri in models.items():
             for beam in beam_sizes:
-                result = evaluate_model(uri, query, beam_size=beam, max_length=max_length,
-                                        batch_size=batch_size, attention_images=0, meteor=meteor)
+                result = evaluate_model(
+                    uri,
+                    query,
+                    beam_size=beam,
+                    max_length=max_length,
+                    batch_size=batch_size,
+                    attention_images=0,
+                    meteor=meteor,
+                )
                 rows.append({"model": name, "decoding": decoding_setting(result.info), **result.metrics})
     return rows

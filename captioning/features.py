@@ -208,8 +208,11 @@ def build_features(
         # JPEG decoding in one or two worker processes overlaps with the encoder.
         num_workers = 0 if len(paths) <= batch_size else min(2, os.cpu_count() or 1)
     loader = DataLoader(
-        _ImageFiles(paths, spec.image_size, flip), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
+        _ImageFiles(paths, spec.image_size, flip),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     last_flush = time.monotonic()
     bar = tqdm(total=len(ids), desc=f"features {key}", unit="img", disable=not progress)
@@ -294,7 +297,7 @@ def plan_shards(records: Iterable, store_dir: str | Path, shards: int) -> list[l
     ordered = [todo[image_id] for image_id in sorted(todo)]
     size, extra = divmod(len(ordered), shards)
     bounds = [k * size + min(k, extra) for k in range(shards + 1)]
-    return [ordered[bounds[k]: bounds[k + 1]] for k in range(shards)]
+    return [ordered[bounds[k] : bounds[k + 1]] for k in range(shards)]
 
 
 def shard_dir(store_dir: str | Path, shard: int, shards: int, image_ids: Sequence[str]) -> Path:
@@ -331,8 +334,15 @@ def _exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_shard(records: Iterable, encoder_name: str, store_dir: str | Path, shard: int, shards: int,
-                batch_size: int = 32, num_workers: int | None = 0) -> dict[str, Any]:
+def build_shard(
+    records: Iterable,
+    encoder_name: str,
+    store_dir: str | Path,
+    shard: int,
+    shards: int,
+    batch_size: int = 32,
+    num_workers: int | None = 0,
+) -> dict[str, Any]:
     """Encode shard `shard` (0-based) of `shards` of the images the store at `store_dir` lacks.
 
     Returns {shard, folder, images, encoded, reused, pid, seconds}; `reused`: the shard had
@@ -366,7 +376,7 @@ def merge_shards(store_dir: str | Path) -> int:
             store = FeatureStore.open_or_create(store_dir, shard.encoder, shard.positions, shard.dim)
             new = [image_id for image_id in shard.ids if image_id not in store]
             for start in range(0, len(new), MERGE_CHUNK):  # a chunk in memory at a time
-                chunk = new[start: start + MERGE_CHUNK]
+                chunk = new[start : start + MERGE_CHUNK]
                 store.append(chunk, shard.get(chunk))
             store.flush()
             added += len(new)

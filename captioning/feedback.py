@@ -113,10 +113,13 @@ def engine_url(url: str) -> str:
     """`postgres://` and `postgresql://` URLs with the PostgreSQL driver that is installed
     (SQLAlchemy's default, psycopg2, or else psycopg 3)."""
     if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://"):]
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
-            and importlib.util.find_spec("psycopg") is not None:
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql://" + url[len("postgres://") :]
+    if (
+        url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg2") is None
+        and importlib.util.find_spec("psycopg") is not None
+    ):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
 
 
@@ -292,8 +295,15 @@ def _refuse_control(text: str, what: str) -> None:
 # ---------------------------------------------------------------- images
 
 # EXIF orientation -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
-_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
-            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_UPRIGHT = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
 
 
 def stored_jpeg(image_bytes: bytes) -> bytes:

@@ -83,9 +83,7 @@ def _check_size(image: Image.Image, name: str) -> Image.Image:
     if width <= 0 or height <= 0:
         raise ImageError(f"{name} has no pixels")
     if width * height > MAX_PIXELS:
-        raise ImageError(
-            f"{name} is {width}x{height} = {width * height} pixels, more than MAX_PIXELS={MAX_PIXELS}"
-        )
+        raise ImageError(f"{name} is {width}x{height} = {width * height} pixels, more than MAX_PIXELS={MAX_PIXELS}")
     return image
 
 

@@ -30,8 +30,11 @@ class CaptionMemoryError(ValueError):
 
 def pool(features: torch.Tensor | np.ndarray) -> np.ndarray:
     """(B, C) float32 unit vectors: features (B, N, C) averaged over their positions."""
-    array = features.float().mean(dim=1).cpu().numpy() if isinstance(features, torch.Tensor) \
+    array = (
+        features.float().mean(dim=1).cpu().numpy()
+        if isinstance(features, torch.Tensor)
         else np.asarray(features, dtype=np.float32).mean(axis=1)
+    )
     return _unit(array)
 
 
@@ -46,8 +49,10 @@ class CaptionMemory:
     def __init__(self, image_ids: Sequence[str], pooled: np.ndarray, captions: Sequence[Sequence[Tokens]]):
         pooled = np.asarray(pooled)
         if pooled.ndim != 2 or len(pooled) != len(image_ids) or len(captions) != len(image_ids):
-            raise CaptionMemoryError(f"a caption memory needs one pooled feature row and one caption list per image: "
-                               f"{len(image_ids)} ids, features {pooled.shape}, {len(captions)} caption lists")
+            raise CaptionMemoryError(
+                f"a caption memory needs one pooled feature row and one caption list per image: "
+                f"{len(image_ids)} ids, features {pooled.shape}, {len(captions)} caption lists"
+            )
         if not len(image_ids):
             raise CaptionMemoryError("a caption memory needs at least one image")
         self.image_ids = [str(i) for i in image_ids]
@@ -65,8 +70,10 @@ class CaptionMemory:
         """(B, k) indices of the most similar images, nearest first, for pooled query rows (B, C)."""
         pooled = np.asarray(pooled, dtype=np.float32)
         if pooled.ndim != 2 or pooled.shape[1] != self.dim:
-            raise CaptionMemoryError(f"features of {pooled.shape[-1]} channels cannot be compared with a memory of "
-                               f"{self.dim}-channel features (another encoder?)")
+            raise CaptionMemoryError(
+                f"features of {pooled.shape[-1]} channels cannot be compared with a memory of "
+                f"{self.dim}-channel features (another encoder?)"
+            )
         k = max(1, min(int(k), len(self)))
         similarity = _unit(pooled) @ self.pooled.T
         index = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
@@ -75,17 +82,23 @@ class CaptionMemory:
 
     def evidence(self, features: torch.Tensor | np.ndarray, k: int) -> list[list[Tokens]]:
         """Per image of features (B, N, C): the captions of its k nearest training images."""
-        return [[caption for image in row for caption in self.captions[image]]
-                for row in self.nearest(pool(features), k).tolist()]
+        return [
+            [caption for image in row for caption in self.captions[image]]
+            for row in self.nearest(pool(features), k).tolist()
+        ]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         flat = [caption for caps in self.captions for caption in caps]
         with open(path, "wb") as handle:  # np.savez would add ".npz" to a name without it
-            np.savez(handle, ids=np.array(self.image_ids, dtype=str), pooled=self.pooled.astype(np.float16),
-                     counts=np.array([len(caps) for caps in self.captions], dtype=np.int32),
-                     lengths=np.array([len(c) for c in flat], dtype=np.int32),
-                     tokens=np.array([t for c in flat for t in c], dtype=np.int32))
+            np.savez(
+                handle,
+                ids=np.array(self.image_ids, dtype=str),
+                pooled=self.pooled.astype(np.float16),
+                counts=np.array([len(caps) for caps in self.captions], dtype=np.int32),
+                lengths=np.array([len(c) for c in flat], dtype=np.int32),
+                tokens=np.array([t for c in flat for t in c], dtype=np.int32),
+            )
         return path
 
     @classmethod
@@ -99,6 +112,6 @@ class CaptionMemory:
         if counts.sum() != len(lengths) or lengths.sum() != len(tokens) or (lengths < 0).any():
             raise CaptionMemoryError(f"{path}: caption counts and lengths do not add up")
         ends = np.cumsum(lengths).tolist()
-        flat = [tokens[end - length: end] for end, length in zip(ends, lengths.tolist())]
+        flat = [tokens[end - length : end] for end, length in zip(ends, lengths.tolist())]
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         return cls(ids, pooled, [flat[a:b] for a, b in zip(starts[:-1], starts[1:])])

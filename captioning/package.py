@@ -37,8 +37,15 @@ class PackageError(ValueError):
     """A model package (or checkpoint) that is incomplete or inconsistent."""
 
 
-def save_package(directory: str | Path, model: torch.nn.Module, vocab, config: dict[str, Any],
-                 encoder: torch.nn.Module | None = None, frequencies=None, memory=None) -> Path:
+def save_package(
+    directory: str | Path,
+    model: torch.nn.Module,
+    vocab,
+    config: dict[str, Any],
+    encoder: torch.nn.Module | None = None,
+    frequencies=None,
+    memory=None,
+) -> Path:
     """Write a package folder (replacing an existing one only once the new one is complete).
 
     `config` holds at least `model` (the params section build_model takes) and
@@ -170,8 +177,11 @@ def check_package_files(directory: str | Path) -> dict[str, str]:
     each file's sha256. PackageError names the first part that is missing or differs."""
     directory = Path(directory)
     config = read_config(directory)
-    recorded = {WEIGHTS_FILE: config.get("weights_sha256"), NGRAMS_FILE: config.get("ngrams_sha256"),
-                MEMORY_FILE: config.get("neighbours_sha256")}
+    recorded = {
+        WEIGHTS_FILE: config.get("weights_sha256"),
+        NGRAMS_FILE: config.get("ngrams_sha256"),
+        MEMORY_FILE: config.get("neighbours_sha256"),
+    }
     entry = config.get("encoder_weights")
     if entry:
         recorded[entry.get("file", ENCODER_FILE)] = entry.get("sha256")
@@ -220,7 +230,9 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         problems.append(f"missing {missing[:3]}")
     if extra:
         problems.append(f"unexpected {extra[:3]}")
-    shapes = [f"{key} {found[key]} vs {expected[key]}" for key in expected if key in found and found[key] != expected[key]]
+    shapes = [
+        f"{key} {found[key]} vs {expected[key]}" for key in expected if key in found and found[key] != expected[key]
+    ]
     if shapes:
         problems.append("shape mismatch " + "; ".join(shapes[:3]))
     if problems:
@@ -266,8 +278,12 @@ def _save_encoder(encoder: torch.nn.Module, path: Path) -> dict[str, Any]:
         raise PackageError("an encoder optimised for inference (folded batch norms) cannot be packaged")
     state = {key: value.detach().cpu().contiguous() for key, value in encoder.backbone.state_dict().items()}
     torch.save(state, path)
-    return {"file": path.name, "fingerprint": state_fingerprint(state), "sha256": _sha256(path),
-            "trainable_blocks": int(getattr(encoder, "trainable_blocks", 0))}
+    return {
+        "file": path.name,
+        "fingerprint": state_fingerprint(state),
+        "sha256": _sha256(path),
+        "trainable_blocks": int(getattr(encoder, "trainable_blocks", 0)),
+    }
 
 
 def _feature_dim(encoder: str) -> int:

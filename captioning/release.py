@@ -58,8 +58,9 @@ def resolve_version(model: str, tracking: str | None = None) -> tuple[str, Path]
     from captioning.registry import RegistryError, registered_version, resolve
 
     if not model.startswith("models:/"):
-        raise ReleaseError(f"a release is made of a registered model (models:/NAME@ALIAS or models:/NAME/N), "
-                           f"not {model!r}")
+        raise ReleaseError(
+            f"a release is made of a registered model (models:/NAME@ALIAS or models:/NAME/N), not {model!r}"
+        )
     try:
         version = registered_version(model, tracking)
         return version, resolve(re.sub(r"@.*$|/\d+/?$", "", model.rstrip("/")) + f"/{version}", tracking)
@@ -71,17 +72,25 @@ def build_bento(package: Path, version: str) -> Path:
     """The release's .bento archive (BentoML in its own process; see bento.py)."""
     out = release_dir(version) / f"captioning-v{version}.bento"
     env = {**os.environ, "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(PROJECT_ROOT / "bentoml_home"))}
-    result = subprocess.run([sys.executable, "-m", "bento", "build", "--package", str(package),
-                             "--version", version, "--out", str(out)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "bento", "build", "--package", str(package), "--version", version, "--out", str(out)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     if result.returncode != 0:
-        raise ReleaseError(f"the bento of version {version} could not be built:\n"
-                           + "\n".join(result.stderr.strip().splitlines()[-10:]))
+        raise ReleaseError(
+            f"the bento of version {version} could not be built:\n"
+            + "\n".join(result.stderr.strip().splitlines()[-10:])
+        )
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def release(model: str = "models:/captioner@champion", tracking: str | None = None,
-            rebuild: bool = False, kube: bool = True) -> Release:
+def release(
+    model: str = "models:/captioner@champion", tracking: str | None = None, rebuild: bool = False, kube: bool = True
+) -> Release:
     """Bento and image of a registered version (reused when that image already exists)."""
     version, package = resolve_version(model, tracking)
     ref = image_ref(version)
@@ -93,8 +102,15 @@ def release(model: str = "models:/captioner@champion", tracking: str | None = No
         started = time.perf_counter()
         bento = build_bento(package, version)
         image = build_image(bento, version, f"bento:captioner:v{version}")
-        result = Release(version, ref, str(bento), f"bento:captioner:v{version}", image["size_bytes"],
-                         round(time.perf_counter() - started, 1), True)
+        result = Release(
+            version,
+            ref,
+            str(bento),
+            f"bento:captioner:v{version}",
+            image["size_bytes"],
+            round(time.perf_counter() - started, 1),
+            True,
+        )
     if kube:
         result.kubernetes = kubernetes_release(version, ref)
     result.dispatch = dispatch_cd(version)
@@ -118,7 +134,8 @@ def kubernetes_release(version: str, image: str) -> dict:
         "# Written by `captioning release`: the production overlay with this release's image.\n"
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"resources:\n  - {base}\nimages:\n  - name: {name_in_overlay()}\n    newName: {name}\n    newTag: {tag}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     done = {"overlay": str(overlay), "rendered": "", "applied": False}
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -156,9 +173,12 @@ def dispatch_cd(version: str) -> str:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ReleaseError(f"CAPTIONING_CD_REPO must be OWNER/NAME, not {repo!r}")
     body = json.dumps({"event_type": "new-champion", "client_payload": {"model_version": str(version)}}).encode()
-    request = urllib.request.Request(f"https://api.github.com/repos/{repo}/dispatches", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {token}",
-                                              "Accept": "application/vnd.github+json"})
+    request = urllib.request.Request(
+        f"https://api.github.com/repos/{repo}/dispatches",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30):
             return f"dispatched new-champion {version} to {repo}"

@@ -71,8 +71,9 @@ def _thumbnail(path: str | None, size: int) -> Image.Image | None:
         return None
 
 
-def attention_overlay(image: Image.Image, weights, grid: int | tuple[int, int] | None = None,
-                      size: int = 112) -> Image.Image:
+def attention_overlay(
+    image: Image.Image, weights, grid: int | tuple[int, int] | None = None, size: int = 112
+) -> Image.Image:
     """The attention map (grid x grid weights) upsampled over the image as a red heat layer."""
     values = np.asarray(weights, dtype=np.float32)
     if values.ndim == 1:
@@ -104,13 +105,18 @@ def _info_table(info: dict[str, Any]) -> str:
 
 def _card(result: EvaluationResult, image_id: str, thumb: int) -> str:
     image = _thumbnail(result.paths.get(image_id), thumb)
-    picture = f'<img src="{_data_uri(image, "JPEG")}" alt="{_esc(image_id)}">' if image else \
-        '<div class="muted">(image not available)</div>'
+    picture = (
+        f'<img src="{_data_uri(image, "JPEG")}" alt="{_esc(image_id)}">'
+        if image
+        else '<div class="muted">(image not available)</div>'
+    )
     scores = ", ".join(f"{k} {v:.1f}" for k, v in result.per_image.get(image_id, {}).items())
     refs = "".join(f"<li>{_esc(r)}</li>" for r in result.references.get(image_id, []))
-    return (f'<div class="card">{picture}<div><div class="muted">{_esc(image_id)}</div>'
-            f'<div class="caption">{_esc(result.predictions.get(image_id, ""))}</div>'
-            f'<div class="muted">{_esc(scores)}</div>references:<ul>{refs}</ul></div></div>')
+    return (
+        f'<div class="card">{picture}<div><div class="muted">{_esc(image_id)}</div>'
+        f'<div class="caption">{_esc(result.predictions.get(image_id, ""))}</div>'
+        f'<div class="muted">{_esc(scores)}</div>references:<ul>{refs}</ul></div></div>'
+    )
 
 
 def _attention_section(result: EvaluationResult, image_id: str, size: int) -> str:
@@ -122,10 +128,11 @@ def _attention_section(result: EvaluationResult, image_id: str, size: int) -> st
     tiles = []
     for word, weights in zip(words, maps):
         overlay = attention_overlay(image, weights, grid, size)
-        tiles.append(f'<div class="word"><img src="{_data_uri(overlay)}" alt="{_esc(word)}"><br>'
-                     f"{_esc(word)}</div>")
-    return (f"<h3>{_esc(image_id)}: <span class=\"caption\">{_esc(result.predictions.get(image_id, ''))}"
-            f'</span></h3><div class="words">{"".join(tiles)}</div>')
+        tiles.append(f'<div class="word"><img src="{_data_uri(overlay)}" alt="{_esc(word)}"><br>{_esc(word)}</div>')
+    return (
+        f'<h3>{_esc(image_id)}: <span class="caption">{_esc(result.predictions.get(image_id, ""))}'
+        f'</span></h3><div class="words">{"".join(tiles)}</div>'
+    )
 
 
 def _per_image_table(result: EvaluationResult) -> str:
@@ -134,32 +141,43 @@ def _per_image_table(result: EvaluationResult) -> str:
     rows = []
     for image_id in result.ranked():
         scores = result.per_image[image_id]
-        cells = "".join(f'<td class="num" data-v="{scores.get(n, 0.0):.6f}">{scores.get(n, 0.0):.1f}</td>'
-                        for n in names)
-        rows.append(f"<tr><td>{_esc(image_id)}</td><td>{_esc(result.predictions.get(image_id, ''))}</td>"
-                    f"{cells}</tr>")
-    return (f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
-            "</tbody></table>")
+        cells = "".join(
+            f'<td class="num" data-v="{scores.get(n, 0.0):.6f}">{scores.get(n, 0.0):.1f}</td>' for n in names
+        )
+        rows.append(f"<tr><td>{_esc(image_id)}</td><td>{_esc(result.predictions.get(image_id, ''))}</td>{cells}</tr>")
+    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def write_report(result: EvaluationResult, out_path: str | Path, title: str = "Caption evaluation",
-                 examples: int = 3, thumbnail: int = 160, attention_size: int = 112) -> Path:
+def write_report(
+    result: EvaluationResult,
+    out_path: str | Path,
+    title: str = "Caption evaluation",
+    examples: int = 3,
+    thumbnail: int = 160,
+    attention_size: int = 112,
+) -> Path:
     """Write the self-contained HTML report for one evaluation; returns its path."""
     ranked = result.ranked()
     best, worst = ranked[:examples], ranked[::-1][:examples]
     parts = [
-        f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>"
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{_esc(title)}</title>'
         f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
         _info_table(result.info),
-        "<h2>Metrics (percent)</h2>", _metrics_table(result.metrics),
-        "<h2>Best captioned images (CIDEr)</h2>", *(_card(result, i, thumbnail) for i in best),
-        "<h2>Worst captioned images (CIDEr)</h2>", *(_card(result, i, thumbnail) for i in worst),
+        "<h2>Metrics (percent)</h2>",
+        _metrics_table(result.metrics),
+        "<h2>Best captioned images (CIDEr)</h2>",
+        *(_card(result, i, thumbnail) for i in best),
+        "<h2>Worst captioned images (CIDEr)</h2>",
+        *(_card(result, i, thumbnail) for i in worst),
     ]
     if result.attention:
         parts.append("<h2>Attention per generated word</h2>")
         parts.extend(_attention_section(result, i, attention_size) for i in result.attention)
-    parts += ["<h2>Every image (click a header to sort)</h2>", _per_image_table(result),
-              f"<script>{SORT_JS}</script></body></html>"]
+    parts += [
+        "<h2>Every image (click a header to sort)</h2>",
+        _per_image_table(result),
+        f"<script>{SORT_JS}</script></body></html>",
+    ]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(parts), encoding="utf-8")

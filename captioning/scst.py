@@ -46,7 +46,9 @@ def strip(ids: Sequence[int]) -> list[int]:
     return words
 
 
-def sample(model, features: torch.Tensor, max_length: int, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample(
+    model, features: torch.Tensor, max_length: int, top_k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One caption sampled per row of `features`, with gradients.
 
     Returns tokens (B, T) (EOS included when produced, PAD after), their log-probabilities (B, T)
@@ -92,8 +94,9 @@ def keep_top_k(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     return log_probs.masked_fill(log_probs < threshold, float("-inf"))
 
 
-def scst_loss(model, features: torch.Tensor, images: Sequence[int], cider: CiderD, samples: int,
-              max_length: int, top_k: int = 0) -> tuple[torch.Tensor, float]:
+def scst_loss(
+    model, features: torch.Tensor, images: Sequence[int], cider: CiderD, samples: int, max_length: int, top_k: int = 0
+) -> tuple[torch.Tensor, float]:
     """The self-critical loss for a batch of images (features (B, N, C)); returns it and the mean reward."""
     if samples < 2:
         raise ValueError(f"self-critical training needs at least 2 samples per image (the baseline), not {samples}")
@@ -101,7 +104,8 @@ def scst_loss(model, features: torch.Tensor, images: Sequence[int], cider: Cider
     tokens, log_probs, mask = sample(model, expanded, max_length, top_k)
     rewards = torch.tensor(
         [cider.score(images[k // samples], strip(row)) for k, row in enumerate(tokens.tolist())],
-        dtype=torch.float32, device=features.device,
+        dtype=torch.float32,
+        device=features.device,
     ).view(-1, samples)
     baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples - 1)
     advantage = (rewards - baseline).view(-1, 1)

@@ -49,8 +49,12 @@ def stack_dir() -> Path:
 
 
 def ports(port: int) -> dict:
-    return {"api": port, "model": port + 1, "admin": port + 8,
-            "slots": {"api": [port + 2, port + 3], "model": [port + 4, port + 5, port + 6, port + 7]}}
+    return {
+        "api": port,
+        "model": port + 1,
+        "admin": port + 8,
+        "slots": {"api": [port + 2, port + 3], "model": [port + 4, port + 5, port + 6, port + 7]},
+    }
 
 
 # --------------------------------------------------------------------------- state
@@ -87,11 +91,23 @@ def haproxy_config(port: int) -> str:
     """Two frontends (API, model servers), each over its slots; health checks on /readyz."""
     p = ports(port)
     lines = [
-        "global", "    maxconn 2048", f"    stats socket ipv4@127.0.0.1:{p['admin']} level admin", "",
-        "defaults", "    mode http", "    timeout connect 2s", "    timeout client 150s",
-        "    timeout server 150s", "    timeout queue 150s", "    retries 3", "    option redispatch",
-        "    option httpchk GET /readyz", "    http-check expect status 200", "    option forwardfor",
-        "    default-server inter 1s fall 2 rise 2", "",
+        "global",
+        "    maxconn 2048",
+        f"    stats socket ipv4@127.0.0.1:{p['admin']} level admin",
+        "",
+        "defaults",
+        "    mode http",
+        "    timeout connect 2s",
+        "    timeout client 150s",
+        "    timeout server 150s",
+        "    timeout queue 150s",
+        "    retries 3",
+        "    option redispatch",
+        "    option httpchk GET /readyz",
+        "    http-check expect status 200",
+        "    option forwardfor",
+        "    default-server inter 1s fall 2 rise 2",
+        "",
         f"frontend api\n    bind 127.0.0.1:{p['api']}\n    default_backend api\n",
         f"frontend model\n    bind 127.0.0.1:{p['model']}\n    default_backend model\n",
     ]
@@ -165,14 +181,21 @@ def pod_manifest(role: str, slot: int, image: str, port: int) -> dict:
         container.pop(probe, None)  # haproxy checks readiness; podman's checks need systemd
     spec["volumes"] = [_local_volume(volume) for volume in spec.get("volumes", [])]
     labels = {**deployment["spec"]["template"]["metadata"]["labels"], "captioning/stack": "local"}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name(role, slot), "labels": labels},
-            "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name(role, slot), "labels": labels},
+        "spec": spec,
+    }
 
 
 def _args(args: list[str], p: dict, slot: int, role: str) -> list[str]:
     """The Deployment's arguments with this slot's port, 127.0.0.1, and the model servers' address."""
-    values = {"--port": str(p["slots"][role][slot]), "--host": "127.0.0.1",
-              "--model-url": f"http://127.0.0.1:{p['model']}"}
+    values = {
+        "--port": str(p["slots"][role][slot]),
+        "--host": "127.0.0.1",
+        "--model-url": f"http://127.0.0.1:{p['model']}",
+    }
     result, skip = [], False
     for n, arg in enumerate(args):
         if skip:
@@ -193,8 +216,10 @@ def _local_env(entry: dict) -> dict | None:
     the environment, the API key; other secrets are left out."""
     if "value" in entry:
         return entry
-    secrets = {"CAPTIONING_INTERNAL_TOKEN": internal_token(),
-               "CAPTIONING_API_KEY": os.environ.get("CAPTIONING_API_KEY", "")}
+    secrets = {
+        "CAPTIONING_INTERNAL_TOKEN": internal_token(),
+        "CAPTIONING_API_KEY": os.environ.get("CAPTIONING_API_KEY", ""),
+    }
     value = secrets.get(entry["name"])
     return {"name": entry["name"], "value": value} if value else None
 
@@ -303,8 +328,14 @@ def up(image: str, port: int = 3000, replicas: int = 2, version: str = "") -> di
         _remove_leftovers()
         stack_dir().mkdir(parents=True, exist_ok=True)
         start_haproxy(port)
-        state = {"port": port, "image": image, "version": version, "replicas": replicas,
-                 "slots": {"api": [], "model": []}, "started_at": time.time()}
+        state = {
+            "port": port,
+            "image": image,
+            "version": version,
+            "replicas": replicas,
+            "slots": {"api": [], "model": []},
+            "started_at": time.time(),
+        }
         write_state(state)
         try:
             for role, count in (("model", replicas), ("api", 1)):
@@ -337,8 +368,9 @@ def _rollout(state: dict, image: str, version: str) -> dict:
             remove_replica(port, role, old)
             state["slots"][role].remove(old)
             write_state(state)
-    state.update(image=image, version=version, rolled_out_at=time.time(),
-                 rollout_seconds=round(time.monotonic() - started, 1))
+    state.update(
+        image=image, version=version, rolled_out_at=time.time(), rollout_seconds=round(time.monotonic() - started, 1)
+    )
     write_state(state)
     return state
 
@@ -376,8 +408,9 @@ def status() -> dict:
     if state is None or not running(state):
         return {"running": False}
     stats = server_stats(state["port"])
-    replicas = {role: {f"s{slot}": stats[(role, f"s{slot}")]["status"] for slot in state["slots"][role]}
-                for role in ROLES}
+    replicas = {
+        role: {f"s{slot}": stats[(role, f"s{slot}")]["status"] for slot in state["slots"][role]} for role in ROLES
+    }
     return {"running": True, **state, "replicas": replicas, "served": served_version(state["port"])}
 
 

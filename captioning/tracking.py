@@ -39,10 +39,16 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def git_commit(root: Path = PROJECT_ROOT) -> str | None:
     """The checked-out commit (with "-dirty" when files changed), or None outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "") if commit else None
@@ -64,7 +70,7 @@ def data_version() -> str | None:
 def _artifact_location(uri: str) -> str | None:
     """Artifacts beside a SQLite store (mlartifacts/), so the store folder holds everything."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 
@@ -74,8 +80,14 @@ class MLflowCallback:
     `run_id` exists from construction on (other code tags or registers the run).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, sample_images: int = SAMPLE_IMAGES):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        sample_images: int = SAMPLE_IMAGES,
+    ):
         import mlflow  # noqa: F401  (fails here, loudly, when MLflow is missing)
         from mlflow.tracking import MlflowClient
 
@@ -85,7 +97,9 @@ class MLflowCallback:
         if existing is not None:
             experiment_id = existing.experiment_id
         else:
-            experiment_id = self.client.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri))
+            experiment_id = self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(tracking_uri)
+            )
         self.experiment_id = experiment_id
         run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id: str = run.info.run_id
@@ -100,10 +114,19 @@ class MLflowCallback:
         from mlflow.entities import Param, RunTag
 
         params = info.get("params") or {}
-        flat = flatten({key: params[key] for key in ("data", "features", "vocab", "model", "train", "decoding")
-                        if key in params})
-        for key in ("vocab_size", "train_images", "train_pairs", "val_images", "parameters", "device", "precision",
-                    "world_size"):
+        flat = flatten(
+            {key: params[key] for key in ("data", "features", "vocab", "model", "train", "decoding") if key in params}
+        )
+        for key in (
+            "vocab_size",
+            "train_images",
+            "train_pairs",
+            "val_images",
+            "parameters",
+            "device",
+            "precision",
+            "world_size",
+        ):
             if key in info:
                 flat[f"run.{key}"] = str(info[key])
         data = params.get("data") or {}
@@ -113,15 +136,19 @@ class MLflowCallback:
             "git_commit": git_commit() or "unknown",
             "data_hash": data_version() or "none",
             # An ensemble's decoders joined: "attention+transformer".
-            "decoder": "+".join(map(str, [(params.get("model") or {}).get("decoder"),
-                                          *((params.get("model") or {}).get("ensemble") or [])])),
+            "decoder": "+".join(
+                map(
+                    str,
+                    [(params.get("model") or {}).get("decoder"), *((params.get("model") or {}).get("ensemble") or [])],
+                )
+            ),
             "encoder": str((params.get("features") or {}).get("encoder", "lite0")),
         }
         if info.get("resumed_from"):
             tags["resumed_from"] = json.dumps(info["resumed_from"])
         items = [Param(key, value[:6000]) for key, value in flat.items()]
         for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[start: start + 100])
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
         self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         vocab = info.get("vocab")
         if vocab is not None:
@@ -140,8 +167,11 @@ class MLflowCallback:
 
         self._flush()
         now = int(time.time() * 1000)
-        numbers = [Metric(key, float(value), now, int(epoch)) for key, value in metrics.items()
-                   if isinstance(value, (int, float)) and key != "epoch"]
+        numbers = [
+            Metric(key, float(value), now, int(epoch))
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and key != "epoch"
+        ]
         self.client.log_batch(self.run_id, metrics=numbers)
         if metrics.get("samples"):
             self.client.log_dict(self.run_id, metrics["samples"], f"samples/epoch_{epoch:03d}.json")
@@ -151,8 +181,11 @@ class MLflowCallback:
 
         self._flush()
         now = int(time.time() * 1000)
-        best = [Metric(f"best_{key}", float(value), now, 0) for key, value in (result.best or {}).items()
-                if isinstance(value, (int, float)) and key != "step"]
+        best = [
+            Metric(f"best_{key}", float(value), now, 0)
+            for key, value in (result.best or {}).items()
+            if isinstance(value, (int, float)) and key != "step"
+        ]
         if best:
             self.client.log_batch(self.run_id, metrics=best)
         package = Path(result.package_dir)
@@ -193,8 +226,14 @@ class MLflowCallback:
         samples = []
         with tempfile.TemporaryDirectory() as folder:
             for example, result in zip(self._examples, results):
-                samples.append({"image_id": example["image_id"], "caption": result["caption"],
-                                "alternatives": result["alternatives"], "references": example["references"]})
+                samples.append(
+                    {
+                        "image_id": example["image_id"],
+                        "caption": result["caption"],
+                        "alternatives": result["alternatives"],
+                        "references": example["references"],
+                    }
+                )
                 if result.get("attention"):
                     name = Path(example["image_id"]).stem + ".png"
                     render_attention(example["path"], result["attention"]).save(Path(folder) / name)

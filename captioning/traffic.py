@@ -17,8 +17,15 @@ from urllib.parse import urlparse
 
 
 class RequestLoop:
-    def __init__(self, url: str, image: bytes, clients: int = 4, max_requests: int = 20_000,
-                 max_seconds: float = 1200, timeout: float = 120):
+    def __init__(
+        self,
+        url: str,
+        image: bytes,
+        clients: int = 4,
+        max_requests: int = 20_000,
+        max_seconds: float = 1200,
+        timeout: float = 120,
+    ):
         if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"request loops stay on loopback, not {url!r}")
         self.url, self.image, self.clients = url.rstrip("/"), image, clients
@@ -55,14 +62,18 @@ class RequestLoop:
         import requests
 
         session = requests.Session()
-        while not self._stop.is_set() and self.requests < self.max_requests \
-                and time.monotonic() - self.started < self.max_seconds:
+        while (
+            not self._stop.is_set()
+            and self.requests < self.max_requests
+            and time.monotonic() - self.started < self.max_seconds
+        ):
             self._record(*self._send(session))
 
     def _send(self, session) -> tuple[str, str | None, str | None]:
         try:
-            answer = session.post(f"{self.url}/caption", files={"image": ("photo.jpg", self.image)},
-                                  timeout=self.timeout)
+            answer = session.post(
+                f"{self.url}/caption", files={"image": ("photo.jpg", self.image)}, timeout=self.timeout
+            )
         except Exception as error:  # a dropped connection is a failed request too
             return type(error).__name__, None, f"{type(error).__name__}: {error}"
         if answer.status_code != 200:
@@ -79,6 +90,12 @@ class RequestLoop:
 
     def summary(self) -> dict:
         seconds = (self.stopped or time.monotonic()) - self.started
-        return {"requests": self.requests, "failed": len(self.failures), "clients": self.clients,
-                "seconds": round(seconds, 1), "by_status": dict(self.by_status),
-                "by_version": dict(self.by_version), "first_failures": self.failures[:5]}
+        return {
+            "requests": self.requests,
+            "failed": len(self.failures),
+            "clients": self.clients,
+            "seconds": round(seconds, 1),
+            "by_status": dict(self.by_status),
+            "by_version": dict(self.by_version),
+            "first_failures": self.failures[:5],
+        }

@@ -127,7 +127,7 @@ class CaptionData:
         starts = np.concatenate([[0], np.cumsum(np.bincount(self.rows, minlength=len(self.image_ids)))])
         chosen = np.empty((len(self.image_ids), k), dtype=np.int64)
         for image in range(len(self.image_ids)):
-            own = rng.permutation(by_image[starts[image]:starts[image + 1]])
+            own = rng.permutation(by_image[starts[image] : starts[image + 1]])
             if len(own) == 0:
                 raise TrainingError(f"image {self.image_ids[image]} has no caption")
             chosen[image] = np.resize(own, k)
@@ -156,7 +156,7 @@ def gather_rows(arrays: list, which: np.ndarray, rows: np.ndarray, chunk: int = 
     for number, array in enumerate(arrays):
         chosen = np.flatnonzero(which == number)
         for start in range(0, len(chosen), chunk):
-            part = chosen[start: start + chunk]
+            part = chosen[start : start + chunk]
             out[part] = array[rows[part]]
     return out
 
@@ -235,12 +235,18 @@ def caption_data(records, store, vocab, max_length: int, preload: bool = True) -
         else:
             features, store_index = arrays, which
     tokens = encode_captions(vocab, captions, max_length)
-    return CaptionData(features, store_rows, np.asarray(rows, dtype=np.int64), tokens, image_ids,
-                       [str(record.path) for record in images], store_index)
+    return CaptionData(
+        features,
+        store_rows,
+        np.asarray(rows, dtype=np.int64),
+        tokens,
+        image_ids,
+        [str(record.path) for record in images],
+        store_index,
+    )
 
 
-def load_split(query_text: str, features_params: dict, batch_size: int, progress: bool, rank: int,
-               cache: bool = True):
+def load_split(query_text: str, features_params: dict, batch_size: int, progress: bool, rank: int, cache: bool = True):
     """(records, FeatureStores) for a data query or a `+` union of queries; rank 0 fills the caches first.
 
     Each dataset of the selection has its own store, <features dir>/<encoder>/<dataset>.
@@ -259,8 +265,14 @@ def load_split(query_text: str, features_params: dict, batch_size: int, progress
     for record in records:
         groups.setdefault(record.dataset, []).append(record)
     if rank == 0:
-        build_selection_features(groups, encoder, features_params.get("dir"),
-                                 features_params.get("batch_size", batch_size), progress, features_params.get("workers"))
+        build_selection_features(
+            groups,
+            encoder,
+            features_params.get("dir"),
+            features_params.get("batch_size", batch_size),
+            progress,
+            features_params.get("workers"),
+        )
     _barrier()
     # No work left: every image is cached.
     built = build_selection_features(groups, encoder, features_params.get("dir"), batch_size, progress=False)
@@ -314,15 +326,21 @@ def augment(image, size: int, rng: random.Random):
 def pair_keys(data: CaptionData, batches: list[list[int]], augment_seed: str | None) -> list[list[tuple]]:
     """PairImages keys for batches of pair indices; augment_seed (None: plain images) and the
     pair index seed each pair's crop."""
-    return [[(int(data.rows[i]), None if augment_seed is None else f"{augment_seed}:{i}") for i in batch]
-            for batch in batches]
+    return [
+        [(int(data.rows[i]), None if augment_seed is None else f"{augment_seed}:{i}") for i in batch]
+        for batch in batches
+    ]
 
 
-def image_loader(paths: list[str], keys: list[list[tuple]], size: int, workers: int,
-                 device) -> torch.utils.data.DataLoader:
+def image_loader(
+    paths: list[str], keys: list[list[tuple]], size: int, workers: int, device
+) -> torch.utils.data.DataLoader:
     """Pixel batches (B, 3, size, size), one per list of PairImages keys, in order."""
     return torch.utils.data.DataLoader(
-        PairImages(paths, size), batch_sampler=keys, num_workers=workers, pin_memory=device.type == "cuda",
+        PairImages(paths, size),
+        batch_sampler=keys,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(0),  # else the loader draws its seed from the global RNG
     )
 
@@ -333,11 +351,15 @@ def encode_images(encoder, paths: list[str], batch_size: int, workers: int, devi
     import copy
 
     frozen = copy.deepcopy(encoder).optimize_for_inference()
-    keys = [[(n, None) for n in range(start, min(start + batch_size, len(paths)))]
-            for start in range(0, len(paths), batch_size)]
+    keys = [
+        [(n, None) for n in range(start, min(start + batch_size, len(paths)))]
+        for start in range(0, len(paths), batch_size)
+    ]
     with torch.inference_mode():
-        outputs = [frozen(pixels.to(device)).to(torch.float16).cpu()
-                   for pixels in image_loader(paths, keys, encoder.image_size, workers, device)]
+        outputs = [
+            frozen(pixels.to(device)).to(torch.float16).cpu()
+            for pixels in image_loader(paths, keys, encoder.image_size, workers, device)
+        ]
     return torch.cat(outputs)
 
 
@@ -382,7 +404,9 @@ def caption_batch(model, vocab, features: torch.Tensor, beam_size: int, max_leng
 
 
 @torch.inference_mode()
-def validate(model, vocab, data: CaptionData, references: dict[str, list[str]], decoding: dict, device) -> dict[str, Any]:
+def validate(
+    model, vocab, data: CaptionData, references: dict[str, list[str]], decoding: dict, device
+) -> dict[str, Any]:
     """Captions of the validation images scored against their references, plus the plain val loss."""
     model.eval()
     predictions: dict[str, str] = {}
@@ -390,28 +414,45 @@ def validate(model, vocab, data: CaptionData, references: dict[str, list[str]], 
     for start in range(0, len(ids), 64):
         chunk = list(range(start, min(start + 64, len(ids))))
         captions = caption_batch(
-            model, vocab, data.image_features(chunk, device), int(decoding.get("beam_size", 1)),
-            int(decoding.get("max_length", 20)), float(decoding.get("length_penalty", 0.0)),
+            model,
+            vocab,
+            data.image_features(chunk, device),
+            int(decoding.get("beam_size", 1)),
+            int(decoding.get("max_length", 20)),
+            float(decoding.get("length_penalty", 0.0)),
         )
-        predictions.update(zip(ids[start: start + len(chunk)], captions))
+        predictions.update(zip(ids[start : start + len(chunk)], captions))
     total, count = 0.0, 0
     for start in range(0, len(data), 256):
         feats, tokens = data.batch(range(start, min(start + 256, len(data))), device)
         logits, _ = model(feats, tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1),
-                               ignore_index=0, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1), ignore_index=0, reduction="sum"
+        )
         total += float(loss)
         count += int((tokens[:, 1:] != 0).sum())
     scores = quick_scores(predictions, {key: references[key] for key in predictions})
     return {
-        "val_CIDEr": scores["CIDEr"], "val_BLEU-4": scores["BLEU-4"], "val_loss": total / max(1, count),
+        "val_CIDEr": scores["CIDEr"],
+        "val_BLEU-4": scores["BLEU-4"],
+        "val_loss": total / max(1, count),
         "samples": dict(list(predictions.items())[:5]),
     }
 
 
-def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, tokens: torch.Tensor,
-                  label_smoothing: float = 0.0, alpha_c: float = 0.0, grad_clip: float = 0.0,
-                  encoder=None, dtype: torch.dtype | None = None) -> float:
+def training_step(
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    feats: torch.Tensor,
+    tokens: torch.Tensor,
+    label_smoothing: float = 0.0,
+    alpha_c: float = 0.0,
+    grad_clip: float = 0.0,
+    encoder=None,
+    dtype: torch.dtype | None = None,
+) -> float:
     """One optimisation step on a batch (teacher forcing); returns the caption loss.
 
     With an `encoder` (fine-tuning), `feats` are pixels that it encodes first. `dtype`
@@ -423,8 +464,12 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
         if encoder is not None:
             feats = encoder(feats)
         logits, aux = model(feats, tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tokens[:, 1:].reshape(-1),
-                               ignore_index=0, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            tokens[:, 1:].reshape(-1),
+            ignore_index=0,
+            label_smoothing=label_smoothing,
+        )
         total = loss + alpha_c * aux
     optimizer.zero_grad(set_to_none=True)
     if _nonfinite(total):
@@ -440,8 +485,18 @@ def training_step(model, optimizer, scheduler, scaler, feats: torch.Tensor, toke
     return float(loss.detach())
 
 
-def scst_step(model, optimizer, scheduler, feats: torch.Tensor, images, cider, samples: int, max_length: int,
-              grad_clip: float = 0.0, top_k: int = 0) -> tuple[float, float]:
+def scst_step(
+    model,
+    optimizer,
+    scheduler,
+    feats: torch.Tensor,
+    images,
+    cider,
+    samples: int,
+    max_length: int,
+    grad_clip: float = 0.0,
+    top_k: int = 0,
+) -> tuple[float, float]:
     """One self-critical step on a batch of images (full precision); returns the loss and the mean reward.
 
     `model` is the bare decoder (sampling goes through its `step`, not DistributedDataParallel's
@@ -477,9 +532,13 @@ def _nonfinite(loss: torch.Tensor) -> bool:
 
 def _nonfinite_weights(*modules) -> list[str]:
     """Names of the parameters holding a NaN or inf, in the given modules (None ones skipped)."""
-    return [name for module in modules if module is not None
-            for name, tensor in module.state_dict().items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return [
+        name
+        for module in modules
+        if module is not None
+        for name, tensor in module.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -559,8 +618,9 @@ def _record_rank_digests(model, device, out_dir: Path, rank: int, world: int) ->
     digests = [bytes(tensor.tolist()).hex() for tensor in gathered]
     if rank != 0:
         return
-    (out_dir / RANKS_FILE).write_text(json.dumps({"world_size": world, "weights_sha256": digests}, indent=1),
-                                      encoding="utf-8")
+    (out_dir / RANKS_FILE).write_text(
+        json.dumps({"world_size": world, "weights_sha256": digests}, indent=1), encoding="utf-8"
+    )
     if len(set(digests)) > 1:
         raise TrainingError(f"the {world} ranks ended with different weights (see {out_dir / RANKS_FILE})")
 
@@ -618,7 +678,9 @@ def _notify(callbacks: Iterable, name: str, *args) -> None:
             method(*args)
 
 
-def train(params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path | None = None, resume: bool = True) -> TrainResult:
+def train(
+    params: dict[str, Any], callbacks: Iterable = (), out_dir: str | Path | None = None, resume: bool = True
+) -> TrainResult:
     """Train a caption model as `params` say; return where the best package is and the history.
 
     With `resume`, an existing out_dir/checkpoint.pt from the same params is continued
@@ -673,8 +735,9 @@ class _MemberRelay:
         _notify(self.callbacks, "on_train_failed", error)
 
 
-def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callbacks: list, out_dir: Path,
-                    resume: bool) -> TrainResult:
+def _train_ensemble(
+    params: dict[str, Any], members: list[dict[str, Any]], callbacks: list, out_dir: Path, resume: bool
+) -> TrainResult:
     """Train each member (resuming or reusing its own run), then package and validate the ensemble."""
     import copy
 
@@ -694,8 +757,10 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
             raise TrainingError(f"ensemble member {number} ({member['decoder']}) sets unknown train settings {unknown}")
         member_params["train"].update(member["train"])
         if int(member_params["train"].get("finetune_blocks", 0) or 0):
-            raise TrainingError("an ensemble (model.ensemble) needs a frozen encoder (train.finetune_blocks 0): "
-                                "its members read the same cached features")
+            raise TrainingError(
+                "an ensemble (model.ensemble) needs a frozen encoder (train.finetune_blocks 0): "
+                "its members read the same cached features"
+            )
         runs.append(member_params)
     relay = _MemberRelay(callbacks, params)
     results, history = [], []
@@ -717,8 +782,14 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
         config = ensemble_config([model.config for model, _, _ in loaded])
         ensemble = Ensemble(config, len(vocab), feature_dim, [model for model, _, _ in loaded])
         val_data, references = _validation_data(params, vocab)
-        val = validate(ensemble, vocab, val_data, references,
-                       {**(params.get("decoding") or {}), "beam_size": train_p.get("val_beam_size", 1)}, device)
+        val = validate(
+            ensemble,
+            vocab,
+            val_data,
+            references,
+            {**(params.get("decoding") or {}), "beam_size": train_p.get("val_beam_size", 1)},
+            device,
+        )
         samples = val.pop("samples")
         best = {"epoch": relay.epochs + 1, "member": "ensemble", **val}
         package_params = {**params, "model": config}
@@ -726,10 +797,19 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
         # frequencies and caption memory are theirs.
         frequencies = load_frequencies(results[0].package_dir, loaded[0][2])
         memory = load_memory(results[0].package_dir, loaded[0][2])
-        save_package(out_dir / PACKAGE_DIR, ensemble, vocab, _package_config(package_params, feature_dim, best),
-                     frequencies=frequencies, memory=memory)
-        logger.info("ensemble of %s: %s", [m["decoder"] for m in members],
-                    {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+        save_package(
+            out_dir / PACKAGE_DIR,
+            ensemble,
+            vocab,
+            _package_config(package_params, feature_dim, best),
+            frequencies=frequencies,
+            memory=memory,
+        )
+        logger.info(
+            "ensemble of %s: %s",
+            [m["decoder"] for m in members],
+            {k: round(v, 4) for k, v in val.items() if isinstance(v, float)},
+        )
         _notify(callbacks, "on_epoch_end", relay.epochs + 1, {**val, "samples": samples})
         result = TrainResult(out_dir / PACKAGE_DIR, best, history + [best])
         _notify(callbacks, "on_train_end", result)
@@ -742,8 +822,14 @@ def _train_ensemble(params: dict[str, Any], members: list[dict[str, Any]], callb
 def _validation_split(params: dict[str, Any], progress: bool = False, rank: int = 0, cache: bool = True):
     """The validation records (the first train.val_images of them; 0: all) and their feature stores."""
     data_p, train_p = params.get("data") or {}, params.get("train") or {}
-    records, store = load_split(data_p["val_query"], params.get("features") or {}, int(train_p.get("batch_size", 64)),
-                                progress, rank, cache=cache)
+    records, store = load_split(
+        data_p["val_query"],
+        params.get("features") or {},
+        int(train_p.get("batch_size", 64)),
+        progress,
+        rank,
+        cache=cache,
+    )
     limit = int(train_p.get("val_images", 500))
     return (records[:limit] if limit > 0 else records), store
 
@@ -784,8 +870,10 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
     except ValueError as error:
         raise TrainingError(str(error)) from None
     if decoding_p.get("rerank_neighbours") and int(train_p.get("finetune_blocks", 0) or 0):
-        raise TrainingError("decoding.rerank_neighbours needs the training images' cached features: "
-                            "it cannot be used with a fine-tuned encoder (train.finetune_blocks)")
+        raise TrainingError(
+            "decoding.rerank_neighbours needs the training images' cached features: "
+            "it cannot be used with a fine-tuned encoder (train.finetune_blocks)"
+        )
 
     threads = int(train_p.get("threads", 0) or 0)
     previous_threads = torch.get_num_threads()
@@ -829,13 +917,16 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             raise TrainingError(f"train.finetune_blocks must be 0 (frozen encoder) or more, not {finetune}")
         per_image = int(train_p.get("captions_per_image", 0) or 0)
         if per_image < 0 or per_image > batch_size:
-            raise TrainingError(f"train.captions_per_image must be 0 (batches of captions) or 1..batch_size "
-                                f"({batch_size}), not {per_image}")
+            raise TrainingError(
+                f"train.captions_per_image must be 0 (batches of captions) or 1..batch_size "
+                f"({batch_size}), not {per_image}"
+            )
         if per_image and finetune:
             raise TrainingError("train.captions_per_image needs cached features (train.finetune_blocks 0)")
         encoder_name = feat_p.get("encoder", "lite0")
-        train_records, train_store = load_split(data_p["train_query"], feat_p, batch_size, progress, rank,
-                                                cache=not finetune)
+        train_records, train_store = load_split(
+            data_p["train_query"], feat_p, batch_size, progress, rank, cache=not finetune
+        )
         val_records, val_store = _validation_split(params, progress, rank, cache=not finetune)
 
         if checkpoint is not None:
@@ -882,14 +973,19 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             raise TrainingError(f"train.lr must be a positive number a float32 can hold, not {lr}")
         optimizer = torch.optim.AdamW(
             [{"params": list(model.parameters())}, *groups],
-            lr=lr, weight_decay=float(train_p.get("weight_decay", 0.0)),
+            lr=lr,
+            weight_decay=float(train_p.get("weight_decay", 0.0)),
         )
         # captions_per_image k: the sampler draws images, each step takes batch_size // k of them
         # with k captions each, and the decoder does its image-side work once per image.
         step_items = batch_size // per_image if per_image else batch_size  # images or captions per step
         sampler = torch.utils.data.DistributedSampler(
-            range(len(train_data.image_ids) if per_image else len(train_data)), num_replicas=world, rank=rank,
-            shuffle=True, seed=seed, drop_last=False
+            range(len(train_data.image_ids) if per_image else len(train_data)),
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
         )
         steps_per_epoch = math.ceil(len(sampler) / step_items)
         epochs = int(train_p.get("epochs", 8))
@@ -900,7 +996,9 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         scst_samples = int(train_p.get("scst_samples", 5))
         scst_top_k = int(train_p.get("scst_top_k", 5) or 0)
         if scst_epochs and finetune:
-            raise TrainingError("self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)")
+            raise TrainingError(
+                "self-critical epochs (train.scst_epochs) need a frozen encoder (train.finetune_blocks 0)"
+            )
         # Self-critical epochs run at their own constant rate after the cross-entropy schedule.
         scst_factor = float(train_p.get("scst_lr", 1e-5)) / float(train_p.get("lr", 5e-4))
         phase = {"scst": False}
@@ -915,8 +1013,19 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
         patience = int(train_p.get("patience", 3))
         checkpoint_every = int(train_p.get("checkpoint_every", 500))
 
-        state = {"epoch": 0, "batch": 0, "step": 0, "best": {}, "bad_epochs": 0, "history": [],
-                 "loss_sum": 0.0, "loss_count": 0, "reward_sum": 0.0, "skipped": 0, "nonfinite_run": 0}
+        state = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "best": {},
+            "bad_epochs": 0,
+            "history": [],
+            "loss_sum": 0.0,
+            "loss_count": 0,
+            "reward_sum": 0.0,
+            "skipped": 0,
+            "nonfinite_run": 0,
+        }
         cider = None
         if checkpoint is not None:
             core.load_state_dict(checkpoint["model"])
@@ -933,25 +1042,50 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             if rank != 0:
                 return
             extra = {} if core_encoder is None else {"encoder": core_encoder.backbone.state_dict()}
-            save_checkpoint(checkpoint_path, {
-                **extra, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                "vocab": vocab.to_dict(), "fingerprint": fingerprint, "finished": finished, **state,
-            })
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    **extra,
+                    "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": _rng_state(),
+                    "vocab": vocab.to_dict(),
+                    "fingerprint": fingerprint,
+                    "finished": finished,
+                    **state,
+                },
+            )
 
         if rank == 0:
-            _notify(callbacks, "on_train_start", {
-                "params": params, "out_dir": str(out_dir), "vocab": vocab, "vocab_size": len(vocab),
-                "train_images": len(train_data.image_ids), "train_pairs": len(train_data),
-                "val_images": len(val_data.image_ids), "steps_per_epoch": steps_per_epoch,
-                "parameters": sum(p.numel() for p in core.parameters()), "device": str(device),
-                "precision": str(dtype or torch.float32).removeprefix("torch."), "finetune_blocks": finetune,
-                "encoder_trainable_parameters": sum(p.numel() for group in groups for p in group["params"]),
-                "world_size": world, "resumed_from": None if checkpoint is None else
-                {"epoch": state["epoch"], "batch": state["batch"], "step": state["step"]},
-                "val_examples": [{"image_id": r.image_id, "path": r.path, "references": list(r.captions)}
-                                 for r in val_records[:8]],
-            })
+            _notify(
+                callbacks,
+                "on_train_start",
+                {
+                    "params": params,
+                    "out_dir": str(out_dir),
+                    "vocab": vocab,
+                    "vocab_size": len(vocab),
+                    "train_images": len(train_data.image_ids),
+                    "train_pairs": len(train_data),
+                    "val_images": len(val_data.image_ids),
+                    "steps_per_epoch": steps_per_epoch,
+                    "parameters": sum(p.numel() for p in core.parameters()),
+                    "device": str(device),
+                    "precision": str(dtype or torch.float32).removeprefix("torch."),
+                    "finetune_blocks": finetune,
+                    "encoder_trainable_parameters": sum(p.numel() for group in groups for p in group["params"]),
+                    "world_size": world,
+                    "resumed_from": None
+                    if checkpoint is None
+                    else {"epoch": state["epoch"], "batch": state["batch"], "step": state["step"]},
+                    "val_examples": [
+                        {"image_id": r.image_id, "path": r.path, "references": list(r.captions)}
+                        for r in val_records[:8]
+                    ],
+                },
+            )
 
         stop = state["bad_epochs"] >= patience
         while state["epoch"] < epochs + scst_epochs:
@@ -965,8 +1099,9 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             if epoch >= epochs:
                 if not phase["scst"]:
                     starting = state["batch"] == 0 and epoch == epochs
-                    cider = _enter_scst(core, optimizer, phase, package_dir, train_data, frequencies, starting,
-                                        scst_factor)
+                    cider = _enter_scst(
+                        core, optimizer, phase, package_dir, train_data, frequencies, starting, scst_factor
+                    )
                     if starting:
                         # Patience counts anew: the cross-entropy epochs' misses do not stop this phase.
                         state["bad_epochs"] = 0
@@ -975,11 +1110,11 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 # Every rank gets as many batches (the gradients are averaged across ranks at each step).
                 order = order.tolist()[: len(order) - len(order) % world][rank::world]
                 step_images = max(1, batch_size // scst_samples)
-                batches = [order[i: i + step_images] for i in range(0, len(order), step_images)]
+                batches = [order[i : i + step_images] for i in range(0, len(order), step_images)]
             else:
                 sampler.set_epoch(epoch)
                 order = list(sampler)
-                batches = [order[i: i + step_items] for i in range(0, len(order), step_items)]
+                batches = [order[i : i + step_items] for i in range(0, len(order), step_items)]
                 if per_image:
                     # Each batch of images as its pairs: k adjacent captions per image.
                     captions = train_data.captions_per_image(per_image, seed + epoch)
@@ -989,7 +1124,7 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             if encoder is not None:
                 encoder.train()  # only the fine-tuned stages: the Encoder keeps frozen parts in eval mode
                 augment_seed = f"{seed}:{epoch}" if train_p.get("augment") else None
-                keys = pair_keys(train_data, batches[state["batch"]:], augment_seed)
+                keys = pair_keys(train_data, batches[state["batch"] :], augment_seed)
                 pixels = iter(image_loader(train_data.paths, keys, core_encoder.image_size, workers, device))
             label = f"{'self-critical ' if phase['scst'] else ''}epoch {epoch + 1}/{epochs + scst_epochs}"
             bar = tqdm(total=len(batches), initial=state["batch"], desc=label, disable=not progress, leave=False)
@@ -999,8 +1134,18 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if phase["scst"]:
                     feats = train_data.image_features(batches[index], device)
                     data_time += time.perf_counter() - tick
-                    value, reward = scst_step(core, optimizer, scheduler, feats, batches[index], cider, scst_samples,
-                                              int(decoding_p.get("max_length", 20)), grad_clip, scst_top_k)
+                    value, reward = scst_step(
+                        core,
+                        optimizer,
+                        scheduler,
+                        feats,
+                        batches[index],
+                        cider,
+                        scst_samples,
+                        int(decoding_p.get("max_length", 20)),
+                        grad_clip,
+                        scst_top_k,
+                    )
                     state["reward_sum"] += reward if math.isfinite(value) else 0.0
                 elif pixels is None:
                     feats, tokens = train_data.batch(batches[index], device, max(1, per_image))
@@ -1009,8 +1154,19 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                     tokens = train_data.batch_tokens(batches[index], device)
                 if not phase["scst"]:
                     data_time += time.perf_counter() - tick
-                    value = training_step(model, optimizer, scheduler, scaler, feats, tokens, label_smoothing,
-                                          alpha_c, grad_clip, encoder, dtype)
+                    value = training_step(
+                        model,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        feats,
+                        tokens,
+                        label_smoothing,
+                        alpha_c,
+                        grad_clip,
+                        encoder,
+                        dtype,
+                    )
                 state["step"] += 1
                 state["batch"] = index + 1
                 _count_loss(state, value)
@@ -1027,7 +1183,9 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
             _check_epoch(state, epoch, core, core_encoder)
             elapsed = time.perf_counter() - epoch_start
             metrics: dict[str, Any] = {
-                "epoch": epoch + 1, "step": state["step"], "skipped_steps": state["skipped"],
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "skipped_steps": state["skipped"],
                 "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
                 "lr": optimizer.param_groups[0]["lr"],
                 "captions_per_s": seen * world / max(1e-9, elapsed),
@@ -1040,18 +1198,34 @@ def _train_one(params: dict[str, Any], callbacks: Iterable, out_dir: Path, resum
                 if core_encoder is not None:
                     # The val images through the encoder as trained so far, never the frozen cache.
                     val_data.features = encode_images(core_encoder, val_data.paths, batch_size, workers, device)
-                val = validate(core, vocab, val_data, references, {**decoding_p, "beam_size": train_p.get("val_beam_size", 1)}, device)
+                val = validate(
+                    core,
+                    vocab,
+                    val_data,
+                    references,
+                    {**decoding_p, "beam_size": train_p.get("val_beam_size", 1)},
+                    device,
+                )
                 samples = val.pop("samples")
                 metrics.update(val)
                 if not math.isfinite(metrics["val_loss"]):
                     # Finite but huge weights can still give NaN outputs: such a model is never packaged.
-                    raise TrainingError(f"after epoch {epoch + 1} the validation loss is {metrics['val_loss']}: "
-                                        "training diverged; lower train.lr")
+                    raise TrainingError(
+                        f"after epoch {epoch + 1} the validation loss is {metrics['val_loss']}: "
+                        "training diverged; lower train.lr"
+                    )
                 improved = not state["best"] or metrics["val_CIDEr"] > state["best"]["val_CIDEr"]
                 if improved:
                     state["best"] = dict(metrics)
-                    save_package(package_dir, core, vocab, _package_config(params, feature_dim, metrics),
-                                 encoder=core_encoder, frequencies=frequencies, memory=memory)
+                    save_package(
+                        package_dir,
+                        core,
+                        vocab,
+                        _package_config(params, feature_dim, metrics),
+                        encoder=core_encoder,
+                        frequencies=frequencies,
+                        memory=memory,
+                    )
                 logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
                 metrics_with_samples = {**metrics, "samples": samples}
                 _notify(callbacks, "on_epoch_end", epoch + 1, metrics_with_samples)
@@ -1114,8 +1288,16 @@ def _check_epoch(state: dict, epoch: int, core, encoder) -> None:
         )
 
 
-def _enter_scst(core, optimizer, phase: dict, package_dir: Path, train_data: CaptionData, frequencies,
-                starting: bool, lr_scale: float):
+def _enter_scst(
+    core,
+    optimizer,
+    phase: dict,
+    package_dir: Path,
+    train_data: CaptionData,
+    frequencies,
+    starting: bool,
+    lr_scale: float,
+):
     """Switch to self-critical training; returns the CIDEr-D reward over the training references.
 
     On the first self-critical step the decoder restarts from the best cross-entropy model
@@ -1154,10 +1336,16 @@ def _caption_memory(train_data: CaptionData):
     if train_data.features is None:
         return None
     images = len(train_data.image_ids)
-    pooled = np.concatenate([pool(train_data.image_features(np.arange(start, min(start + 256, images)), "cpu"))
-                             for start in range(0, images, 256)])
-    captions = [[caption[:-1] if caption and caption[-1] == EOS else caption for caption in refs]
-                for refs in references_from_pairs(train_data.rows, train_data.tokens, images)]
+    pooled = np.concatenate(
+        [
+            pool(train_data.image_features(np.arange(start, min(start + 256, images)), "cpu"))
+            for start in range(0, images, 256)
+        ]
+    )
+    captions = [
+        [caption[:-1] if caption and caption[-1] == EOS else caption for caption in refs]
+        for refs in references_from_pairs(train_data.rows, train_data.tokens, images)
+    ]
     return CaptionMemory(train_data.image_ids, pooled, captions)
 
 

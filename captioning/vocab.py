@@ -51,7 +51,7 @@ def _split_word(word: str) -> list[str]:
     # A final period ends the sentence unless it belongs to an abbreviation or initials.
     if word.endswith(".") and word not in _ABBREVIATIONS and not _INITIALS.match(word):
         stripped = word.rstrip(".")
-        tail.append(word[len(stripped):])
+        tail.append(word[len(stripped) :])
         word = stripped
     head: list[str] = []
     # Opening single quote ('quoted): a separate token, unless it starts a clitic or a year ('90s).
@@ -96,7 +96,7 @@ class Vocabulary:
     def __init__(self, tokens: Sequence[str]):
         tokens = list(tokens)
         if tuple(tokens[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}, got {tokens[:len(SPECIALS)]}")
+            raise ValueError(f"a vocabulary must start with {list(SPECIALS)}, got {tokens[: len(SPECIALS)]}")
         duplicates = [t for t, n in Counter(tokens).items() if n > 1]
         if duplicates:
             raise ValueError(f"duplicate tokens in vocabulary: {sorted(duplicates)[:10]}")

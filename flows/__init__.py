@@ -69,11 +69,20 @@ def load_settings(params_file: str | None = None, overrides: list[str] | None = 
 
 def settings_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", metavar="FILE", default=os.environ.get("CAPTIONING_PARAMS_OVERLAY") or None,
-                        help="partial YAML laid over params.yaml (default $CAPTIONING_PARAMS_OVERLAY), "
-                             "e.g. params-synthetic.yaml")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one setting, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--params",
+        metavar="FILE",
+        default=os.environ.get("CAPTIONING_PARAMS_OVERLAY") or None,
+        help="partial YAML laid over params.yaml (default $CAPTIONING_PARAMS_OVERLAY), e.g. params-synthetic.yaml",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one setting, e.g. --set train.epochs=2 (repeatable)",
+    )
     return parser
 
 

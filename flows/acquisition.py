@@ -1,6 +1,6 @@
 """Acquisition flow: put a dataset in data/NAME (mirror or official downloads), then version it with DVC.
 
-    python -m flows.acquisition [--dataset flickr8k] [--force] [--no-version]
+python -m flows.acquisition [--dataset flickr8k] [--force] [--no-version]
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from typing import Any
 
 from prefect import flow
 
-from flows import load_settings, settings_parser, finish
+from flows import finish, load_settings, settings_parser
 from tasks.data import acquire_dataset, version_data
 
 
 @flow(name="acquisition")
-def acquisition_flow(dataset: str | None = None, params: dict[str, Any] | None = None,
-                     force: bool = False, version: bool = True) -> dict[str, Any]:
+def acquisition_flow(
+    dataset: str | None = None, params: dict[str, Any] | None = None, force: bool = False, version: bool = True
+) -> dict[str, Any]:
     """Acquire `dataset` (default params data.dataset); `dvc add data` when data/ is this repository's."""
     params = params or load_settings()
     name = dataset or params["data"]["dataset"]
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-version", action="store_true", help="do not run `dvc add data`")
     args = parser.parse_args(argv)
     params = load_settings(args.params, args.overrides)
-    state = acquisition_flow(dataset=args.dataset, params=params, force=args.force,
-                             version=not args.no_version, return_state=True)
+    state = acquisition_flow(
+        dataset=args.dataset, params=params, force=args.force, version=not args.no_version, return_state=True
+    )
     return finish(state, lambda r: f"{r['dataset']} in {r['path']} (DVC hash: {r['data_hash'] or 'not versioned'})")
 
 

@@ -52,24 +52,37 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
         try:
             existing = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type,
-                                                   base_job_template=base_job_template(pool_type)))
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type=pool_type, base_job_template=base_job_template(pool_type))
+            )
             return
     if existing.type != pool_type:
         raise ValueError(f"work pool {name!r} exists with type {existing.type!r}, not {pool_type!r}")
 
 
-def deploy_retrain(pool: str, parameters: dict[str, Any], schedules: list | None = None,
-                   job_variables: dict[str, Any] | None = None, image: str | None = None,
-                   name: str = DEPLOYMENT, source: Path = PROJECT_ROOT):
+def deploy_retrain(
+    pool: str,
+    parameters: dict[str, Any],
+    schedules: list | None = None,
+    job_variables: dict[str, Any] | None = None,
+    image: str | None = None,
+    name: str = DEPLOYMENT,
+    source: Path = PROJECT_ROOT,
+):
     """Create (or update) deployment retrain/`name` on work pool `pool`; returns its id.
 
     Without `image` the flow's code is the folder `source` (a worker on this machine runs it there);
     with one, the code is the image's (its working directory), and nothing is built or pushed here.
     """
-    options = {"work_pool_name": pool, "parameters": parameters, "schedules": schedules or [],
-               "job_variables": job_variables or {}, "tags": ["retrain"], "print_next_steps": False,
-               "description": "Retrain when the data or the feedback changed; promote through the metric gates."}
+    options = {
+        "work_pool_name": pool,
+        "parameters": parameters,
+        "schedules": schedules or [],
+        "job_variables": job_variables or {},
+        "tags": ["retrain"],
+        "print_next_steps": False,
+        "description": "Retrain when the data or the feedback changed; promote through the metric gates.",
+    }
     if image:
         return retrain_flow.deploy(name, image=image, build=False, push=False, **options)
     flow = retrain_flow.from_source(source=str(source), entrypoint=ENTRYPOINT)
@@ -97,18 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=DEPLOYMENT, help=f"deployment name (default {DEPLOYMENT})")
     parser.add_argument("--cron", help="schedule (default: params retrain.cron)")
     parser.add_argument("--every", type=float, metavar="SECONDS", help="an interval schedule instead of a cron")
-    parser.add_argument("--job-variable", action="append", default=[], metavar="KEY=VALUE",
-                        help="a job variable of the pool's template, e.g. gpu=1 (repeatable)")
+    parser.add_argument(
+        "--job-variable",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a job variable of the pool's template, e.g. gpu=1 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.pool_type == "kubernetes" and not args.image:
         parser.error("a kubernetes pool runs the project's image: give --image")
     settings = load_settings(args.params, args.overrides)
     schedule = Interval(args.every) if args.every else Cron(args.cron or settings["retrain"]["cron"])
     ensure_work_pool(args.pool, args.pool_type)
-    deployment = deploy_retrain(args.pool, {"params_file": args.params, "overrides": args.overrides}, [schedule],
-                                _job_variables(args.job_variable), args.image, args.name)
-    print(f"deployment retrain/{args.name} ({deployment}) on work pool {args.pool!r}; "
-          f"start a worker: prefect worker start --pool {args.pool}")
+    deployment = deploy_retrain(
+        args.pool,
+        {"params_file": args.params, "overrides": args.overrides},
+        [schedule],
+        _job_variables(args.job_variable),
+        args.image,
+        args.name,
+    )
+    print(
+        f"deployment retrain/{args.name} ({deployment}) on work pool {args.pool!r}; "
+        f"start a worker: prefect worker start --pool {args.pool}"
+    )
     return 0
 
 

@@ -20,8 +20,9 @@ from tasks.registry import champion_query
 
 
 @flow(name="evaluation")
-def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str | None = None,
-                    with_champion: bool = True) -> dict[str, Any]:
+def evaluation_flow(
+    model: str, params: dict[str, Any] | None = None, query: str | None = None, with_champion: bool = True
+) -> dict[str, Any]:
     """Score `model` on `query` (default params data.test_query) with greedy and beam search.
 
     When a champion exists and its stored metrics come from another query, it is scored on this
@@ -41,7 +42,10 @@ def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str
     for size in beams:
         main_setting = size == beam
         result = evaluate_model(
-            model, query, size, max_length,
+            model,
+            query,
+            size,
+            max_length,
             report_path=str(reports / "evaluation.html") if main_setting else None,
             metrics_path=str(reports / "metrics.json") if main_setting else None,
         )
@@ -58,12 +62,20 @@ def evaluation_flow(model: str, params: dict[str, Any] | None = None, query: str
             uri = f"models:/{name}/{champion['version']}"
             scored = evaluate_model(uri, query, beam, max_length)
             champion_metrics = scored["metrics"]
-            rows.append({"model": f"champion v{champion['version']}", "decoding": decoding_setting(scored),
-                         **champion_metrics})
+            rows.append(
+                {"model": f"champion v{champion['version']}", "decoding": decoding_setting(scored), **champion_metrics}
+            )
     table = write_comparison(rows, str(reports))
-    return {"model": model, "query": query, "beam_size": beam, "metrics": metrics,
-            "champion_metrics": champion_metrics, "comparison": table,
-            "metrics_file": str(reports / "metrics.json"), "report": str(reports / "evaluation.html")}
+    return {
+        "model": model,
+        "query": query,
+        "beam_size": beam,
+        "metrics": metrics,
+        "champion_metrics": champion_metrics,
+        "comparison": table,
+        "metrics_file": str(reports / "metrics.json"),
+        "report": str(reports / "evaluation.html"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-champion", action="store_true", help="do not score the current champion")
     args = parser.parse_args(argv)
     params = load_settings(args.params, args.overrides)
-    state = evaluation_flow(model=args.model, params=params, query=args.data,
-                            with_champion=not args.no_champion, return_state=True)
-    return finish(state, lambda r: f"{r['model']} on {r['query']} (beam {r['beam_size']}): {r['metrics']}\n"
-                                   f"comparison: {r['comparison']['markdown']}")
+    state = evaluation_flow(
+        model=args.model, params=params, query=args.data, with_champion=not args.no_champion, return_state=True
+    )
+    return finish(
+        state,
+        lambda r: (
+            f"{r['model']} on {r['query']} (beam {r['beam_size']}): {r['metrics']}\n"
+            f"comparison: {r['comparison']['markdown']}"
+        ),
+    )
 
 
 if __name__ == "__main__":

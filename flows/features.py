@@ -23,11 +23,13 @@ from tasks.features import build_feature_shard, merge_feature_shards
 
 
 @flow(name="sharded-features")
-def sharded_features_flow(query: str, encoder: str = "lite0", shards: int = 2, batch_size: int = 32,
-                          store_root: str | None = None) -> dict[str, Any]:
+def sharded_features_flow(
+    query: str, encoder: str = "lite0", shards: int = 2, batch_size: int = 32, store_root: str | None = None
+) -> dict[str, Any]:
     """Encode the images of `query` missing from their stores in `shards` parallel task runs, then merge."""
-    futures = [build_feature_shard.submit(query, encoder, shard, shards, batch_size, store_root)
-               for shard in range(shards)]
+    futures = [
+        build_feature_shard.submit(query, encoder, shard, shards, batch_size, store_root) for shard in range(shards)
+    ]
     wait(futures)  # every shard runs to its end before a failed one fails the run
     results = [future.result() for future in futures]
     merged = merge_feature_shards(query, encoder, store_root)
@@ -41,8 +43,9 @@ def dask_runner(workers: int, address: str | None = None):
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    )
 
 
 def run(query: str, shards: int, params: dict[str, Any], workers: int | None = None, address: str | None = None):
@@ -50,8 +53,13 @@ def run(query: str, shards: int, params: dict[str, Any], workers: int | None = N
     features = params.get("features") or {}
     runner = dask_runner(workers or shards, address)
     return sharded_features_flow.with_options(task_runner=runner)(
-        query=query, encoder=features.get("encoder", "lite0"), shards=shards,
-        batch_size=int(features.get("batch_size", 32)), store_root=features.get("dir"), return_state=True)
+        query=query,
+        encoder=features.get("encoder", "lite0"),
+        shards=shards,
+        batch_size=int(features.get("batch_size", 32)),
+        store_root=features.get("dir"),
+        return_state=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,18 +20,31 @@ from tasks.registry import register_model
 
 
 @flow(name="registration")
-def registration_flow(package_dir: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
-                      query: str | None = None, champion_metrics: dict[str, float] | None = None,
-                      run_id: str | None = None):
+def registration_flow(
+    package_dir: str,
+    metrics: dict[str, float],
+    params: dict[str, Any] | None = None,
+    query: str | None = None,
+    champion_metrics: dict[str, float] | None = None,
+    run_id: str | None = None,
+):
     """Register `package_dir` scored `metrics` on `query`; promote it when it passes the gates."""
     from captioning.registry import collect_lineage, model_name
 
     params = params or load_settings()
     query = query or params["data"]["test_query"]
     gates = (params.get("register") or {}).get("gates") or {}
-    result = register_model(package_dir, metrics, query, gates=gates, tracking=tracking_uri(params),
-                            name=model_name(params), champion_metrics=champion_metrics,
-                            lineage=collect_lineage(params), run_id=run_id)
+    result = register_model(
+        package_dir,
+        metrics,
+        query,
+        gates=gates,
+        tracking=tracking_uri(params),
+        name=model_name(params),
+        champion_metrics=champion_metrics,
+        lineage=collect_lineage(params),
+        run_id=run_id,
+    )
     return Completed(message=result["message"], data=result)
 
 
@@ -46,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.metrics, encoding="utf-8") as handle:
         payload = json.load(handle)
     metrics = payload.get("metrics", payload)
-    state = registration_flow(package_dir=args.model, metrics=metrics, params=params, query=args.data,
-                              run_id=args.run_id, return_state=True)
+    state = registration_flow(
+        package_dir=args.model, metrics=metrics, params=params, query=args.data, run_id=args.run_id, return_state=True
+    )
     return finish(state, lambda r: r["message"])
 
 

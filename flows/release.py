@@ -56,8 +56,7 @@ def watch(tracking: str | None, name: str, interval: float) -> None:
             state = stack.read_state()
             due = time.time() - failed.get(version, 0) > RETRY_FAILED_SECONDS
             if version and state and state.get("version") != version and due and stack.running(state):
-                print(f"champion is version {version}, the stack serves {state.get('version')}: releasing",
-                      flush=True)
+                print(f"champion is version {version}, the stack serves {state.get('version')}: releasing", flush=True)
                 run = release_flow(f"models:/{name}/{version}", tracking, return_state=True)
                 print(f"{run.name}: {run.message}", flush=True)
                 if not run.is_completed():

@@ -58,8 +58,12 @@ def run_folder(check: dict[str, Any]) -> str:
 
 
 @flow(name="retrain")
-def retrain_flow(params_file: str | None = None, overrides: list[str] | None = None, force: bool = False,
-                 params: dict[str, Any] | None = None):
+def retrain_flow(
+    params_file: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    params: dict[str, Any] | None = None,
+):
     """Retrain when something is new, promote the model when it passes the metric gates.
 
     Settings: `params` when given, else params.yaml with `params_file` (partial YAML) and `overrides`
@@ -75,38 +79,65 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
     feedback = feedback_since(None) if include_feedback else 0
     if feedback:
         params = with_feedback(params)
-    logger.info("training data: %s (%d feedback row(s) stored, retrain.include_feedback %s)",
-                params["data"]["train_query"], feedback, include_feedback)
+    logger.info(
+        "training data: %s (%d feedback row(s) stored, retrain.include_feedback %s)",
+        params["data"]["train_query"],
+        feedback,
+        include_feedback,
+    )
     check = check_for_new_data(dataset, params, use_feedback=include_feedback)
     if not check["new"] and not force:
-        message = (f"nothing new since the training of {check['last'].get('trained_at')}: "
-                   f"same data ({check['data']}), same settings, no new feedback; no retraining")
+        message = (
+            f"nothing new since the training of {check['last'].get('trained_at')}: "
+            f"same data ({check['data']}), same settings, no new feedback; no retraining"
+        )
         logger.info(message)
-        return Completed(name="Skipped", message=message,
-                         data={"status": "nothing new", "message": message, "last": check["last"]})
+        return Completed(
+            name="Skipped", message=message, data={"status": "nothing new", "message": message, "last": check["last"]}
+        )
 
     checks = [(dataset, check["data"])] + ([("feedback", feedback_fingerprint())] if feedback else [])
     for name, fingerprint in checks:
         validation = validation_flow(dataset=name, params=params, fingerprint=fingerprint, return_state=True)
         if not validation.is_completed():
             logger.error(validation.message)
-            return Failed(message=f"stopped before training: {validation.message}",
-                          data=validation.result(raise_on_failure=False))
+            return Failed(
+                message=f"stopped before training: {validation.message}", data=validation.result(raise_on_failure=False)
+            )
 
     trained = training_flow(params=params, out_dir=run_folder(check))
     evaluation = evaluation_flow(model=trained["package_dir"], params=params)
-    registration = registration_flow(package_dir=trained["package_dir"], metrics=evaluation["metrics"],
-                                     params=params, query=evaluation["query"],
-                                     champion_metrics=evaluation["champion_metrics"],
-                                     run_id=trained["mlflow_run_id"])
-    record_training(check, {"package_dir": trained["package_dir"], "version": registration["version"],
-                            "promoted": registration["promoted"], "metrics": evaluation["metrics"]}, started)
+    registration = registration_flow(
+        package_dir=trained["package_dir"],
+        metrics=evaluation["metrics"],
+        params=params,
+        query=evaluation["query"],
+        champion_metrics=evaluation["champion_metrics"],
+        run_id=trained["mlflow_run_id"],
+    )
+    record_training(
+        check,
+        {
+            "package_dir": trained["package_dir"],
+            "version": registration["version"],
+            "promoted": registration["promoted"],
+            "metrics": evaluation["metrics"],
+        },
+        started,
+    )
     status = "promoted" if registration["promoted"] else "gate failed"
-    summary = {"status": status, "message": registration["message"], "reasons": check["reasons"],
-               "train_query": params["data"]["train_query"],
-               "version": registration["version"], "promoted": registration["promoted"],
-               "gate_reasons": registration["reasons"], "metrics": evaluation["metrics"],
-               "package_dir": trained["package_dir"], "comparison": evaluation["comparison"]}
+    summary = {
+        "status": status,
+        "message": registration["message"],
+        "reasons": check["reasons"],
+        "train_query": params["data"]["train_query"],
+        "version": registration["version"],
+        "promoted": registration["promoted"],
+        "gate_reasons": registration["reasons"],
+        "metrics": evaluation["metrics"],
+        "package_dir": trained["package_dir"],
+        "comparison": evaluation["comparison"],
+    }
     logger.info(registration["message"])
     return Completed(message=registration["message"], data=summary)
 
@@ -115,18 +146,26 @@ def serve(params_file: str | None, overrides: list[str]) -> None:
     """A deployment of this flow on the cron of params.yaml retrain.cron, run by this process."""
     cron = load_settings(params_file, overrides)["retrain"]["cron"]
     print(f"serving {DEPLOYMENT!r} on cron {cron!r}; runs show up in the Prefect UI. Stop with Ctrl+C.")
-    retrain_flow.serve(name=DEPLOYMENT, cron=cron, tags=["retrain"],
-                       parameters={"params_file": params_file, "overrides": overrides},
-                       description="Retrain when the data or the feedback changed; promote through the metric gates.")
+    retrain_flow.serve(
+        name=DEPLOYMENT,
+        cron=cron,
+        tags=["retrain"],
+        parameters={"params_file": params_file, "overrides": overrides},
+        description="Retrain when the data or the feedback changed; promote through the metric gates.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = settings_parser("Retrain, evaluate and register a caption model when anything is new.")
-    parser.add_argument("--force", action="store_true",
-                        help="validate, evaluate and register even if nothing is new (a finished training "
-                             "on the same data and settings is reused, not repeated)")
-    parser.add_argument("--serve", action="store_true",
-                        help="create a deployment scheduled by params retrain.cron and run it here")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="validate, evaluate and register even if nothing is new (a finished training "
+        "on the same data and settings is reused, not repeated)",
+    )
+    parser.add_argument(
+        "--serve", action="store_true", help="create a deployment scheduled by params retrain.cron and run it here"
+    )
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.params, args.overrides)

@@ -1,6 +1,6 @@
 """Training flow: fill the feature cache for the train/val/test queries, then train a caption model.
 
-    python -m flows.training [--params FILE] [--set train.epochs=2] [--out DIR]
+python -m flows.training [--params FILE] [--set train.epochs=2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from tasks.training import train_model
 
 
 @flow(name="training")
-def training_flow(params: dict[str, Any] | None = None, out_dir: str | None = None,
-                  track: bool = True) -> dict[str, Any]:
+def training_flow(
+    params: dict[str, Any] | None = None, out_dir: str | None = None, track: bool = True
+) -> dict[str, Any]:
     """Encode the images of the data queries once, then train into `out_dir`.
 
     Default out_dir: artifacts/training/<settings hash>, so the same settings resume or reuse a run
@@ -26,7 +27,6 @@ def training_flow(params: dict[str, Any] | None = None, out_dir: str | None = No
     Returns the package folder, the best epoch's metrics and the per-epoch history.
     """
     from captioning.config import artifacts_dir
-
     from tasks.state import params_hash
 
     params = params or load_settings()

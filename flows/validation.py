@@ -1,6 +1,6 @@
 """Validation flow: the Great Expectations suite over a dataset; bad data fails the run.
 
-    python -m flows.validation [--dataset flickr8k]     (exit 1 and the failures when the data is bad)
+python -m flows.validation [--dataset flickr8k]     (exit 1 and the failures when the data is bad)
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from tasks.data import validate_dataset
 def failure_message(outcome: dict[str, Any], shown: int = 5) -> str:
     failures = outcome["failures"]
     more = f"; ... {len(failures) - shown} more" if len(failures) > shown else ""
-    return (f"validation of {outcome['dataset']} failed ({len(failures)} failure(s)): "
-            + "; ".join(failures[:shown]) + more + f" (report: {outcome['report']})")
+    return (
+        f"validation of {outcome['dataset']} failed ({len(failures)} failure(s)): "
+        + "; ".join(failures[:shown])
+        + more
+        + f" (report: {outcome['report']})"
+    )
 
 
 @flow(name="validation")
-def validation_flow(dataset: str | None = None, params: dict[str, Any] | None = None,
-                    fingerprint: str | None = None):
+def validation_flow(dataset: str | None = None, params: dict[str, Any] | None = None, fingerprint: str | None = None):
     """Validate `dataset` (default params data.dataset); the run ends Failed, with the reasons, on bad data.
 
     `fingerprint` (the data's DVC hash) lets an unchanged dataset reuse its last report.

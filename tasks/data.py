@@ -86,9 +86,14 @@ def validate_dataset(name: str, report_dir: str, fingerprint: str | None = None)
 
     logger = run_logger()
     result = validate(load_dataset(name), report_dir)
-    outcome = {"dataset": name, "success": bool(result.success), "failures": list(result.failures),
-               "warnings": list(result.warnings), "summary": dict(result.summary),
-               "report": str(Path(report_dir) / "validation.html")}
+    outcome = {
+        "dataset": name,
+        "success": bool(result.success),
+        "failures": list(result.failures),
+        "warnings": list(result.warnings),
+        "summary": dict(result.summary),
+        "report": str(Path(report_dir) / "validation.html"),
+    }
     for line in result.warnings[:20]:
         logger.warning("%s: %s", name, line)
     if result.success:

@@ -13,8 +13,14 @@ from tasks import run_logger
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(model: str, query: str, beam_size: int, max_length: int,
-                   report_path: str | None = None, metrics_path: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: str,
+    query: str,
+    beam_size: int,
+    max_length: int,
+    report_path: str | None = None,
+    metrics_path: str | None = None,
+) -> dict[str, Any]:
     """Caption `query` with `model` (package folder or models:/ URI) and score it (percent).
 
     Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
@@ -22,8 +28,9 @@ def evaluate_model(model: str, query: str, beam_size: int, max_length: int,
     from captioning.evaluation import evaluate_model as evaluate
 
     logger = run_logger()
-    result = evaluate(model, query, beam_size=beam_size, max_length=max_length,
-                      attention_images=4 if report_path else 0)
+    result = evaluate(
+        model, query, beam_size=beam_size, max_length=max_length, attention_images=4 if report_path else 0
+    )
     payload = result.to_dict()
     if metrics_path:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
@@ -32,8 +39,13 @@ def evaluate_model(model: str, query: str, beam_size: int, max_length: int,
         from captioning.report import write_report
 
         payload["report"] = str(write_report(result, report_path, title=f"Evaluation of {model} on {query}"))
-    logger.info("%s on %s, beam %d: %s", model, query, beam_size,
-                {name: round(value, 2) for name, value in result.metrics.items()})
+    logger.info(
+        "%s on %s, beam %d: %s",
+        model,
+        query,
+        beam_size,
+        {name: round(value, 2) for name, value in result.metrics.items()},
+    )
     return payload
 
 

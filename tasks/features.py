@@ -24,17 +24,30 @@ def build_features(query: str, encoder: str, batch_size: int = 32, store_root: s
     groups = select_by_dataset(query)
     built = build_selection_features(groups, encoder, store_root, batch_size, progress=False)
     for dataset, (store, added) in built.items():
-        logger.info("%s: %d %s images, %d newly encoded with %s (store %s holds %d)",
-                    query, len(groups[dataset]), dataset, added, encoder, store.root, len(store))
+        logger.info(
+            "%s: %d %s images, %d newly encoded with %s (store %s holds %d)",
+            query,
+            len(groups[dataset]),
+            dataset,
+            added,
+            encoder,
+            store.root,
+            len(store),
+        )
     stores = {dataset: str(store.root) for dataset, (store, _) in built.items()}
-    return {"query": query, "images": sum(map(len, groups.values())),
-            "encoded": sum(added for _, added in built.values()),
-            "store": next(iter(stores.values()), None), "stores": stores}
+    return {
+        "query": query,
+        "images": sum(map(len, groups.values())),
+        "encoded": sum(added for _, added in built.values()),
+        "store": next(iter(stores.values()), None),
+        "stores": stores,
+    }
 
 
 @task(name="build-feature-shard", cache_policy=NO_CACHE)
-def build_feature_shard(query: str, encoder: str, shard: int, shards: int, batch_size: int = 32,
-                        store_root: str | None = None) -> dict[str, Any]:
+def build_feature_shard(
+    query: str, encoder: str, shard: int, shards: int, batch_size: int = 32, store_root: str | None = None
+) -> dict[str, Any]:
     """Encode shard `shard` of `shards` of the images of `query` missing from their stores (one part
     per dataset of the selection). A shard that finished before is reused; see merge_feature_shards."""
     from captioning.data.query import select_by_dataset
@@ -44,12 +57,25 @@ def build_feature_shard(query: str, encoder: str, shard: int, shards: int, batch
     parts = {}
     for dataset, records in select_by_dataset(query).items():
         part = build_shard(records, encoder, store_dir(encoder, dataset, store_root), shard, shards, batch_size)
-        logger.info("%s shard %d/%d of %s: %d images, %d encoded%s", query, shard + 1, shards, dataset,
-                    part["images"], part["encoded"], " (reused)" if part["reused"] else "")
+        logger.info(
+            "%s shard %d/%d of %s: %d images, %d encoded%s",
+            query,
+            shard + 1,
+            shards,
+            dataset,
+            part["images"],
+            part["encoded"],
+            " (reused)" if part["reused"] else "",
+        )
         parts[dataset] = part
-    return {"query": query, "shard": shard, "shards": shards, "datasets": parts,
-            "encoded": sum(part["encoded"] for part in parts.values()),
-            "reused": all(part["reused"] for part in parts.values())}
+    return {
+        "query": query,
+        "shard": shard,
+        "shards": shards,
+        "datasets": parts,
+        "encoded": sum(part["encoded"] for part in parts.values()),
+        "reused": all(part["reused"] for part in parts.values()),
+    }
 
 
 @task(name="merge-feature-shards", cache_policy=NO_CACHE)
@@ -65,6 +91,5 @@ def merge_feature_shards(query: str, encoder: str, store_root: str | None = None
         folder = store_dir(encoder, dataset, store_root)
         added = merge_shards(folder)
         result[dataset] = {"store": str(folder), "added": added, "stored": len(FeatureStore.open(folder))}
-        logger.info("%s: %d rows merged into %s (%d images stored)", dataset, added, folder,
-                    result[dataset]["stored"])
+        logger.info("%s: %d rows merged into %s (%d images stored)", dataset, added, folder, result[dataset]["stored"])
     return result

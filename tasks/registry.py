@@ -20,10 +20,17 @@ def champion_query(tracking: str | None = None, name: str | None = None) -> dict
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
-def register_model(package_dir: str, metrics: dict[str, float], query: str, gates: dict | None = None,
-                   tracking: str | None = None, name: str | None = None,
-                   champion_metrics: dict[str, float] | None = None,
-                   lineage: dict[str, str] | None = None, run_id: str | None = None) -> dict[str, Any]:
+def register_model(
+    package_dir: str,
+    metrics: dict[str, float],
+    query: str,
+    gates: dict | None = None,
+    tracking: str | None = None,
+    name: str | None = None,
+    champion_metrics: dict[str, float] | None = None,
+    lineage: dict[str, str] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Create a version; promote it to champion only if it passes the gates (a failed gate is a result).
 
     `run_id`: the MLflow run of the training, which then holds the registered model too.
@@ -31,8 +38,17 @@ def register_model(package_dir: str, metrics: dict[str, float], query: str, gate
     from captioning.registry import register
 
     logger = run_logger()
-    result = register(package_dir, metrics, query, gates=gates, tracking=tracking, name=name,
-                      champion_metrics=champion_metrics, lineage=lineage, run_id=run_id)
+    result = register(
+        package_dir,
+        metrics,
+        query,
+        gates=gates,
+        tracking=tracking,
+        name=name,
+        champion_metrics=champion_metrics,
+        lineage=lineage,
+        run_id=run_id,
+    )
     if result.promoted:
         logger.info(result.message)
     else:

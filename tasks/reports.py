@@ -15,7 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-HISTORY_COLUMNS = ("epoch", "member", "step", "train_loss", "val_loss", "val_CIDEr", "val_BLEU-4", "lr", "captions_per_s")
+HISTORY_COLUMNS = (
+    "epoch",
+    "member",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_CIDEr",
+    "val_BLEU-4",
+    "lr",
+    "captions_per_s",
+)
 
 
 def write_csv(rows: Iterable[dict[str, Any]], columns: Iterable[str], path: str | Path) -> Path:

@@ -82,7 +82,7 @@ def feedback_since(timestamp: str | None) -> int:
     from captioning.feedback import FeedbackStore, default_url
 
     url = default_url()
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         return 0  # the service never stored any (and opening the store would create the file)
     since = datetime.fromisoformat(timestamp) if timestamp else None
     return len(FeedbackStore(url).since(since))
@@ -101,8 +101,12 @@ def feedback_fingerprint() -> str:
 def check_for_new_data(dataset: str, params: dict[str, Any], use_feedback: bool = True) -> dict[str, Any]:
     """Compare the data and settings with the last training: {"new": bool, "reasons": [...], ...}."""
     logger = run_logger()
-    current = {"dataset": dataset, "data": data_fingerprint(dataset), "params": params_hash(params),
-               "feedback_total": feedback_since(None) if use_feedback else 0}
+    current = {
+        "dataset": dataset,
+        "data": data_fingerprint(dataset),
+        "params": params_hash(params),
+        "feedback_total": feedback_since(None) if use_feedback else 0,
+    }
     last = read_state()
     reasons: list[str] = []
     feedback = 0
@@ -119,21 +123,34 @@ def check_for_new_data(dataset: str, params: dict[str, Any], use_feedback: bool 
             feedback = feedback_since(last.get("trained_at"))
             if feedback:
                 reasons.append(f"{feedback} feedback row(s) stored since {last.get('trained_at')}")
-    result = {**current, "new": bool(reasons), "reasons": reasons, "feedback_rows": feedback,
-              "last": last, "state_file": str(state_path())}
+    result = {
+        **current,
+        "new": bool(reasons),
+        "reasons": reasons,
+        "feedback_rows": feedback,
+        "last": last,
+        "state_file": str(state_path()),
+    }
     if reasons:
         logger.info("retraining: %s", "; ".join(reasons))
     else:
-        logger.info("nothing new since %s (data %s, settings %s)", last.get("trained_at"),
-                    current["data"], current["params"])
+        logger.info(
+            "nothing new since %s (data %s, settings %s)", last.get("trained_at"), current["data"], current["params"]
+        )
     return result
 
 
 @task(name="record-training", cache_policy=NO_CACHE)
 def record_training(check: dict[str, Any], outcome: dict[str, Any], started_at: str) -> str:
     """Remember what this training saw; `started_at` bounds the feedback it could have used."""
-    state = {"dataset": check["dataset"], "data": check["data"], "params": check["params"],
-             "trained_at": started_at, "recorded_at": datetime.now(timezone.utc).isoformat(), **outcome}
+    state = {
+        "dataset": check["dataset"],
+        "data": check["data"],
+        "params": check["params"],
+        "trained_at": started_at,
+        "recorded_at": datetime.now(timezone.utc).isoformat(),
+        **outcome,
+    }
     path = write_state(state)
     run_logger().info("state written to %s", path)
     return str(path)

@@ -20,9 +20,15 @@ class RunLog:
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.started = True
-        self.logger.info("training on %s images (%s caption pairs), %s steps per epoch, %s parameters, %s, %s",
-                         info.get("train_images"), info.get("train_pairs"), info.get("steps_per_epoch"),
-                         info.get("parameters"), info.get("device"), info.get("precision"))
+        self.logger.info(
+            "training on %s images (%s caption pairs), %s steps per epoch, %s parameters, %s, %s",
+            info.get("train_images"),
+            info.get("train_pairs"),
+            info.get("steps_per_epoch"),
+            info.get("parameters"),
+            info.get("device"),
+            info.get("precision"),
+        )
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
         shown = {key: round(value, 4) for key, value in metrics.items() if isinstance(value, float)}
@@ -40,7 +46,6 @@ def train_model(params: dict[str, Any], out_dir: str, tracking: str | None = Non
     The per-epoch history is also written to out_dir/history.csv.
     """
     from captioning.training import train
-
     from tasks.reports import write_history
 
     logger = run_logger()
@@ -65,6 +70,10 @@ def train_model(params: dict[str, Any], out_dir: str, tracking: str | None = Non
         tracker.close()
         logger.info("reused the finished training in %s", out_dir)
     history = write_history(result.history, Path(out_dir) / "history.csv")
-    return {"package_dir": str(result.package_dir), "best": dict(result.best),
-            "history": [dict(row) for row in result.history], "history_csv": str(history),
-            "mlflow_run_id": getattr(tracker, "run_id", None)}
+    return {
+        "package_dir": str(result.package_dir),
+        "best": dict(result.best),
+        "history": [dict(row) for row in result.history],
+        "history_csv": str(history),
+        "mlflow_run_id": getattr(tracker, "run_id", None),
+    }

@@ -33,7 +33,8 @@ def acquire_command(
     dest: Optional[Path] = typer.Option(None, "--dest", help="Target folder (default: data/NAME)."),
     mirror: Optional[Path] = typer.Option(None, "--mirror", help="Folder holding NAME/ (default: $CAPTIONING_MIRROR)."),
     dvc: bool = typer.Option(
-        False, "--dvc/--no-dvc",
+        False,
+        "--dvc/--no-dvc",
         help="Afterwards `dvc add` the data folder. Off by default: inside `dvc repro` DVC holds its lock.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -131,8 +132,9 @@ def query_command(
     # Image ids are unique only within a dataset: a union names each record's dataset.
     several = len({record.dataset for record in records}) > 1
     if as_json:
-        print_json([{"dataset": record.dataset, **record.to_dict()} if several else record.to_dict()
-                    for record in records])
+        print_json(
+            [{"dataset": record.dataset, **record.to_dict()} if several else record.to_dict() for record in records]
+        )
         return
     counts: dict[str, int] = {}
     for record in records:

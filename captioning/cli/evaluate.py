@@ -49,8 +49,10 @@ def _show(result, as_json: bool, out: Optional[Path], report: Optional[Path], ti
         return
     for name, value in result.metrics.items():
         typer.echo(f"{name:>8}: {value:6.2f}")
-    typer.echo(f"{result.info.get('images')} images, {result.info.get('seconds')} s"
-               + (f"; report: {payload['report']}" if report else ""))
+    typer.echo(
+        f"{result.info.get('images')} images, {result.info.get('seconds')} s"
+        + (f"; report: {payload['report']}" if report else "")
+    )
 
 
 def _model_pairs(models: list[str]) -> dict[str, str]:
@@ -70,19 +72,31 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, "--data", help="Data query (default: params data.test_query)."),
         beam: Optional[int] = typer.Option(None, "--beam", help="Beam size (1: greedy; default params)."),
         max_length: Optional[int] = typer.Option(None, "--max-length"),
-        rerank: Optional[str] = typer.Option(None, "--rerank", help="none or consensus: how the beam's captions "
-                                             "are ordered (default: the model's decoding.rerank)."),
-        flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Also read each image mirrored left to "
-                                            "right, averaging both views (default: the model's decoding.flip)."),
-        neighbours: Optional[int] = typer.Option(None, "--neighbours", help="Consensus reranking also weighs the "
-                                                 "captions of this many nearest training images (0: none; "
-                                                 "default: the model's decoding.rerank_neighbours)."),
+        rerank: Optional[str] = typer.Option(
+            None,
+            "--rerank",
+            help="none or consensus: how the beam's captions are ordered (default: the model's decoding.rerank).",
+        ),
+        flip: Optional[bool] = typer.Option(
+            None,
+            "--flip/--no-flip",
+            help="Also read each image mirrored left to "
+            "right, averaging both views (default: the model's decoding.flip).",
+        ),
+        neighbours: Optional[int] = typer.Option(
+            None,
+            "--neighbours",
+            help="Consensus reranking also weighs the "
+            "captions of this many nearest training images (0: none; "
+            "default: the model's decoding.rerank_neighbours).",
+        ),
         batch_size: int = typer.Option(64, "--batch-size"),
         as_json: bool = typer.Option(False, "--json", help="Print metrics and details as JSON."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
         report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here."),
-        predictions_out: Optional[Path] = typer.Option(None, "--predictions-out",
-                                                       help="Write the captions (COCO results format)."),
+        predictions_out: Optional[Path] = typer.Option(
+            None, "--predictions-out", help="Write the captions (COCO results format)."
+        ),
     ) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
         from captioning.decoding import check_neighbours, check_rerank
@@ -95,8 +109,16 @@ def register(app: typer.Typer) -> None:
         except ValueError as error:
             fail(str(error))
         try:
-            result = evaluate_model(model, query, beam_size=beam, max_length=max_length, batch_size=batch_size,
-                                    rerank=rerank, flip=flip, neighbours=neighbours)
+            result = evaluate_model(
+                model,
+                query,
+                beam_size=beam,
+                max_length=max_length,
+                batch_size=batch_size,
+                rerank=rerank,
+                flip=flip,
+                neighbours=neighbours,
+            )
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
         if predictions_out:
@@ -124,15 +146,17 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
         models: list[str] = typer.Option(..., "--model", help="NAME=URI, repeatable."),
-        beams: Optional[list[int]] = typer.Option(None, "--beam", help="Beam sizes, repeatable "
-                                                  "(default params evaluate.beam_sizes)."),
+        beams: Optional[list[int]] = typer.Option(
+            None, "--beam", help="Beam sizes, repeatable (default params evaluate.beam_sizes)."
+        ),
         data: Optional[str] = typer.Option(None, "--data"),
         max_length: Optional[int] = typer.Option(None, "--max-length"),
         batch_size: int = typer.Option(64, "--batch-size"),
         out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: the reports folder."),
         as_json: bool = typer.Option(False, "--json"),
-        published: Optional[str] = typer.Option(None, "--published", help="Add the published results "
-                                                "on this dataset's test split (flickr8k)."),
+        published: Optional[str] = typer.Option(
+            None, "--published", help="Add the published results on this dataset's test split (flickr8k)."
+        ),
         stem: str = typer.Option("comparison", "--name", help="File name of the table, without suffix."),
     ) -> None:
         """Comparison table (Markdown + JSON) of models x decoding settings."""

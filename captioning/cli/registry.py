@@ -58,14 +58,17 @@ def register(app: typer.Typer) -> None:
     def register_command(
         model: Path = typer.Option(..., "--model", help="Model package folder."),
         metrics: Path = typer.Option(..., "--metrics", help="Test metrics JSON (percent)."),
-        data: Optional[str] = typer.Option(None, "--data", help="Query the metrics were computed on "
-                                           "(default: params data.test_query)."),
+        data: Optional[str] = typer.Option(
+            None, "--data", help="Query the metrics were computed on (default: params data.test_query)."
+        ),
         tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Log the model into this MLflow run."),
-        reevaluate: bool = typer.Option(True, "--reevaluate/--no-reevaluate",
-                                        help="Re-score the champion when it was scored on another query."),
-        fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help=f"Exit {GATE_FAILED_EXIT} when "
-                                          "the gates refuse the model."),
+        reevaluate: bool = typer.Option(
+            True, "--reevaluate/--no-reevaluate", help="Re-score the champion when it was scored on another query."
+        ),
+        fail_on_gate: bool = typer.Option(
+            False, "--fail-on-gate", help=f"Exit {GATE_FAILED_EXIT} when the gates refuse the model."
+        ),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Register a model version; promote it to champion only if it passes the metric gates."""
@@ -81,8 +84,9 @@ def register(app: typer.Typer) -> None:
             with registry.bounded_http_retries():
                 registry.check_server(registry.tracking_uri(tracking))
                 champion = _champion_metrics(query, tracking, reevaluate)
-                result = registry.register(model, values, query, tracking=tracking, run_id=run_id,
-                                           champion_metrics=champion)
+                result = registry.register(
+                    model, values, query, tracking=tracking, run_id=run_id, champion_metrics=champion
+                )
         except PackageError as error:
             fail(str(error))
         except registry.RegistryError as error:
@@ -116,8 +120,10 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             metrics = " ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
             aliases = ",".join(row["aliases"]) or "-"
-            typer.echo(f"v{row['version']:<4} {aliases:<18} {row['gate'] or '-':<7} {metrics}  "
-                       f"[{row['data_query']}] {row['created']}")
+            typer.echo(
+                f"v{row['version']:<4} {aliases:<18} {row['gate'] or '-':<7} {metrics}  "
+                f"[{row['data_query']}] {row['created']}"
+            )
 
     @group.command("rollback")
     def rollback_command(
@@ -135,5 +141,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(moved)
         else:
-            typer.echo(f"champion: version {moved['champion']} (was {moved['demoted']}); "
-                       f"previous: {moved['previous'] or 'none'}")
+            typer.echo(
+                f"champion: version {moved['champion']} (was {moved['demoted']}); "
+                f"previous: {moved['previous'] or 'none'}"
+            )

@@ -27,8 +27,9 @@ def _release(model: str, tracking: Optional[str], rebuild: bool = False):
 
 
 def register(app: typer.Typer) -> None:
-    stack = typer.Typer(help="The service as containers on this machine (API, 2 model servers, haproxy).",
-                        no_args_is_help=True)
+    stack = typer.Typer(
+        help="The service as containers on this machine (API, 2 model servers, haproxy).", no_args_is_help=True
+    )
     app.add_typer(stack, name="stack")
 
     @app.command("release")
@@ -104,5 +105,7 @@ def register(app: typer.Typer) -> None:
         elif not state["running"]:
             typer.echo("no stack is running")
         else:
-            typer.echo(f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
-                       f"API reports {state['served']}; replicas {state['replicas']}")
+            typer.echo(
+                f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
+                f"API reports {state['served']}; replicas {state['replicas']}"
+            )

@@ -50,7 +50,9 @@ def _check_selection(text: str) -> None:
 
 def features_command(
     query: str = typer.Argument(..., help="Data query, e.g. flickr8k[train+val]."),
-    encoder: Optional[str] = typer.Option(None, help="lite0, lite2, lite2_260 or lite2_320 (default: params features.encoder)."),
+    encoder: Optional[str] = typer.Option(
+        None, help="lite0, lite2, lite2_260 or lite2_320 (default: params features.encoder)."
+    ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder pass."),
     params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
 ) -> None:
@@ -72,14 +74,28 @@ def features_command(
         fail(str(error))
     start = time.perf_counter()
     try:
-        built = build_selection_features(groups, encoder, feat.get("dir"), batch_size or int(feat.get("batch_size", 32)))
+        built = build_selection_features(
+            groups, encoder, feat.get("dir"), batch_size or int(feat.get("batch_size", 32))
+        )
     except ImageError as error:
         fail(str(error), code=1)
-    stores = {dataset: {"store": str(store.root), "images": len({r.image_id for r in groups[dataset]}),
-                        "encoded": added, "stored": len(store)} for dataset, (store, added) in built.items()}
+    stores = {
+        dataset: {
+            "store": str(store.root),
+            "images": len({r.image_id for r in groups[dataset]}),
+            "encoded": added,
+            "stored": len(store),
+        }
+        for dataset, (store, added) in built.items()
+    }
     first = next(iter(stores.values()))
-    summary = {**first, "encoder": encoder, "images": sum(s["images"] for s in stores.values()),
-               "encoded": sum(s["encoded"] for s in stores.values()), "seconds": round(time.perf_counter() - start, 2)}
+    summary = {
+        **first,
+        "encoder": encoder,
+        "images": sum(s["images"] for s in stores.values()),
+        "encoded": sum(s["encoded"] for s in stores.values()),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
     if len(stores) > 1:
         summary["stores"] = stores
     print_json(summary)
@@ -150,8 +166,10 @@ def caption_command(
         results = captioner.caption([str(path) for path in images], beam_size=beam, max_length=max_length)
     except (ImageError, PackageError) as error:
         fail(str(error))
-    rows = [{"image": str(path), "caption": result["caption"], "alternatives": result["alternatives"]}
-            for path, result in zip(images, results)]
+    rows = [
+        {"image": str(path), "caption": result["caption"], "alternatives": result["alternatives"]}
+        for path, result in zip(images, results)
+    ]
     if as_json:
         print_json(rows)
     else:

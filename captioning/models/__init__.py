@@ -30,8 +30,18 @@ DEFAULTS: dict[str, Any] = {
 }
 _SIZES = ("embed_dim", "hidden_dim", "attention_dim", "layers", "heads", "ff_dim")
 
-__all__ = ["MODELS", "DEFAULTS", "CaptionModel", "Ensemble", "State", "build_model", "model_config",
-           "member_configs", "ensemble_members", "ensemble_config"]
+__all__ = [
+    "MODELS",
+    "DEFAULTS",
+    "CaptionModel",
+    "Ensemble",
+    "State",
+    "build_model",
+    "model_config",
+    "member_configs",
+    "ensemble_members",
+    "ensemble_config",
+]
 
 
 # Sections a member of `model.ensemble` may override for itself.
@@ -52,11 +62,15 @@ def ensemble_members(section: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(entry, str):
             entry = {"decoder": entry}
         if not isinstance(entry, dict) or "decoder" not in entry:
-            raise ValueError(f"a model.ensemble entry must be a decoder name or a mapping with `decoder`, got {entry!r}")
+            raise ValueError(
+                f"a model.ensemble entry must be a decoder name or a mapping with `decoder`, got {entry!r}"
+            )
         unknown = sorted(set(entry) - {"decoder", *MEMBER_SECTIONS})
         if unknown:
-            raise ValueError(f"model.ensemble entry {entry!r}: unknown keys {unknown} "
-                             f"(a member may set only {', '.join(MEMBER_SECTIONS)})")
+            raise ValueError(
+                f"model.ensemble entry {entry!r}: unknown keys {unknown} "
+                f"(a member may set only {', '.join(MEMBER_SECTIONS)})"
+            )
         overrides = {name: entry.get(name) or {} for name in MEMBER_SECTIONS}
         if not all(isinstance(value, dict) for value in overrides.values()):
             raise ValueError(f"model.ensemble entry {entry!r}: {' and '.join(MEMBER_SECTIONS)} must be mappings")
@@ -102,7 +116,9 @@ def model_config(config: dict[str, Any]) -> dict[str, Any]:
     if not 0.0 <= result["dropout"] < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {result['dropout']}")
     if decoder == "transformer" and result["hidden_dim"] % result["heads"]:
-        raise ValueError(f"model.hidden_dim ({result['hidden_dim']}) must be divisible by model.heads ({result['heads']})")
+        raise ValueError(
+            f"model.hidden_dim ({result['hidden_dim']}) must be divisible by model.heads ({result['heads']})"
+        )
     return result
 
 

@@ -62,8 +62,10 @@ class CaptionModel(nn.Module, abc.ABC):
             return self.init_state(features)
         k = rows_per_image(rows, features.size(0))
         shared = self.static_keys if self.shared_static else ()
-        return {key: value if key in shared else value.repeat_interleave(k, dim=0)
-                for key, value in self.init_state(features).items()}
+        return {
+            key: value if key in shared else value.repeat_interleave(k, dim=0)
+            for key, value in self.init_state(features).items()
+        }
 
     @abc.abstractmethod
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,14 +47,17 @@ class Ensemble(CaptionModel):
         return self._average(log_probs), aux
 
     def init_state(self, features: torch.Tensor) -> State:
-        return {f"{i}.{key}": value for i, member in enumerate(self.members)
-                for key, value in member.init_state(features).items()}
+        return {
+            f"{i}.{key}": value
+            for i, member in enumerate(self.members)
+            for key, value in member.init_state(features).items()
+        }
 
     def step(self, prev_tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         log_probs, weights, new_state = [], [], {}
         for i, member in enumerate(self.members):
             prefix = f"{i}."
-            own = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+            own = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
             member_log_probs, own, member_weights = member.step(prev_tokens, own)
             log_probs.append(member_log_probs.float())
             new_state.update({prefix + key: value for key, value in own.items()})
@@ -84,10 +87,11 @@ class View(CaptionModel):
 
     def _part(self, features: torch.Tensor) -> torch.Tensor:
         if features.size(1) % self.views:
-            raise ValueError(f"features of {self.views} views need a multiple of {self.views} positions, "
-                             f"got {features.size(1)}")
+            raise ValueError(
+                f"features of {self.views} views need a multiple of {self.views} positions, got {features.size(1)}"
+            )
         size = features.size(1) // self.views
-        return features[:, self.view * size: (self.view + 1) * size]
+        return features[:, self.view * size : (self.view + 1) * size]
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.member(self._part(features), tokens)

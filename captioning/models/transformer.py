@@ -95,8 +95,13 @@ class TransformerCaptioner(CaptionModel):
             cross = layer.multihead_attn
             # An image's k captions as one query sequence of k * T positions over its features.
             query = self._heads(cross, layer.norm2(x).reshape(images, k * length, width), 0)
-            attended, _ = self._attend(cross, query, self._heads(cross, memory, 1), self._heads(cross, memory, 2),
-                                       cross.dropout if self.training else 0.0)
+            attended, _ = self._attend(
+                cross,
+                query,
+                self._heads(cross, memory, 1),
+                self._heads(cross, memory, 2),
+                cross.dropout if self.training else 0.0,
+            )
             x = x + layer.dropout2(attended.reshape(rows, length, width))
             hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
             x = x + layer.dropout3(layer.linear2(hidden))
@@ -144,8 +149,13 @@ class TransformerCaptioner(CaptionModel):
         return projected.view(x.size(0), x.size(1), attention.num_heads, attention.head_dim).transpose(1, 2)
 
     @staticmethod
-    def _attend(attention: nn.MultiheadAttention, query: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(
+        attention: nn.MultiheadAttention,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled dot-product attention with the module's output projection; returns the
         output (B, Lq, D) and the weights (B, heads, Lq, Lk). `dropout` on the weights as
         nn.MultiheadAttention applies it in training (the returned weights are before it)."""

@@ -43,7 +43,10 @@ class UpDown(CaptionModel):
         features = self.project(self.prepare(features))
         zeros = features.new_zeros(features.size(0), self.config["hidden_dim"])
         return {
-            "h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros,
+            "h1": zeros,
+            "c1": zeros,
+            "h2": zeros,
+            "c2": zeros,
             "features": features,
             "feature_att": self.feature_att(features),  # the same at every step: computed once
             "pooled": features.mean(dim=1),

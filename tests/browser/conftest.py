@@ -6,18 +6,26 @@ import shutil
 
 import pytest
 
-from tests.integration import serving
+from harness import serving
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="session")
 def caption_service(tmp_path_factory, request):
     request.addfinalizer(serving.stop_all)
     model = serving.tiny_package(tmp_path_factory.mktemp("tiny-model"))
-    return serving.shared_service("default", model, tmp_path_factory.mktemp("service"),
-                                  {"CAPTIONING_RELOAD_TOKEN": "test-reload-token"})
+    return serving.shared_service(
+        "default", model, tmp_path_factory.mktemp("service"), {"CAPTIONING_RELOAD_TOKEN": "test-reload-token"}
+    )
 
 
 @pytest.fixture(scope="module")

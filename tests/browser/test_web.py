@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.integration.serving import synthetic_jpeg
+from harness.serving import synthetic_jpeg
 
 pytestmark = pytest.mark.browser
 
@@ -18,8 +18,12 @@ def test_upload_caption_attention_and_feedback(caption_service, page):
     from captioning.feedback import load_feedback
 
     image = synthetic_jpeg(seed=21)
-    expected = requests.post(caption_service.url + "/caption", files={"image": ("s.jpg", image, "image/jpeg")},
-                             data={"beam_size": 3, "max_length": 20}, timeout=60).json()
+    expected = requests.post(
+        caption_service.url + "/caption",
+        files={"image": ("s.jpg", image, "image/jpeg")},
+        data={"beam_size": 3, "max_length": 20},
+        timeout=60,
+    ).json()
 
     page.goto(caption_service.url + "/")
     assert page.title() == "Image captioning"

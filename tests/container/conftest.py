@@ -19,23 +19,26 @@ STACK_NAME = "captioning-test"
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess:
     captioning = Path(sys.executable).parent / "captioning"
-    return subprocess.run([str(captioning), *args], env=env, cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(captioning), *args], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> dict[str, str]:
     """Environment variables that point every step at this session's own folders."""
     home = tmp_path_factory.mktemp("container-workspace")
-    env = {**os.environ,
-           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"),
-           "CAPTIONING_STACK_DIR": str(home / "stack"),
-           "BENTOML_HOME": str(home / "bentoml"),
-           "PREFECT_HOME": str(home / "prefect"),
-           "CAPTIONING_IMAGE_REPO": IMAGE_REPO,
-           "CAPTIONING_STACK_NAME": STACK_NAME,
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"),
+        "CAPTIONING_STACK_DIR": str(home / "stack"),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "PREFECT_HOME": str(home / "prefect"),
+        "CAPTIONING_IMAGE_REPO": IMAGE_REPO,
+        "CAPTIONING_STACK_NAME": STACK_NAME,
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -43,10 +46,12 @@ def workspace(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory) -> list[Path]:
     """Two different tiny models: what versions 1 and 2 of the registry hold."""
-    from tests.fixtures.trained import train_tiny_model
+    from harness.trained import train_tiny_model
 
-    return [train_tiny_model(tmp_path_factory.mktemp("first"), decoder="attention", epochs=2),
-            train_tiny_model(tmp_path_factory.mktemp("second"), decoder="show_tell", epochs=2)]
+    return [
+        train_tiny_model(tmp_path_factory.mktemp("first"), decoder="attention", epochs=2),
+        train_tiny_model(tmp_path_factory.mktemp("second"), decoder="show_tell", epochs=2),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +61,7 @@ def photo() -> bytes:
     images = sorted((mirror / "flickr8k" / "images").glob("*.jpg"))[:1] if mirror else []
     if images:
         return images[0].read_bytes()
-    from tests.integration.serving import synthetic_jpeg
+    from harness.serving import synthetic_jpeg
 
     return synthetic_jpeg(seed=5)
 
@@ -65,8 +70,9 @@ def register(package: Path, env: dict[str, str], gates: dict | None = None):
     """Register `package` in the workspace's registry (no gates: promoted)."""
     from captioning.registry import register as register_version
 
-    return register_version(package, {"CIDEr": 10.0}, "synthetic[test]", gates=gates or {},
-                            tracking=env["MLFLOW_TRACKING_URI"], lineage={})
+    return register_version(
+        package, {"CIDEr": 10.0}, "synthetic[test]", gates=gates or {}, tracking=env["MLFLOW_TRACKING_URI"], lineage={}
+    )
 
 
 @pytest.fixture(scope="session")

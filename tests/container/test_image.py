@@ -44,8 +44,7 @@ def offline_container(first_release):
     """The image serving both services with no network at all and a read-only root file system."""
     name = "captioning-test-offline"
     podman("rm", "--force", name, check=False)
-    podman("run", "--detach", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/tmp",
-           first_release)
+    podman("run", "--detach", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/tmp", first_release)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if podman("exec", name, "python", "-m", "bento", "health", check=False).returncode == 0:
@@ -80,27 +79,41 @@ def test_release_is_a_bento_and_an_image_holding_the_version(first_release, work
     docs = [doc for doc in yaml.safe_load_all((folder / "kubernetes" / "rendered.yaml").read_text()) if doc]
     for doc in docs:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
-    images = {c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]
+    }
     assert images == {first_release}
     assert manifest["kubernetes"]["applied"] is False  # no kube context here
 
 
 def test_image_has_no_mlflow_and_one_torch(first_release):
-    probe = ("import importlib.util as u, json, torch; "
-             "print(json.dumps({m: u.find_spec(m) is not None for m in "
-             "['mlflow', 'prefect', 'timm', 'torchvision', 'dvc']} | {'torch': torch.__version__}))")
+    probe = (
+        "import importlib.util as u, json, torch; "
+        "print(json.dumps({m: u.find_spec(m) is not None for m in "
+        "['mlflow', 'prefect', 'timm', 'torchvision', 'dvc']} | {'torch': torch.__version__}))"
+    )
     result = podman("run", "--rm", "--network", "none", "--entrypoint", "python", first_release, "-c", probe)
     found = json.loads(result.stdout)
     assert found.pop("torch").endswith("+cpu")
     assert not any(found.values()), found
-    build_tools = podman("run", "--rm", "--network", "none", "--entrypoint", "sh", first_release, "-c",
-                         "command -v gcc cc pip pip3 || true").stdout
+    build_tools = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        first_release,
+        "-c",
+        "command -v gcc cc pip pip3 || true",
+    ).stdout
     assert build_tools.strip() == ""
 
 
 def test_offline_container_captions_a_photo_like_make_serve(offline_container, photo):
-    result = podman("exec", "--interactive", offline_container, "python", "-c", CLIENT,
-                    input=base64.b64encode(photo).decode())
+    result = podman(
+        "exec", "--interactive", offline_container, "python", "-c", CLIENT, input=base64.b64encode(photo).decode()
+    )
     answers = json.loads(result.stdout)
     status, body = answers["photo"]
     assert status == 200 and body["caption"] and body["model_version"] == "1"
@@ -111,8 +124,9 @@ def test_offline_container_captions_a_photo_like_make_serve(offline_container, p
 
 def test_container_is_non_root_read_only_and_checks_its_health(offline_container, first_release):
     assert podman("exec", offline_container, "id", "-u").stdout.strip() == "1034"
-    outside = podman("exec", offline_container, "sh", "-c", "touch /opt/bento/x /x /data/x 2>&1; echo $?",
-                     check=False).stdout
+    outside = podman(
+        "exec", offline_container, "sh", "-c", "touch /opt/bento/x /x /data/x 2>&1; echo $?", check=False
+    ).stdout
     assert "Read-only file system" in outside
     assert podman("exec", offline_container, "sh", "-c", "touch /tmp/x && echo ok").stdout.strip() == "ok"
     inspected = json.loads(podman("image", "inspect", first_release).stdout)[0]

@@ -16,8 +16,8 @@ import requests
 from captioning.config import PROJECT_ROOT
 from captioning.containers import image_exists, podman
 from captioning.traffic import RequestLoop
+from harness.serving import free_port
 from tests.container.conftest import IMAGE_REPO, STACK_NAME, register, run_cli
-from tests.integration.serving import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -45,8 +45,9 @@ def _free(port: int) -> bool:
 def stack(first_release, workspace):
     """`make up` (scripts/up.sh) on free ports; `make down` afterwards."""
     env = {**workspace, "PORT": str(free_block()), "PREFECT_PORT": str(free_port())}
-    up = subprocess.run(["bash", "scripts/up.sh"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
-                        timeout=900)
+    up = subprocess.run(
+        ["bash", "scripts/up.sh"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900
+    )
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
     yield env
     subprocess.run(["bash", "scripts/down.sh"], env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=300)
@@ -76,7 +77,9 @@ def wait_for_version(stack, version: str) -> float:
             return time.monotonic() - started
         time.sleep(1)
     watch_log = Path(stack["CAPTIONING_STACK_DIR"]) / "watch.log"
-    pytest.fail(f"version {version} not served within {ROLLOUT_SECONDS} s; watcher log:\n{watch_log.read_text()[-3000:]}")
+    pytest.fail(
+        f"version {version} not served within {ROLLOUT_SECONDS} s; watcher log:\n{watch_log.read_text()[-3000:]}"
+    )
 
 
 def roll(stack, photo, change) -> dict:
@@ -92,9 +95,15 @@ def roll(stack, photo, change) -> dict:
 def test_stack_runs_api_and_two_model_servers_apart(stack, photo):
     pods = podman("pod", "ps", "--format", "{{.Name}}").stdout.split()
     assert sorted(p for p in pods if p.startswith(STACK_NAME)) == [
-        f"{STACK_NAME}-api-s0", f"{STACK_NAME}-model-s0", f"{STACK_NAME}-model-s1"]
-    images = {podman("inspect", "--format", "{{.ImageName}}", f"{pod}-{pod.split('-')[-2]}").stdout.strip()
-              for pod in pods if pod.startswith(STACK_NAME)}
+        f"{STACK_NAME}-api-s0",
+        f"{STACK_NAME}-model-s0",
+        f"{STACK_NAME}-model-s1",
+    ]
+    images = {
+        podman("inspect", "--format", "{{.ImageName}}", f"{pod}-{pod.split('-')[-2]}").stdout.strip()
+        for pod in pods
+        if pod.startswith(STACK_NAME)
+    }
     assert images == {f"{IMAGE_REPO}:v1"}
     answer = requests.post(url(stack) + "/caption", files={"image": ("photo.jpg", photo)}, timeout=120)
     assert answer.status_code == 200 and answer.json()["caption"], answer.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration import serving
+from harness import serving
 
 RELOAD_TOKEN = "test-reload-token"
 API_KEY = "test-api-key"
@@ -20,7 +20,9 @@ def caption_service(tiny_model, tmp_path_factory, request):
     """The service with a tiny trained model, reload enabled, API key off."""
     request.addfinalizer(serving.stop_all)
     return serving.shared_service(
-        "default", tiny_model, tmp_path_factory.mktemp("service"),
+        "default",
+        tiny_model,
+        tmp_path_factory.mktemp("service"),
         {"CAPTIONING_RELOAD_TOKEN": RELOAD_TOKEN},
     )
 
@@ -40,7 +42,9 @@ def champion_service(tiny_model, tmp_path_factory, request):
     first = register(tiny_model, {"CIDEr": 10.0}, "synthetic[test]", gates={}, tracking=store, lineage={})
     assert first.promoted, first.message
     server = serving.shared_service(
-        "champion", "models:/captioner@champion", home,
+        "champion",
+        "models:/captioner@champion",
+        home,
         {"MLFLOW_TRACKING_URI": store, "CAPTIONING_POLL_SECONDS": "1", "CAPTIONING_API_KEY": API_KEY},
     )
     return server, store, first

@@ -107,8 +107,14 @@ def test_download_resumes_with_range_after_a_cut(tmp_path):
     blob = random.Random(0).randbytes(600_000)
     with ArchiveServer({"blob.bin": blob}) as server:
         server.cut_once.add("blob.bin")
-        path = download(server.url("blob.bin"), tmp_path / "blob.bin", hashlib.sha256(blob).hexdigest(),
-                        retries=2, backoff=0.01, progress=False)
+        path = download(
+            server.url("blob.bin"),
+            tmp_path / "blob.bin",
+            hashlib.sha256(blob).hexdigest(),
+            retries=2,
+            backoff=0.01,
+            progress=False,
+        )
 
     assert path.read_bytes() == blob
     assert not (tmp_path / "blob.bin.part").exists()
@@ -213,8 +219,9 @@ def test_acquire_flickr8k_over_http_resumes_verifies_and_is_idempotent(tmp_path)
     archives = make_archives("flickr8k", make_flickr8k(tmp_path / "fixture"))
     with ArchiveServer({name: data for name, data, _ in archives}) as server:
         server.cut_once.add("Flickr8k_Dataset.zip")
-        folder = acquire("flickr8k", progress=False, sources=as_sources(archives, server.url()),
-                         retries=2, backoff=0.01)
+        folder = acquire(
+            "flickr8k", progress=False, sources=as_sources(archives, server.url()), retries=2, backoff=0.01
+        )
         first = list(server.requests)
         again = acquire("flickr8k", progress=False, sources=as_sources(archives, server.url()))
         assert server.requests == first  # complete: nothing fetched again
@@ -228,7 +235,9 @@ def test_acquire_flickr8k_over_http_resumes_verifies_and_is_idempotent(tmp_path)
     marker = read_marker(folder)
     assert marker["method"] == "download"
     assert {a["filename"]: a["verified"] for a in marker["archives"]} == {
-        "Flickr8k_Dataset.zip": "sha256", "Flickr8k_text.zip": "sha256"}
+        "Flickr8k_Dataset.zip": "sha256",
+        "Flickr8k_text.zip": "sha256",
+    }
     dataset = load_dataset("flickr8k")
     assert len(dataset.records) == 8 and all(os.path.isfile(r.path) for r in dataset.records)
 
@@ -258,8 +267,11 @@ def test_acquire_copies_an_unpacked_mirror(tmp_path, monkeypatch):
     _read_only(mirror)
     monkeypatch.setenv("CAPTIONING_MIRROR", str(mirror))
     try:
-        folder = acquire("flickr8k", progress=False, sources=[
-            Archive("Flickr8k_Dataset.zip", f"http://127.0.0.1:{closed_port()}/Flickr8k_Dataset.zip")])
+        folder = acquire(
+            "flickr8k",
+            progress=False,
+            sources=[Archive("Flickr8k_Dataset.zip", f"http://127.0.0.1:{closed_port()}/Flickr8k_Dataset.zip")],
+        )
     finally:
         _read_only(mirror, writable=True)
 
@@ -290,14 +302,21 @@ def test_acquire_unpacks_a_mirror_of_official_archives(tmp_path):
 
 
 def test_acquire_mscoco_from_mirror_archives_reads_the_karpathy_split(tmp_path):
-    archives = make_archives("mscoco", make_mscoco(tmp_path / "fixture", karpathy=True, n_train=3, n_val=3, years=(2014, 2017)))
+    archives = make_archives(
+        "mscoco", make_mscoco(tmp_path / "fixture", karpathy=True, n_train=3, n_val=3, years=(2014, 2017))
+    )
     mirror = tmp_path / "mirror"
     (mirror / "mscoco").mkdir(parents=True)
     for name, data, _ in archives:
         (mirror / "mscoco" / name).write_bytes(data)
 
-    folder = acquire("mscoco", mirror=mirror, progress=False,
-                     sources=as_sources(archives, f"http://127.0.0.1:{closed_port()}"), retries=0)
+    folder = acquire(
+        "mscoco",
+        mirror=mirror,
+        progress=False,
+        sources=as_sources(archives, f"http://127.0.0.1:{closed_port()}"),
+        retries=0,
+    )
 
     assert {p.name for p in folder.iterdir()} >= {"annotations", "train2014", "val2014", "train2017", "val2017"}
     dataset = load_dataset("mscoco")
@@ -326,8 +345,12 @@ def test_acquire_refuses_a_mirror_archive_with_the_wrong_checksum(tmp_path):
     (mirror / archives[1][0]).write_bytes(damaged)
 
     with pytest.raises(AcquisitionError) as error:
-        acquire("flickr8k", mirror=tmp_path / "mirror", progress=False,
-                sources=as_sources(archives, f"http://127.0.0.1:{closed_port()}"))
+        acquire(
+            "flickr8k",
+            mirror=tmp_path / "mirror",
+            progress=False,
+            sources=as_sources(archives, f"http://127.0.0.1:{closed_port()}"),
+        )
     assert archives[1][2] in str(error.value) and hashlib.sha256(damaged).hexdigest() in str(error.value)
     assert (mirror / archives[1][0]).is_file()
     assert not (tmp_path / "data" / "flickr8k" / MARKER).exists()

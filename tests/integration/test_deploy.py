@@ -14,7 +14,7 @@ import requests
 import yaml
 
 from captioning.config import PROJECT_ROOT
-from tests.integration.serving import free_port
+from harness.serving import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,9 @@ def rendered_production() -> list[dict]:
         pytest.fail("kubectl is missing: run `make system-deps`")
     result = subprocess.run(
         [kubectl, "kustomize", str(DEPLOY / "overlays" / "production")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -109,8 +111,12 @@ def test_only_the_api_reaches_the_model_pods():
 
 
 def test_alert_rules_pass_promtool():
-    result = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 rules found" in result.stdout
 
@@ -153,9 +159,14 @@ def test_prometheus_scrapes_the_service(caption_service, tmp_path):
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
     process = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
@@ -164,9 +175,12 @@ def test_prometheus_scrapes_the_service(caption_service, tmp_path):
         while time.monotonic() < deadline and not (up and errors):
             time.sleep(1)
             try:
-                up = requests.get(f"{api}/query", params={"query": 'up{job="captioning"}'}, timeout=5).json()["data"]["result"]
-                errors = requests.get(f"{api}/query", params={"query": 'captioning_errors_total{kind="not_image"}'},
-                                      timeout=5).json()["data"]["result"]
+                up = requests.get(f"{api}/query", params={"query": 'up{job="captioning"}'}, timeout=5).json()["data"][
+                    "result"
+                ]
+                errors = requests.get(
+                    f"{api}/query", params={"query": 'captioning_errors_total{kind="not_image"}'}, timeout=5
+                ).json()["data"]["result"]
             except (requests.RequestException, KeyError, ValueError):
                 continue
         assert up and up[0]["value"][1] == "1", f"up={up}\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}"

@@ -26,8 +26,12 @@ STAGES = ["acquire", "validate", "features", "train", "evaluate", "register"]
 
 # Small settings: 48 + 16 + 16 synthetic images, a tiny decoder, one epoch, greedy decoding.
 SMALL = {
-    "data": {"dataset": "synthetic", "train_query": "synthetic[train]", "val_query": "synthetic[val]",
-             "test_query": "synthetic[test]"},
+    "data": {
+        "dataset": "synthetic",
+        "train_query": "synthetic[train]",
+        "val_query": "synthetic[val]",
+        "test_query": "synthetic[test]",
+    },
     "synthetic": {"train": 48, "val": 16, "test": 16, "image_size": 96},
     "features": {"batch_size": 16},
     "vocab": {"min_freq": 1},
@@ -53,20 +57,35 @@ LOCAL_STATE = {"data.dvc", "dvc.lock"}
 def _project_files() -> list[str]:
     """What a commit of the project holds: tracked files plus new files git does not ignore,
     without the checkout's own DVC state."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout
-    return [name for name in listed.split("\0")
-            if name and name not in LOCAL_STATE and (PROJECT_ROOT / name).is_file()]
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [name for name in listed.split("\0") if name and name not in LOCAL_STATE and (PROJECT_ROOT / name).is_file()]
 
 
 def _env(repo: Path) -> dict[str, str]:
     """The CLI of the copy (PYTHONPATH), its folders and MLflow store, the venv's commands first."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CAPTIONING_", "MLFLOW_", "PREFECT_")) and k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(repo), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", MLFLOW_DISABLE_TELEMETRY="true",
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com", OMP_NUM_THREADS="2")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CAPTIONING_", "MLFLOW_", "PREFECT_")) and k != "PYTHONPATH"
+    }
+    env.update(
+        PYTHONPATH=str(repo),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DO_NOT_TRACK="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        OMP_NUM_THREADS="2",
+    )
     return env
 
 

@@ -9,14 +9,13 @@ import pytest
 
 from captioning.config import data_dir
 from captioning.training import caption_data, load_split, train
-from tests.fixtures.trained import synthetic_data, tiny_params
+from harness.trained import synthetic_data, tiny_params
 
 pytestmark = pytest.mark.slow
 
 TRAIN_QUERY = "synthetic[train]-40+feedback"
 # Corrections for three held-out synthetic images; "teapot" and "kettle" are words no synthetic caption uses.
-CORRECTIONS = ["a teapot drawn beside the shapes", "a kettle and a teapot on a plain background",
-               "a small teapot"]
+CORRECTIONS = ["a teapot drawn beside the shapes", "a kettle and a teapot on a plain background", "a small teapot"]
 
 
 class Started:
@@ -36,8 +35,9 @@ def feedback_data() -> list:
     data_dir().mkdir(parents=True, exist_ok=True)
     (data_dir() / "synthetic").symlink_to(shared / "synthetic", target_is_directory=True)
     store = FeedbackStore()
-    stored = [store.add(Path(path).read_bytes(), caption, model_version="1")
-              for path, caption in zip(images, CORRECTIONS)]
+    stored = [
+        store.add(Path(path).read_bytes(), caption, model_version="1") for path, caption in zip(images, CORRECTIONS)
+    ]
     assert (data_dir() / "feedback" / "feedback.db").is_file()
     return stored
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.scoring import direct_scores
-
 from captioning.evaluation import METRICS, evaluate_predictions, meteor_process, save_predictions, score_details
+from tests.fixtures.scoring import direct_scores
 
 MIRROR = os.environ.get("CAPTIONING_MIRROR")
 FLICKR = Path(MIRROR) / "flickr8k" if MIRROR else None

@@ -72,7 +72,10 @@ def prefect_api(tmp_path_factory):
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -88,8 +91,9 @@ def prefect_api(tmp_path_factory):
                 pytest.fail(f"prefect server not ready: {(home / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
         os.environ["PREFECT_API_URL"] = url  # for subprocesses and settings read later
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home),
-                                 PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(home / "storage")}):
+        with temporary_settings(
+            {PREFECT_API_URL: url, PREFECT_HOME: str(home), PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(home / "storage")}
+        ):
             yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
@@ -105,8 +109,12 @@ def prefect_api(tmp_path_factory):
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """Data, artifacts, reports and an MLflow store shared by the scenarios that build on each other."""
     root = tmp_path_factory.mktemp("pipeline")
-    return {"data": root / "data", "artifacts": root / "artifacts", "reports": root / "reports",
-            "mlflow": root / "mlflow.db"}
+    return {
+        "data": root / "data",
+        "artifacts": root / "artifacts",
+        "reports": root / "reports",
+        "mlflow": root / "mlflow.db",
+    }
 
 
 def _use(monkeypatch, space: dict[str, Path]) -> str:
@@ -149,8 +157,15 @@ def _tree(flow_run_id, settle: float = 30.0) -> tuple[dict, list]:
                     flows.setdefault(client.read_flow(run.flow_id).name, []).append(run)
                 found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=frontier)))
                 tasks.extend(found)
-                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in found]))) if found else []
+                children = (
+                    client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(
+                            parent_task_run_id=FlowRunFilterParentTaskRunId(any_=[t.id for t in found])
+                        )
+                    )
+                    if found
+                    else []
+                )
                 frontier = [child.id for child in children]
             settled = all(t.state is not None and t.state.is_final() for t in tasks)
             if settled or time.monotonic() > deadline:
@@ -190,8 +205,16 @@ def test_full_run_promotes_and_every_step_completes(promoted_run):
     for name, runs in flows.items():
         assert [run.state.type.value for run in runs] == ["COMPLETED"], name
     names = _task_names(tasks)
-    assert {"acquire-dataset", "check-for-new-data", "validate-dataset", "build-features", "train-model",
-            "evaluate-model", "register-model", "record-training"} <= names
+    assert {
+        "acquire-dataset",
+        "check-for-new-data",
+        "validate-dataset",
+        "build-features",
+        "train-model",
+        "evaluate-model",
+        "register-model",
+        "record-training",
+    } <= names
     assert all(t.state.is_completed() for t in tasks), [(t.name, t.state.name) for t in tasks]
 
     versions = _versions(tracking)
@@ -335,8 +358,12 @@ def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypat
 def test_bad_data_stops_the_run_before_training(prefect_api, tmp_path, monkeypatch):
     from captioning.data.datasets import load_dataset
 
-    space = {"data": tmp_path / "data", "artifacts": tmp_path / "artifacts", "reports": tmp_path / "reports",
-             "mlflow": tmp_path / "mlflow.db"}
+    space = {
+        "data": tmp_path / "data",
+        "artifacts": tmp_path / "artifacts",
+        "reports": tmp_path / "reports",
+        "mlflow": tmp_path / "mlflow.db",
+    }
     tracking = _use(monkeypatch, space)
     dataset = load_dataset("synthetic")  # generated into the fresh data folder
     broken = Path(next(r.path for r in dataset.records if r.split == "train"))
@@ -358,8 +385,14 @@ def test_serve_creates_a_deployment_on_the_params_cron(prefect_api, tmp_path):
 
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
     log = open(tmp_path / "serve.log", "w")
-    served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve"], cwd=PROJECT_ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    served = subprocess.Popen(
+        [sys.executable, "-m", "flows.retrain", "--serve"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         deployment = None

@@ -46,8 +46,7 @@ def metrics(cider: float, bleu4: float = 20.0) -> dict[str, float]:
 
 
 def reg(package, uri, cider, bleu4=20.0, query=QUERY, **extra):
-    return registry.register(package, metrics(cider, bleu4), query, gates=GATES, tracking=uri,
-                             lineage=LINEAGE, **extra)
+    return registry.register(package, metrics(cider, bleu4), query, gates=GATES, tracking=uri, lineage=LINEAGE, **extra)
 
 
 def aliases(uri: str) -> dict[str, str]:
@@ -127,10 +126,27 @@ def test_racing_registrations_leave_consistent_aliases(tiny_model, store, tmp_pa
     for cider in (70.0, 60.0):
         path = tmp_path / f"metrics-{cider}.json"
         path.write_text(json.dumps({"metrics": metrics(cider)}))
-        procs.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "captioning"), "register", "--model", str(tiny_model), "--metrics",
-             str(path), "--data", QUERY, "--tracking-uri", store, "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy()))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "captioning"),
+                    "register",
+                    "--model",
+                    str(tiny_model),
+                    "--metrics",
+                    str(path),
+                    "--data",
+                    QUERY,
+                    "--tracking-uri",
+                    store,
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=os.environ.copy(),
+            )
+        )
     outcomes = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
@@ -189,12 +205,13 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     """evaluate_model on cached features -> HTML report -> registration gated on those numbers."""
     from captioning.evaluation import evaluate_model
     from captioning.report import write_report
-    from tests.fixtures.trained import VAL_QUERY, shared_dir, synthetic_data
+    from harness.trained import VAL_QUERY, shared_dir, synthetic_data
 
     # The validation images: training cached their features already, no encoder run here.
     with synthetic_data():
-        result = evaluate_model(str(tiny_model), VAL_QUERY, beam_size=3, attention_images=2,
-                                feature_dir=shared_dir() / "features")
+        result = evaluate_model(
+            str(tiny_model), VAL_QUERY, beam_size=3, attention_images=2, feature_dir=shared_dir() / "features"
+        )
     assert result.info["feature_seconds"] < 5
     assert set(result.predictions) == set(result.references) and len(result.predictions) == 16
     assert 0 < result.metrics["CIDEr"] and 0 < result.metrics["BLEU-1"] <= 100
@@ -206,11 +223,11 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     assert html.count('class="word"') == sum(len(a["words"]) for a in result.attention.values())
 
     gates = {"min": {"CIDEr": result.metrics["CIDEr"] + 1}}
-    refused = registry.register(tiny_model, result.metrics, VAL_QUERY, gates=gates, tracking=store,
-                                lineage=LINEAGE)
+    refused = registry.register(tiny_model, result.metrics, VAL_QUERY, gates=gates, tracking=store, lineage=LINEAGE)
     assert not refused.promoted and "CIDEr" in refused.reasons[0]
-    promoted = registry.register(tiny_model, result.metrics, VAL_QUERY, gates={"min": {"CIDEr": 1.0}},
-                                 tracking=store, lineage=LINEAGE)
+    promoted = registry.register(
+        tiny_model, result.metrics, VAL_QUERY, gates={"min": {"CIDEr": 1.0}}, tracking=store, lineage=LINEAGE
+    )
     assert promoted.promoted and aliases(store) == {CHAMPION: promoted.version}
 
 
@@ -220,8 +237,9 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
 @pytest.fixture()
 def mlflow_server(tmp_path, empty_db):
     shutil.copyfile(empty_db, tmp_path / "server.db")
-    server = MlflowServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts",
-                          tmp_path / "server.log").start(timeout=90)
+    server = MlflowServer(
+        f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", tmp_path / "server.log"
+    ).start(timeout=90)
     yield server.url
     server.stop()
 
@@ -251,12 +269,14 @@ def test_registry_cli_bad_input_and_empty_store(store, tmp_path):
     assert rolled.exit_code == 1 and "no 'previous' version" in rolled.output
     metrics_file = tmp_path / "metrics.json"
     metrics_file.write_text("[1, 2]")
-    missing = runner.invoke(app, ["register", "--model", str(tmp_path / "nope"), "--metrics", str(metrics_file),
-                                  "--tracking-uri", store])
+    missing = runner.invoke(
+        app, ["register", "--model", str(tmp_path / "nope"), "--metrics", str(metrics_file), "--tracking-uri", store]
+    )
     assert missing.exit_code == 2 and "not a model package folder" in missing.output
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "config.json").write_text("{}")
-    bad = runner.invoke(app, ["register", "--model", str(tmp_path / "pkg"), "--metrics", str(metrics_file),
-                              "--tracking-uri", store])
+    bad = runner.invoke(
+        app, ["register", "--model", str(tmp_path / "pkg"), "--metrics", str(metrics_file), "--tracking-uri", store]
+    )
     assert bad.exit_code == 2 and "expected a JSON object of metric values" in bad.output
     assert registry.list_versions(store) == []  # nothing was registered

@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
+from harness.serving import synthetic_jpeg
 from tests.integration.conftest import API_KEY, RELOAD_TOKEN
-from tests.integration.serving import synthetic_jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +61,11 @@ def test_caption_with_attention_maps(caption_service, jpeg_bytes):
 def test_same_image_same_caption_in_batch(caption_service, jpeg_bytes):
     single = post_image(caption_service, jpeg_bytes).json()["caption"]
     other = synthetic_jpeg(seed=11)
-    files = [("image", ("a.jpg", jpeg_bytes, "image/jpeg")), ("image", ("b.jpg", other, "image/jpeg")),
-             ("image", ("c.jpg", jpeg_bytes, "image/jpeg"))]
+    files = [
+        ("image", ("a.jpg", jpeg_bytes, "image/jpeg")),
+        ("image", ("b.jpg", other, "image/jpeg")),
+        ("image", ("c.jpg", jpeg_bytes, "image/jpeg")),
+    ]
     response = requests.post(caption_service.url + "/caption_batch", files=files, timeout=60)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
@@ -72,18 +75,42 @@ def test_same_image_same_caption_in_batch(caption_service, jpeg_bytes):
 
 TRUNCATED = synthetic_jpeg(seed=5)[:700]
 BAD_INPUTS = {
-    "non-image bytes": (dict(files={"image": ("notes.txt", b"just some text, not a picture" * 20, "text/plain")}), 415, "not an image"),
+    "non-image bytes": (
+        dict(files={"image": ("notes.txt", b"just some text, not a picture" * 20, "text/plain")}),
+        415,
+        "not an image",
+    ),
     "truncated jpeg": (dict(files={"image": ("cut.jpg", TRUNCATED, "image/jpeg")}), 422, "truncated"),
     "empty body": (dict(), 400, "no body"),
     "empty file": (dict(files={"image": ("empty.jpg", b"", "image/jpeg")}), 400, "empty"),
     "wrong field name": (dict(files={"picture": ("scene.jpg", synthetic_jpeg(1), "image/jpeg")}), 400, "'image'"),
     "only text fields": (dict(files={"beam_size": (None, "3")}), 400, "'image'"),
-    "over the size limit": (dict(files={"image": ("big.jpg", b"\xff\xd8\xff" + b"0" * (11 * 1024 * 1024), "image/jpeg")}), 413, "MB"),
+    "over the size limit": (
+        dict(files={"image": ("big.jpg", b"\xff\xd8\xff" + b"0" * (11 * 1024 * 1024), "image/jpeg")}),
+        413,
+        "MB",
+    ),
     "over the pixel limit": (dict(files={"image": ("huge.png", png_bytes(8000, 6000), "image/png")}), 413, "pixels"),
-    "beam size zero": (dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"beam_size": "0"}), 400, "beam_size"),
-    "beam size not a number": (dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"beam_size": "three"}), 400, "beam_size"),
-    "max length too long": (dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"max_length": "5000"}), 400, "max_length"),
-    "attention flag not boolean": (dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"return_attention": "maybe"}), 400, "return_attention"),
+    "beam size zero": (
+        dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"beam_size": "0"}),
+        400,
+        "beam_size",
+    ),
+    "beam size not a number": (
+        dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"beam_size": "three"}),
+        400,
+        "beam_size",
+    ),
+    "max length too long": (
+        dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"max_length": "5000"}),
+        400,
+        "max_length",
+    ),
+    "attention flag not boolean": (
+        dict(files={"image": ("s.jpg", synthetic_jpeg(1), "image/jpeg")}, data={"return_attention": "maybe"}),
+        400,
+        "return_attention",
+    ),
     "json instead of multipart": (dict(json={"image": "aGVsbG8="}), 415, "multipart"),
 }
 
@@ -121,8 +148,11 @@ def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
     response = requests.post(
         caption_service.url + "/feedback",
         files={"image": ("scene.jpg", jpeg_bytes, "image/jpeg")},
-        data={"caption": "  A corrected   caption of the scene ", "predicted_caption": predicted["caption"],
-              "model_version": predicted["model_version"]},
+        data={
+            "caption": "  A corrected   caption of the scene ",
+            "predicted_caption": predicted["caption"],
+            "model_version": predicted["model_version"],
+        },
         timeout=30,
     )
     assert response.status_code == 201, response.text
@@ -136,11 +166,19 @@ def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
     assert hashlib.sha256(kept).hexdigest() == stored["image_sha256"]
     assert Image.open(io.BytesIO(kept)).size == Image.open(io.BytesIO(jpeg_bytes)).size
 
-    missing = requests.post(caption_service.url + "/feedback", files={"image": ("s.jpg", jpeg_bytes, "image/jpeg")},
-                            data={"caption": "   "}, timeout=30)
+    missing = requests.post(
+        caption_service.url + "/feedback",
+        files={"image": ("s.jpg", jpeg_bytes, "image/jpeg")},
+        data={"caption": "   "},
+        timeout=30,
+    )
     assert missing.status_code == 400 and "caption" in missing.json()["error"]
-    not_image = requests.post(caption_service.url + "/feedback", files={"image": ("s.txt", b"hello", "text/plain")},
-                              data={"caption": "a cat"}, timeout=30)
+    not_image = requests.post(
+        caption_service.url + "/feedback",
+        files={"image": ("s.txt", b"hello", "text/plain")},
+        data={"caption": "a cat"},
+        timeout=30,
+    )
     assert not_image.status_code == 415
     assert len(load_feedback(caption_service.data_dir / "feedback").records) == len(dataset.records)
 
@@ -155,7 +193,9 @@ def test_metrics_expose_custom_series(caption_service, jpeg_bytes):
     assert "captioning_request_latency_seconds_bucket" in text
     assert "captioning_model_batch_size_bucket" in text
     assert "captioning_caption_length_words_count" in text
-    assert f'captioning_model_info{{source="{caption_service.env["CAPTIONING_MODEL"]}",version="{version}"}} 1.0' in text
+    assert (
+        f'captioning_model_info{{source="{caption_service.env["CAPTIONING_MODEL"]}",version="{version}"}} 1.0' in text
+    )
     assert "bentoml_service_request_total" in text  # BentoML's own metrics sit beside ours
 
 
@@ -174,9 +214,13 @@ def test_api_key(champion_service, caption_service, jpeg_bytes):
     url = server.url
     refused = post_image(server, jpeg_bytes)
     assert refused.status_code == 401 and "API key" in refused.json()["error"]
-    wrong = requests.post(url + "/caption", files={"image": ("s.jpg", jpeg_bytes)}, headers={"X-API-Key": "nope"}, timeout=30)
+    wrong = requests.post(
+        url + "/caption", files={"image": ("s.jpg", jpeg_bytes)}, headers={"X-API-Key": "nope"}, timeout=30
+    )
     assert wrong.status_code == 401
-    ok = requests.post(url + "/caption", files={"image": ("s.jpg", jpeg_bytes)}, headers={"X-API-Key": API_KEY}, timeout=60)
+    ok = requests.post(
+        url + "/caption", files={"image": ("s.jpg", jpeg_bytes)}, headers={"X-API-Key": API_KEY}, timeout=60
+    )
     assert ok.status_code == 200 and ok.json()["caption"]
     for health in ("/livez", "/readyz"):
         assert requests.get(url + health, timeout=10).status_code == 200
@@ -196,7 +240,9 @@ def test_bounded_load_without_errors(caption_service):
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
         files = {"image": ("s.jpg", images[index % len(images)], "image/jpeg")}
-        return session.post(caption_service.url + "/caption", files=files, data={"beam_size": 2}, timeout=60).status_code
+        return session.post(
+            caption_service.url + "/caption", files=files, data={"beam_size": 2}, timeout=60
+        ).status_code
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -223,8 +269,9 @@ def test_serves_the_champion_and_follows_a_new_one(champion_service, tiny_model)
         time.sleep(0.5)
         info = requests.get(server.url + "/model", headers=key, timeout=10).json()
     assert info["model_version"] == info["registry_version"] == str(second.version)
-    answer = requests.post(server.url + "/caption", files={"image": ("s.jpg", synthetic_jpeg(2), "image/jpeg")},
-                           headers=key, timeout=60).json()
+    answer = requests.post(
+        server.url + "/caption", files={"image": ("s.jpg", synthetic_jpeg(2), "image/jpeg")}, headers=key, timeout=60
+    ).json()
     assert answer["model_version"] == str(second.version)
     metrics = requests.get(server.url + "/metrics", headers=key, timeout=10).text
     assert f'version="{second.version}"}} 1.0' in metrics and f'version="{first.version}"}} 0.0' in metrics

@@ -17,7 +17,7 @@ import torch
 from captioning.config import PROJECT_ROOT
 from captioning.package import load_checkpoint, load_package
 from captioning.training import TrainingError, train
-from tests.fixtures.trained import held_out_features, synthetic_data, tiny_params, train_tiny_model
+from harness.trained import held_out_features, synthetic_data, tiny_params, train_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_images_and_cached_features_caption_alike(tiny_package):
     """Serving (image files through open_image/preprocess/encoder) matches training's cached features."""
     from captioning.data.query import select
     from captioning.predict import Captioner
-    from tests.fixtures.trained import TEST_QUERY
+    from harness.trained import TEST_QUERY
 
     ids, features, _ = held_out_features()
     with synthetic_data():
@@ -99,12 +99,13 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
     from captioning.features import FeatureStore
     from captioning.images import open_image
     from captioning.predict import Captioner
-    from tests.fixtures.trained import TEST_QUERY
+    from harness.trained import TEST_QUERY
 
     with synthetic_data():
         records = select(TEST_QUERY)
-        result = evaluate_model(tiny_package, TEST_QUERY, beam_size=3, flip=True, feature_dir=tmp_path,
-                                attention_images=2)
+        result = evaluate_model(
+            tiny_package, TEST_QUERY, beam_size=3, flip=True, feature_dir=tmp_path, attention_images=2
+        )
     paths = [record.path for record in records]
     captioner = Captioner.load(tiny_package)
     features = captioner.encode(paths[:4], flip=True)
@@ -124,8 +125,10 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
 
     from captioning.cli import app
 
-    runner, command = CliRunner(), ["evaluate", "--model", str(tiny_package), "--data", TEST_QUERY, "--beam", "3",
-                                    "--json"]
+    runner, command = (
+        CliRunner(),
+        ["evaluate", "--model", str(tiny_package), "--data", TEST_QUERY, "--beam", "3", "--json"],
+    )
     with synthetic_data(), pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
         flipped, alone = runner.invoke(app, [*command, "--flip"]), runner.invoke(app, [*command, "--no-flip"])
@@ -147,7 +150,7 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
     from captioning.neighbours import pool
     from captioning.package import PackageError
     from captioning.predict import Captioner
-    from tests.fixtures.trained import TEST_QUERY, TRAIN_QUERY, shared_dir
+    from harness.trained import TEST_QUERY, TRAIN_QUERY, shared_dir
 
     without = Captioner.load(tiny_package, with_encoder=False)
     assert without.memory is None and not (tiny_package / "neighbours.npz").exists()
@@ -193,7 +196,7 @@ def test_caption_command(tiny_package, tmp_path):
 
     from captioning.cli import app
     from captioning.data.query import select
-    from tests.fixtures.trained import TEST_QUERY
+    from harness.trained import TEST_QUERY
 
     with synthetic_data():
         images = [record.path for record in select(TEST_QUERY)[:2]]
@@ -222,8 +225,13 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps(params))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), "4"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]) == (0, 3, 3)  # mid-epoch
@@ -242,8 +250,9 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
     assert final_a["finished"] and final_b["finished"] and final_a["step"] == final_b["step"]
     assert final_a["model"].keys() == final_b["model"].keys()
     assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
-    strip = lambda history: [{k: v for k, v in h.items() if k not in ("captions_per_s", "data_time_share")}
-                             for h in history]
+    strip = lambda history: [
+        {k: v for k, v in h.items() if k not in ("captions_per_s", "data_time_share")} for h in history
+    ]
     assert strip(resumed.history) == strip(uninterrupted.history)
     best_a, _, _ = load_package(uninterrupted.package_dir)
     best_b, _, _ = load_package(resumed.package_dir)
@@ -289,8 +298,16 @@ def test_mlflow_tracking(tiny_package, tmp_path):
 
 def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
     # One cross-entropy epoch, then two self-critical ones; killed inside the first of those.
-    params = tiny_params("show_tell", epochs=1, batch_size=64, checkpoint_every=2,
-                         scst_epochs=2, scst_samples=4, scst_lr=1e-3, scst_top_k=5)
+    params = tiny_params(
+        "show_tell",
+        epochs=1,
+        batch_size=64,
+        checkpoint_every=2,
+        scst_epochs=2,
+        scst_samples=4,
+        scst_lr=1e-3,
+        scst_top_k=5,
+    )
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data() as data:
         uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
@@ -303,8 +320,13 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps(params))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"),
-                             str(xe_steps + 3)], env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(xe_steps + 3)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the first self-critical epoch
@@ -322,6 +344,7 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
 def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
     # Steps of 12 images with all 5 of their captions; killed mid-epoch and resumed.
     params = tiny_params("transformer", epochs=2, batch_size=64, checkpoint_every=3, captions_per_image=5)
+
     class Start:
         def on_train_start(self, info):
             self.info = info
@@ -339,8 +362,13 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
     params_file = tmp_path / "params.json"
     params_file.write_text(json.dumps(params))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(steps + 4)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(steps + 4)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the second epoch
@@ -351,8 +379,11 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
     assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
     assert [h["val_CIDEr"] for h in resumed.history] == [h["val_CIDEr"] for h in uninterrupted.history]
 
-    for bad, message in [({"captions_per_image": 65}, "1..batch_size"), ({"captions_per_image": -1}, "1..batch_size"),
-                         ({"finetune_blocks": 1}, "needs cached features")]:
+    for bad, message in [
+        ({"captions_per_image": 65}, "1..batch_size"),
+        ({"captions_per_image": -1}, "1..batch_size"),
+        ({"finetune_blocks": 1}, "needs cached features"),
+    ]:
         with synthetic_data(), pytest.raises(TrainingError, match=message):
             train({**params, "train": {**params["train"], **bad}}, out_dir=tmp_path / "bad", resume=False)
 
@@ -364,8 +395,12 @@ def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_
 
     seen = Info()
     with synthetic_data():
-        result = train(tiny_params("transformer", epochs=1, precision="bfloat16"), callbacks=[seen],
-                       out_dir=tmp_path / "bf16", resume=False)
+        result = train(
+            tiny_params("transformer", epochs=1, precision="bfloat16"),
+            callbacks=[seen],
+            out_dir=tmp_path / "bf16",
+            resume=False,
+        )
         assert seen.precision == "bfloat16"
         assert result.history[0]["val_CIDEr"] > 0 and math.isfinite(result.history[0]["train_loss"])
         model, _, _ = load_package(result.package_dir)
@@ -379,8 +414,7 @@ def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_
 def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
     # A learning rate of ~0 leaves the model as it was: epoch 2 is no better than epoch 1, and
     # with patience 1 the cross-entropy phase stops there, a planned epoch early.
-    params = tiny_params("show_tell", epochs=3, lr=1e-12, patience=1, scst_epochs=1, scst_samples=2,
-                         scst_lr=1e-3)
+    params = tiny_params("show_tell", epochs=3, lr=1e-12, patience=1, scst_epochs=1, scst_samples=2, scst_lr=1e-3)
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data():
         result = train(params, out_dir=tmp_path / "run", resume=False)
@@ -412,7 +446,10 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
     assert epochs == [(1, 0), (2, 0), (3, 1), (4, 1), (5, None)]
     assert result.best["member"] == "ensemble" and result.best["val_CIDEr"] > 0
     model, _, config = load_package(result.package_dir)
-    assert isinstance(model, Ensemble) and [m["decoder"] for m in config["model"]["members"]] == ["show_tell", "attention"]
+    assert isinstance(model, Ensemble) and [m["decoder"] for m in config["model"]["members"]] == [
+        "show_tell",
+        "attention",
+    ]
     history = history_from_checkpoint(tmp_path / "run" / "history.json")
     assert [row["member"] for row in history] == [0, 0, 1, 1, "ensemble"]
 

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from captioning.config import PROJECT_ROOT
-from tests.integration import serving
+from harness import serving
+from tests.fixtures.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures for this folder)
 
 INTERNAL_TOKEN = "robustness-internal-token"
 FEEDBACK_PER_MINUTE = 20

@@ -59,9 +59,17 @@ CASES = {
     "zip redirected link": ("late.zip", zip_of, REDIRECTED, "'c' points outside the target once later links"),
     "tar redirected link": ("late.tar", tar_of, REDIRECTED, "'c' points outside the target once later links"),
     "zip write through a redirected link": (
-        "late2.zip", zip_of, [("c", "d/.."), ("d", "."), ("c/x", b"!")], "'c/x' would be written outside"),
+        "late2.zip",
+        zip_of,
+        [("c", "d/.."), ("d", "."), ("c/x", b"!")],
+        "'c/x' would be written outside",
+    ),
     "tar write through a redirected link": (
-        "late2.tar", tar_of, [("c", "d/.."), ("d", "."), ("c/x", b"!")], "'c/x' would be written outside"),
+        "late2.tar",
+        tar_of,
+        [("c", "d/.."), ("d", "."), ("c/x", b"!")],
+        "'c/x' would be written outside",
+    ),
     "tar link loop": ("loop.tar", tar_of, [("p", "q"), ("q", "p"), ("p/x", b"!")], "too many levels of links"),
 }
 
@@ -85,8 +93,9 @@ def test_link_chains_that_leave_the_target_are_refused_before_writing(tmp_path, 
 
 def test_links_that_stay_inside_still_unpack(tmp_path):
     archive = tmp_path / "ok.zip"
-    archive.write_bytes(zip_of([("data/real.txt", b"content"), ("alias", "data"), ("alias/more.txt", b"more"),
-                                ("up", "data/..")]))
+    archive.write_bytes(
+        zip_of([("data/real.txt", b"content"), ("alias", "data"), ("alias/more.txt", b"more"), ("up", "data/..")])
+    )
     safe_extract(archive, tmp_path / "out")
     assert (tmp_path / "out" / "data" / "more.txt").read_bytes() == b"more"  # written through the link
     assert (tmp_path / "out" / "up" / "data" / "real.txt").read_bytes() == b"content"
@@ -106,9 +115,15 @@ def test_a_zip_bomb_is_refused_by_its_ratio_before_writing(tmp_path):
     with pytest.raises(AcquisitionError, match=r"bomb.zip: it unpacks \d+ bytes into \d+ \(ratio \d+, limit 100\)"):
         safe_extract(archive, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
-    record_figures("archive: zip bomb", {"archive_bytes": archive.stat().st_size,
-                                         "declared_bytes": RATIO_FLOOR + (16 << 20), "refused": True,
-                                         "files_written": 0})
+    record_figures(
+        "archive: zip bomb",
+        {
+            "archive_bytes": archive.stat().st_size,
+            "declared_bytes": RATIO_FLOOR + (16 << 20),
+            "refused": True,
+            "files_written": 0,
+        },
+    )
 
 
 def test_a_tar_gz_bomb_is_refused_once_its_headers_pass_the_limit(tmp_path):
@@ -138,8 +153,16 @@ def test_too_many_bytes_or_members_are_refused_before_writing(tmp_path):
 
 def test_an_archive_without_the_published_file_count_is_refused(tmp_path):
     archive = tmp_path / "Flickr8k_Dataset.zip"
-    archive.write_bytes(zip_of([("Flicker8k_Dataset/1.jpg", b"a"), ("Flicker8k_Dataset/2.jpg", b"b"),
-                                ("__MACOSX/Flicker8k_Dataset/._1.jpg", b"fork"), ("readme.txt", b"r")]))
+    archive.write_bytes(
+        zip_of(
+            [
+                ("Flicker8k_Dataset/1.jpg", b"a"),
+                ("Flicker8k_Dataset/2.jpg", b"b"),
+                ("__MACOSX/Flicker8k_Dataset/._1.jpg", b"fork"),
+                ("readme.txt", b"r"),
+            ]
+        )
+    )
     with pytest.raises(AcquisitionError, match=r"holds 2 files matching '\*.jpg', the published count is 3"):
         safe_extract(archive, tmp_path / "out", files=("*.jpg", 3))
     assert list((tmp_path / "out").iterdir()) == []
@@ -158,19 +181,32 @@ def test_acquire_checks_a_published_md5_and_a_file_count(tmp_path):
     archives = make_archives("flickr8k", make_flickr8k(tmp_path / "fixture"))
     mirror = _mirror_with(tmp_path, archives)
     md5 = {name: hashlib.md5(data).hexdigest() for name, data, _ in archives}
-    images = sum(1 for name in zipfile.ZipFile(io.BytesIO(archives[0][1])).namelist()
-                 if name.endswith(".jpg") and not name.startswith("__MACOSX"))
-    sources = [Archive(name, f"https://127.0.0.1:9/{name}", md5=md5[name],
-                       files=("*.jpg", images) if name == "Flickr8k_Dataset.zip" else None)
-               for name, _, _ in archives]
+    images = sum(
+        1
+        for name in zipfile.ZipFile(io.BytesIO(archives[0][1])).namelist()
+        if name.endswith(".jpg") and not name.startswith("__MACOSX")
+    )
+    sources = [
+        Archive(
+            name,
+            f"https://127.0.0.1:9/{name}",
+            md5=md5[name],
+            files=("*.jpg", images) if name == "Flickr8k_Dataset.zip" else None,
+        )
+        for name, _, _ in archives
+    ]
 
     folder = acquire("flickr8k", mirror=mirror, progress=False, sources=sources, retries=0)
     assert [entry["verified"] for entry in read_marker(folder)["archives"]] == ["md5", "md5"]
 
-    wrong = [Archive(s.filename, s.url, md5="0" * 32 if s.filename == "Flickr8k_text.zip" else s.md5, files=s.files)
-             for s in sources]
-    with pytest.raises(AcquisitionError, match=f"md5 mismatch for Flickr8k_text.zip: expected {'0' * 32}, "
-                                               f"got {md5['Flickr8k_text.zip']}"):
+    wrong = [
+        Archive(s.filename, s.url, md5="0" * 32 if s.filename == "Flickr8k_text.zip" else s.md5, files=s.files)
+        for s in sources
+    ]
+    with pytest.raises(
+        AcquisitionError,
+        match=f"md5 mismatch for Flickr8k_text.zip: expected {'0' * 32}, got {md5['Flickr8k_text.zip']}",
+    ):
         acquire("flickr8k", dest=tmp_path / "again", mirror=mirror, progress=False, sources=wrong, retries=0)
     assert not (tmp_path / "again" / MARKER).exists()
     assert (mirror / "flickr8k" / "Flickr8k_text.zip").is_file()  # a mirror's file is never deleted

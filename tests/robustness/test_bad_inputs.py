@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -48,8 +48,9 @@ def bomb_png() -> bytes:
     return buffer.getvalue()
 
 
-def upload(route: str, name: str, data: bytes, kind: str = "image/jpeg", options: dict | None = None,
-           field_name: str = "image") -> dict:
+def upload(
+    route: str, name: str, data: bytes, kind: str = "image/jpeg", options: dict | None = None, field_name: str = "image"
+) -> dict:
     """The multipart request for one file, with the caption /feedback needs."""
     fields = dict(options or {})
     if route == "/feedback":
@@ -67,30 +68,57 @@ def image_cases() -> list[Case]:
         "12 MB": (upload, ("big.jpg", b"\xff\xd8\xff" + bytes(12 * 2**20)), 413, "MB"),
         "decompression bomb": (upload, ("bomb.png", bomb_png(), "image/png"), 413, "pixels"),
     }
-    cases = [Case(kind, route, status, words, request=make(route, *args))
-             for kind, (make, args, status, words) in files.items() for route in IMAGE_ROUTES]
-    cases += [Case("JSON body", route, 415, "multipart", request={"json": {"image": "aGVsbG8="}})
-              for route in IMAGE_ROUTES]
+    cases = [
+        Case(kind, route, status, words, request=make(route, *args))
+        for kind, (make, args, status, words) in files.items()
+        for route in IMAGE_ROUTES
+    ]
+    cases += [
+        Case("JSON body", route, 415, "multipart", request={"json": {"image": "aGVsbG8="}}) for route in IMAGE_ROUTES
+    ]
     return cases
 
 
 def option_cases() -> list[Case]:
-    return [Case(f"beam {value}", route, 400, "beam_size",
-                 request=upload(route, "s.jpg", jpeg(), options={"beam_size": value}))
-            for value in ("1000", "-1", "0", "abc") for route in OPTION_ROUTES]
+    return [
+        Case(
+            f"beam {value}",
+            route,
+            400,
+            "beam_size",
+            request=upload(route, "s.jpg", jpeg(), options={"beam_size": value}),
+        )
+        for value in ("1000", "-1", "0", "abc")
+        for route in OPTION_ROUTES
+    ]
 
 
 def other_cases() -> list[Case]:
     return [
-        Case("600-char correction", "/feedback", 422, "characters",
-             request=upload("/feedback", "s.jpg", jpeg(), options={"caption": "a cat " * 100})),
-        Case("empty correction", "/feedback", 400, "caption",
-             request=upload("/feedback", "s.jpg", jpeg(), options={"caption": "   "})),
+        Case(
+            "600-char correction",
+            "/feedback",
+            422,
+            "characters",
+            request=upload("/feedback", "s.jpg", jpeg(), options={"caption": "a cat " * 100}),
+        ),
+        Case(
+            "empty correction",
+            "/feedback",
+            400,
+            "caption",
+            request=upload("/feedback", "s.jpg", jpeg(), options={"caption": "   "}),
+        ),
         *[Case("GET on a POST route", route, 405, "method", method="GET") for route in IMAGE_ROUTES],
         Case("traversal path", "/web/..%2F..%2Fservice.py", 404, "not found", method="GET", json_error=False),
         Case("traversal path", "/web/%2e%2e%2fpyproject.toml", 404, "not found", method="GET", json_error=False),
-        Case("17 images in a batch", "/caption_batch", 413, "at most 16",
-             request={"files": [("image", (f"{n}.jpg", jpeg(), "image/jpeg")) for n in range(17)]}),
+        Case(
+            "17 images in a batch",
+            "/caption_batch",
+            413,
+            "at most 16",
+            request={"files": [("image", (f"{n}.jpg", jpeg(), "image/jpeg")) for n in range(17)]},
+        ),
     ]
 
 
@@ -129,10 +157,16 @@ def test_bad_inputs_get_4xx_and_the_service_stays_up(hardened_service):
             wrong.append((case.kind, case.route, response.status_code, response.text[:200]))
 
     kinds = Counter(case.kind for case in cases)
-    record_figures("bad_inputs", {
-        "inputs": len(cases), "kinds": len(kinds), "per_kind": dict(kinds),
-        "unexpected_5xx": len(server_errors), "unexpected_answers": len(wrong),
-    })
+    record_figures(
+        "bad_inputs",
+        {
+            "inputs": len(cases),
+            "kinds": len(kinds),
+            "per_kind": dict(kinds),
+            "unexpected_5xx": len(server_errors),
+            "unexpected_answers": len(wrong),
+        },
+    )
     assert not server_errors, server_errors
     assert not wrong, wrong
     assert len(kinds) == 16

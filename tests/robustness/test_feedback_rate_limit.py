@@ -10,16 +10,20 @@ import time
 import pytest
 import requests
 
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import FEEDBACK_PER_MINUTE
 
 pytestmark = pytest.mark.robustness
 
 
 def send_feedback(url: str, client: str, image: bytes) -> requests.Response:
-    return requests.post(url + "/feedback", files={"image": ("scene.jpg", image, "image/jpeg")},
-                         data={"caption": "a red square on a blue background"},
-                         headers={"X-Forwarded-For": client}, timeout=30)
+    return requests.post(
+        url + "/feedback",
+        files={"image": ("scene.jpg", image, "image/jpeg")},
+        data={"caption": "a red square on a blue background"},
+        headers={"X-Forwarded-For": client},
+        timeout=30,
+    )
 
 
 def test_feedback_rate_limit(hardened_service):

@@ -24,7 +24,6 @@ from sqlalchemy.exc import DBAPIError
 
 from captioning.config import PROJECT_ROOT
 from captioning.feedback import MAX_BYTES_ENV, FeedbackError, FeedbackQuotaError, FeedbackStore
-from tests.fixtures.postgres import postgres_server, postgres_url  # noqa: F401 (pytest fixtures)
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -58,8 +57,12 @@ def photo(colour=(200, 30, 30)) -> bytes:
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
     exif[ExifTags.Base.Make] = "PhoneMaker"
-    exif[ExifTags.IFD.GPSInfo] = {ExifTags.GPS.GPSLatitudeRef: "N", ExifTags.GPS.GPSLatitude: (48.0, 51.0, 24.0),
-                                  ExifTags.GPS.GPSLongitudeRef: "E", ExifTags.GPS.GPSLongitude: (2.0, 21.0, 7.0)}
+    exif[ExifTags.IFD.GPSInfo] = {
+        ExifTags.GPS.GPSLatitudeRef: "N",
+        ExifTags.GPS.GPSLatitude: (48.0, 51.0, 24.0),
+        ExifTags.GPS.GPSLongitudeRef: "E",
+        ExifTags.GPS.GPSLongitude: (2.0, 21.0, 7.0),
+    }
     image = Image.new("RGB", (WIDTH, HEIGHT), colour)
     image.paste((20, 20, 220), (0, 0, 10, 10))  # a blue corner, to see where the top left went
     buffer = io.BytesIO()
@@ -102,9 +105,16 @@ def _with_threads(url: str, root: Path, image: bytes) -> list[dict]:
 def _with_processes(url: str, root: Path, image: bytes, tmp_path: Path) -> list[dict]:
     image_file, go = tmp_path / "upload.jpg", tmp_path / "go"
     image_file.write_bytes(image)
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, url, str(root), str(image_file), str(go), str(n)],
-                                cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for n in range(WRITERS)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, str(root), str(image_file), str(go), str(n)],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(WRITERS)
+    ]
     time.sleep(3)  # every writer imports and opens its store (creating the tables races here)
     go.touch()
     outcomes = []
@@ -148,9 +158,18 @@ def test_eight_writers_post_one_image(request, database, tmp_path, mode):
     assert len({row.image_sha256 for row in rows}) == 1 and all(Path(row.image_path).is_file() for row in rows)
     _check_one_clean_file(root, image)
     backend = "sqlite" if database.startswith("sqlite") else "postgresql"
-    record_figures(f"feedback: {WRITERS} {mode} post one image ({backend})", {
-        "writers": WRITERS, "accepted": len(accepted), "rows_stored": len(rows), "rows_lost": len(accepted) - len(rows),
-        "unexpected_exceptions": len(crashed), "image_files": 1, "exif_left": False})
+    record_figures(
+        f"feedback: {WRITERS} {mode} post one image ({backend})",
+        {
+            "writers": WRITERS,
+            "accepted": len(accepted),
+            "rows_stored": len(rows),
+            "rows_lost": len(accepted) - len(rows),
+            "unexpected_exceptions": len(crashed),
+            "image_files": 1,
+            "exif_left": False,
+        },
+    )
 
 
 def test_a_damaged_stored_file_is_written_again(tmp_path):
@@ -188,9 +207,16 @@ def test_bad_text_is_a_clear_feedback_error_on_postgresql(postgres_url, tmp_path
             store.add(photo(), **arguments)
         assert store.count() == 0 and not (tmp_path / "feedback" / "images").exists(), case  # nothing written
     assert store.add(photo(), "a red picture", model_version="7").id  # the same store still takes good input
-    record_figures("feedback: bad texts on PostgreSQL", {
-        "inputs": len(BAD_TEXT), "kinds": sorted(BAD_TEXT), "refused_with_feedback_error": len(BAD_TEXT),
-        "database_errors": 0, "rows_written": 0})
+    record_figures(
+        "feedback: bad texts on PostgreSQL",
+        {
+            "inputs": len(BAD_TEXT),
+            "kinds": sorted(BAD_TEXT),
+            "refused_with_feedback_error": len(BAD_TEXT),
+            "database_errors": 0,
+            "rows_written": 0,
+        },
+    )
 
 
 def test_postgresql_itself_refuses_nul_which_is_why_it_is_checked_first(postgres_url, tmp_path):
@@ -198,8 +224,13 @@ def test_postgresql_itself_refuses_nul_which_is_why_it_is_checked_first(postgres
     engine = create_engine(postgres_url)
     with pytest.raises((DBAPIError, ValueError)):
         with engine.begin() as connection:
-            connection.execute(text("INSERT INTO feedback (image_sha256, image_file, caption, created_at) "
-                                    "VALUES ('x', 'x.jpg', :caption, now())"), {"caption": "a\x00b"})
+            connection.execute(
+                text(
+                    "INSERT INTO feedback (image_sha256, image_file, caption, created_at) "
+                    "VALUES ('x', 'x.jpg', :caption, now())"
+                ),
+                {"caption": "a\x00b"},
+            )
 
 
 def test_the_quota_refuses_new_images_and_keeps_what_is_stored(tmp_path, monkeypatch):

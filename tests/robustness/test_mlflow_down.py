@@ -36,8 +36,8 @@ import requests
 from captioning import registry
 from captioning.config import PROJECT_ROOT
 from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from harness import serving
 from tests.fixtures.processes import BIN, MlflowServer, child_env, free_port, start, stop, tail, wait_for_http
-from tests.integration import serving
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -70,29 +70,43 @@ def scene(robust_model, tmp_path_factory):
     every second; the bento of version 1, built meanwhile."""
     root = tmp_path_factory.mktemp("mlflow-down")
     artifacts = root / "artifacts"
-    env = child_env(CAPTIONING_ARTIFACTS_DIR=str(artifacts), CAPTIONING_DATA_DIR=str(root / "data"),
-                    CAPTIONING_REPORTS_DIR=str(root / "reports"), BENTOML_HOME=str(root / "bentoml-build"))
+    env = child_env(
+        CAPTIONING_ARTIFACTS_DIR=str(artifacts),
+        CAPTIONING_DATA_DIR=str(root / "data"),
+        CAPTIONING_REPORTS_DIR=str(root / "reports"),
+        BENTOML_HOME=str(root / "bentoml-build"),
+    )
     for key in ("CAPTIONING_MODEL", "CAPTIONING_API_KEY", "MLFLOW_TRACKING_URI", *registry.HTTP_DEFAULTS):
         env.pop(key, None)  # the commands' own defaults, and no model but the one named
     bento = root / "captioning-v1.bento"
-    build = start([sys.executable, "-m", "bento", "build", "--package", str(robust_model), "--version", "1",
-                   "--out", str(bento)], root / "build.log", env, cwd=PROJECT_ROOT)
+    build = start(
+        [sys.executable, "-m", "bento", "build", "--package", str(robust_model), "--version", "1", "--out", str(bento)],
+        root / "build.log",
+        env,
+        cwd=PROJECT_ROOT,
+    )
     mlflow = MlflowServer(f"sqlite:///{root / 'mlflow.db'}", root / "mlflow-artifacts", root / "mlflow.log")
     service = None
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(artifacts))  # where resolve() caches downloads
         try:
             mlflow.start()
-            first = registry.register(robust_model, {"CIDEr": 10.0}, QUERY, gates={}, tracking=mlflow.url,
-                                      lineage={})
+            first = registry.register(robust_model, {"CIDEr": 10.0}, QUERY, gates={}, tracking=mlflow.url, lineage={})
             assert (first.version, first.promoted) == ("1", True), first.message
             cached = registry.resolve(f"models:/{NAME}/1", tracking=mlflow.url)
             # The service's MLflow client gives up on a dead server as the commands' does (MLflow's own
             # default retries for about four minutes), so each failed poll shows in its log.
-            service = serving.start_service(f"models:/{NAME}@{CHAMPION}", root / "service", {
-                "MLFLOW_TRACKING_URI": mlflow.url, "CAPTIONING_POLL_SECONDS": "1", "OMP_NUM_THREADS": "1",
-                "CAPTIONING_TORCH_THREADS": "1", **registry.HTTP_DEFAULTS,
-            })
+            service = serving.start_service(
+                f"models:/{NAME}@{CHAMPION}",
+                root / "service",
+                {
+                    "MLFLOW_TRACKING_URI": mlflow.url,
+                    "CAPTIONING_POLL_SECONDS": "1",
+                    "OMP_NUM_THREADS": "1",
+                    "CAPTIONING_TORCH_THREADS": "1",
+                    **registry.HTTP_DEFAULTS,
+                },
+            )
             assert build.wait(timeout=300) == 0, tail(root / "build.log")
             env["MLFLOW_TRACKING_URI"] = mlflow.url
             yield Scene(root, mlflow, service, robust_model, cached, bento, env)
@@ -106,16 +120,27 @@ def scene(robust_model, tmp_path_factory):
 def captioning(scene: Scene, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
     """Run the `captioning` command; (result, seconds taken)."""
     started = time.monotonic()
-    result = subprocess.run([str(BIN / "captioning"), *args], cwd=scene.root, env=scene.env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [str(BIN / "captioning"), *args], cwd=scene.root, env=scene.env, capture_output=True, text=True, timeout=timeout
+    )
     return result, time.monotonic() - started
 
 
 def register_args(scene: Scene, metrics: dict[str, float], folder: Path) -> list[str]:
     path = folder / "metrics.json"
     path.write_text(json.dumps(metrics))
-    return ["register", "--model", str(scene.package), "--metrics", str(path), "--data", QUERY,
-            "--tracking-uri", scene.mlflow.url, "--json"]
+    return [
+        "register",
+        "--model",
+        str(scene.package),
+        "--metrics",
+        str(path),
+        "--data",
+        QUERY,
+        "--tracking-uri",
+        scene.mlflow.url,
+        "--json",
+    ]
 
 
 def aliases(url: str) -> dict[str, str]:
@@ -143,8 +168,10 @@ def last_line(text: str) -> str:
 def watch(url: str, image: bytes, until: float, answers: list[int]) -> None:
     """Caption and check readiness in turn until `until`; every status (0: no answer) goes to `answers`."""
     while time.monotonic() < until:
-        for method, path, files in (("POST", "/caption", {"image": ("a.jpg", image, "image/jpeg")}),
-                                    ("GET", "/readyz", None)):
+        for method, path, files in (
+            ("POST", "/caption", {"image": ("a.jpg", image, "image/jpeg")}),
+            ("GET", "/readyz", None),
+        ):
             try:
                 answers.append(requests.request(method, url + path, files=files, timeout=30).status_code)
             except requests.RequestException:
@@ -165,14 +192,34 @@ def test_mlflow_stopped_serving_goes_on_and_a_model_server_starts_from_its_bento
     with tarfile.open(scene.bento) as archive:
         archive.extractall(unpacked, filter="data")
     port = free_port()
-    bento_env = child_env(MLFLOW_TRACKING_URI=scene.mlflow.url, BENTOML_HOME=str(tmp_path / "bentoml"),
-                          CAPTIONING_ARTIFACTS_DIR=str(tmp_path / "artifacts"),
-                          CAPTIONING_DATA_DIR=str(tmp_path / "data"), CAPTIONING_TORCH_THREADS="1")
+    bento_env = child_env(
+        MLFLOW_TRACKING_URI=scene.mlflow.url,
+        BENTOML_HOME=str(tmp_path / "bentoml"),
+        CAPTIONING_ARTIFACTS_DIR=str(tmp_path / "artifacts"),
+        CAPTIONING_DATA_DIR=str(tmp_path / "data"),
+        CAPTIONING_TORCH_THREADS="1",
+    )
     for key in ("CAPTIONING_MODEL", "CAPTIONING_API_KEY", "PYTHONPATH"):
         bento_env.pop(key, None)  # the bento's own code and model, as in its container
     log = tmp_path / "bento.log"
-    bento_server = start([sys.executable, "-m", "bento", "serve", "all", "--port", str(port), "--host", "127.0.0.1",
-                          "--bento", str(unpacked)], log, bento_env, cwd=unpacked / "src")
+    bento_server = start(
+        [
+            sys.executable,
+            "-m",
+            "bento",
+            "serve",
+            "all",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--bento",
+            str(unpacked),
+        ],
+        log,
+        bento_env,
+        cwd=unpacked / "src",
+    )
     try:
         answers: list[int] = []
         watcher = threading.Thread(target=watch, args=(scene.service.url, image, down_at + DOWN_SECONDS, answers))
@@ -181,9 +228,10 @@ def test_mlflow_stopped_serving_goes_on_and_a_model_server_starts_from_its_bento
         try:
             wait_for_http(bento_url + "/readyz", bento_server, log, timeout=150)
             ready_seconds = time.monotonic() - down_at
-            bento_answers = [requests.post(bento_url + "/caption", files={"image": ("b.jpg", image, "image/jpeg")},
-                                           timeout=60),
-                             requests.get(bento_url + "/model", timeout=60)]
+            bento_answers = [
+                requests.post(bento_url + "/caption", files={"image": ("b.jpg", image, "image/jpeg")}, timeout=60),
+                requests.get(bento_url + "/model", timeout=60),
+            ]
         finally:
             watcher.join()
         service_model = requests.get(scene.service.url + "/model", timeout=30)
@@ -211,9 +259,12 @@ def test_mlflow_stopped_serving_goes_on_and_a_model_server_starts_from_its_bento
     resolve_seconds = time.monotonic() - started
     assert (scene.cached / "weights.pt").read_bytes() == (scene.package / "weights.pt").read_bytes()
 
-    FIGURES.update(service_requests_while_down=len(answers), registry_polls_failed=polls_failed,
-                   bento_ready_seconds_with_mlflow_down=round(ready_seconds, 1),
-                   cached_package_resolve_seconds=round(resolve_seconds, 3))
+    FIGURES.update(
+        service_requests_while_down=len(answers),
+        registry_polls_failed=polls_failed,
+        bento_ready_seconds_with_mlflow_down=round(ready_seconds, 1),
+        cached_package_resolve_seconds=round(resolve_seconds, 3),
+    )
     record_figures("mlflow_down", FIGURES)
 
 
@@ -223,8 +274,10 @@ def test_a_registration_with_mlflow_down_fails_fast_and_succeeds_once_it_is_back
     failed, seconds = captioning(scene, *args)
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert failed.stdout == "" and "Traceback" not in failed.stderr, failed.stderr[-3000:]
-    assert last_line(failed.stderr) == f"error: cannot reach the MLflow tracking server at {scene.mlflow.url}: " \
-                                       "Connection refused"
+    assert (
+        last_line(failed.stderr) == f"error: cannot reach the MLflow tracking server at {scene.mlflow.url}: "
+        "Connection refused"
+    )
     assert seconds < FAIL_FAST_SECONDS
 
     scene.mlflow.start()  # the same backend store and artifact folder
@@ -238,8 +291,11 @@ def test_a_registration_with_mlflow_down_fails_fast_and_succeeds_once_it_is_back
     outcome = json.loads(done.stdout)
     assert (outcome["version"], outcome["promoted"], outcome["previous"]) == ("2", True, "1")
     assert aliases(scene.mlflow.url) == {CHAMPION: "2", PREVIOUS: "1"}
-    FIGURES.update(registrations_refused_while_down=1, failed_registration_seconds=round(seconds, 1),
-                   failed_registration_message=last_line(failed.stderr))
+    FIGURES.update(
+        registrations_refused_while_down=1,
+        failed_registration_seconds=round(seconds, 1),
+        failed_registration_message=last_line(failed.stderr),
+    )
     record_figures("mlflow_down", FIGURES)
 
 
@@ -247,8 +303,11 @@ def _lock_held(db: Path) -> bool:
     """The registry lock row, read straight from the server's sqlite database."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as connection:
-            return bool(connection.execute("SELECT count(*) FROM registered_models WHERE name = ?",
-                                           (f"{NAME}{LOCK_SUFFIX}",)).fetchone()[0])
+            return bool(
+                connection.execute(
+                    "SELECT count(*) FROM registered_models WHERE name = ?", (f"{NAME}{LOCK_SUFFIX}",)
+                ).fetchone()[0]
+            )
     except sqlite3.OperationalError:  # busy: the server is writing
         return False
 
@@ -261,8 +320,9 @@ def test_mlflow_killed_in_the_middle_of_a_registration(scene, tmp_path):
     args = register_args(scene, {"CIDEr": 70.0, "BLEU-4": 20.0}, tmp_path)
     out, err = tmp_path / "register.out", tmp_path / "register.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        proc = subprocess.Popen([str(BIN / "captioning"), *args], cwd=scene.root, env=scene.env, stdout=stdout,
-                                stderr=stderr)
+        proc = subprocess.Popen(
+            [str(BIN / "captioning"), *args], cwd=scene.root, env=scene.env, stdout=stdout, stderr=stderr
+        )
     try:
         # Kill the server once the registration holds the registry lock: its version exists, and
         # the aliases are about to move.
@@ -296,15 +356,23 @@ def test_mlflow_killed_in_the_middle_of_a_registration(scene, tmp_path):
     assert final.get(PREVIOUS) in (None, before[CHAMPION])
     assert outcome["promoted"] == (after_kill[CHAMPION] != new)  # 70 does not beat 70 by the margin
     with sqlite3.connect(f"file:{scene.db}?mode=ro", uri=True) as connection:  # no lock left behind
-        assert connection.execute("SELECT name FROM registered_models WHERE name LIKE ?",
-                                  (f"%{LOCK_SUFFIX}%",)).fetchall() == []
+        assert (
+            connection.execute("SELECT name FROM registered_models WHERE name LIKE ?", (f"%{LOCK_SUFFIX}%",)).fetchall()
+            == []
+        )
     assert retry_seconds < 90  # the dead holder's lock was broken at once, not after its 300 s lease
 
-    FIGURES.update(mid_registration={
-        "killed_while_holding_the_lock": in_lock, "exit_code": code, "message": message,
-        "aliases_after_kill": after_kill, "retry": outcome["message"], "aliases_after_retry": final,
-        "retry_seconds": round(retry_seconds, 1),
-    })
+    FIGURES.update(
+        mid_registration={
+            "killed_while_holding_the_lock": in_lock,
+            "exit_code": code,
+            "message": message,
+            "aliases_after_kill": after_kill,
+            "retry": outcome["message"],
+            "aliases_after_retry": final,
+            "retry_seconds": round(retry_seconds, 1),
+        }
+    )
     record_figures("mlflow_down", FIGURES)
 
 
@@ -333,8 +401,9 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
             registry.register(scene.package, {"CIDEr": 90.0}, QUERY, gates={}, tracking=url, lineage={})
     FIGURES["faults_injected"] += 1
     FIGURES["faults"].append("mlflow server killed (SIGKILL) between the two alias writes of a registration")
-    assert str(lost.value).startswith(f"cannot reach the MLflow tracking server at {url}: Connection refused "
-                                      f"(lost after creating version {new}")
+    assert str(lost.value).startswith(
+        f"cannot reach the MLflow tracking server at {url}: Connection refused (lost after creating version {new}"
+    )
 
     scene.mlflow.start()
     # `previous` was taken away first and `champion` had not moved: no alias is wrong, none skips.
@@ -345,6 +414,11 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
     assert again.promoted and again.previous == before[CHAMPION]
     assert assert_coherent(url, (again.version,)) == {CHAMPION: again.version, PREVIOUS: before[CHAMPION]}
     assert retry_seconds < 60  # its own abandoned lock was broken at once, not after the lease
-    FIGURES.update(between_alias_writes={"aliases_after_kill": {CHAMPION: before[CHAMPION]},
-                                         "retry": again.message, "retry_seconds": round(retry_seconds, 1)})
+    FIGURES.update(
+        between_alias_writes={
+            "aliases_after_kill": {CHAMPION: before[CHAMPION]},
+            "retry": again.message,
+            "retry_seconds": round(retry_seconds, 1),
+        }
+    )
     record_figures("mlflow_down", FIGURES)

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from bentoml.exceptions import BentoMLException
 
+from harness.serving import free_port
 from service import MODEL_CALL_ATTEMPTS, _may_retry, _model_failure
-from tests.integration.serving import free_port
 
 pytestmark = pytest.mark.robustness
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import requests
 
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import INTERNAL_TOKEN
 
 pytestmark = pytest.mark.robustness
@@ -38,15 +38,18 @@ def job(**options) -> dict:
 def reloads_counted(client: httpx.Client) -> float:
     """Successful reloads the model service has counted (its /metrics, open to Prometheus)."""
     text = client.get("/metrics").text
-    return sum(float(value) for value in
-               re.findall(r'^captioning_model_reloads_total\{[^}]*outcome="ok"[^}]*\} ([0-9.e+]+)$', text, re.M))
+    return sum(
+        float(value)
+        for value in re.findall(r'^captioning_model_reloads_total\{[^}]*outcome="ok"[^}]*\} ([0-9.e+]+)$', text, re.M)
+    )
 
 
 @pytest.mark.parametrize("route", ["/caption", "/info", "/reload", "/ready", "/docs.json"])
 def test_calls_without_the_token_are_refused(model_client, route):
     for headers in ({}, {"X-Captioning-Internal-Token": "a guess"}):
-        response = model_client.request("GET" if route.endswith(".json") else "POST", route,
-                                         json=job(beam_size=3), headers=headers)
+        response = model_client.request(
+            "GET" if route.endswith(".json") else "POST", route, json=job(beam_size=3), headers=headers
+        )
         assert response.status_code == 401, response.text
         assert "internal token" in response.json()["error"]
 
@@ -60,10 +63,17 @@ def test_unauthenticated_reload_does_not_reload(model_client):
     assert reloads_counted(model_client) == before + 1
 
 
-@pytest.mark.parametrize("options", [
-    {"beam_size": 1000}, {"beam_size": -1}, {"beam_size": 0}, {"beam_size": "abc"},
-    {"max_length": 61}, {"max_length": 0},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"beam_size": 1000},
+        {"beam_size": -1},
+        {"beam_size": 0},
+        {"beam_size": "abc"},
+        {"max_length": 61},
+        {"max_length": 0},
+    ],
+)
 def test_options_out_of_range_are_refused_even_with_the_token(model_client, options):
     response = model_client.post("/caption", json=job(**options), headers=TOKEN_HEADER)
     assert response.status_code == 400, response.text
@@ -77,8 +87,12 @@ def test_probes_and_metrics_stay_open(model_client):
 
 def test_the_api_sends_the_token(hardened_service):
     image = serving.synthetic_jpeg(seed=4)
-    answer = requests.post(hardened_service.url + "/caption", files={"image": ("a.jpg", image, "image/jpeg")},
-                           data={"beam_size": "3"}, timeout=60)
+    answer = requests.post(
+        hardened_service.url + "/caption",
+        files={"image": ("a.jpg", image, "image/jpeg")},
+        data={"beam_size": "3"},
+        timeout=60,
+    )
     assert answer.status_code == 200 and answer.json()["caption"], answer.text
     assert requests.get(hardened_service.url + "/model", timeout=30).status_code == 200
     assert requests.get(hardened_service.url + "/readyz", timeout=10).status_code == 200

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -44,8 +44,9 @@ def poll(url: str, stop: threading.Event, results: list, pause: float) -> None:
 
 def busy_batch(url: str, images: list[bytes]) -> int:
     files = [("image", (f"{n}.jpg", data, "image/jpeg")) for n, data in enumerate(images)]
-    answer = requests.post(url + "/caption_batch", files=files, data={"beam_size": "10", "max_length": "60"},
-                           timeout=300)
+    answer = requests.post(
+        url + "/caption_batch", files=files, data={"beam_size": "10", "max_length": "60"}, timeout=300
+    )
     return answer.status_code
 
 
@@ -55,8 +56,10 @@ def test_readyz_answers_while_the_model_is_busy(hardened_service):
     probes: list[tuple[int, float]] = []
     infos: list[tuple[int, float]] = []
     stop = threading.Event()
-    pollers = [threading.Thread(target=poll, args=(url + "/readyz", stop, probes, 0.2)),
-               threading.Thread(target=poll, args=(url + "/model", stop, infos, 0.1))]
+    pollers = [
+        threading.Thread(target=poll, args=(url + "/readyz", stop, probes, 0.2)),
+        threading.Thread(target=poll, args=(url + "/model", stop, infos, 0.1)),
+    ]
     started = time.perf_counter()
     with ThreadPoolExecutor(CLIENTS) as pool:
         batches = [pool.submit(busy_batch, url, images) for _ in range(CLIENTS)]
@@ -71,12 +74,19 @@ def test_readyz_answers_while_the_model_is_busy(hardened_service):
 
     assert statuses == [200] * CLIENTS
     latencies = [seconds for _, seconds in probes]
-    record_figures("readiness_under_load", {
-        "clients": CLIENTS, "images_per_request": IMAGES_PER_REQUEST, "beam_size": 10,
-        "busy_seconds": round(busy_seconds, 2), "readyz_probes": len(probes),
-        "readyz_max_s": round(max(latencies), 3), "readyz_median_s": round(statistics.median(latencies), 3),
-        "model_info_max_s": round(max(seconds for _, seconds in infos), 3),
-    })
+    record_figures(
+        "readiness_under_load",
+        {
+            "clients": CLIENTS,
+            "images_per_request": IMAGES_PER_REQUEST,
+            "beam_size": 10,
+            "busy_seconds": round(busy_seconds, 2),
+            "readyz_probes": len(probes),
+            "readyz_max_s": round(max(latencies), 3),
+            "readyz_median_s": round(statistics.median(latencies), 3),
+            "model_info_max_s": round(max(seconds for _, seconds in infos), 3),
+        },
+    )
     assert len(probes) >= 5, f"only {len(probes)} probes in {busy_seconds:.1f} s"
     assert all(status == 200 for status, _ in probes), probes
     assert max(latencies) < PROBE_BOUND_S, probes

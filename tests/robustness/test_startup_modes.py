@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 
 from captioning.config import PROJECT_ROOT
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import INTERNAL_TOKEN
 
 pytestmark = pytest.mark.robustness
@@ -31,18 +31,27 @@ AUTH_VARIABLES = ("CAPTIONING_API_KEY", "CAPTIONING_INTERNAL_TOKEN", "CAPTIONING
 def serve_until_exit(model: Path, home: Path, **settings: str) -> subprocess.CompletedProcess:
     """`bentoml serve` with only the given authentication settings; it is expected to exit."""
     env = {key: value for key, value in os.environ.items() if key not in AUTH_VARIABLES}
-    env.update(settings, CAPTIONING_MODEL=str(model), BENTOML_HOME=str(home / "bentoml"),
-               CAPTIONING_DATA_DIR=str(home / "data"), BENTOML_DO_NOT_TRACK="true", OMP_NUM_THREADS="1")
+    env.update(
+        settings,
+        CAPTIONING_MODEL=str(model),
+        BENTOML_HOME=str(home / "bentoml"),
+        CAPTIONING_DATA_DIR=str(home / "data"),
+        BENTOML_DO_NOT_TRACK="true",
+        OMP_NUM_THREADS="1",
+    )
     bentoml = Path(sys.executable).parent / "bentoml"
     command = [str(bentoml), "serve", "service:CaptionAPI", "--host", "127.0.0.1", "--port", str(serving.free_port())]
     return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=90)
 
 
-@pytest.mark.parametrize("settings, missing", [
-    ({"CAPTIONING_INTERNAL_TOKEN": INTERNAL_TOKEN}, "CAPTIONING_API_KEY"),
-    ({"CAPTIONING_API_KEY": API_KEY}, "CAPTIONING_INTERNAL_TOKEN"),
-    ({"CAPTIONING_ALLOW_NO_KEY": "0"}, "CAPTIONING_API_KEY"),
-])
+@pytest.mark.parametrize(
+    "settings, missing",
+    [
+        ({"CAPTIONING_INTERNAL_TOKEN": INTERNAL_TOKEN}, "CAPTIONING_API_KEY"),
+        ({"CAPTIONING_API_KEY": API_KEY}, "CAPTIONING_INTERNAL_TOKEN"),
+        ({"CAPTIONING_ALLOW_NO_KEY": "0"}, "CAPTIONING_API_KEY"),
+    ],
+)
 def test_production_refuses_to_start_without_keys(robust_model, tmp_path, settings, missing):
     result = serve_until_exit(robust_model, tmp_path, CAPTIONING_ENV="production", **settings)
     output = result.stdout + result.stderr
@@ -65,11 +74,20 @@ def test_production_run_open_on_purpose_says_so(hardened_service):
 def keyed_service(robust_model, tmp_path_factory):
     """Production as deployed: an API key and the internal token. Small bounds: two requests in
     flight, 100 kB per image, so uploads held at once are bounded by one full batch (1.6 MB)."""
-    server = serving.start_service(robust_model, tmp_path_factory.mktemp("keyed"), {
-        "CAPTIONING_ENV": "production", "CAPTIONING_API_KEY": API_KEY, "CAPTIONING_INTERNAL_TOKEN": INTERNAL_TOKEN,
-        "CAPTIONING_MAX_CONCURRENCY": "2", "CAPTIONING_MAX_UPLOAD_MB": "0.1", "CAPTIONING_INFLIGHT_UPLOAD_MB": "1",
-        "OMP_NUM_THREADS": "1", "CAPTIONING_TORCH_THREADS": "1",
-    })
+    server = serving.start_service(
+        robust_model,
+        tmp_path_factory.mktemp("keyed"),
+        {
+            "CAPTIONING_ENV": "production",
+            "CAPTIONING_API_KEY": API_KEY,
+            "CAPTIONING_INTERNAL_TOKEN": INTERNAL_TOKEN,
+            "CAPTIONING_MAX_CONCURRENCY": "2",
+            "CAPTIONING_MAX_UPLOAD_MB": "0.1",
+            "CAPTIONING_INFLIGHT_UPLOAD_MB": "1",
+            "OMP_NUM_THREADS": "1",
+            "CAPTIONING_TORCH_THREADS": "1",
+        },
+    )
     yield server
     server.stop()
 
@@ -90,8 +108,13 @@ def test_max_concurrency_answers_429(keyed_service):
     images = [("image", (f"{n}.jpg", serving.synthetic_jpeg(seed=n), "image/jpeg")) for n in range(16)]
 
     def slow_batch(_):
-        answer = requests.post(keyed_service.url + "/caption_batch", files=images, headers={"X-API-Key": API_KEY},
-                               data={"beam_size": "10", "max_length": "60"}, timeout=300)
+        answer = requests.post(
+            keyed_service.url + "/caption_batch",
+            files=images,
+            headers={"X-API-Key": API_KEY},
+            data={"beam_size": "10", "max_length": "60"},
+            timeout=300,
+        )
         return answer.status_code, answer.json()
 
     with ThreadPoolExecutor(6) as pool:
@@ -123,8 +146,13 @@ def test_uploads_held_at_once_are_bounded(keyed_service):
 
     def batch(delay: float) -> requests.Response:
         time.sleep(delay)
-        return requests.post(keyed_service.url + "/caption_batch", files=images, headers={"X-API-Key": API_KEY},
-                             data={"beam_size": "10", "max_length": "60"}, timeout=300)
+        return requests.post(
+            keyed_service.url + "/caption_batch",
+            files=images,
+            headers={"X-API-Key": API_KEY},
+            data={"beam_size": "10", "max_length": "60"},
+            timeout=300,
+        )
 
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(batch, (0.0, 0.3))

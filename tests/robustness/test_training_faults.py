@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from captioning.config import PROJECT_ROOT
-from tests.fixtures.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
+from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -27,8 +27,10 @@ pytestmark = pytest.mark.robustness
 
 def _strict_json(text: str):
     """json.loads that refuses NaN and Infinity, which Python writes but JSON does not allow."""
+
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -36,8 +38,17 @@ def _train_cli(tmp_path: Path, params: dict, *assignments: str) -> subprocess.Co
     """`captioning train` in a child process, on the process's shared synthetic data."""
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params), encoding="utf-8")
-    command = [sys.executable, "-m", "captioning.cli", "train", "--params", str(params_file), "--no-tracking",
-               "--out", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "captioning.cli",
+        "train",
+        "--params",
+        str(params_file),
+        "--no-tracking",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     for item in assignments:
         command += ["--set", item]
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(shared_dir() / "data"), "OMP_NUM_THREADS": "1"}
@@ -57,15 +68,19 @@ def features() -> Path:
     folder = shared_dir() / "features"
     with synthetic_data():
         for query in (TRAIN_QUERY, VAL_QUERY):
-            build_features(select(query), "lite0", folder / "lite0" / parse_query(query).dataset, 32,
-                           progress=False, num_workers=0)
+            build_features(
+                select(query), "lite0", folder / "lite0" / parse_query(query).dataset, 32, progress=False, num_workers=0
+            )
     return folder
 
 
-@pytest.mark.parametrize("batch_size, reason", [
-    (32, "NaN or inf in 20 steps in a row"),  # 25 steps an epoch: the run of skipped steps stops it
-    (64, "validation loss is nan"),  # 13 steps: the epoch ends, huge finite weights give NaN outputs
-])
+@pytest.mark.parametrize(
+    "batch_size, reason",
+    [
+        (32, "NaN or inf in 20 steps in a row"),  # 25 steps an epoch: the run of skipped steps stops it
+        (64, "validation loss is nan"),  # 13 steps: the epoch ends, huge finite weights give NaN outputs
+    ],
+)
 def test_a_diverging_run_stops_with_one_line_and_packages_nothing(features, tmp_path, batch_size, reason):
     params = tiny_params(epochs=1, batch_size=batch_size)
     done = _train_cli(tmp_path, params, "train.lr=1e30", "train.epochs=1")
@@ -76,14 +91,17 @@ def test_a_diverging_run_stops_with_one_line_and_packages_nothing(features, tmp_
     assert "lower train.lr" in lines[0] and "Traceback" not in done.stderr
     assert done.stdout == ""  # no JSON with NaN in it, no JSON at all
     assert not (tmp_path / "run" / "model").exists()  # nothing packaged
-    record_figures(f"training: lr 1e30, batch {batch_size}", {
-        "exit_code": done.returncode, "message": lines[0], "packages_written": 0})
+    record_figures(
+        f"training: lr 1e30, batch {batch_size}",
+        {"exit_code": done.returncode, "message": lines[0], "packages_written": 0},
+    )
 
 
 def test_a_rate_float32_cannot_hold_is_refused_before_training(features, tmp_path):
     done = _train_cli(tmp_path, tiny_params(epochs=1), "train.lr=1e40")
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "error: train.lr must be a positive number a float32 can hold, not 1e+40"]
+        "error: train.lr must be a positive number a float32 can hold, not 1e+40"
+    ]
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -98,8 +116,9 @@ def test_nan_features_skip_their_steps_and_the_run_finishes_with_finite_weights(
     source = FeatureStore.open(features / "lite0" / "synthetic")
     rows = source.get(source.ids).astype(np.float32)
     rows[source.ids.index(poisoned)] = np.nan
-    copy = FeatureStore.open_or_create(tmp_path / "features" / "lite0" / "synthetic", source.encoder,
-                                       source.positions, source.dim)
+    copy = FeatureStore.open_or_create(
+        tmp_path / "features" / "lite0" / "synthetic", source.encoder, source.positions, source.dim
+    )
     copy.append(source.ids, rows)
     copy.flush()
     params = tiny_params(epochs=1)
@@ -115,6 +134,13 @@ def test_nan_features_skip_their_steps_and_the_run_finishes_with_finite_weights(
     assert weights and all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history[0]["skipped_steps"] == best["skipped_steps"]
-    record_figures("training: NaN features of one image", {
-        "steps": best["step"], "skipped_steps": best["skipped_steps"], "exit_code": 0,
-        "nonfinite_weight_tensors": 0, "val_CIDEr": round(best["val_CIDEr"], 2)})
+    record_figures(
+        "training: NaN features of one image",
+        {
+            "steps": best["step"],
+            "skipped_steps": best["skipped_steps"],
+            "exit_code": 0,
+            "nonfinite_weight_tensors": 0,
+            "val_CIDEr": round(best["val_CIDEr"], 2),
+        },
+    )

@@ -18,7 +18,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from captioning.images import DECODE_SIDE, MAX_PIXELS, open_image
-from tests.integration import serving
+from harness import serving
 from tests.robustness.conftest import MemorySampler, record_figures, tree_rss
 
 pytestmark = pytest.mark.robustness
@@ -81,12 +81,20 @@ def test_ten_concurrent_40mp_uploads(hardened_service):
     assert all(status == 200 or 400 <= status < 500 for status in statuses), statuses
     assert hardened_service.process.poll() is None
     assert requests.get(hardened_service.url + "/livez", timeout=10).status_code == 200
-    record_figures("concurrent_40mp_uploads", {
-        "clients": CLIENTS, "pixels_per_image": SIZE[0] * SIZE[1],
-        "upload_bytes": [len(data) for data in uploads], "statuses": statuses,
-        "baseline_mb": round(baseline / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
-        "growth_mb": round(growth_mb, 1), "growth_bound_mb": GROWTH_BOUND_MB,
-        "samples": len(sampler.samples), "sample_period_s": 0.2,
-        "memory": "resident set size summed over the server's process tree (supervisor, API, model)",
-    })
+    record_figures(
+        "concurrent_40mp_uploads",
+        {
+            "clients": CLIENTS,
+            "pixels_per_image": SIZE[0] * SIZE[1],
+            "upload_bytes": [len(data) for data in uploads],
+            "statuses": statuses,
+            "baseline_mb": round(baseline / 2**20, 1),
+            "peak_mb": round(peak / 2**20, 1),
+            "growth_mb": round(growth_mb, 1),
+            "growth_bound_mb": GROWTH_BOUND_MB,
+            "samples": len(sampler.samples),
+            "sample_period_s": 0.2,
+            "memory": "resident set size summed over the server's process tree (supervisor, API, model)",
+        },
+    )
     assert growth_mb < GROWTH_BOUND_MB, f"the service grew by {growth_mb:.0f} MB"

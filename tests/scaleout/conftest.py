@@ -31,15 +31,21 @@ def prefect_api(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     env = child_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     env.pop("PREFECT_API_URL", None)
-    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   home / "server.log", env)
+    server = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env
+    )
     saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}
     try:
         wait_for_http(f"{url}/health", server, home / "server.log")
         os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))  # for children and settings read later
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home),
-                                 PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(home / "storage"),
-                                 PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        with temporary_settings(
+            {
+                PREFECT_API_URL: url,
+                PREFECT_HOME: str(home),
+                PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(home / "storage"),
+                PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore",
+            }
+        ):
             yield url
     finally:
         _drain_prefect_clients()

@@ -21,7 +21,7 @@ import pytest
 
 from captioning import registry
 from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
-from tests.fixtures.trained import train_tiny_model
+from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
@@ -76,8 +76,15 @@ def trained(server, tmp_path_factory) -> dict:
 
 
 def reg(trained, server, cider: float, name: str, bleu4: float = 20.0):
-    return registry.register(trained["package"], {"CIDEr": cider, "BLEU-4": bleu4}, QUERY, gates=GATES,
-                             tracking=server["url"], lineage=LINEAGE, name=name)
+    return registry.register(
+        trained["package"],
+        {"CIDEr": cider, "BLEU-4": bleu4},
+        QUERY,
+        gates=GATES,
+        tracking=server["url"],
+        lineage=LINEAGE,
+        name=name,
+    )
 
 
 def aliases(server, name: str) -> dict[str, str]:
@@ -98,8 +105,11 @@ def test_training_is_tracked_in_postgresql_with_artifacts_in_their_own_root(serv
     assert sql(server["database"], "SELECT version()")[0][0].startswith("PostgreSQL")
     stored = sql(server["database"], "SELECT status FROM runs WHERE run_uuid = :run", run=trained["run_id"])
     assert stored == [("FINISHED",)]
-    epochs = sql(server["database"], "SELECT count(*) FROM metrics WHERE run_uuid = :run AND key = 'val_CIDEr'",
-                 run=trained["run_id"])
+    epochs = sql(
+        server["database"],
+        "SELECT count(*) FROM metrics WHERE run_uuid = :run AND key = 'val_CIDEr'",
+        run=trained["run_id"],
+    )
     assert epochs == [(EPOCHS,)]
     on_disk = list(server["artifacts"].rglob(f"{trained['run_id']}/artifacts/model/weights.pt"))
     assert len(on_disk) == 1
@@ -115,19 +125,24 @@ def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained
     assert reg(trained, server, 40.0, name).reasons[0] == "CIDEr 40.00 < minimum 45.00"
     assert reg(trained, server, 61.2, name).reasons == ["CIDEr 61.20 does not beat the champion's 61.00 by 0.50"]
     assert aliases(server, name) == {CHAMPION: "2", PREVIOUS: "1"}
-    assert [row["gate"] for row in registry.list_versions(server["url"], name)] == ["passed", "passed", "failed",
-                                                                                    "failed"]
+    assert [row["gate"] for row in registry.list_versions(server["url"], name)] == [
+        "passed",
+        "passed",
+        "failed",
+        "failed",
+    ]
     assert service._registry_version(f"models:/{name}@{CHAMPION}") == "2"
     folder = registry.resolve(f"models:/{name}@{CHAMPION}")  # downloaded through the server
     assert (folder / "weights.pt").read_bytes() == (trained["package"] / "weights.pt").read_bytes()
 
     assert registry.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}
     assert service._registry_version(f"models:/{name}@{CHAMPION}") == "1"
-    rows = sql(server["database"], "SELECT alias, version FROM registered_model_aliases WHERE name = :name",
-               name=name)
+    rows = sql(server["database"], "SELECT alias, version FROM registered_model_aliases WHERE name = :name", name=name)
     assert rows == [(CHAMPION, 1)]
-    assert sql(server["database"], "SELECT name FROM registered_models WHERE name LIKE :lock",
-               lock=f"%{LOCK_SUFFIX}%") == []  # every lock released
+    assert (
+        sql(server["database"], "SELECT name FROM registered_models WHERE name LIKE :lock", lock=f"%{LOCK_SUFFIX}%")
+        == []
+    )  # every lock released
 
 
 def test_registrations_racing_from_two_machines_stay_consistent(server, trained, tmp_path):
@@ -139,10 +154,28 @@ def test_registrations_racing_from_two_machines_stay_consistent(server, trained,
         machine.mkdir()
         (machine / "metrics.json").write_text(json.dumps({"CIDEr": cider, "BLEU-4": 20.0}))
         env = child_env(CAPTIONING_ARTIFACTS_DIR=str(machine / "artifacts"), MLFLOW_TRACKING_URI=server["url"])
-        procs.append(subprocess.Popen(
-            [str(BIN / "captioning"), "register", "--model", str(trained["package"]), "--metrics", "metrics.json",
-             "--data", QUERY, "--tracking-uri", server["url"], "--json"],
-            cwd=machine, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "captioning"),
+                    "register",
+                    "--model",
+                    str(trained["package"]),
+                    "--metrics",
+                    "metrics.json",
+                    "--data",
+                    QUERY,
+                    "--tracking-uri",
+                    server["url"],
+                    "--json",
+                ],
+                cwd=machine,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outcomes = []
     for proc in procs:
         out, err = proc.communicate(timeout=240)
@@ -171,11 +204,17 @@ def test_a_held_lock_makes_a_registration_wait_and_a_dead_holders_lock_is_broken
     with registry.registry_lock(server["url"], name):
         owner = client.get_registered_model(f"{name}{LOCK_SUFFIX}").tags["owner"]
         assert owner.split(":")[1] == str(os.getpid())
-        proc = start([sys.executable, "-c", REGISTER, str(trained["package"]), server["url"], name, "70"],
-                     tmp_path / "register.log", child_env())
+        proc = start(
+            [sys.executable, "-c", REGISTER, str(trained["package"]), server["url"], name, "70"],
+            tmp_path / "register.log",
+            child_env(),
+        )
         # The version is created outside the lock; the aliases wait for it.
-        wait_until(lambda: len(registry.list_versions(server["url"], name)) == 2 or proc.poll() is not None, 120,
-                   "second version")
+        wait_until(
+            lambda: len(registry.list_versions(server["url"], name)) == 2 or proc.poll() is not None,
+            120,
+            "second version",
+        )
         time.sleep(2.0)
         assert proc.poll() is None, tail(tmp_path / "register.log")
         assert aliases(server, name) == {CHAMPION: "1"}
@@ -186,6 +225,10 @@ def test_a_held_lock_makes_a_registration_wait_and_a_dead_holders_lock_is_broken
     # A holder that died: its lease is over, so the next one breaks the lock and goes on.
     client.create_registered_model(f"{name}{LOCK_SUFFIX}", tags={"owner": "gone:1:dead", "expires": "0"})
     assert registry.rollback(server["url"], name)["champion"] == "1"
-    assert sql(server["database"], "SELECT name FROM registered_models WHERE name LIKE :lock",
-               lock=f"{name}{LOCK_SUFFIX}%") == []
+    assert (
+        sql(
+            server["database"], "SELECT name FROM registered_models WHERE name LIKE :lock", lock=f"{name}{LOCK_SUFFIX}%"
+        )
+        == []
+    )
     stop(proc)

@@ -21,7 +21,7 @@ import pytest
 
 from captioning.config import PROJECT_ROOT
 from flows.deployment import KUBERNETES_TEMPLATE, deploy_retrain, ensure_work_pool
-from tests.fixtures.trained import shared_dir
+from harness.trained import shared_dir
 from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
@@ -71,27 +71,40 @@ def test_worker_executes_the_deployment_on_schedule_and_from_the_api(prefect_api
     from prefect.schedules import Interval
 
     ensure_work_pool(POOL, "process")
-    folders = {"CAPTIONING_DATA_DIR": str(shared_dir() / "data"),
-               "CAPTIONING_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-               "CAPTIONING_REPORTS_DIR": str(tmp_path / "reports"), "OMP_NUM_THREADS": "1",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    folders = {
+        "CAPTIONING_DATA_DIR": str(shared_dir() / "data"),
+        "CAPTIONING_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "CAPTIONING_REPORTS_DIR": str(tmp_path / "reports"),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     # Ahead enough for the server's scheduler (it looks at new deployments every 5 s) to create the run.
     fires_at = datetime.now(timezone.utc) + timedelta(seconds=15)
     # The synthetic features other tests cached already are reused (the same images).
     overrides = TINY + [f"features.dir={shared_dir() / 'features'}"]
-    deployment_id = deploy_retrain(POOL, {"params_file": None, "overrides": overrides},
-                                   [Interval(timedelta(hours=1), anchor_date=fires_at)], {"env": folders}, name=NAME)
+    deployment_id = deploy_retrain(
+        POOL,
+        {"params_file": None, "overrides": overrides},
+        [Interval(timedelta(hours=1), anchor_date=fires_at)],
+        {"env": folders},
+        name=NAME,
+    )
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
     assert deployment.work_pool_name == POOL and deployment.entrypoint == "flows/retrain.py:retrain_flow"
-    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                      {"directory": str(PROJECT_ROOT)}}]
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}
+    ]
 
-    worker = start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1"], tmp_path / "worker.log",
-                   child_env(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2"))
+    worker = start(
+        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1"],
+        tmp_path / "worker.log",
+        child_env(PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="2"),
+    )
     try:
-        scheduled = wait_until(lambda: [run for run in deployment_runs(deployment_id) if finished(run)], 300,
-                               "finished scheduled run")[0]
+        scheduled = wait_until(
+            lambda: [run for run in deployment_runs(deployment_id) if finished(run)], 300, "finished scheduled run"
+        )[0]
         assert scheduled.state.is_completed(), (scheduled.state.message, tail(tmp_path / "worker.log"))
         assert scheduled.auto_scheduled and abs(scheduled.expected_start_time - fires_at) < timedelta(seconds=1)
         assert scheduled.state.message.startswith("version 1 promoted")
@@ -147,8 +160,13 @@ def test_kubernetes_job_template_is_what_the_worker_expects_and_renders_a_valid_
     assert used <= set(template["variables"]["properties"])
     WorkPoolCreate(name="gpu", type="kubernetes", base_job_template=template)  # Prefect's own checks
 
-    values = {"name": "retrain-run", "command": "prefect flow-run execute", "gpu": 1,
-              "image": "registry.example/captioning:1.0", "labels": {"prefect.io/flow-run-id": "0"}}
+    values = {
+        "name": "retrain-run",
+        "command": "prefect flow-run execute",
+        "gpu": 1,
+        "image": "registry.example/captioning:1.0",
+        "labels": {"prefect.io/flow-run-id": "0"},
+    }
     jsonschema.validate(values, template["variables"])
     job = render_job(template, values)
     kubernetes_validate.validate(job, "1.30", strict=True)
@@ -165,13 +183,23 @@ def test_kubernetes_pool_and_deployment_are_accepted_by_the_server(prefect_api):
     from prefect import get_client
 
     ensure_work_pool("scaleout-kubernetes", "kubernetes")
-    deployment_id = deploy_retrain("scaleout-kubernetes", {"params_file": None, "overrides": []},
-                                   job_variables={"gpu": 1}, image="registry.example/captioning:1.0", name="k8s")
+    deployment_id = deploy_retrain(
+        "scaleout-kubernetes",
+        {"params_file": None, "overrides": []},
+        job_variables={"gpu": 1},
+        image="registry.example/captioning:1.0",
+        name="k8s",
+    )
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool("scaleout-kubernetes")
         deployment = client.read_deployment(deployment_id)
     assert pool.type == "kubernetes" and pool.base_job_template == json.loads(KUBERNETES_TEMPLATE.read_text())
     assert deployment.job_variables == {"gpu": 1, "image": "registry.example/captioning:1.0"}
     with pytest.raises(Exception, match="gpu"):  # a negative GPU count breaks the template's schema
-        deploy_retrain("scaleout-kubernetes", {"params_file": None, "overrides": []}, job_variables={"gpu": -1},
-                       image="registry.example/captioning:1.0", name="k8s-bad")
+        deploy_retrain(
+            "scaleout-kubernetes",
+            {"params_file": None, "overrides": []},
+            job_variables={"gpu": -1},
+            image="registry.example/captioning:1.0",
+            name="k8s-bad",
+        )

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from captioning.features import SHARD_DONE, SHARD_LOCK, SHARDS_DIR, FeatureStore
-from tests.fixtures.trained import shared_dir, synthetic_data
+from harness.trained import shared_dir, synthetic_data
 from tests.fixtures.processes import child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
@@ -50,6 +50,7 @@ def shard_folder(store: Path, shard: int) -> Path | None:
 
 def kill_when_running(store: Path, shard: int) -> int:
     """SIGKILL the worker process encoding `shard` (the pid in its lock file) before it finishes."""
+
     def running() -> int | None:
         folder = shard_folder(store, shard)
         if folder is None or (folder / SHARD_DONE).exists() or not (folder / SHARD_LOCK).exists():
@@ -68,8 +69,9 @@ def flow_runs(name: str) -> list:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])),
-                                     sort=FlowRunSort.START_TIME_ASC)
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[name])), sort=FlowRunSort.START_TIME_ASC
+        )
 
 
 def shard_task_runs(flow_run_id) -> list:
@@ -87,11 +89,22 @@ def test_shards_build_one_cache_in_parallel_and_a_killed_shard_reruns_alone(pref
 
     root = tmp_path / "features"
     store = root / "lite0" / "synthetic"
-    env = child_env(CAPTIONING_DATA_DIR=str(shared_dir() / "data"),
-                    # A worker that dies fails its task at once, as a lost machine would.
-                    DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0")
-    command = [sys.executable, "-m", "flows.features", QUERY, "--shards", str(SHARDS), *SETTINGS,
-               "--set", f"features.dir={root}"]
+    env = child_env(
+        CAPTIONING_DATA_DIR=str(shared_dir() / "data"),
+        # A worker that dies fails its task at once, as a lost machine would.
+        DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "flows.features",
+        QUERY,
+        "--shards",
+        str(SHARDS),
+        *SETTINGS,
+        "--set",
+        f"features.dir={root}",
+    ]
     first = start(command, tmp_path / "first.log", env, cwd=PROJECT_ROOT)
     try:
         killed = kill_when_running(store, 1)

@@ -28,7 +28,7 @@ import yaml
 from captioning.config import autocast_dtype
 from captioning.package import load_checkpoint
 from captioning.training import RANKS_FILE, backend_for, needs_grad_scaler, train, weights_digest
-from tests.fixtures.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
+from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
 from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
 pytestmark = pytest.mark.scaleout
@@ -68,11 +68,24 @@ def launch(folder: Path, out: Path):
     params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_for(folder)))
     (folder / "audit").mkdir(exist_ok=True)
-    env = child_env(CAPTIONING_DATA_DIR=str(shared_dir() / "data"), CAPTIONING_ARTIFACTS_DIR=str(folder / "artifacts"),
-                    WRITE_AUDIT_WATCH=str(out), WRITE_AUDIT_LOG=str(folder / "audit"))
+    env = child_env(
+        CAPTIONING_DATA_DIR=str(shared_dir() / "data"),
+        CAPTIONING_ARTIFACTS_DIR=str(folder / "artifacts"),
+        WRITE_AUDIT_WATCH=str(out),
+        WRITE_AUDIT_LOG=str(folder / "audit"),
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env["PYTHONPATH"]])  # audit/sitecustomize.py
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "captioning"), "train",
-               "--params", str(params_file), "--out", str(out)]
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(BIN / "captioning"),
+        "train",
+        "--params",
+        str(params_file),
+        "--out",
+        str(out),
+    ]
     return start(command, folder / "torchrun.log", env)
 
 
@@ -162,8 +175,12 @@ def test_killed_ddp_run_resumes_to_the_same_weights(ddp_run, tmp_path):
     out = tmp_path / "out"
     proc = launch(tmp_path, out)
     try:
-        wait_until(lambda: (out / "checkpoint.pt").is_file() or proc.poll() is not None, 240,
-                   "checkpoint from the two-rank run", interval=0.05)
+        wait_until(
+            lambda: (out / "checkpoint.pt").is_file() or proc.poll() is not None,
+            240,
+            "checkpoint from the two-rank run",
+            interval=0.05,
+        )
     finally:
         stop(proc, signal.SIGKILL)  # torchrun and both ranks at once, no clean-up
     killed = load_checkpoint(out / "checkpoint.pt")

@@ -43,7 +43,8 @@ def test_frequencies_round_trip_keeps_every_weight(vocab, frequencies):
         assert restored.vector(ids(vocab, caption)) == frequencies.vector(ids(vocab, caption))
     references = [[ids(vocab, c) for c in refs] for refs in TRAINING]
     assert CiderD(references, restored).score(0, ids(vocab, "a dog runs")) == pytest.approx(
-        CiderD(references).score(0, ids(vocab, "a dog runs")))
+        CiderD(references).score(0, ids(vocab, "a dog runs"))
+    )
 
 
 def test_consensus_ranks_the_outlier_last(vocab, frequencies):
@@ -56,12 +57,15 @@ def test_consensus_ranks_the_outlier_last(vocab, frequencies):
 
 
 def test_rerank_puts_the_caption_the_beam_agrees_on_first(vocab, frequencies):
-    beam = [Hypothesis(ids(vocab, text), score, score) for text, score in [
-        ("a man rides a bike", -1.0),  # most probable, but alone in what it says
-        ("a dog runs on the grass", -2.0),
-        ("a brown dog runs on grass", -2.5),
-        ("a dog runs on grass", -3.0),
-    ]]
+    beam = [
+        Hypothesis(ids(vocab, text), score, score)
+        for text, score in [
+            ("a man rides a bike", -1.0),  # most probable, but alone in what it says
+            ("a dog runs on the grass", -2.0),
+            ("a brown dog runs on grass", -2.5),
+            ("a dog runs on grass", -3.0),
+        ]
+    ]
     reranked = rerank_by_consensus(beam, frequencies)
     assert sorted(map(id, reranked)) == sorted(map(id, beam))
     assert reranked[-1] is beam[0] and reranked[0] is not beam[0]
@@ -71,11 +75,14 @@ def test_rerank_puts_the_caption_the_beam_agrees_on_first(vocab, frequencies):
 
 
 def test_a_share_of_the_beam_score_pulls_the_choice_back_toward_the_likelier_caption(vocab, frequencies):
-    beam = [Hypothesis(ids(vocab, text), score, score) for text, score in [
-        ("a dog runs on the grass", -1.0),
-        ("a brown dog runs on grass", -4.0),
-        ("a dog runs on grass", -1.2),
-    ]]
+    beam = [
+        Hypothesis(ids(vocab, text), score, score)
+        for text, score in [
+            ("a dog runs on the grass", -1.0),
+            ("a brown dog runs on grass", -4.0),
+            ("a dog runs on grass", -1.2),
+        ]
+    ]
     agreement = consensus([h.tokens for h in beam], frequencies)
     assert rerank_by_consensus(beam, frequencies, score_weight=0.0)[0] is beam[max(range(3), key=agreement.__getitem__)]
     # Each caption's agreement plus the weight times its beam score decides.
@@ -109,8 +116,9 @@ def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, 
         assert sorted(options) == sorted(a["caption"] for a in after["alternatives"])
         agreement = consensus([vocab.encode(text) for text in options], captioner.frequencies)
         assert after["caption"] == options[max(range(len(options)), key=agreement.__getitem__)]
-    assert captioner.caption_features(features, beam_size=1) == captioner.caption_features(features, beam_size=1,
-                                                                                           rerank="none")
+    assert captioner.caption_features(features, beam_size=1) == captioner.caption_features(
+        features, beam_size=1, rerank="none"
+    )
 
     # Without the frequencies, or with a damaged file, consensus is refused, not silently skipped.
     bare = save_package(tmp_path / "bare", model, vocab, config)
@@ -128,15 +136,21 @@ def test_captioner_adds_the_packaged_share_of_the_beam_score(tmp_path, vocab, fr
     torch.manual_seed(0)
     model_config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
     model = build_model(model_config, len(vocab), 32)
-    decoding = {"beam_size": 4, "max_length": 6, "rerank": "consensus", "length_penalty": 0.7,
-                "rerank_score_weight": 100.0}
+    decoding = {
+        "beam_size": 4,
+        "max_length": 6,
+        "rerank": "consensus",
+        "length_penalty": 0.7,
+        "rerank_score_weight": 100.0,
+    }
     config = {"model": model_config, "encoder": "lite0", "feature_dim": 32, "decoding": decoding}
     folder = save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies)
     captioner = Captioner.load(folder, with_encoder=False)
     assert captioner.score_weight == 100.0
     features = torch.randn(3, 5, 32)
     # At a weight this large the beam score decides: the beam's own best caption comes first.
-    assert [r["caption"] for r in captioner.caption_features(features)] == \
-        [r["caption"] for r in captioner.caption_features(features, rerank="none")]
+    assert [r["caption"] for r in captioner.caption_features(features)] == [
+        r["caption"] for r in captioner.caption_features(features, rerank="none")
+    ]
     with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
         Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank_score_weight": -1}})

@@ -125,8 +125,12 @@ def test_acquire_from_a_mirror_then_list(tmp_path):
 
     rows = json.loads(run("list", "--json").stdout)
     row = next(row for row in rows if row["name"] == "flickr8k")
-    assert row == {"name": "flickr8k", "splits": ["train", "val", "test"], "acquired": True,
-                   "path": str(data_dir() / "flickr8k")}
+    assert row == {
+        "name": "flickr8k",
+        "splits": ["train", "val", "test"],
+        "acquired": True,
+        "path": str(data_dir() / "flickr8k"),
+    }
     assert "flickr8k" in run("list").stdout
 
 

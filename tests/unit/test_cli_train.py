@@ -8,17 +8,20 @@ from typer.testing import CliRunner
 from captioning.cli import app
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--set", "train.lrr=1", "--no-tracking"], "unknown param key 'train.lrr'"),
-    (["train", "--set", "nosection.x=1", "--no-tracking"], "unknown param key 'nosection.x'"),
-    (["train", "--set", "train.lr", "--no-tracking"], "section.key=value"),
-    (["train", "--data", "synthetic[trian]", "--no-tracking"], "no split 'trian'"),
-    (["train", "--data", "nodata[train]", "--no-tracking"], "unknown dataset 'nodata'"),
-    (["features", "synthetic[train"], "bad query"),
-    (["features", "synthetic[train]", "--encoder", "resnet"], "unknown encoder 'resnet'"),
-    (["features", "synthetic[train]+"], "expected a query after '+'"),
-    (["features", "synthetic[train]+nodata"], "unknown dataset 'nodata'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--set", "train.lrr=1", "--no-tracking"], "unknown param key 'train.lrr'"),
+        (["train", "--set", "nosection.x=1", "--no-tracking"], "unknown param key 'nosection.x'"),
+        (["train", "--set", "train.lr", "--no-tracking"], "section.key=value"),
+        (["train", "--data", "synthetic[trian]", "--no-tracking"], "no split 'trian'"),
+        (["train", "--data", "nodata[train]", "--no-tracking"], "unknown dataset 'nodata'"),
+        (["features", "synthetic[train"], "bad query"),
+        (["features", "synthetic[train]", "--encoder", "resnet"], "unknown encoder 'resnet'"),
+        (["features", "synthetic[train]+"], "expected a query after '+'"),
+        (["features", "synthetic[train]+nodata"], "unknown dataset 'nodata'"),
+    ],
+)
 def test_bad_usage_exits_2_with_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2

@@ -103,7 +103,9 @@ def test_mscoco_without_karpathy_uses_the_official_split(tmp_path):
 
 
 def test_mscoco_prefers_2014_and_reads_2017_alone(tmp_path):
-    both = load_dataset("mscoco", make_mscoco(tmp_path / "both", karpathy=False, n_train=2, n_val=4, years=(2014, 2017)))
+    both = load_dataset(
+        "mscoco", make_mscoco(tmp_path / "both", karpathy=False, n_train=2, n_val=4, years=(2014, 2017))
+    )
     assert _sizes(both) == {"train": 2, "val": 4}
     assert len({r.image_id for r in both.records}) == 6
 

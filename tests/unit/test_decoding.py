@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.reference import reference_beam_search
 from captioning.decoding import BANNED, beam_search, greedy
 from captioning.models import MODELS, build_model
 from captioning.models.base import CaptionModel
 from captioning.vocab import BOS, EOS
+from harness.reference import reference_beam_search
 
 torch.set_num_threads(1)
 
@@ -58,7 +58,12 @@ def test_beam_search_matches_reference(decoder):
     """Several batch sizes, beam sizes, length penalties and EOS propensities."""
     lengths, finished = set(), set()
     for eos_bias, batch, beam, penalty in [
-        (0.0, 1, 2, 0.0), (2.0, 3, 3, 0.0), (2.0, 5, 4, 0.7), (4.0, 4, 2, 1.0), (1.0, 2, 5, 0.0), (3.0, 6, 1, 0.0),
+        (0.0, 1, 2, 0.0),
+        (2.0, 3, 3, 0.0),
+        (2.0, 5, 4, 0.7),
+        (4.0, 4, 2, 1.0),
+        (1.0, 2, 5, 0.0),
+        (3.0, 6, 1, 0.0),
         (2.5, 12, 3, 0.5),  # images settle at different steps, some left in the batch, some dropped
     ]:
         model = random_model(decoder, seed=batch, eos_bias=eos_bias)
@@ -160,5 +165,7 @@ def test_beam_search_matches_reference_on_scripted_models():
         feats = torch.randn(4, 2, 12, generator=torch.Generator().manual_seed(seed))
         for penalty in (0.0, 1.0, 2.0, -0.5):
             beam = 2 + seed % 3
-            assert_same(beam_search(model, feats, beam, MAX_LENGTH, penalty),
-                        reference_beam_search(model, feats, beam, MAX_LENGTH, penalty))
+            assert_same(
+                beam_search(model, feats, beam, MAX_LENGTH, penalty),
+                reference_beam_search(model, feats, beam, MAX_LENGTH, penalty),
+            )

@@ -180,7 +180,10 @@ def test_serving_imports_need_neither_timm_nor_torchvision():
         "print(' '.join(m for m in ('timm', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=Path(__file__).resolve().parents[2],
     )
     assert result.stdout.strip() == ""

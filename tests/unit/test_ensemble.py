@@ -53,7 +53,9 @@ def test_an_ensemble_of_copies_decodes_as_the_model_itself():
     for mine, theirs in zip(single, double):
         assert [h.tokens for h in mine] == [h.tokens for h in theirs]
         assert [h.log_prob for h in mine] == pytest.approx([h.log_prob for h in theirs], abs=1e-4)
-    assert [h[0].tokens for h in greedy(one, features, 8)] == [h[0].tokens for h in greedy(ensemble_of(one, twin), features, 8)]
+    assert [h[0].tokens for h in greedy(one, features, 8)] == [
+        h[0].tokens for h in greedy(ensemble_of(one, twin), features, 8)
+    ]
 
 
 def test_members_without_attention_weights():
@@ -84,13 +86,24 @@ def test_configs():
         member_configs({"decoder": "attention", "ensemble": ["lstm"]})
     own = {**section, "ensemble": [{"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}]}
     assert [c["layers"] for c in member_configs(own)] == [TINY["layers"], 3]
-    assert ensemble_members(own)[1] == {"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0},
-                                        "config": member_configs(own)[1]}
-    assert ensemble_members(section)[1] == {"decoder": "transformer", "model": {}, "train": {},
-                                            "config": member_configs(section)[1]}
-    for entry, message in [({"model": {}}, "mapping with `decoder`"), ({"decoder": "attention", "data": {}}, "unknown keys"),
-                           ({"decoder": "attention", "model": {"size": 3}}, "unknown model settings"),
-                           ({"decoder": "attention", "train": 5}, "must be mappings")]:
+    assert ensemble_members(own)[1] == {
+        "decoder": "transformer",
+        "model": {"layers": 3},
+        "train": {"scst_epochs": 0},
+        "config": member_configs(own)[1],
+    }
+    assert ensemble_members(section)[1] == {
+        "decoder": "transformer",
+        "model": {},
+        "train": {},
+        "config": member_configs(section)[1],
+    }
+    for entry, message in [
+        ({"model": {}}, "mapping with `decoder`"),
+        ({"decoder": "attention", "data": {}}, "unknown keys"),
+        ({"decoder": "attention", "model": {"size": 3}}, "unknown model settings"),
+        ({"decoder": "attention", "train": 5}, "must be mappings"),
+    ]:
         with pytest.raises(ValueError, match=message):
             member_configs({**section, "ensemble": [entry]})
     with pytest.raises(ValueError, match="at least two"):

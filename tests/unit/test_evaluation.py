@@ -10,8 +10,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.fixtures.scoring import direct_scores
-
 from captioning.evaluation import (
     METRICS,
     EvaluationResult,
@@ -23,16 +21,21 @@ from captioning.evaluation import (
     score_details,
     write_comparison,
 )
+from tests.fixtures.scoring import direct_scores
 
 REFERENCES = {
-    "img1.jpg": ["A black dog runs across the grass .", "A dog is running on a lawn.",
-                 "a black dog running outside"],
-    "img2.jpg": ["Two children play on the beach.", "Kids playing in the sand near the sea",
-                 "two kids at the beach"],
-    "img3.jpg": ["A man rides a red bicycle down the street.", "A cyclist on a red bike",
-                 "man riding a bike on a road"],
-    "img4.jpg": ["A woman in a blue dress holds an umbrella.", "woman with an umbrella in the rain",
-                 "A lady holding an umbrella"],
+    "img1.jpg": ["A black dog runs across the grass .", "A dog is running on a lawn.", "a black dog running outside"],
+    "img2.jpg": ["Two children play on the beach.", "Kids playing in the sand near the sea", "two kids at the beach"],
+    "img3.jpg": [
+        "A man rides a red bicycle down the street.",
+        "A cyclist on a red bike",
+        "man riding a bike on a road",
+    ],
+    "img4.jpg": [
+        "A woman in a blue dress holds an umbrella.",
+        "woman with an umbrella in the rain",
+        "A lady holding an umbrella",
+    ],
 }
 PREDICTIONS = {
     "img1.jpg": "a black dog is running on the grass",
@@ -112,15 +115,18 @@ def test_load_predictions_coco_results_format(tmp_path):
     assert load_predictions(coco) == {"391895": "a man on a bike"}
 
 
-@pytest.mark.parametrize("content, reason", [
-    ("", "empty"),
-    ("[]", "list is empty"),
-    ("{not json", "not valid JSON"),
-    ('{"image_id": 1, "caption": "x"}', "expected a JSON list"),
-    ('[{"image_id": 1}]', "entry 0 is not an object with image_id and caption"),
-    ('[{"image_id": 1, "caption": 5}]', "caption is not a string"),
-    ('[{"image_id": 1, "caption": "a"}, {"image_id": "1", "caption": "b"}]', "appears more than once"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("", "empty"),
+        ("[]", "list is empty"),
+        ("{not json", "not valid JSON"),
+        ('{"image_id": 1, "caption": "x"}', "expected a JSON list"),
+        ('[{"image_id": 1}]', "entry 0 is not an object with image_id and caption"),
+        ('[{"image_id": 1, "caption": 5}]', "caption is not a string"),
+        ('[{"image_id": 1, "caption": "a"}, {"image_id": "1", "caption": "b"}]', "appears more than once"),
+    ],
+)
 def test_bad_prediction_files_are_reported(tmp_path, content, reason):
     path = tmp_path / "pred.json"
     path.write_text(content)
@@ -146,10 +152,25 @@ def test_cli_bad_predictions_file_exits_2_with_one_line(tmp_path):
 
 def test_comparison_table_markdown_and_json(tmp_path):
     rows = [
-        {"model": "show_tell", "decoding": "greedy", "BLEU-1": 55.123, "BLEU-4": 15.0, "METEOR": 18.2,
-         "ROUGE-L": 42.0, "CIDEr": 40.5, "BLEU-2": 1.0},
-        {"model": "attention", "decoding": "beam 3", "BLEU-1": 60.0, "BLEU-4": 20.456, "METEOR": 20.0,
-         "ROUGE-L": 45.0, "CIDEr": 52.25},
+        {
+            "model": "show_tell",
+            "decoding": "greedy",
+            "BLEU-1": 55.123,
+            "BLEU-4": 15.0,
+            "METEOR": 18.2,
+            "ROUGE-L": 42.0,
+            "CIDEr": 40.5,
+            "BLEU-2": 1.0,
+        },
+        {
+            "model": "attention",
+            "decoding": "beam 3",
+            "BLEU-1": 60.0,
+            "BLEU-4": 20.456,
+            "METEOR": 20.0,
+            "ROUGE-L": 45.0,
+            "CIDEr": 52.25,
+        },
     ]
     markdown, table = comparison_table(rows)
     lines = markdown.strip().splitlines()
@@ -180,8 +201,15 @@ def test_report_is_self_contained_html(tmp_path, scored):
     rng = np.random.default_rng(0)
     words = PREDICTIONS["img1.jpg"].split()
     attention = {"img1.jpg": {"words": words, "maps": rng.random((len(words), 49)).tolist(), "grid": 7}}
-    result = EvaluationResult(metrics, PREDICTIONS, REFERENCES, per_image, attention, paths,
-                              info={"model": "tiny", "data": "made-up", "images": 4})
+    result = EvaluationResult(
+        metrics,
+        PREDICTIONS,
+        REFERENCES,
+        per_image,
+        attention,
+        paths,
+        info={"model": "tiny", "data": "made-up", "images": 4},
+    )
     out = write_report(result, tmp_path / "report" / "eval.html", examples=2)
     text = out.read_text()
     assert text.startswith("<!doctype html>")
@@ -209,7 +237,7 @@ def test_attention_overlay_highlights_the_attended_cell():
 
 
 def test_caption_empty_after_tokenisation_scores_zero(meteor):
-    """"..." is a caption, but the PTB tokenizer leaves nothing of it: scored 0, no crash."""
+    """ "..." is a caption, but the PTB tokenizer leaves nothing of it: scored 0, no crash."""
     predictions = {**PREDICTIONS, "img2.jpg": "..."}
     metrics, per_image = score_details(predictions, REFERENCES, meteor=meteor)
     assert per_image["img2.jpg"] == {"BLEU-4": 0.0, "METEOR": 0.0, "ROUGE-L": 0.0, "CIDEr": 0.0}
@@ -228,7 +256,10 @@ def test_published_rows_sit_beside_measured_ones(tmp_path):
     # Unreported metrics stay blank, never 0.
     assert hard.endswith("| 67.00 | 21.30 | 20.30 |  |  |")
     assert table["published: Show, Attend and Tell, hard (Xu et al. 2015)"] == {
-        "BLEU-1": 67.0, "BLEU-4": 21.3, "METEOR": 20.3}
+        "BLEU-1": 67.0,
+        "BLEU-4": 21.3,
+        "METEOR": 20.3,
+    }
     result = CliRunner().invoke(app, ["compare", "--model", f"a={tmp_path}", "--published", "coco9"])
     assert result.exit_code == 2 and "no published results for 'coco9'" in result.output
 
@@ -242,9 +273,21 @@ def test_decoding_names_say_every_setting_that_changes_captions():
     assert decoding_name(5, 1.0) == "beam 5, length penalty 1"
     assert decoding_name(1, 0.7, "consensus", flip=True) == "greedy, flip"
     assert decoding_name(10, 0.7, "consensus", True) == "beam 10, length penalty 0.7, consensus, flip"
-    assert decoding_name(10, 0.7, "consensus", True, 30, 0.7) == \
-        "beam 10, length penalty 0.7, consensus with 30 neighbours and 0.7 of the beam score, flip"
+    assert (
+        decoding_name(10, 0.7, "consensus", True, 30, 0.7)
+        == "beam 10, length penalty 0.7, consensus with 30 neighbours and 0.7 of the beam score, flip"
+    )
     assert decoding_name(1, 0.0, "consensus", False, 30, 0.7) == "greedy"
-    assert decoding_setting({"beam_size": 5, "length_penalty": 0.7, "rerank": "consensus", "flip": False,
-                             "rerank_neighbours": 0, "rerank_score_weight": 0.5}) == \
-        "beam 5, length penalty 0.7, consensus and 0.5 of the beam score"
+    assert (
+        decoding_setting(
+            {
+                "beam_size": 5,
+                "length_penalty": 0.7,
+                "rerank": "consensus",
+                "flip": False,
+                "rerank_neighbours": 0,
+                "rerank_score_weight": 0.5,
+            }
+        )
+        == "beam 5, length penalty 0.7, consensus and 0.5 of the beam score"
+    )

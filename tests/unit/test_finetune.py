@@ -13,7 +13,7 @@ import torch
 from captioning.encoder import EncoderError, build_encoder, encoder_key
 from captioning.package import ENCODER_FILE, PackageError, load_package, read_config
 from captioning.training import TrainingError, augment, train
-from tests.fixtures.trained import synthetic_data, tiny_params
+from harness.trained import synthetic_data, tiny_params
 
 TRAIN_QUERY = "synthetic[train]-16"
 VAL_QUERY = "synthetic[val]-4"
@@ -103,8 +103,15 @@ def test_package_round_trip_and_captions_from_files_match_its_features(finetuned
     assert captioner.feature_key == key and captioner.encoder_weights == finetuned / ENCODER_FILE
     records = _records(TEST_QUERY)
     paths = [record.path for record in records]
-    store = build_features(records, "lite0", tmp_path / key / "synthetic", batch_size=4, progress=False,
-                           num_workers=0, weights=captioner.encoder_weights)
+    store = build_features(
+        records,
+        "lite0",
+        tmp_path / key / "synthetic",
+        batch_size=4,
+        progress=False,
+        num_workers=0,
+        weights=captioner.encoder_weights,
+    )
     assert store.encoder == key
     cached = torch.from_numpy(store.get([record.image_id for record in records]).astype("float32"))
     encoded = captioner.encode(paths)

@@ -160,7 +160,12 @@ def overfit_problem(decoder: str):
     vocab = Vocabulary.build(CAPTIONS, min_freq=1)
     torch.manual_seed(1)
     features = torch.randn(len(CAPTIONS), POSITIONS, CHANNELS)
-    return vocab, features, batch_tokens(vocab, CAPTIONS), build_model({"decoder": decoder, **TINY}, len(vocab), CHANNELS)
+    return (
+        vocab,
+        features,
+        batch_tokens(vocab, CAPTIONS),
+        build_model({"decoder": decoder, **TINY}, len(vocab), CHANNELS),
+    )
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -203,8 +208,10 @@ def test_bfloat16_training_steps_learn_and_keep_float32_weights(decoder):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.train()
-    losses = [training_step(model, optimiser, scheduler, scaler, features, tokens, 0.0, 0.01, 5.0,
-                            dtype=torch.bfloat16) for _ in range(200)]
+    losses = [
+        training_step(model, optimiser, scheduler, scaler, features, tokens, 0.0, 0.01, 5.0, dtype=torch.bfloat16)
+        for _ in range(200)
+    ]
     # bfloat16 keeps about 3 significant digits: the loss falls, if not as far as in float32.
     assert losses[-1] < 0.1 < losses[0] / 10
     assert all(p.dtype == torch.float32 for p in model.parameters())

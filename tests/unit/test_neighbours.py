@@ -67,23 +67,33 @@ def test_memory_refuses_what_does_not_fit(tmp_path, vocab):
     with pytest.raises(CaptionMemoryError, match="is not a caption memory"):
         CaptionMemory.load(broken)
     with open(broken, "wb") as handle:  # captions that do not add up to the counts
-        np.savez(handle, ids=np.array(["a"]), pooled=np.ones((1, 2), np.float16), counts=np.array([2], np.int32),
-                 lengths=np.array([1], np.int32), tokens=np.array([4], np.int32))
+        np.savez(
+            handle,
+            ids=np.array(["a"]),
+            pooled=np.ones((1, 2), np.float16),
+            counts=np.array([2], np.int32),
+            lengths=np.array([1], np.int32),
+            tokens=np.array([4], np.int32),
+        )
     with pytest.raises(CaptionMemoryError, match="do not add up"):
         CaptionMemory.load(broken)
 
 
 def test_evidence_from_outside_the_beam_can_outvote_it(vocab, frequencies):
-    beam = [Hypothesis(vocab.encode(text), score, score) for text, score in [
-        ("a man rides a bike", -1.0),
-        ("a man on a bike", -1.5),
-        ("a dog runs on the grass", -2.0),
-    ]]
+    beam = [
+        Hypothesis(vocab.encode(text), score, score)
+        for text, score in [
+            ("a man rides a bike", -1.0),
+            ("a man on a bike", -1.5),
+            ("a dog runs on the grass", -2.0),
+        ]
+    ]
     evidence = [vocab.encode(c) for c in TRAINING[0]]
     # Without evidence (or at weight 0) the beam agrees on the man and the bike.
     assert rerank_by_consensus(beam, frequencies)[0] is not beam[2]
-    assert consensus([h.tokens for h in beam], frequencies, evidence, 0.0) == \
-        consensus([h.tokens for h in beam], frequencies)
+    assert consensus([h.tokens for h in beam], frequencies, evidence, 0.0) == consensus(
+        [h.tokens for h in beam], frequencies
+    )
     # Captions written for images like this one speak of a dog.
     assert rerank_by_consensus(beam, frequencies, evidence, 0.7)[0] is beam[2]
     alone = consensus([h.tokens for h in beam], frequencies, evidence, 1.0)
@@ -102,8 +112,12 @@ def small_package(tmp_path, vocab, frequencies, memory, **decoding):
     torch.manual_seed(0)
     model_config = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
     model = build_model(model_config, len(vocab), 8)
-    config = {"model": model_config, "encoder": "lite0", "feature_dim": 8,
-              "decoding": {"beam_size": 5, "max_length": 6, "rerank": "consensus", **decoding}}
+    config = {
+        "model": model_config,
+        "encoder": "lite0",
+        "feature_dim": 8,
+        "decoding": {"beam_size": 5, "max_length": 6, "rerank": "consensus", **decoding},
+    }
     return save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies, memory=memory)
 
 

@@ -13,8 +13,14 @@ import torch
 
 from captioning.cli.common import print_json
 from captioning.models import build_model
-from captioning.training import (MAX_NONFINITE_STEPS, TrainingError, _check_epoch, _count_loss,
-                                 _nonfinite_weights, training_step)
+from captioning.training import (
+    MAX_NONFINITE_STEPS,
+    TrainingError,
+    _check_epoch,
+    _count_loss,
+    _nonfinite_weights,
+    training_step,
+)
 from captioning.vocab import BOS
 
 torch.set_num_threads(1)
@@ -60,7 +66,11 @@ def test_skipped_steps_are_counted_apart_and_a_long_run_of_them_stops_training()
         _count_loss(state, math.nan)
     _count_loss(state, 1.0)  # a finite step ends the run of skipped ones
     assert (state["loss_sum"], state["loss_count"], state["skipped"], state["nonfinite_run"]) == (
-        3.0, 2, MAX_NONFINITE_STEPS - 1, 0)
+        3.0,
+        2,
+        MAX_NONFINITE_STEPS - 1,
+        0,
+    )
     for _ in range(MAX_NONFINITE_STEPS - 1):
         _count_loss(state, math.inf)
     with pytest.raises(TrainingError, match=f"NaN or inf in {MAX_NONFINITE_STEPS} steps in a row"):

@@ -12,7 +12,14 @@ import torch
 from captioning.decoding import greedy
 from captioning.models import build_model
 from captioning.package import (
-    CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, PackageError, load_checkpoint, load_package, save_checkpoint, save_package,
+    CONFIG_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    PackageError,
+    load_checkpoint,
+    load_package,
+    save_checkpoint,
+    save_package,
 )
 from captioning.vocab import Vocabulary
 
@@ -118,8 +125,15 @@ def test_checkpoint_round_trip(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
-             "epoch": 2, "batch": 7, "best": {"val_CIDEr": 12.5}, "history": [{"epoch": 1}]}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "epoch": 2,
+        "batch": 7,
+        "best": {"val_CIDEr": 12.5},
+        "history": [{"epoch": 1}],
+    }
     path = tmp_path / "ck" / "checkpoint.pt"
     save_checkpoint(path, state)
     assert not path.with_name("checkpoint.pt.tmp").exists()

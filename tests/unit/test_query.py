@@ -200,8 +200,10 @@ def test_same_query_same_selection_and_size_respected(size, seed):
 
 def fake_feedback() -> Dataset:
     """Feedback whose image ids collide with flickr8k's: ids are unique only within a dataset."""
-    records = [Record(image_id, f"/feedback/{index}.jpg", "train", (f"a corrected caption {index}",))
-               for index, image_id in enumerate(PINNED_SAMPLE[:3])]
+    records = [
+        Record(image_id, f"/feedback/{index}.jpg", "train", (f"a corrected caption {index}",))
+        for index, image_id in enumerate(PINNED_SAMPLE[:3])
+    ]
     return Dataset("feedback", records, [])
 
 
@@ -210,6 +212,7 @@ def union_loader(calls: list[str] | None = None):
         if calls is not None:
             calls.append(name)
         return {"flickr8k": fake_flickr8k, "feedback": fake_feedback}[name]()
+
     return load
 
 
@@ -217,8 +220,10 @@ def union_loader(calls: list[str] | None = None):
     "text, expected",
     [
         ("flickr8k[train]+feedback", [Query("flickr8k", ("train",)), Query("feedback")]),
-        ("flickr8k[train]-1000s42+feedback[train]", [Query("flickr8k", ("train",), 1000, 42),
-                                                     Query("feedback", ("train",))]),
+        (
+            "flickr8k[train]-1000s42+feedback[train]",
+            [Query("flickr8k", ("train",), 1000, 42), Query("feedback", ("train",))],
+        ),
         # Inside brackets `+` still joins splits.
         ("flickr8k[train+val]-5s1+feedback", [Query("flickr8k", ("train", "val"), 5, 1), Query("feedback")]),
         (" synthetic[train] + feedback ", [Query("synthetic", ("train",)), Query("feedback")]),

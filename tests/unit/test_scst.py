@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from captioning.models import build_model
 from captioning.decoding import mask_log_probs
+from captioning.models import build_model
 from captioning.scst import CiderD, keep_top_k, references_from_pairs, sample, scst_loss, strip
 from captioning.vocab import BOS, EOS, PAD, UNK
 
@@ -58,8 +58,16 @@ def test_references_from_pairs_strips_special_tokens():
 @pytest.mark.parametrize("decoder", ["show_tell", "attention", "transformer"])
 def test_sampling_obeys_the_decoding_rules_and_carries_gradients(decoder):
     torch.manual_seed(0)
-    config = {"decoder": decoder, "embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "dropout": 0.0,
-              "layers": 1, "heads": 2, "ff_dim": 32}
+    config = {
+        "decoder": decoder,
+        "embed_dim": 16,
+        "hidden_dim": 32,
+        "attention_dim": 16,
+        "dropout": 0.0,
+        "layers": 1,
+        "heads": 2,
+        "ff_dim": 32,
+    }
     model = build_model(config, 30, 8)
     features = torch.randn(6, 4, 8)
     tokens, log_probs, mask = sample(model, features, max_length=5)

@@ -10,8 +10,9 @@ from captioning.data.sources import SOURCES, sources_for
 
 
 def test_every_source_uses_https():
-    plain = [archive.url for archives in SOURCES.values() for archive in archives
-             if not archive.url.startswith("https://")]
+    plain = [
+        archive.url for archives in SOURCES.values() for archive in archives if not archive.url.startswith("https://")
+    ]
     assert plain == []
 
 
@@ -32,6 +33,8 @@ def test_published_flickr_counts():
     flickr8k = {archive.filename: archive for archive in sources_for("flickr8k")}
     assert flickr8k["Flickr8k_Dataset.zip"].files == ("*.jpg", 8091)
     assert {archive.filename: archive.files for archive in sources_for("flickr30k")}["flickr30k-images.zip"] == (
-        "*.jpg", 31783)
+        "*.jpg",
+        31783,
+    )
     with pytest.raises(KeyError, match="known: flickr30k, flickr8k, mscoco"):
         sources_for("flickr9k")

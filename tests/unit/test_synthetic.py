@@ -102,8 +102,13 @@ def test_captions_are_true_to_the_pictures(small):
         if scene.kind == "single":
             where = captions[0].split()[-1]  # left / right / top / bottom / centre
             fx, fy = first.x / size, first.y / size
-            expected = {"left": fx < 0.4, "right": fx > 0.6, "top": fy < 0.4, "bottom": fy > 0.6,
-                        "centre": 0.4 <= fx <= 0.6 and 0.4 <= fy <= 0.6}
+            expected = {
+                "left": fx < 0.4,
+                "right": fx > 0.6,
+                "top": fy < 0.4,
+                "bottom": fy > 0.6,
+                "centre": 0.4 <= fx <= 0.6 and 0.4 <= fy <= 0.6,
+            }
             assert expected[where], (entry["image_id"], where, fx, fy)
         elif scene.kind == "count":
             number = captions[0].split()[0]
@@ -113,7 +118,10 @@ def test_captions_are_true_to_the_pictures(small):
         else:
             left, right = scene.shapes
             assert left.x < size / 2 < right.x
-            assert captions[0] == f"a {left.colour} {left.shape} on the left and a {right.colour} {right.shape} on the right"
+            assert (
+                captions[0]
+                == f"a {left.colour} {left.shape} on the left and a {right.colour} {right.shape} on the right"
+            )
             assert _colour_at(image, left.x, left.y) == COLOURS[left.colour]
             assert _colour_at(image, right.x, right.y) == COLOURS[right.colour]
     assert kinds == {"single", "count", "pair"}

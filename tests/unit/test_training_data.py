@@ -34,10 +34,12 @@ def make_store(root, ids: list[str], offset: float) -> FeatureStore:
 @pytest.fixture
 def union(tmp_path):
     """Records of two datasets sharing the id "same.jpg", and their two stores."""
-    stores = FeatureStores({
-        "synthetic": make_store(tmp_path / "synthetic", ["a.png", "same.jpg", "b.png"], 10.0),
-        "feedback": make_store(tmp_path / "feedback", ["same.jpg", "c.jpg"], 100.0),
-    })
+    stores = FeatureStores(
+        {
+            "synthetic": make_store(tmp_path / "synthetic", ["a.png", "same.jpg", "b.png"], 10.0),
+            "feedback": make_store(tmp_path / "feedback", ["same.jpg", "c.jpg"], 100.0),
+        }
+    )
     records = [
         SelectedRecord("b.png", "/s/b.png", "train", ("two red circles", "red circles"), "synthetic"),
         SelectedRecord("same.jpg", "/s/same.jpg", "train", ("a blue star",), "synthetic"),

@@ -52,10 +52,7 @@ def test_planted_faults_are_each_named(flickr_root, tmp_path):
     data = Path(corrupt.path).read_bytes()
     Path(corrupt.path).write_bytes(data[: len(data) // 3])  # a truncated JPEG
     Path(missing.path).unlink()
-    records = [
-        dataclasses.replace(r, captions=("",) + r.captions[1:]) if r is wordless else r
-        for r in dataset.records
-    ]
+    records = [dataclasses.replace(r, captions=("",) + r.captions[1:]) if r is wordless else r for r in dataset.records]
     records.append(dataclasses.replace(doubled, split="test"))  # the same image in train and test
     dirty = Dataset("flickr8k", records, dataset.dropped)
 

@@ -33,4 +33,4 @@ def test_dispatch_values_reach_shells_only_through_env_and_are_checked():
         assert "${{" not in step.get("run", ""), step.get("name")
     assert "github.event.client_payload.model_version" in release["env"]["MODEL_VERSION"]
     check = release["steps"][0]
-    assert re.search(r'=~ \^\[0-9\]\+\$', check["run"]) and "exit 1" in check["run"]
+    assert re.search(r"=~ \^\[0-9\]\+\$", check["run"]) and "exit 1" in check["run"]

@@ -7,8 +7,6 @@ measures how much faster the batched version is.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 

@@ -78,7 +78,11 @@ def start_service(model: str | Path, home: Path, extra_env: dict[str, str] | Non
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(bentoml), "serve", "service:CaptionAPI", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     server = ServiceProcess(f"http://127.0.0.1:{port}", process, home, home / "data", log_path, env)
     deadline = time.monotonic() + STARTUP_SECONDS
@@ -102,7 +106,7 @@ _PACKAGES: dict[str, Path] = {}
 def tiny_package(root: Path) -> Path:
     """A small trained model package, built once per session."""
     if "tiny" not in _PACKAGES:
-        from tests.fixtures.trained import train_tiny_model
+        from harness.trained import train_tiny_model
 
         _PACKAGES["tiny"] = Path(train_tiny_model(root))
     return _PACKAGES["tiny"]
