@@ -28,6 +28,7 @@ if str(PROJECT_ROOT) not in sys.path:
 
 from benchmarks import write_report  # noqa: E402
 from captioning.config import disable_telemetry, mirror_dir  # noqa: E402
+from harness.workspace import workspace_env  # noqa: E402
 
 disable_telemetry()
 
@@ -35,22 +36,14 @@ REPO = "localhost/captioning-bench"
 
 
 def workspace(home: Path, port: int) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"),
-        "CAPTIONING_STACK_DIR": str(home / "stack"),
-        "BENTOML_HOME": str(home / "bentoml"),
-        "PREFECT_HOME": str(home / "prefect"),
-        "CAPTIONING_IMAGE_REPO": REPO,
-        "CAPTIONING_STACK_NAME": "captioning-bench",
-        "CAPTIONING_CONTAINER_CACHE": str(home / "cache"),
-        "CAPTIONING_BASE_IMAGE": "localhost/captioning-base:bench",
-        "PORT": str(port),
-        "PREFECT_PORT": str(port + 20),
-    }
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return workspace_env(
+        home,
+        "captioning-bench",
+        CAPTIONING_CONTAINER_CACHE=str(home / "cache"),
+        CAPTIONING_BASE_IMAGE="localhost/captioning-base:bench",
+        PORT=str(port),
+        PREFECT_PORT=str(port + 20),
+    )
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:

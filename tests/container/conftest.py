@@ -4,7 +4,6 @@ stack or images is touched. Two tiny models trained on the synthetic data are it
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from captioning.config import PROJECT_ROOT, mirror_dir
+from harness.workspace import workspace_env
 
 IMAGE_REPO = "localhost/captioning-test"
 STACK_NAME = "captioning-test"
@@ -28,19 +28,7 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 1800) -> subproces
 def workspace(tmp_path_factory) -> dict[str, str]:
     """Environment variables that point every step at this session's own folders."""
     home = tmp_path_factory.mktemp("container-workspace")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "CAPTIONING_ARTIFACTS_DIR": str(home / "artifacts"),
-        "CAPTIONING_STACK_DIR": str(home / "stack"),
-        "BENTOML_HOME": str(home / "bentoml"),
-        "PREFECT_HOME": str(home / "prefect"),
-        "CAPTIONING_IMAGE_REPO": IMAGE_REPO,
-        "CAPTIONING_STACK_NAME": STACK_NAME,
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
-    return env
+    return workspace_env(home, STACK_NAME, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session")
