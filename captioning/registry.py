@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -577,22 +576,11 @@ def champion_query(tracking: str | None = None, name: str | None = None) -> tupl
 
 def collect_lineage(params: dict | None = None) -> dict[str, str]:
     """git commit, DVC data hash and params hash of the current checkout."""
+    from captioning.tracking import git_commit
+
     params = load_params() if params is None else params
     lineage = {"params_hash": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        lineage["git_commit"] = (commit or "unknown") + ("-dirty" if commit and dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        lineage["git_commit"] = "unknown"
+    lineage["git_commit"] = git_commit() or "unknown"
     try:
         from captioning.data.versioning import data_hash
 

@@ -325,7 +325,7 @@ def up(image: str, port: int = 3000, replicas: int = 2, version: str = "") -> di
             if state["image"] != image:
                 return _rollout(state, image, version)
             return state
-        _remove_leftovers()
+        _down(None)  # pods and haproxy of a stack that was not stopped (a reboot, a killed `make up`)
         stack_dir().mkdir(parents=True, exist_ok=True)
         start_haproxy(port)
         state = {
@@ -387,11 +387,6 @@ def _down(state: dict | None) -> None:
     stop_haproxy()
     with contextlib.suppress(FileNotFoundError):
         (stack_dir() / "state.json").unlink()
-
-
-def _remove_leftovers() -> None:
-    """Pods and haproxy of a stack that was not stopped (a reboot, a killed `make up`)."""
-    _down(None)
 
 
 def running(state: dict) -> bool:
