@@ -10,6 +10,7 @@ Environment:
   CAPTIONING_MODEL            package folder, models:/NAME@ALIAS, or bento:NAME:VERSION (a model in
                               BentoML's store, as a release's image carries it; default
                               models:/captioner@champion)
+  MLFLOW_TRACKING_URI         the registry of a models:/ source (default: params.yaml tracking.uri)
   CAPTIONING_POLL_SECONDS     how often the model service asks the registry for a new champion
                               (default 60 for models:/ URIs, 0 = never)
   CAPTIONING_RELOAD_TOKEN     enables POST /reload (header X-Reload-Token or Authorization: Bearer)
@@ -276,35 +277,29 @@ def _bento_model(source: str):
     return bentoml.models.get(source[len(BENTO_PREFIX) :])
 
 
-def _load_captioner(source: str):
-    from captioning.config import get_device
-    from captioning.predict import Captioner
+def _tracking(source: str) -> str | None:
+    """The tracking URI for a registry source: $MLFLOW_TRACKING_URI (None: the registry reads it),
+    else the project's params.yaml tracking.uri, as `make serve` from the source tree has it."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or not source.startswith(("models:", "runs:")):
+        return None
+    from captioning.config import PARAMS_FILE
+    from captioning.registry import tracking_uri
+    from captioning.settings import load_settings
+
+    return tracking_uri(load_settings(PARAMS_FILE))
+
+
+def _locate(source: str, download: bool = True):
+    """The registry version and package folder of the model source (`captioning.registry.Located`):
+    a bento model's from its metadata, any other's from the registry's `locate`; with
+    download=False only the version is sure (what an alias points at now)."""
+    from captioning.registry import Located, locate
 
     if source.startswith(BENTO_PREFIX):
         model = _bento_model(source)
-        captioner = Captioner.load(model.path, device=get_device())
-        captioner.version = str(model.info.metadata.get("registry_version", "local"))
-        return captioner
-    return Captioner.load(source, device=get_device())
-
-
-def _registry_version(uri: str) -> str | None:
-    """The version a models:/NAME@ALIAS (or models:/NAME/N) URI points at now, the version a
-    bento model was released from; None for folders."""
-    if uri.startswith(BENTO_PREFIX):
-        return str(_bento_model(uri).info.metadata.get("registry_version"))
-    if not uri.startswith("models:/"):
-        return None
-    from mlflow import MlflowClient
-
-    from captioning.registry import tracking_uri
-
-    name, _, alias = uri[len("models:/") :].strip("/").partition("@")
-    if not alias:
-        return name.rsplit("/", 1)[-1]
-    store = tracking_uri()
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
-    return str(client.get_model_version_by_alias(name, alias).version)
+        version = model.info.metadata.get("registry_version")
+        return Located(str(version) if version is not None else None, Path(model.path))
+    return locate(source, _tracking(source), download=download)
 
 
 @bentoml.service(
@@ -355,11 +350,14 @@ class CaptionModelService:
             threading.Thread(target=self._poll, name="registry-poll", daemon=True).start()
 
     def _load(self) -> str:
+        from captioning.config import get_device
+        from captioning.predict import Captioner
+
         started = time.perf_counter()
-        # Read the registry version first: a champion promoted meanwhile is caught by the next poll.
-        registry_version = _registry_version(self.source)
-        captioner = _load_captioner(self.source)
-        self.registry_version = registry_version
+        # One look-up gives the version and its folder: a champion promoted meanwhile is caught by the next poll.
+        located = _locate(self.source)
+        captioner = Captioner.load(located.path, device=get_device(), version=located.version, source=self.source)
+        self.registry_version = located.version
         previous = self.captioner
         self.captioner = captioner  # one assignment: in-flight calls keep the old one
         self.loaded_at = time.time()
@@ -376,7 +374,7 @@ class CaptionModelService:
         while True:
             time.sleep(self.poll_seconds)
             try:
-                latest = _registry_version(self.source)
+                latest = _locate(self.source, download=False).version
                 if latest is not None and latest != self.registry_version:
                     logger.info("registry points at version %s: reloading", latest)
                     self._reload()

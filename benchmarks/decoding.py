@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
-from captioning.config import load_params, reports_dir
+from captioning.config import PARAMS_FILE, reports_dir
 from captioning.decoding import beam_search, greedy
 from captioning.models import MODELS, build_model
+from captioning.settings import load_settings
 from harness.reference import reference_beam_search
 
 VOCAB_SIZE, POSITIONS, CHANNELS = 3000, 49, 1280
@@ -88,7 +89,7 @@ def bench_decoder(name: str, config: dict, max_length: int, images: int, min_sec
 
 def run(threads: int = 1, images: int = 32, min_seconds: float = 2.0, output: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    params = load_params()
+    params = load_settings(PARAMS_FILE).to_dict()
     config = dict(params["model"])
     max_length = int(params["decoding"]["max_length"])
     report: dict[str, Any] = {

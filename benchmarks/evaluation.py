@@ -65,11 +65,12 @@ def _cpu_seconds() -> float:
 def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batch_size: int) -> dict[str, Any]:
     import torch
 
-    from captioning.config import load_params
+    from captioning.config import PARAMS_FILE
     from captioning.data.query import parse_query
     from captioning.evaluation import evaluate_model
+    from captioning.settings import load_settings
 
-    params = load_params()
+    params = load_settings(PARAMS_FILE).to_dict()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         uri = model or str(random_package(Path(tmp), parse_query(query).dataset, params))
         encoder = (

@@ -27,13 +27,13 @@ DEFAULT_MODELS = ("models:/captioner@champion", "artifacts/train/model")
 
 
 def _load_captioner(source: str | None):
-    from captioning.predict import Captioner
+    from captioning.registry import load_captioner
 
     candidates = [source] if source else list(DEFAULT_MODELS)
     errors = []
     for candidate in candidates:
         try:
-            return Captioner.load(candidate, device="cpu"), candidate
+            return load_captioner(candidate, device="cpu"), candidate
         except Exception as error:  # noqa: BLE001 - try the next default, report all at the end
             errors.append(f"{candidate}: {error}")
     raise SystemExit("no model to benchmark: " + "; ".join(errors))

@@ -109,8 +109,10 @@ def photo_bytes() -> bytes:
 
 
 def run(home: Path, port: int, clients: int, minimum: int) -> dict:
+    from captioning.config import PARAMS_FILE
     from captioning.containers import image_size, podman
     from captioning.registry import register
+    from captioning.settings import load_settings
     from harness.trained import train_tiny_model
 
     env = workspace(home, port)
@@ -125,6 +127,7 @@ def run(home: Path, port: int, clients: int, minimum: int) -> dict:
             package,
             {"CIDEr": 10.0},
             "synthetic[test]",
+            load_settings(PARAMS_FILE),
             gates={},  # noqa: E731
             tracking=tracking,
             lineage={},

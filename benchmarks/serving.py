@@ -45,10 +45,10 @@ def direct_throughput(
     """Captioner.caption called directly on the same images: images per second."""
     import torch
 
-    from captioning.predict import Captioner
+    from captioning.registry import load_captioner
 
     torch.set_num_threads(threads)
-    captioner = Captioner.load(model)
+    captioner = load_captioner(model)
     captioner.caption(images[:batch_size], **options)  # warm-up
     done, started = 0, time.perf_counter()
     while done < total:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from benchmarks import write_report
-from captioning.config import load_params, reports_dir
+from captioning.config import reports_dir
 from captioning.encoder import ENCODERS
 from captioning.models import MODELS
+from harness.settings import test_settings
 
 VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
 
@@ -166,7 +167,7 @@ def bench_training(
 
 def run(threads: int, images: int, steps: int, output: Path | None, positions: int = 49) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    model_params = load_params()["model"]
+    model_params = test_settings().model.to_dict()
     report: dict[str, Any] = {
         "setup": {
             "threads": threads,

@@ -1,4 +1,4 @@
-"""Settings shared by every step: where things live, params.yaml, the device.
+"""Where things live, the path of params.yaml, the device.
 
 Everything that depends on the environment is read here, so the rest of the
 library takes plain arguments.
@@ -6,12 +6,8 @@ library takes plain arguments.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
@@ -54,30 +50,6 @@ def reports_dir() -> Path:
     return Path(os.environ.get("CAPTIONING_REPORTS_DIR", PROJECT_ROOT / "reports")).resolve()
 
 
-def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Read params.yaml (or another file) as a plain dict."""
-    path = Path(path) if path else PARAMS_FILE
-    with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle) or {}
-
-
-def override(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a copy."""
-    result = copy.deepcopy(params)
-    for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = result
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
-    return result
-
-
 def get_device(prefer: str | None = None):
     """The one place that chooses where tensors live: CUDA when present, else CPU.
 
@@ -94,9 +66,6 @@ def get_device(prefer: str | None = None):
     return torch.device("cpu")
 
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-
-
 def autocast_dtype(device, precision: str = "auto"):
     """The dtype training's forward passes compute in under autocast, or None for float32.
 
@@ -107,6 +76,8 @@ def autocast_dtype(device, precision: str = "auto"):
     """
     import torch
 
+    from captioning.settings import PRECISIONS
+
     kind = getattr(device, "type", str(device))
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -115,26 +86,3 @@ def autocast_dtype(device, precision: str = "auto"):
     if precision == "float16" and kind != "cuda":
         raise ValueError("train.precision float16 needs CUDA; on a CPU use bfloat16")
     return None if precision == "float32" else getattr(torch, precision)
-
-
-def profile_overrides(params: dict[str, Any], name: str) -> list[str]:
-    """The `section.key=value` overrides of profile `name` (params.yaml `profiles`), in file order.
-
-    A profile is a named set of overrides laid over the defaults, e.g. the `full` configuration
-    that `make full` hands to `dvc exp run -S ...`. Every key must exist in the params.
-    """
-    profiles = params.get("profiles") or {}
-    if name not in profiles:
-        known = ", ".join(sorted(profiles)) or "none"
-        raise ValueError(f"no profile {name!r} in params (profiles: {known})")
-    assignments = []
-    for dotted, value in (profiles[name] or {}).items():
-        node: Any = params
-        for key in str(dotted).split("."):
-            if not isinstance(node, dict) or key not in node:
-                raise ValueError(f"profile {name!r} sets {dotted!r}, which is not a param")
-            node = node[key]
-        assignments.append(
-            f"{dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-        )
-    return assignments

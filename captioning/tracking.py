@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from captioning.config import PROJECT_ROOT
+from captioning.lineage import data_version, git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -34,37 +33,6 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return flat
-
-
-def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """The checked-out commit (with "-dirty" when files changed), or None outside git."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "") if commit else None
-
-
-def data_version() -> str | None:
-    """The DVC hash of the data folder when the project tracks it, else None."""
-    try:
-        from captioning.data.versioning import data_hash
-    except ImportError:
-        return None
-    try:
-        return data_hash()
-    except Exception as error:  # lineage is informative; its absence must not stop training
-        logger.warning("no DVC data hash: %s", error)
-        return None
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from captioning.settings import Settings
 
 # Library log lines (acquisition, training, evaluation) go to the Prefect run logs too.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "captioning")
 
 LOCAL_SERVER = "http://127.0.0.1:4200/api"
+OVERLAY_VARIABLE = "CAPTIONING_PARAMS_OVERLAY"
 
 
 def _use_local_server() -> None:
@@ -43,28 +48,13 @@ from captioning.config import disable_telemetry  # noqa: E402
 disable_telemetry()
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `extra` laid over it, section by section."""
-    result = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = deep_merge(result[key], value)
-        else:
-            result[key] = value
-    return result
+def load_settings(params_file: str | Path | None = None, overrides: Sequence[str] | None = ()) -> Settings:
+    """params.yaml, then the partial YAML `params_file` over it, then `section.key=value` overrides
+    (SettingsError with one line when a key or a value is wrong)."""
+    from captioning.config import PARAMS_FILE
+    from captioning.settings import load_settings as load
 
-
-def load_settings(params_file: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """params.yaml, then the partial YAML `params_file` over it, then `section.key=value` overrides."""
-    import yaml
-
-    from captioning.config import load_params, override
-
-    params = load_params()
-    if params_file:
-        with open(params_file, encoding="utf-8") as handle:
-            params = deep_merge(params, yaml.safe_load(handle) or {})
-    return override(params, list(overrides or []))
+    return load(PARAMS_FILE, params_file, tuple(overrides or ()))
 
 
 def settings_parser(description: str) -> argparse.ArgumentParser:
@@ -72,8 +62,8 @@ def settings_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--params",
         metavar="FILE",
-        default=os.environ.get("CAPTIONING_PARAMS_OVERLAY") or None,
-        help="partial YAML laid over params.yaml (default $CAPTIONING_PARAMS_OVERLAY), e.g. params-synthetic.yaml",
+        default=os.environ.get(OVERLAY_VARIABLE) or None,
+        help=f"partial YAML laid over params.yaml (default ${OVERLAY_VARIABLE}), e.g. params-synthetic.yaml",
     )
     parser.add_argument(
         "--set",
@@ -86,11 +76,26 @@ def settings_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def tracking_uri(params: dict[str, Any]) -> str:
+def parse_settings(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, Settings]:
+    """The arguments and the settings they name; a bad setting exits 2 with `error: <reason>`
+    on stderr, before any flow run starts."""
+    from captioning.settings import SettingsError
+
+    args = parser.parse_args(argv)
+    try:
+        return args, load_settings(args.params, args.overrides)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def tracking_uri(settings: Settings) -> str:
     """$MLFLOW_TRACKING_URI first, then these settings' tracking.uri (as the registry resolves it)."""
     from captioning.registry import tracking_uri as resolve
 
-    return resolve(None, params)
+    return resolve(settings)
 
 
 def finish(state, describe) -> int:

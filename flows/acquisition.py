@@ -10,18 +10,19 @@ from typing import Any
 
 from prefect import flow
 
-from flows import finish, load_settings, settings_parser
+from captioning.settings import Settings
+from flows import finish, load_settings, parse_settings, settings_parser
 from tasks.data import acquire_dataset, version_data
 
 
 @flow(name="acquisition")
 def acquisition_flow(
-    dataset: str | None = None, params: dict[str, Any] | None = None, force: bool = False, version: bool = True
+    dataset: str | None = None, settings: Settings | None = None, force: bool = False, version: bool = True
 ) -> dict[str, Any]:
     """Acquire `dataset` (default params data.dataset); `dvc add data` when data/ is this repository's."""
-    params = params or load_settings()
-    name = dataset or params["data"]["dataset"]
-    path = acquire_dataset(name, force=force)
+    settings = settings or load_settings()
+    name = dataset or settings.data.dataset
+    path = acquire_dataset(name, settings.synthetic, force=force)
     data_hash = version_data() if version else None
     return {"dataset": name, "path": path, "data_hash": data_hash}
 
@@ -31,10 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", help="dataset name (default: params data.dataset)")
     parser.add_argument("--force", action="store_true", help="acquire again even if present")
     parser.add_argument("--no-version", action="store_true", help="do not run `dvc add data`")
-    args = parser.parse_args(argv)
-    params = load_settings(args.params, args.overrides)
+    args, settings = parse_settings(parser, argv)
     state = acquisition_flow(
-        dataset=args.dataset, params=params, force=args.force, version=not args.no_version, return_state=True
+        dataset=args.dataset, settings=settings, force=args.force, version=not args.no_version, return_state=True
     )
     return finish(state, lambda r: f"{r['dataset']} in {r['path']} (DVC hash: {r['data_hash'] or 'not versioned'})")
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from captioning.config import PROJECT_ROOT
-from flows import load_settings, settings_parser
+from flows import parse_settings, settings_parser
 from flows.retrain import DEPLOYMENT, retrain_flow
 
 KUBERNETES_TEMPLATE = PROJECT_ROOT / "deploy" / "prefect" / "kubernetes-job-template.json"
@@ -117,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a job variable of the pool's template, e.g. gpu=1 (repeatable)",
     )
-    args = parser.parse_args(argv)
+    args, settings = parse_settings(parser, argv)
     if args.pool_type == "kubernetes" and not args.image:
         parser.error("a kubernetes pool runs the project's image: give --image")
-    settings = load_settings(args.params, args.overrides)
-    schedule = Interval(args.every) if args.every else Cron(args.cron or settings["retrain"]["cron"])
+    schedule = Interval(args.every) if args.every else Cron(args.cron or settings.retrain.cron)
     ensure_work_pool(args.pool, args.pool_type)
     deployment = deploy_retrain(
         args.pool,

@@ -14,16 +14,18 @@ from typing import Any
 
 from prefect import flow
 
-from flows import finish, flow_reports, load_settings, settings_parser, tracking_uri
+from captioning.settings import Settings
+from flows import finish, flow_reports, load_settings, parse_settings, settings_parser, tracking_uri
 from tasks.evaluation import evaluate_model, write_comparison
 from tasks.registry import champion_query
 
 
 @flow(name="evaluation")
 def evaluation_flow(
-    model: str, params: dict[str, Any] | None = None, query: str | None = None, with_champion: bool = True
+    model: str, settings: Settings | None = None, query: str | None = None, with_champion: bool = True
 ) -> dict[str, Any]:
-    """Score `model` on `query` (default params data.test_query) with greedy and beam search.
+    """Score `model` on `query` (default params data.test_query) at params decoding.beam_size
+    and each of evaluate.beam_sizes.
 
     When a champion exists and its stored metrics come from another query, it is scored on this
     query too, so the metric gate compares like with like.
@@ -31,11 +33,12 @@ def evaluation_flow(
     from captioning.evaluation import decoding_setting
     from captioning.registry import model_name
 
-    params = params or load_settings()
-    query = query or params["data"]["test_query"]
-    decoding = params.get("decoding") or {}
-    beam, max_length = int(decoding.get("beam_size", 3)), int(decoding.get("max_length", 20))
-    beams = sorted({int(b) for b in (params.get("evaluate") or {}).get("beam_sizes", [])} | {beam})
+    settings = settings or load_settings()
+    query = query or settings.data.test_query
+    beam, max_length = settings.decoding.beam_size, settings.decoding.max_length
+    feature_dir = settings.features.dir
+    beams = sorted(set(settings.evaluate.beam_sizes) | {beam})
+    tracking = tracking_uri(settings)
     reports = flow_reports()
 
     rows, metrics = [], {}
@@ -46,6 +49,8 @@ def evaluation_flow(
             query,
             size,
             max_length,
+            feature_dir,
+            tracking,
             report_path=str(reports / "evaluation.html") if main_setting else None,
             metrics_path=str(reports / "metrics.json") if main_setting else None,
         )
@@ -55,12 +60,11 @@ def evaluation_flow(
 
     champion_metrics = None
     if with_champion:
-        tracking = tracking_uri(params)
-        name = model_name(params)
+        name = model_name(settings)
         champion = champion_query(tracking, name)
         if champion["version"] is not None and champion["query"] != query:
             uri = f"models:/{name}/{champion['version']}"
-            scored = evaluate_model(uri, query, beam, max_length)
+            scored = evaluate_model(uri, query, beam, max_length, feature_dir, tracking)
             champion_metrics = scored["metrics"]
             rows.append(
                 {"model": f"champion v{champion['version']}", "decoding": decoding_setting(scored), **champion_metrics}
@@ -83,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="package folder or models:/captioner@champion")
     parser.add_argument("--data", help="data query (default: params data.test_query)")
     parser.add_argument("--no-champion", action="store_true", help="do not score the current champion")
-    args = parser.parse_args(argv)
-    params = load_settings(args.params, args.overrides)
+    args, settings = parse_settings(parser, argv)
     state = evaluation_flow(
-        model=args.model, params=params, query=args.data, with_champion=not args.no_champion, return_state=True
+        model=args.model, settings=settings, query=args.data, with_champion=not args.no_champion, return_state=True
     )
     return finish(
         state,

@@ -18,17 +18,18 @@ from typing import Any
 from prefect import flow
 from prefect.futures import wait
 
-from flows import load_settings, settings_parser
+from captioning.settings import FeatureSettings, Settings
+from flows import parse_settings, settings_parser
 from tasks.features import build_feature_shard, merge_feature_shards
 
 
 @flow(name="sharded-features")
-def sharded_features_flow(
-    query: str, encoder: str = "lite0", shards: int = 2, batch_size: int = 32, store_root: str | None = None
-) -> dict[str, Any]:
+def sharded_features_flow(query: str, features: FeatureSettings, shards: int = 2) -> dict[str, Any]:
     """Encode the images of `query` missing from their stores in `shards` parallel task runs, then merge."""
+    encoder, store_root = features.encoder, features.dir
     futures = [
-        build_feature_shard.submit(query, encoder, shard, shards, batch_size, store_root) for shard in range(shards)
+        build_feature_shard.submit(query, encoder, shard, shards, features.batch_size, store_root)
+        for shard in range(shards)
     ]
     wait(futures)  # every shard runs to its end before a failed one fails the run
     results = [future.result() for future in futures]
@@ -48,17 +49,11 @@ def dask_runner(workers: int, address: str | None = None):
     )
 
 
-def run(query: str, shards: int, params: dict[str, Any], workers: int | None = None, address: str | None = None):
-    """The flow on Dask with the features settings of `params`; returns the flow run's final state."""
-    features = params.get("features") or {}
+def run(query: str, shards: int, settings: Settings, workers: int | None = None, address: str | None = None):
+    """The flow on Dask with the features settings of `settings`; returns the flow run's final state."""
     runner = dask_runner(workers or shards, address)
     return sharded_features_flow.with_options(task_runner=runner)(
-        query=query,
-        encoder=features.get("encoder", "lite0"),
-        shards=shards,
-        batch_size=int(features.get("batch_size", 32)),
-        store_root=features.get("dir"),
-        return_state=True,
+        query=query, features=settings.features, shards=shards, return_state=True
     )
 
 
@@ -68,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=2, help="parallel task runs (default 2)")
     parser.add_argument("--workers", type=int, help="local Dask worker processes (default: one per shard)")
     parser.add_argument("--dask-address", help="a running Dask scheduler, e.g. tcp://scheduler:8786")
-    args = parser.parse_args(argv)
-    state = run(args.query, args.shards, load_settings(args.params, args.overrides), args.workers, args.dask_address)
+    args, settings = parse_settings(parser, argv)
+    state = run(args.query, args.shards, settings, args.workers, args.dask_address)
     if state.is_completed():
         print(json.dumps(state.result(), indent=1))
         return 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 from prefect import flow
 from prefect.states import Completed
 
-from flows import finish, load_settings, settings_parser, tracking_uri
+from captioning.settings import Settings
+from flows import finish, load_settings, parse_settings, settings_parser, tracking_uri
 from tasks.registry import register_model
 
 
@@ -23,26 +23,20 @@ from tasks.registry import register_model
 def registration_flow(
     package_dir: str,
     metrics: dict[str, float],
-    params: dict[str, Any] | None = None,
+    settings: Settings | None = None,
     query: str | None = None,
     champion_metrics: dict[str, float] | None = None,
     run_id: str | None = None,
 ):
     """Register `package_dir` scored `metrics` on `query`; promote it when it passes the gates."""
-    from captioning.registry import collect_lineage, model_name
-
-    params = params or load_settings()
-    query = query or params["data"]["test_query"]
-    gates = (params.get("register") or {}).get("gates") or {}
+    settings = settings or load_settings()
     result = register_model(
         package_dir,
         metrics,
-        query,
-        gates=gates,
-        tracking=tracking_uri(params),
-        name=model_name(params),
+        query or settings.data.test_query,
+        settings,
+        tracking=tracking_uri(settings),
         champion_metrics=champion_metrics,
-        lineage=collect_lineage(params),
         run_id=run_id,
     )
     return Completed(message=result["message"], data=result)
@@ -54,13 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics JSON written by the evaluation")
     parser.add_argument("--data", help="query the metrics come from (default: params data.test_query)")
     parser.add_argument("--run-id", help="MLflow run of the training (the model is logged into it)")
-    args = parser.parse_args(argv)
-    params = load_settings(args.params, args.overrides)
+    args, settings = parse_settings(parser, argv)
     with open(args.metrics, encoding="utf-8") as handle:
         payload = json.load(handle)
     metrics = payload.get("metrics", payload)
     state = registration_flow(
-        package_dir=args.model, metrics=metrics, params=params, query=args.data, run_id=args.run_id, return_state=True
+        package_dir=args.model,
+        metrics=metrics,
+        settings=settings,
+        query=args.data,
+        run_id=args.run_id,
+        return_state=True,
     )
     return finish(state, lambda r: r["message"])
 

@@ -18,15 +18,14 @@ import time
 from prefect import flow
 from prefect.states import Completed
 
-from flows import load_settings, settings_parser, tracking_uri
+from flows import parse_settings, settings_parser, tracking_uri
 from tasks.release import build_release, roll_out
 
-CHAMPION = "models:/captioner@champion"
 RETRY_FAILED_SECONDS = 300
 
 
 @flow(name="release")
-def release_flow(model: str = CHAMPION, tracking: str | None = None):
+def release_flow(model: str, tracking: str | None = None):
     """Bento and image of `model`, then a rolling update of the stack `make up` started (if any)."""
     built = build_release(model, tracking)
     state = roll_out(built["image"], built["version"])
@@ -36,10 +35,10 @@ def release_flow(model: str = CHAMPION, tracking: str | None = None):
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
-    from captioning.registry import RegistryError, registered_version
+    from captioning.registry import RegistryError, locate
 
     try:
-        return registered_version(f"models:/{name}@champion", tracking)
+        return locate(f"models:/{name}@champion", tracking, download=False).version
     except RegistryError:
         return None
 
@@ -68,14 +67,13 @@ def watch(tracking: str | None, name: str, interval: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = settings_parser("Release a registered version and roll it out to the running stack.")
-    parser.add_argument("--model", default=None, help=f"models:/NAME@ALIAS or models:/NAME/N (default {CHAMPION})")
+    parser.add_argument("--model", default=None, help="models:/NAME@ALIAS or models:/NAME/N (default: the champion)")
     parser.add_argument("--watch", action="store_true", help="release each new champion as it is set")
-    args = parser.parse_args(argv)
-    params = load_settings(args.params, args.overrides)
-    tracking = tracking_uri(params)
-    name = (params.get("register") or {}).get("model_name", "captioner")
+    args, settings = parse_settings(parser, argv)
+    tracking = tracking_uri(settings)
+    name = settings.register.model_name
     if args.watch:
-        watch(tracking, name, float((params.get("release") or {}).get("poll_seconds", 10)))
+        watch(tracking, name, settings.release.poll_seconds)
         return 0
     state = release_flow(args.model or f"models:/{name}@champion", tracking, return_state=True)
     print(f"{state.name}: {state.message}")

@@ -26,27 +26,28 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from flows import load_settings, settings_parser
+from captioning.lineage import feedback_fingerprint, feedback_since
+from captioning.settings import Settings
+from flows import load_settings, parse_settings, settings_parser
 from flows.acquisition import acquisition_flow
 from flows.evaluation import evaluation_flow
 from flows.registration import registration_flow
 from flows.training import training_flow
 from flows.validation import validation_flow
-from tasks.state import check_for_new_data, feedback_fingerprint, feedback_since, record_training
+from tasks.state import check_for_new_data, record_training
 
 DEPLOYMENT = "scheduled-retrain"
 
 
-def with_feedback(params: dict[str, Any]) -> dict[str, Any]:
-    """These params with the stored feedback added to the training data: `<train_query>+feedback`
+def with_feedback(settings: Settings) -> Settings:
+    """These settings with the stored feedback added to the training data: `<train_query>+feedback`
     (unchanged when the training query already selects feedback)."""
     from captioning.data.query import parse_selection
 
-    data = dict(params["data"])
-    if any(query.dataset == "feedback" for query in parse_selection(data["train_query"])):
-        return params
-    data["train_query"] = f"{data['train_query']}+feedback"
-    return {**params, "data": data}
+    query = settings.data.train_query
+    if any(part.dataset == "feedback" for part in parse_selection(query)):
+        return settings
+    return settings.replace(data=settings.data.replace(train_query=f"{query}+feedback"))
 
 
 def run_folder(check: dict[str, Any]) -> str:
@@ -62,30 +63,30 @@ def retrain_flow(
     params_file: str | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
-    params: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ):
     """Retrain when something is new, promote the model when it passes the metric gates.
 
-    Settings: `params` when given, else params.yaml with `params_file` (partial YAML) and `overrides`
+    Settings: `settings` when given, else params.yaml with `params_file` (partial YAML) and `overrides`
     laid over it (read at run time, so a scheduled run sees the current params.yaml).
     """
     logger = get_run_logger()
-    params = params or load_settings(params_file, overrides)
+    settings = settings or load_settings(params_file, overrides)
     started = datetime.now(timezone.utc).isoformat()
-    dataset = params["data"]["dataset"]
+    dataset = settings.data.dataset
 
-    acquisition_flow(dataset=dataset, params=params)
-    include_feedback = bool((params.get("retrain") or {}).get("include_feedback", False))
+    acquisition_flow(dataset=dataset, settings=settings)
+    include_feedback = settings.retrain.include_feedback
     feedback = feedback_since(None) if include_feedback else 0
     if feedback:
-        params = with_feedback(params)
+        settings = with_feedback(settings)
     logger.info(
         "training data: %s (%d feedback row(s) stored, retrain.include_feedback %s)",
-        params["data"]["train_query"],
+        settings.data.train_query,
         feedback,
         include_feedback,
     )
-    check = check_for_new_data(dataset, params, use_feedback=include_feedback)
+    check = check_for_new_data(dataset, settings, use_feedback=include_feedback)
     if not check["new"] and not force:
         message = (
             f"nothing new since the training of {check['last'].get('trained_at')}: "
@@ -98,19 +99,19 @@ def retrain_flow(
 
     checks = [(dataset, check["data"])] + ([("feedback", feedback_fingerprint())] if feedback else [])
     for name, fingerprint in checks:
-        validation = validation_flow(dataset=name, params=params, fingerprint=fingerprint, return_state=True)
+        validation = validation_flow(dataset=name, settings=settings, fingerprint=fingerprint, return_state=True)
         if not validation.is_completed():
             logger.error(validation.message)
             return Failed(
                 message=f"stopped before training: {validation.message}", data=validation.result(raise_on_failure=False)
             )
 
-    trained = training_flow(params=params, out_dir=run_folder(check))
-    evaluation = evaluation_flow(model=trained["package_dir"], params=params)
+    trained = training_flow(settings=settings, out_dir=run_folder(check))
+    evaluation = evaluation_flow(model=trained["package_dir"], settings=settings)
     registration = registration_flow(
         package_dir=trained["package_dir"],
         metrics=evaluation["metrics"],
-        params=params,
+        settings=settings,
         query=evaluation["query"],
         champion_metrics=evaluation["champion_metrics"],
         run_id=trained["mlflow_run_id"],
@@ -130,7 +131,7 @@ def retrain_flow(
         "status": status,
         "message": registration["message"],
         "reasons": check["reasons"],
-        "train_query": params["data"]["train_query"],
+        "train_query": settings.data.train_query,
         "version": registration["version"],
         "promoted": registration["promoted"],
         "gate_reasons": registration["reasons"],
@@ -142,9 +143,10 @@ def retrain_flow(
     return Completed(message=registration["message"], data=summary)
 
 
-def serve(params_file: str | None, overrides: list[str]) -> None:
-    """A deployment of this flow on the cron of params.yaml retrain.cron, run by this process."""
-    cron = load_settings(params_file, overrides)["retrain"]["cron"]
+def serve(params_file: str | None, overrides: list[str], settings: Settings) -> None:
+    """A deployment of this flow on the cron of `settings` retrain.cron, run by this process; each run
+    reads params.yaml with `params_file` and `overrides` again."""
+    cron = settings.retrain.cron
     print(f"serving {DEPLOYMENT!r} on cron {cron!r}; runs show up in the Prefect UI. Stop with Ctrl+C.")
     retrain_flow.serve(
         name=DEPLOYMENT,
@@ -166,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serve", action="store_true", help="create a deployment scheduled by params retrain.cron and run it here"
     )
-    args = parser.parse_args(argv)
+    args, settings = parse_settings(parser, argv)
     if args.serve:
-        serve(args.params, args.overrides)
+        serve(args.params, args.overrides, settings)
         return 0
-    state = retrain_flow(params_file=args.params, overrides=args.overrides, force=args.force, return_state=True)
+    state = retrain_flow(settings=settings, force=args.force, return_state=True)
     data = state.result(raise_on_failure=False) if state.is_completed() else None
     print(f"{state.name}: {state.message}")
     if isinstance(data, dict) and data.get("status") in ("promoted", "gate failed"):

@@ -11,7 +11,8 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed, Failed
 
-from flows import finish, flow_reports, load_settings, settings_parser
+from captioning.settings import Settings
+from flows import finish, flow_reports, load_settings, parse_settings, settings_parser
 from tasks.data import validate_dataset
 
 
@@ -27,14 +28,14 @@ def failure_message(outcome: dict[str, Any], shown: int = 5) -> str:
 
 
 @flow(name="validation")
-def validation_flow(dataset: str | None = None, params: dict[str, Any] | None = None, fingerprint: str | None = None):
+def validation_flow(dataset: str | None = None, settings: Settings | None = None, fingerprint: str | None = None):
     """Validate `dataset` (default params data.dataset); the run ends Failed, with the reasons, on bad data.
 
     `fingerprint` (the data's DVC hash) lets an unchanged dataset reuse its last report.
     """
-    params = params or load_settings()
-    name = dataset or params["data"]["dataset"]
-    outcome = validate_dataset(name, str(flow_reports() / "validation" / name), fingerprint)
+    settings = settings or load_settings()
+    name = dataset or settings.data.dataset
+    outcome = validate_dataset(name, str(flow_reports() / "validation" / name), settings.synthetic, fingerprint)
     if not outcome["success"]:
         return Failed(message=failure_message(outcome), data=outcome)
     return Completed(message=f"{name} passed validation", data=outcome)
@@ -43,9 +44,8 @@ def validation_flow(dataset: str | None = None, params: dict[str, Any] | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = settings_parser("Validate a dataset (Great Expectations).")
     parser.add_argument("--dataset", help="dataset name (default: params data.dataset)")
-    args = parser.parse_args(argv)
-    params = load_settings(args.params, args.overrides)
-    state = validation_flow(dataset=args.dataset, params=params, return_state=True)
+    args, settings = parse_settings(parser, argv)
+    state = validation_flow(dataset=args.dataset, settings=settings, return_state=True)
     return finish(state, lambda r: f"{r['dataset']} passed validation: {r['summary']} (report: {r['report']})")
 
 

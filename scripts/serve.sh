@@ -24,9 +24,11 @@ PYTHON=.venv/bin/python
 import sys
 from captioning.config import disable_telemetry
 disable_telemetry()
-from captioning.registry import resolve
+from captioning.config import PARAMS_FILE
+from captioning.registry import locate, tracking_uri
+from captioning.settings import load_settings
 try:
-    resolve(sys.argv[1])
+    locate(sys.argv[1], tracking_uri(load_settings(PARAMS_FILE)))
 except Exception as error:
     sys.exit(f"error: cannot load the model {sys.argv[1]!r}: {error}\n"
              "Train and register a champion first (make run), or set MODEL=path/to/package.")

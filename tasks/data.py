@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from captioning.settings import SyntheticSettings
 from tasks import run_logger
 
 # Datasets that are generated or collected here rather than downloaded.
@@ -24,8 +25,10 @@ LOCAL_DATASETS = ("synthetic", "feedback")
     retry_jitter_factor=0.5,
     cache_policy=NO_CACHE,
 )
-def acquire_dataset(name: str, force: bool = False) -> str:
-    """Put dataset `name` under data_dir()/name (quick when already there); return the folder."""
+def acquire_dataset(name: str, synthetic: SyntheticSettings, force: bool = False) -> str:
+    """Put dataset `name` under data_dir()/name (quick when already there); return the folder.
+
+    `synthetic`: the settings the synthetic dataset is generated with."""
     from captioning.config import data_dir
     from captioning.data.acquire import acquire
     from captioning.data.datasets import load_dataset
@@ -33,7 +36,7 @@ def acquire_dataset(name: str, force: bool = False) -> str:
     logger = run_logger()
     if name in LOCAL_DATASETS:
         # Generated (synthetic) or collected by the service (feedback): loading creates it.
-        dataset = load_dataset(name)
+        dataset = load_dataset(name, synthetic=synthetic)
         logger.info("%s ready in %s: %d records", name, data_dir() / name, len(dataset.records))
         return str(data_dir() / name)
     path = acquire(name, progress=False, force=force)
@@ -79,13 +82,18 @@ def _validation_key(parameters: dict[str, Any]) -> str | None:
     cache_expiration=timedelta(days=7),
     persist_result=True,
 )
-def validate_dataset(name: str, report_dir: str, fingerprint: str | None = None) -> dict[str, Any]:
-    """Great Expectations suite over dataset `name`; the outcome as a dict (never raises on bad data)."""
+def validate_dataset(
+    name: str, report_dir: str, synthetic: SyntheticSettings, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """Great Expectations suite over dataset `name`; the outcome as a dict (never raises on bad data).
+
+    `synthetic`: the settings the synthetic dataset must match (its split sizes and image size)."""
     from captioning.data.datasets import load_dataset
+    from captioning.data.validate import expectations_for
     from captioning.data.validate import validate_dataset as validate
 
     logger = run_logger()
-    result = validate(load_dataset(name), report_dir)
+    result = validate(load_dataset(name), report_dir, expectations_for(name, synthetic))
     outcome = {
         "dataset": name,
         "success": bool(result.success),

@@ -18,18 +18,27 @@ def evaluate_model(
     query: str,
     beam_size: int,
     max_length: int,
+    feature_dir: str | None,
+    tracking: str | None = None,
     report_path: str | None = None,
     metrics_path: str | None = None,
 ) -> dict[str, Any]:
     """Caption `query` with `model` (package folder or models:/ URI) and score it (percent).
 
+    `feature_dir`: params features.dir; `tracking`: the registry a models:/ URI is read from.
     Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
     """
     from captioning.evaluation import evaluate_model as evaluate
 
     logger = run_logger()
     result = evaluate(
-        model, query, beam_size=beam_size, max_length=max_length, attention_images=4 if report_path else 0
+        model,
+        query,
+        beam_size=beam_size,
+        max_length=max_length,
+        attention_images=4 if report_path else 0,
+        feature_dir=feature_dir,
+        tracking=tracking,
     )
     payload = result.to_dict()
     if metrics_path:

@@ -7,22 +7,26 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from captioning.settings import FeatureSettings
 from tasks import run_logger
 
 
 @task(name="build-features", cache_policy=NO_CACHE)
-def build_features(query: str, encoder: str, batch_size: int = 32, store_root: str | None = None) -> dict[str, Any]:
+def build_features(query: str, features: FeatureSettings) -> dict[str, Any]:
     """Encode the images of `query` (or of a `+` union of queries) missing from their stores.
 
     Each dataset has the store training and evaluation read: artifacts_dir()/features/<encoder>/<dataset>,
-    or `store_root`/<encoder>/<dataset> when params set features.dir. No work when all are cached.
+    or <features.dir>/<encoder>/<dataset> when the settings name a folder. No work when all are cached.
     """
     from captioning.data.query import select_by_dataset
     from captioning.features import build_selection_features
 
+    encoder = features.encoder
     logger = run_logger()
     groups = select_by_dataset(query)
-    built = build_selection_features(groups, encoder, store_root, batch_size, progress=False)
+    built = build_selection_features(
+        groups, encoder, features.dir, features.batch_size, progress=False, num_workers=features.workers
+    )
     for dataset, (store, added) in built.items():
         logger.info(
             "%s: %d %s images, %d newly encoded with %s (store %s holds %d)",

@@ -7,11 +7,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from captioning.settings import Settings
 from tasks import run_logger
 
 
 @task(name="champion-query", cache_policy=NO_CACHE)
-def champion_query(tracking: str | None = None, name: str | None = None) -> dict[str, str | None]:
+def champion_query(tracking: str | None, name: str) -> dict[str, str | None]:
     """The current champion version and the data query its stored metrics come from."""
     from captioning.registry import champion_query as lookup
 
@@ -24,16 +25,13 @@ def register_model(
     package_dir: str,
     metrics: dict[str, float],
     query: str,
-    gates: dict | None = None,
+    settings: Settings,
     tracking: str | None = None,
-    name: str | None = None,
     champion_metrics: dict[str, float] | None = None,
-    lineage: dict[str, str] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Create a version; promote it to champion only if it passes the gates (a failed gate is a result).
-
-    `run_id`: the MLflow run of the training, which then holds the registered model too.
+    """Create a version; promote it to champion only if it passes the settings' gates (a failed
+    gate is a result). `run_id`: the MLflow run of the training, which then holds the registered model too.
     """
     from captioning.registry import register
 
@@ -42,11 +40,9 @@ def register_model(
         package_dir,
         metrics,
         query,
-        gates=gates,
+        settings,
         tracking=tracking,
-        name=name,
         champion_metrics=champion_metrics,
-        lineage=lineage,
         run_id=run_id,
     )
     if result.promoted:

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from captioning.settings import Settings
 from tasks import run_logger
 
 
@@ -39,14 +40,14 @@ class RunLog:
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(params: dict[str, Any], out_dir: str, tracking: str | None = None) -> dict[str, Any]:
-    """Train as `params` say into `out_dir`; a finished run there with the same settings is reused.
+def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -> dict[str, Any]:
+    """Train as `settings` say into `out_dir`; a finished run there with the same settings is reused.
 
     With a `tracking` URI the run is logged to MLflow (params, losses, validation metrics, artifacts).
     The per-epoch history is also written to out_dir/history.csv.
     """
+    from captioning.report import write_history
     from captioning.training import train
-    from tasks.reports import write_history
 
     logger = run_logger()
     log = RunLog(logger)
@@ -55,11 +56,10 @@ def train_model(params: dict[str, Any], out_dir: str, tracking: str | None = Non
     if tracking:
         from captioning.tracking import MLflowCallback
 
-        experiment = (params.get("tracking") or {}).get("experiment", "captioning")
-        tracker = MLflowCallback(tracking, experiment, tags={"orchestrator": "prefect"})
+        tracker = MLflowCallback(tracking, settings.tracking.experiment, tags={"orchestrator": "prefect"})
         callbacks.append(tracker)
     try:
-        result = train(params, callbacks, out_dir=out_dir)
+        result = train(settings, callbacks, out_dir=out_dir)
     except BaseException as error:
         if tracker is not None:
             tracker.on_train_failed(error)

@@ -1,19 +1,51 @@
-"""Helpers every command shares: one-line failures and JSON output."""
+"""Helpers every command shares: the settings, one-line failures and JSON output."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
 import typer
+
+if TYPE_CHECKING:
+    from captioning.settings import Settings
+
+OVERLAY_VARIABLE = "CAPTIONING_PARAMS_OVERLAY"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line reason on stderr and exit (2: bad usage or input, 1: the work failed)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def params_option() -> Any:
+    return typer.Option(
+        None,
+        "--params",
+        envvar=OVERLAY_VARIABLE,
+        show_envvar=False,
+        help=f"Partial YAML laid over params.yaml (default ${OVERLAY_VARIABLE}), e.g. params-synthetic.yaml.",
+    )
+
+
+def set_option() -> Any:
+    return typer.Option([], "--set", help="Override one setting: section.key=value (repeatable).")
+
+
+def settings(params_file: Optional[Path], overrides: Sequence[str] = ()) -> "Settings":
+    """params.yaml, the partial YAML `params_file` laid over it, then the `--set` items;
+    exit 2 with the reason when a key or a value is wrong, before any work."""
+    from captioning.config import PARAMS_FILE
+    from captioning.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(PARAMS_FILE, params_file, tuple(overrides))
+    except SettingsError as error:
+        fail(str(error))
 
 
 def print_json(payload: Any) -> None:

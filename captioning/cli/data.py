@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, print_json
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
 data_app = typer.Typer(
     name="data",
@@ -38,17 +38,20 @@ def acquire_command(
         help="Afterwards `dvc add` the data folder. Off by default: inside `dvc repro` DVC holds its lock.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
 ) -> None:
-    """Put a dataset in its official layout under data/NAME (synthetic: generate it)."""
+    """Put a dataset in its official layout under data/NAME (synthetic: generate it as params `synthetic` say)."""
     _known(name)
+    chosen = settings(params_file, assignments)
     if name == "feedback":
         fail("feedback is collected by the service, not acquired", 2)
     if name == "synthetic":
-        from captioning.config import data_dir, load_params
+        from captioning.config import data_dir
         from captioning.data.synthetic import load_synthetic
 
         path = Path(dest) if dest else data_dir() / "synthetic"
-        dataset = load_synthetic(path, load_params()["synthetic"])
+        dataset = load_synthetic(path, chosen.synthetic)
         typer.echo(f"synthetic: {len(dataset.records)} images in {path}")
     else:
         from captioning.data.acquire import AcquisitionError, acquire
@@ -80,19 +83,22 @@ def validate_command(
     report_dir: Optional[Path] = typer.Option(
         None, "--report-dir", help="Where validation.html/json go (default: reports/validation/NAME)."
     ),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
 ) -> None:
-    """Check a dataset with the Great Expectations suite; exit 1 when it fails."""
+    """Check a dataset with the Great Expectations suite (synthetic: against params `synthetic`); exit 1 when it fails."""
     _known(name)
     from captioning.config import reports_dir
     from captioning.data.datasets import load_dataset
-    from captioning.data.validate import validate_dataset
+    from captioning.data.validate import expectations_for, validate_dataset
 
+    expected = expectations_for(name, settings(params_file, assignments).synthetic)
     try:
         dataset = load_dataset(name, root)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error), 1)
     report_dir = report_dir or reports_dir() / "validation" / name
-    result = validate_dataset(dataset, report_dir)
+    result = validate_dataset(dataset, report_dir, expected)
     summary = result.summary
     typer.echo(
         f"{name}: {summary['images']} images, {summary['captions']} captions, splits {summary['splits']}; "

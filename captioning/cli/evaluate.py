@@ -11,14 +11,15 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, print_json
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from captioning.data.query import QueryError
     from captioning.evaluation import PredictionError
+    from captioning.settings import SettingsError
 
-    errors: list[type[Exception]] = [PredictionError, QueryError, FileNotFoundError, KeyError]
+    errors: list[type[Exception]] = [PredictionError, QueryError, SettingsError, FileNotFoundError, KeyError]
     try:
         from captioning.package import PackageError
         from captioning.registry import RegistryError
@@ -29,10 +30,11 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-def _default_query(data: Optional[str]) -> str:
-    from captioning.config import load_params
+def _tracking(config) -> str:
+    """The registry a models:/ URI is read from: $MLFLOW_TRACKING_URI, else params tracking.uri."""
+    from captioning.registry import tracking_uri
 
-    return data or load_params().get("data", {}).get("test_query", "flickr8k[test]")
+    return tracking_uri(config)
 
 
 def _show(result, as_json: bool, out: Optional[Path], report: Optional[Path], title: str) -> None:
@@ -97,16 +99,25 @@ def register(app: typer.Typer) -> None:
         predictions_out: Optional[Path] = typer.Option(
             None, "--predictions-out", help="Write the captions (COCO results format)."
         ),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
-        from captioning.decoding import check_neighbours, check_rerank
         from captioning.evaluation import evaluate_model, save_predictions
+        from captioning.settings import SettingsError
 
-        query = _default_query(data)
-        try:
-            check_rerank(rerank or "none")
-            check_neighbours(0 if neighbours is None else neighbours, 0.0)
-        except ValueError as error:
+        chosen = settings(params_file, assignments)
+        query = data or chosen.data.test_query
+        options = {
+            "beam_size": beam,
+            "max_length": max_length,
+            "rerank": rerank,
+            "flip": flip,
+            "rerank_neighbours": neighbours,
+        }
+        try:  # the options are checked as decoding settings; unset ones are the model's own
+            chosen.decoding.replace(**{key: value for key, value in options.items() if value is not None})
+        except SettingsError as error:
             fail(str(error))
         try:
             result = evaluate_model(
@@ -118,6 +129,8 @@ def register(app: typer.Typer) -> None:
                 rerank=rerank,
                 flip=flip,
                 neighbours=neighbours,
+                feature_dir=chosen.features.dir,
+                tracking=_tracking(chosen),
             )
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
@@ -132,11 +145,13 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON to this file."),
         report: Optional[Path] = typer.Option(None, "--report", help="Write the HTML report here."),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Score captions from any system against the references of a data query."""
         from captioning.evaluation import evaluate_predictions
 
-        query = _default_query(data)
+        query = data or settings(params_file, assignments).data.test_query
         try:
             result = evaluate_predictions(predictions, query)
         except _bad_input_errors() as error:
@@ -158,19 +173,36 @@ def register(app: typer.Typer) -> None:
             None, "--published", help="Add the published results on this dataset's test split (flickr8k)."
         ),
         stem: str = typer.Option("comparison", "--name", help="File name of the table, without suffix."),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Comparison table (Markdown + JSON) of models x decoding settings."""
-        from captioning.config import load_params, reports_dir
+        from captioning.config import reports_dir
         from captioning.evaluation import PUBLISHED, compare_models, comparison_table, write_comparison
+        from captioning.settings import SettingsError
 
+        chosen = settings(params_file, assignments)
         if published is not None and published not in PUBLISHED:
             fail(f"no published results for {published!r} (known: {', '.join(sorted(PUBLISHED))})")
-
-        pairs = _model_pairs(models)
-        beams = beams or load_params().get("evaluate", {}).get("beam_sizes", [1, 3])
-        query = _default_query(data)
         try:
-            rows = compare_models(pairs, query, beams, max_length=max_length, batch_size=batch_size)
+            if beams:
+                chosen = chosen.replace(evaluate=chosen.evaluate.replace(beam_sizes=beams))
+            if max_length is not None:
+                chosen.decoding.replace(max_length=max_length)
+        except SettingsError as error:
+            fail(str(error))
+        pairs = _model_pairs(models)
+        query = data or chosen.data.test_query
+        try:
+            rows = compare_models(
+                pairs,
+                query,
+                chosen.evaluate.beam_sizes,
+                max_length=max_length,
+                batch_size=batch_size,
+                feature_dir=chosen.features.dir,
+                tracking=_tracking(chosen),
+            )
         except _bad_input_errors() as error:
             fail(str(error).strip("'\""))
         rows += PUBLISHED.get(published or "", [])

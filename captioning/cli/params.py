@@ -1,4 +1,4 @@
-"""`captioning profile`: the overrides of a named configuration in params.yaml."""
+"""`captioning profile` (the overrides of a named configuration in params.yaml) and `captioning settings`."""
 
 from __future__ import annotations
 
@@ -7,24 +7,41 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
 
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile(
         name: str = typer.Argument(..., help="A key of params.yaml `profiles`, e.g. full."),
-        params_file: Optional[Path] = typer.Option(None, "--params", help="Default: params.yaml."),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
         dvc: bool = typer.Option(False, "--dvc", help="Print `-S key=value` flags for `dvc exp run`."),
     ) -> None:
         """Print the `section.key=value` overrides of a profile, one per line."""
         import shlex
 
-        from captioning.config import load_params, profile_overrides
+        from captioning.settings import SettingsError, profile_overrides
 
         try:
-            assignments = profile_overrides(load_params(params_file), name)
-        except (OSError, ValueError) as error:
+            items = profile_overrides(settings(params_file, assignments), name)
+        except SettingsError as error:
             fail(str(error))
-        for item in assignments:
+        for item in items:
             typer.echo(f"-S {shlex.quote(item)}" if dvc else item)
+
+    @app.command("settings")
+    def settings_command(
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON object of the sections."),
+    ) -> None:
+        """Print the settings a command would use: params.yaml, the --params overlay, the --set items."""
+        from captioning.settings import flatten
+
+        chosen = settings(params_file, assignments)
+        if as_json:
+            print_json(chosen.to_dict())
+            return
+        for key, value in flatten(chosen).items():
+            typer.echo(f"{key}={value}")

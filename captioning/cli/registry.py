@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, print_json
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
 GATE_FAILED_EXIT = 3
 
@@ -36,18 +36,18 @@ def _read_metrics(path: Path) -> dict[str, float]:
         fail(f"{path}: metric values must be numbers")
 
 
-def _champion_metrics(query: str, tracking: Optional[str], reevaluate: bool) -> Optional[dict[str, float]]:
+def _champion_metrics(query: str, tracking: str, name: str, reevaluate: bool) -> Optional[dict[str, float]]:
     """The champion's metrics on `query` when its stored ones were computed on another query."""
     from captioning import registry
 
-    version, scored_on = registry.champion_query(tracking)
+    version, scored_on = registry.champion_query(tracking, name)
     if version is None or scored_on == query or not reevaluate:
         return None
     from captioning.evaluation import evaluate_model
 
-    name = registry.model_name()
     typer.echo(f"champion version {version} was scored on {scored_on!r}; evaluating it on {query!r}", err=True)
-    return evaluate_model(f"models:/{name}/{version}", query, attention_images=0).metrics
+    folder = registry.locate(f"models:/{name}/{version}", tracking).path
+    return evaluate_model(str(folder), query, attention_images=0).metrics
 
 
 def register(app: typer.Typer) -> None:
@@ -70,22 +70,25 @@ def register(app: typer.Typer) -> None:
             False, "--fail-on-gate", help=f"Exit {GATE_FAILED_EXIT} when the gates refuse the model."
         ),
         as_json: bool = typer.Option(False, "--json"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Register a model version; promote it to champion only if it passes the metric gates."""
         from captioning import registry
-        from captioning.config import load_params
         from captioning.package import PackageError
 
+        config = settings(params_file, assignments)
         if not (model / "config.json").is_file():
             fail(f"{model} is not a model package folder (no config.json)")
         values = _read_metrics(metrics)
-        query = data or load_params().get("data", {}).get("test_query", "flickr8k[test]")
+        query = data or config.data.test_query
         try:
             with registry.bounded_http_retries():
-                registry.check_server(registry.tracking_uri(tracking))
-                champion = _champion_metrics(query, tracking, reevaluate)
+                uri = registry.tracking_uri(config, tracking)
+                registry.check_server(uri)
+                champion = _champion_metrics(query, uri, registry.model_name(config), reevaluate)
                 result = registry.register(
-                    model, values, query, tracking=tracking, run_id=run_id, champion_metrics=champion
+                    model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
                 )
         except PackageError as error:
             fail(str(error))
@@ -102,20 +105,24 @@ def register(app: typer.Typer) -> None:
     def list_command(
         tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
         as_json: bool = typer.Option(False, "--json"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Versions with their aliases, gate outcome and metrics."""
         from captioning import registry
 
+        config = settings(params_file, assignments)
+        name = registry.model_name(config)
         try:
             with registry.bounded_http_retries():
-                rows = registry.list_versions(tracking)
+                rows = registry.list_versions(registry.tracking_uri(config, tracking), name)
         except registry.RegistryError as error:
             fail(str(error), code=1)
         if as_json:
             print_json(rows)
             return
         if not rows:
-            typer.echo(f"no versions of {registry.model_name()!r} registered")
+            typer.echo(f"no versions of {name!r} registered")
             return
         for row in rows:
             metrics = " ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
@@ -129,13 +136,16 @@ def register(app: typer.Typer) -> None:
     def rollback_command(
         tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
         as_json: bool = typer.Option(False, "--json"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Move `champion` back to `previous`."""
         from captioning import registry
 
+        config = settings(params_file, assignments)
         try:
             with registry.bounded_http_retries():
-                moved = registry.rollback(tracking)
+                moved = registry.rollback(registry.tracking_uri(config, tracking), registry.model_name(config))
         except registry.RegistryError as error:
             fail(str(error), code=1)
         if as_json:

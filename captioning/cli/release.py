@@ -7,22 +7,28 @@ Bad usage exits 2; a failed build or start exits 1 with the reason.
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from captioning.cli.common import fail, print_json
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
-CHAMPION = "models:/captioner@champion"
+if TYPE_CHECKING:
+    from captioning.settings import Settings
 
 
-def _release(model: str, tracking: Optional[str], rebuild: bool = False):
+def _release(model: Optional[str], tracking: Optional[str], config: "Settings", rebuild: bool = False):
+    """Release `model` (default: the champion of params register.model_name) from the registry at
+    `tracking` (default: $MLFLOW_TRACKING_URI, else params tracking.uri)."""
     from captioning.containers import ContainerError
+    from captioning.registry import RegistryError, tracking_uri
     from captioning.release import ReleaseError, release
 
     try:
-        return release(model, tracking, rebuild=rebuild)
-    except (ReleaseError, ContainerError) as error:
+        model = model or f"models:/{config.register.model_name}@champion"
+        return release(model, tracking_uri(config, tracking), rebuild=rebuild)
+    except (ReleaseError, ContainerError, RegistryError) as error:
         fail(str(error), code=1)
 
 
@@ -34,13 +40,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("release")
     def release_command(
-        model: str = typer.Option(CHAMPION, "--model", help="models:/NAME@ALIAS or models:/NAME/N."),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="models:/NAME@ALIAS or models:/NAME/N (default: the champion)."
+        ),
         tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
         rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if the image exists."),
         as_json: bool = typer.Option(False, "--json"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Build the bento and the image of a registered version; the last line is the image's tag."""
-        result = _release(model, tracking, rebuild)
+        result = _release(model, tracking, settings(params_file, assignments), rebuild)
         if as_json:
             print_json(result.to_dict())
             return
@@ -56,15 +66,20 @@ def register(app: typer.Typer) -> None:
     @stack.command("up")
     def up_command(
         port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+8 internal."),
-        model: str = typer.Option(CHAMPION, "--model", help="The registered version to serve."),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="The registered version to serve (default: the champion)."
+        ),
         tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Start the API and 2 model servers from the version's image (built when missing)."""
         from captioning import stack as stacks
 
+        config = settings(params_file, assignments)
         if not 1024 <= port <= 65000:
             fail(f"--port must be between 1024 and 65000, not {port}")
-        result = _release(model, tracking)
+        result = _release(model, tracking, config)
         try:
             state = stacks.up(result.image, port, version=result.version)
         except (stacks.StackError, stacks.ContainerError) as error:
@@ -73,13 +88,17 @@ def register(app: typer.Typer) -> None:
 
     @stack.command("rollout")
     def rollout_command(
-        model: str = typer.Option(CHAMPION, "--model", help="The registered version to roll out."),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="The registered version to roll out (default: the champion)."
+        ),
         tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+        params_file: Optional[Path] = params_option(),
+        assignments: list[str] = set_option(),
     ) -> None:
         """Release a version and replace the running replicas with it, one at a time."""
         from captioning import stack as stacks
 
-        result = _release(model, tracking)
+        result = _release(model, tracking, settings(params_file, assignments))
         try:
             state = stacks.rollout(result.image, version=result.version)
         except (stacks.StackError, stacks.ContainerError) as error:

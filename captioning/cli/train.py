@@ -5,36 +5,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, print_json
-
-
-def _params(path: Optional[Path], assignments: list[str]) -> dict[str, Any]:
-    """params.yaml (or `path`) with `--set` overrides; unknown keys are refused, not added."""
-    from captioning.config import load_params, override
-
-    try:
-        params = load_params(path)
-    except OSError as error:
-        fail(f"cannot read params file: {error}")
-    for item in assignments:
-        if "=" not in item:
-            fail(f"--set {item!r} is not of the form section.key=value")
-        node: Any = params
-        keys = item.split("=", 1)[0].strip().split(".")
-        for depth, key in enumerate(keys):
-            if not isinstance(node, dict) or key not in node:
-                where = ".".join(keys[:depth]) or "params"
-                known = ", ".join(sorted(node)) if isinstance(node, dict) else "none (not a section)"
-                fail(f"unknown param key {'.'.join(keys)!r}: {where} has {known}")
-            node = node[key]
-    try:
-        return override(params, assignments)
-    except ValueError as error:
-        fail(str(error))
+from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
 
 def _check_selection(text: str) -> None:
@@ -54,19 +29,22 @@ def features_command(
         None, help="lite0, lite2, lite2_260 or lite2_320 (default: params features.encoder)."
     ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder pass."),
-    params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
 ) -> None:
     """Encode the images of QUERY (or a `+` union of queries) into the feature cache (only those not cached yet)."""
     from captioning.data.query import QueryError, select_by_dataset
-    from captioning.encoder import ENCODERS
     from captioning.features import build_selection_features
     from captioning.images import ImageError
+    from captioning.settings import SettingsError
 
-    params = _params(params_file, [])
-    feat = params.get("features") or {}
-    encoder = encoder or feat.get("encoder", "lite0")
-    if encoder not in ENCODERS:
-        fail(f"unknown encoder {encoder!r}; known: {', '.join(sorted(ENCODERS))}")
+    options = {"encoder": encoder, "batch_size": batch_size}
+    try:
+        feat = settings(params_file, assignments).features.replace(
+            **{key: value for key, value in options.items() if value is not None}
+        )
+    except SettingsError as error:
+        fail(str(error))
     _check_selection(query)
     try:
         groups = select_by_dataset(query)
@@ -74,9 +52,7 @@ def features_command(
         fail(str(error))
     start = time.perf_counter()
     try:
-        built = build_selection_features(
-            groups, encoder, feat.get("dir"), batch_size or int(feat.get("batch_size", 32))
-        )
+        built = build_selection_features(groups, feat.encoder, feat.dir, feat.batch_size, num_workers=feat.workers)
     except ImageError as error:
         fail(str(error), code=1)
     stores = {
@@ -91,7 +67,7 @@ def features_command(
     first = next(iter(stores.values()))
     summary = {
         **first,
-        "encoder": encoder,
+        "encoder": feat.encoder,
         "images": sum(s["images"] for s in stores.values()),
         "encoded": sum(s["encoded"] for s in stores.values()),
         "seconds": round(time.perf_counter() - start, 2),
@@ -102,8 +78,8 @@ def features_command(
 
 
 def train_command(
-    params_file: Optional[Path] = typer.Option(None, "--params", help="Params file (default params.yaml)."),
-    assignments: list[str] = typer.Option([], "--set", help="Override a param: section.key=value (repeatable)."),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
     data: Optional[str] = typer.Option(None, "--data", help="Training data query (data.train_query)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default artifacts/train)."),
     tracking: bool = typer.Option(True, "--tracking/--no-tracking", help="Log the run to MLflow."),
@@ -113,24 +89,19 @@ def train_command(
     from captioning.images import ImageError
     from captioning.training import TrainingError, train
 
-    params = _params(params_file, list(assignments))
+    chosen = settings(params_file, assignments)
     if data:
-        params.setdefault("data", {})["train_query"] = data
-    for key in ("train_query", "val_query"):
-        value = (params.get("data") or {}).get(key)
-        if not value:
-            fail(f"params data.{key} is missing")
-        _check_selection(value)
+        chosen = chosen.replace(data=chosen.data.replace(train_query=data))
+    _check_selection(chosen.data.train_query)
+    _check_selection(chosen.data.val_query)
     callbacks = []
     # Under torchrun every rank runs this command: rank 0 alone opens the MLflow run.
     if tracking and int(os.environ.get("RANK", "0")) == 0:
         from captioning.tracking import MLflowCallback
 
-        track = params.get("tracking") or {}
-        callback = MLflowCallback(track.get("uri", "sqlite:///mlflow.db"), track.get("experiment", "captioning"))
-        callbacks.append(callback)
+        callbacks.append(MLflowCallback(chosen.tracking.uri, chosen.tracking.experiment))
     try:
-        result = train(params, callbacks, out_dir=out, resume=resume)
+        result = train(chosen, callbacks, out_dir=out, resume=resume)
     except (TrainingError, ImageError, FileNotFoundError) as error:
         fail(str(error), code=1)
     payload = {"package": str(result.package_dir), "best": result.best, "epochs": len(result.history)}
@@ -149,7 +120,7 @@ def caption_command(
     """Caption images with a trained model."""
     from captioning.images import ImageError
     from captioning.package import PackageError
-    from captioning.predict import Captioner
+    from captioning.registry import load_captioner
 
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
@@ -157,7 +128,7 @@ def caption_command(
     if "://" not in model and not model.startswith(("models:", "runs:")) and not Path(model).is_dir():
         fail(f"no such model package folder: {model}")
     try:
-        captioner = Captioner.load(model)
+        captioner = load_captioner(model)
     except PackageError as error:
         fail(str(error))
     except Exception as error:  # registry look-ups fail in many ways (unknown name, alias, store)

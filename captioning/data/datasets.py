@@ -11,10 +11,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from captioning.config import data_dir
 from captioning.data.records import Dataset, Record
+
+if TYPE_CHECKING:
+    from captioning.settings import SyntheticSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -98,8 +101,7 @@ def _flickr_records(
     pairs = list(split_of.items()) if isinstance(split_of, dict) else split_of
     listed = {image for image, _ in pairs}
     records = [
-        Record(image, str(image_folder / image), split, tuple(captions.get(image, ())))
-        for image, split in pairs
+        Record(image, str(image_folder / image), split, tuple(captions.get(image, ()))) for image, split in pairs
     ]
     dropped = [
         _drop_message(image, len(texts), "image is in no split")
@@ -183,15 +185,16 @@ def load_mscoco(root: Path) -> Dataset:
             dropped.append(_drop_message(image_id, len(captions.get(image_id, ())), "image is in no split"))
     missing = sorted(set(split_of) - set(images))
     if missing:
-        dropped.append(f"{len(missing)} image(s) of dataset_coco.json are absent from captions_*{year}.json, e.g. {missing[:3]}")
+        dropped.append(
+            f"{len(missing)} image(s) of dataset_coco.json are absent from captions_*{year}.json, e.g. {missing[:3]}"
+        )
     return Dataset("mscoco", _sorted(records, DATASETS["mscoco"].splits), sorted(dropped))
 
 
 def load_synthetic(root: Path) -> Dataset:
-    from captioning.config import load_params
     from captioning.data.synthetic import load_synthetic as load
 
-    return load(root, load_params().get("synthetic", {}))
+    return load(root)
 
 
 def load_feedback(root: Path) -> Dataset:
@@ -209,8 +212,17 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
-    """Read dataset `name` from `root` (default data_dir()/name)."""
+def load_dataset(name: str, root: str | Path | None = None, synthetic: SyntheticSettings | None = None) -> Dataset:
+    """Read dataset `name` from `root` (default data_dir()/name).
+
+    `synthetic`: the settings the synthetic dataset is (re)generated with when missing or made
+    with others; without them the generated one on disk is read.
+    """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    return DATASETS[name].loader(Path(root) if root else data_dir() / name)
+    folder = Path(root) if root else data_dir() / name
+    if name == "synthetic" and synthetic is not None:
+        from captioning.data.synthetic import load_synthetic as generate_or_load
+
+        return generate_or_load(folder, synthetic)
+    return DATASETS[name].loader(folder)

@@ -25,9 +25,12 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from captioning.data.records import Dataset, Record
+
+if TYPE_CHECKING:
+    from captioning.settings import SyntheticSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "synthetic.json"
@@ -84,7 +87,9 @@ def make_scene(rng: random.Random, size: int) -> Scene:
         position = rng.choice(list(POSITIONS))
         (fx, fy), _ = POSITIONS[position]
         radius = round(size * rng.uniform(0.15, 0.18))
-        item = Shape(shape, colour, round(fx * size) + _jitter(rng, size), round(fy * size) + _jitter(rng, size), radius)
+        item = Shape(
+            shape, colour, round(fx * size) + _jitter(rng, size), round(fy * size) + _jitter(rng, size), radius
+        )
         return Scene("single", (item,), position, background, striped)
     if roll < 0.75:
         count = rng.choice((2, 3))
@@ -200,7 +205,9 @@ def generate(root: str | Path, seed: int, train: int, val: int, test: int, image
             scene = make_scene(_scene_rng(seed, split, index), image_size)
             image_id = f"synth_{number:06d}.png"
             render(scene, image_size).save(images / image_id, format="PNG", optimize=False, compress_level=6)
-            entries.append({"image_id": image_id, "split": split, "captions": list(captions_for(scene)), "scene": asdict(scene)})
+            entries.append(
+                {"image_id": image_id, "split": split, "captions": list(captions_for(scene)), "scene": asdict(scene)}
+            )
             number += 1
     manifest = {"format": FORMAT_VERSION, "params": params, "records": entries}
     # The manifest is written last (atomically): an interrupted run leaves no manifest and is redone.
@@ -217,20 +224,23 @@ def _read_manifest(root: Path) -> dict | None:
         return None
 
 
-def load_synthetic(root: str | Path | None = None, params: dict | None = None) -> Dataset:
-    """The synthetic dataset under `root`, generated first if missing or made with other params.
+def load_synthetic(root: str | Path | None = None, settings: SyntheticSettings | None = None) -> Dataset:
+    """The synthetic dataset under `root` (default data_dir()/synthetic).
 
-    `params` is the `synthetic:` section of params.yaml (seed, train, val, test, image_size).
+    With `settings` (params.yaml `synthetic`), it is generated first when missing or made with
+    other settings; without them, the one on disk is read as it is (FileNotFoundError when none).
     """
-    from captioning.config import data_dir, load_params
+    from captioning.config import data_dir
 
     root = Path(root) if root else data_dir() / "synthetic"
-    params = params if params is not None else load_params()["synthetic"]
-    wanted = _params(**{key: params[key] for key in ("seed", "train", "val", "test", "image_size")})
     manifest = _read_manifest(root)
-    if manifest is None or manifest.get("format") != FORMAT_VERSION or manifest.get("params") != wanted:
-        generate(root, **wanted)
-        manifest = _read_manifest(root)
+    if settings is not None:
+        wanted = _params(settings.seed, settings.train, settings.val, settings.test, settings.image_size)
+        if manifest is None or manifest.get("format") != FORMAT_VERSION or manifest.get("params") != wanted:
+            generate(root, **wanted)
+            manifest = _read_manifest(root)
+    elif manifest is None or manifest.get("format") != FORMAT_VERSION:
+        raise FileNotFoundError(f"no synthetic dataset in {root}: `captioning data acquire synthetic` generates it")
     images = (root / "images").resolve()
     records = [
         Record(entry["image_id"], str(images / entry["image_id"]), entry["split"], tuple(entry["captions"]))

@@ -20,9 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from captioning.data.records import Dataset
+
+if TYPE_CHECKING:
+    from captioning.settings import SyntheticSettings
 
 # Failing rows listed per check (in the result, the JSON and the HTML).
 MAX_EXAMPLES = 50
@@ -49,23 +52,18 @@ class Expectations:
 EXPECTATIONS: dict[str, Expectations] = {
     "flickr8k": Expectations({"train": 6000, "val": 1000, "test": 1000}),
     "flickr30k": Expectations({"train": 29000, "val": 1014, "test": 1000}),
-    "mscoco": Expectations(
-        {"train": 82783, "restval": 30504, "val": 5000, "test": 5000}, captions_per_image=(5, 7)
-    ),
+    "mscoco": Expectations({"train": 82783, "restval": 30504, "val": 5000, "test": 5000}, captions_per_image=(5, 7)),
     "feedback": Expectations(None, captions_per_image=(1, None), words_per_caption=(1, 50)),
 }
 
 
-def expectations_for(name: str, params: dict | None = None) -> Expectations:
-    """The expectations of a known dataset; synthetic ones follow params.yaml."""
+def expectations_for(name: str, synthetic: SyntheticSettings | None = None) -> Expectations:
+    """The expectations of a known dataset; synthetic ones follow the settings it is generated with."""
     if name == "synthetic":
-        from captioning.config import load_params
-
-        # Either the whole params.yaml or its `synthetic:` section.
-        params = params if params is not None else load_params()
-        section = params.get("synthetic", params)
-        splits = {split: int(section[split]) for split in ("train", "val", "test")}
-        return Expectations(splits, min_image_side=min(32, int(section["image_size"])))
+        if synthetic is None:
+            raise ValueError("the synthetic dataset's expectations follow its settings: pass params `synthetic`")
+        splits = {"train": synthetic.train, "val": synthetic.val, "test": synthetic.test}
+        return Expectations(splits, min_image_side=min(32, synthetic.image_size))
     if name in EXPECTATIONS:
         return EXPECTATIONS[name]
     # An unknown dataset still gets the checks that need no documented numbers.
@@ -120,31 +118,35 @@ def _tables(dataset: Dataset, expected: Expectations, workers: int):
     for row, record in enumerate(records):
         info = files[record.path]
         sides = [side for side in (info["width"], info["height"]) if side is not None]
-        images.append({
-            "row": row,
-            "image_id": record.image_id,
-            "split": record.split,
-            "path": record.path,
-            "exists": info["exists"],
-            "decode_error": info["decode_error"],
-            "width": info["width"],
-            "height": info["height"],
-            "min_side": min(sides) if sides else None,
-            "n_captions": len(record.captions),
-            "n_splits": len(splits_of[record.image_id]),
-            "all_splits": "+".join(sorted(splits_of[record.image_id])),
-        })
+        images.append(
+            {
+                "row": row,
+                "image_id": record.image_id,
+                "split": record.split,
+                "path": record.path,
+                "exists": info["exists"],
+                "decode_error": info["decode_error"],
+                "width": info["width"],
+                "height": info["height"],
+                "min_side": min(sides) if sides else None,
+                "n_captions": len(record.captions),
+                "n_splits": len(splits_of[record.image_id]),
+                "all_splits": "+".join(sorted(splits_of[record.image_id])),
+            }
+        )
         for number, caption in enumerate(record.captions):
             text = caption.strip() if isinstance(caption, str) else ""
-            captions.append({
-                "row": len(captions),
-                "image_id": record.image_id,
-                "caption_no": number,
-                "caption": caption if isinstance(caption, str) else repr(caption),
-                "length": len(text),
-                # Empty captions are caught by the length check; None keeps them out of the word check.
-                "n_words": len(text.split()) if text else None,
-            })
+            captions.append(
+                {
+                    "row": len(captions),
+                    "image_id": record.image_id,
+                    "caption_no": number,
+                    "caption": caption if isinstance(caption, str) else repr(caption),
+                    "length": len(text),
+                    # Empty captions are caught by the length check; None keeps them out of the word check.
+                    "n_words": len(text.split()) if text else None,
+                }
+            )
 
     counts: dict[str, int] = {}
     for record in records:
@@ -154,8 +156,20 @@ def _tables(dataset: Dataset, expected: Expectations, workers: int):
         {"row": row, "split": name, "count": counts.get(name, 0), "expected": wanted.get(name)}
         for row, name in enumerate(sorted(set(counts) | set(wanted)))
     ]
-    image_columns = ["row", "image_id", "split", "path", "exists", "decode_error", "width", "height",
-                     "min_side", "n_captions", "n_splits", "all_splits"]
+    image_columns = [
+        "row",
+        "image_id",
+        "split",
+        "path",
+        "exists",
+        "decode_error",
+        "width",
+        "height",
+        "min_side",
+        "n_captions",
+        "n_splits",
+        "all_splits",
+    ]
     caption_columns = ["row", "image_id", "caption_no", "caption", "length", "n_words"]
     return (
         pd.DataFrame(images, columns=image_columns),
@@ -182,46 +196,94 @@ def _checks(expected: Expectations, gxe) -> list[_Check]:
     side = expected.min_image_side
     per_image = f"{low}" if low == high else f"{low}-{high}" if high else f"at least {low}"
     checks = [
-        _Check("images", "the dataset has records", "error",
-               gxe.ExpectTableRowCountToBeBetween(min_value=1),
-               explain_table=lambda result: "the dataset has no records"),
-        _Check("images", "every image file exists", "error",
-               gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
-               lambda r: f"image file missing: {r['image_id']} ({r['split']}) at {r['path']}"),
-        _Check("images", "every image decodes", "error",
-               gxe.ExpectColumnValuesToBeInSet(column="decode_error", value_set=[""]),
-               lambda r: f"image does not decode: {r['image_id']} ({r['split']}): {r['decode_error']}"),
-        _Check("images", f"images are at least {side}x{side} pixels", "error",
-               gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=side),
-               lambda r: f"image too small: {r['image_id']} is {r['width']:.0f}x{r['height']:.0f} (minimum {side})"),
-        _Check("images", f"{per_image} captions per image", "error",
-               gxe.ExpectColumnValuesToBeBetween(column="n_captions", min_value=low, max_value=high),
-               lambda r: f"wrong number of captions: {r['image_id']} has {r['n_captions']} (expected {per_image})"),
-        _Check("images", "image ids are unique within a split", "error",
-               gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "split"]),
-               lambda r: f"image listed more than once in {r['split']}: {r['image_id']}"),
-        _Check("images", "no image is in two splits", "error",
-               gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1),
-               lambda r: f"image in more than one split: {r['image_id']} is in {r['all_splits']}"),
-        _Check("captions", "captions are not empty", "error",
-               gxe.ExpectColumnValuesToBeBetween(column="length", min_value=1),
-               lambda r: f"empty caption: {r['image_id']} caption #{r['caption_no']} is {r['caption']!r}"),
-        _Check("captions", f"captions have {wmin}-{wmax} words", "warning",
-               gxe.ExpectColumnValuesToBeBetween(column="n_words", min_value=wmin, max_value=wmax),
-               lambda r: f"odd caption length: {r['image_id']} caption #{r['caption_no']} has "
-                         f"{r['n_words']:.0f} words: {r['caption']!r}"),
+        _Check(
+            "images",
+            "the dataset has records",
+            "error",
+            gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            explain_table=lambda result: "the dataset has no records",
+        ),
+        _Check(
+            "images",
+            "every image file exists",
+            "error",
+            gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+            lambda r: f"image file missing: {r['image_id']} ({r['split']}) at {r['path']}",
+        ),
+        _Check(
+            "images",
+            "every image decodes",
+            "error",
+            gxe.ExpectColumnValuesToBeInSet(column="decode_error", value_set=[""]),
+            lambda r: f"image does not decode: {r['image_id']} ({r['split']}): {r['decode_error']}",
+        ),
+        _Check(
+            "images",
+            f"images are at least {side}x{side} pixels",
+            "error",
+            gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=side),
+            lambda r: f"image too small: {r['image_id']} is {r['width']:.0f}x{r['height']:.0f} (minimum {side})",
+        ),
+        _Check(
+            "images",
+            f"{per_image} captions per image",
+            "error",
+            gxe.ExpectColumnValuesToBeBetween(column="n_captions", min_value=low, max_value=high),
+            lambda r: f"wrong number of captions: {r['image_id']} has {r['n_captions']} (expected {per_image})",
+        ),
+        _Check(
+            "images",
+            "image ids are unique within a split",
+            "error",
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "split"]),
+            lambda r: f"image listed more than once in {r['split']}: {r['image_id']}",
+        ),
+        _Check(
+            "images",
+            "no image is in two splits",
+            "error",
+            gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1),
+            lambda r: f"image in more than one split: {r['image_id']} is in {r['all_splits']}",
+        ),
+        _Check(
+            "captions",
+            "captions are not empty",
+            "error",
+            gxe.ExpectColumnValuesToBeBetween(column="length", min_value=1),
+            lambda r: f"empty caption: {r['image_id']} caption #{r['caption_no']} is {r['caption']!r}",
+        ),
+        _Check(
+            "captions",
+            f"captions have {wmin}-{wmax} words",
+            "warning",
+            gxe.ExpectColumnValuesToBeBetween(column="n_words", min_value=wmin, max_value=wmax),
+            lambda r: (
+                f"odd caption length: {r['image_id']} caption #{r['caption_no']} has "
+                f"{r['n_words']:.0f} words: {r['caption']!r}"
+            ),
+        ),
     ]
     if expected.splits is not None:
         names = sorted(expected.splits)
         checks += [
-            _Check("splits", f"splits are {', '.join(names)}", "error",
-                   gxe.ExpectColumnValuesToBeInSet(column="split", value_set=names),
-                   lambda r: f"unexpected split {r['split']!r} with {r['count']} images (expected splits: "
-                             f"{', '.join(names)})"),
-            _Check("splits", "split sizes as documented", "error",
-                   gxe.ExpectColumnPairValuesToBeEqual(column_A="count", column_B="expected",
-                                                       ignore_row_if="either_value_is_missing"),
-                   lambda r: f"split {r['split']} has {r['count']} images, expected {r['expected']:.0f}"),
+            _Check(
+                "splits",
+                f"splits are {', '.join(names)}",
+                "error",
+                gxe.ExpectColumnValuesToBeInSet(column="split", value_set=names),
+                lambda r: (
+                    f"unexpected split {r['split']!r} with {r['count']} images (expected splits: {', '.join(names)})"
+                ),
+            ),
+            _Check(
+                "splits",
+                "split sizes as documented",
+                "error",
+                gxe.ExpectColumnPairValuesToBeEqual(
+                    column_A="count", column_B="expected", ignore_row_if="either_value_is_missing"
+                ),
+                lambda r: f"split {r['split']} has {r['count']} images, expected {r['expected']:.0f}",
+            ),
         ]
     return checks
 
@@ -249,10 +311,13 @@ def _run_suite(frames: dict, checks: list[_Check]) -> list[dict[str, Any]]:
             # The check's index travels in `meta`, so each result finds its check.
             check.expectation.meta = {"check": index}
             suite.add_expectation(check.expectation)
-        result = batch.validate(suite, result_format={
-            "result_format": "COMPLETE",
-            "unexpected_index_column_names": ["row"],
-        })
+        result = batch.validate(
+            suite,
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": ["row"],
+            },
+        )
         for item in result.results:
             index = item.expectation_config.meta["check"]
             outcomes[index] = _outcome(checks[index], item, frame)
@@ -284,8 +349,9 @@ def _outcome(check: _Check, result, frame) -> dict[str, Any]:
     }
 
 
-def validate_dataset(dataset: Dataset, report_dir: str | Path, expected: Expectations | None = None,
-                     workers: int | None = None) -> ValidationResult:
+def validate_dataset(
+    dataset: Dataset, report_dir: str | Path, expected: Expectations | None = None, workers: int | None = None
+) -> ValidationResult:
     """Run the suite on a dataset; writes validation.html and validation.json into report_dir."""
     start = time.perf_counter()
     expected = expected or expectations_for(dataset.name)
@@ -382,7 +448,7 @@ def _html(result: ValidationResult, outcomes: list[dict]) -> str:
     warnings = "".join(f"<li>{esc(w)}</li>" for w in result.warnings[: 4 * MAX_EXAMPLES])
     facts = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v))}</td></tr>" for k, v in summary.items())
     return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>Validation of {esc(str(summary.get('dataset')))}</title><style>{_STYLE}</style></head><body>"
         f"<h1>Validation of {esc(str(summary.get('dataset')))}: {verdict}</h1>"
         f"<h2>Failures ({len(result.failures)})</h2><ul>{failures or '<li>none</li>'}</ul>"

@@ -38,54 +38,8 @@ __all__ = [
     "State",
     "build_model",
     "model_config",
-    "member_configs",
-    "ensemble_members",
     "ensemble_config",
 ]
-
-
-# Sections a member of `model.ensemble` may override for itself.
-MEMBER_SECTIONS = ("model", "train")
-
-
-def ensemble_members(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """The decoders a `model:` section trains, each as {"decoder", "model", "train", "config"} (the
-    last its checked model config): first
-    `decoder` with the section's settings, then each entry of `ensemble`. An entry is a decoder
-    name, or a mapping with `decoder` and settings of the `model` and `train` sections that
-    apply to that member alone, e.g. {decoder: transformer, train: {scst_epochs: 0}}."""
-    extra = section.get("ensemble") or []
-    if isinstance(extra, str) or not isinstance(extra, (list, tuple)):
-        raise ValueError(f"model.ensemble must be a list of decoder names or mappings, got {extra!r}")
-    members = [{"decoder": section.get("decoder"), "model": {}, "train": {}}]
-    for entry in extra:
-        if isinstance(entry, str):
-            entry = {"decoder": entry}
-        if not isinstance(entry, dict) or "decoder" not in entry:
-            raise ValueError(
-                f"a model.ensemble entry must be a decoder name or a mapping with `decoder`, got {entry!r}"
-            )
-        unknown = sorted(set(entry) - {"decoder", *MEMBER_SECTIONS})
-        if unknown:
-            raise ValueError(
-                f"model.ensemble entry {entry!r}: unknown keys {unknown} "
-                f"(a member may set only {', '.join(MEMBER_SECTIONS)})"
-            )
-        overrides = {name: entry.get(name) or {} for name in MEMBER_SECTIONS}
-        if not all(isinstance(value, dict) for value in overrides.values()):
-            raise ValueError(f"model.ensemble entry {entry!r}: {' and '.join(MEMBER_SECTIONS)} must be mappings")
-        unknown = sorted(set(overrides["model"]) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"model.ensemble entry {entry!r}: unknown model settings {unknown}")
-        members.append({"decoder": entry["decoder"], **overrides})
-    for member in members:
-        member["config"] = model_config({**section, **member["model"], "decoder": member["decoder"]})
-    return members
-
-
-def member_configs(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """The checked model configs of `ensemble_members(section)`. One entry: a single model, no ensemble."""
-    return [member["config"] for member in ensemble_members(section)]
 
 
 def ensemble_config(members: list[dict[str, Any]]) -> dict[str, Any]:

@@ -56,10 +56,18 @@ def photo() -> bytes:
 
 def register(package: Path, env: dict[str, str], gates: dict | None = None):
     """Register `package` in the workspace's registry (no gates: promoted)."""
+    from captioning.config import PARAMS_FILE
     from captioning.registry import register as register_version
+    from captioning.settings import load_settings
 
     return register_version(
-        package, {"CIDEr": 10.0}, "synthetic[test]", gates=gates or {}, tracking=env["MLFLOW_TRACKING_URI"], lineage={}
+        package,
+        {"CIDEr": 10.0},
+        "synthetic[test]",
+        load_settings(PARAMS_FILE),
+        gates=gates or {},
+        tracking=env["MLFLOW_TRACKING_URI"],
+        lineage={},
     )
 
 

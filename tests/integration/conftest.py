@@ -34,12 +34,16 @@ def champion_service(tiny_model, tmp_path_factory, request):
 
     Returns (server, tracking URI, the first registration).
     """
+    from captioning.config import PARAMS_FILE
     from captioning.registry import register
+    from captioning.settings import load_settings
 
     request.addfinalizer(serving.stop_all)
     home = tmp_path_factory.mktemp("service-champion")
     store = f"sqlite:///{home / 'mlflow.db'}"
-    first = register(tiny_model, {"CIDEr": 10.0}, "synthetic[test]", gates={}, tracking=store, lineage={})
+    first = register(
+        tiny_model, {"CIDEr": 10.0}, "synthetic[test]", load_settings(PARAMS_FILE), gates={}, tracking=store, lineage={}
+    )
     assert first.promoted, first.message
     server = serving.shared_service(
         "champion",

@@ -9,6 +9,7 @@ import pytest
 
 from captioning.config import data_dir
 from captioning.training import caption_data, load_split, train
+from harness.settings import test_settings
 from harness.trained import synthetic_data, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -48,8 +49,9 @@ def test_training_on_synthetic_plus_feedback(feedback_data, tmp_path):
 
     params = tiny_params(epochs=1)
     params["data"]["train_query"] = TRAIN_QUERY
+    settings = test_settings(**params)
     started = Started()
-    result = train(params, [started], out_dir=tmp_path / "train", resume=False)
+    result = train(settings, [started], out_dir=tmp_path / "train", resume=False)
 
     info = started.info
     assert info["train_images"] == 40 + 3
@@ -63,7 +65,7 @@ def test_training_on_synthetic_plus_feedback(feedback_data, tmp_path):
 
     # The training pairs hold every correction, with the features of the image it corrects,
     # read from the feedback dataset's own store.
-    records, stores = load_split(TRAIN_QUERY, params["features"], 32, progress=False, rank=0)
+    records, stores = load_split(TRAIN_QUERY, settings.features, progress=False, rank=0)
     assert list(stores) == ["synthetic", "feedback"]
     data = caption_data(records, stores, vocab, 16)
     pairs = {vocab.decode(tokens.tolist()): int(row) for tokens, row in zip(data.tokens, data.rows)}

@@ -181,7 +181,7 @@ def _task_names(tasks: list) -> set[str]:
 def _versions(tracking: str) -> list[dict]:
     from captioning.registry import list_versions
 
-    return list_versions(tracking)
+    return list_versions(tracking, "captioner")
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +243,7 @@ def test_new_feedback_or_new_settings_call_for_retraining(promoted_run, workspac
     params = load_settings(overrides=SMALL)
     assert check_for_new_data.fn("synthetic", params)["new"] is False
 
-    changed = check_for_new_data.fn("synthetic", load_settings(overrides=SMALL + ["train.lr=1e-3"]))
+    changed = check_for_new_data.fn("synthetic", load_settings(overrides=SMALL + ["train.lr=2e-3"]))
     assert changed["new"] and "training settings changed" in changed["reasons"][0]
     # Gates are not training settings: changing them alone retrains nothing.
     assert check_for_new_data.fn("synthetic", load_settings(overrides=SMALL + [IMPOSSIBLE_GATE]))["new"] is False
@@ -365,7 +365,9 @@ def test_bad_data_stops_the_run_before_training(prefect_api, tmp_path, monkeypat
         "mlflow": tmp_path / "mlflow.db",
     }
     tracking = _use(monkeypatch, space)
-    dataset = load_dataset("synthetic")  # generated into the fresh data folder
+    from flows import load_settings
+
+    dataset = load_dataset("synthetic", synthetic=load_settings(overrides=SMALL).synthetic)  # generated afresh
     broken = Path(next(r.path for r in dataset.records if r.split == "train"))
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
@@ -380,7 +382,8 @@ def test_bad_data_stops_the_run_before_training(prefect_api, tmp_path, monkeypat
 def test_serve_creates_a_deployment_on_the_params_cron(prefect_api, tmp_path):
     from prefect import get_client
 
-    from captioning.config import PROJECT_ROOT, load_params
+    from captioning.config import PROJECT_ROOT
+    from flows import load_settings
     from flows.retrain import DEPLOYMENT
 
     env = dict(os.environ, PREFECT_API_URL=prefect_api)
@@ -405,7 +408,7 @@ def test_serve_creates_a_deployment_on_the_params_cron(prefect_api, tmp_path):
                 except Exception:  # not created yet
                     time.sleep(0.5)
         crons = [schedule.schedule.cron for schedule in deployment.schedules]
-        assert crons == [load_params()["retrain"]["cron"]]
+        assert crons == [load_settings().retrain.cron]
         assert deployment.parameters == {"params_file": None, "overrides": []}
     finally:
         os.killpg(served.pid, signal.SIGINT)

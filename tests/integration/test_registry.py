@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from captioning import registry
+from captioning.config import PARAMS_FILE
 from captioning.registry import CHAMPION, PREVIOUS, RegistryError
+from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
 
 pytestmark = pytest.mark.integration
@@ -21,6 +23,8 @@ pytestmark = pytest.mark.integration
 GATES = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}
 QUERY = "synthetic[test]-24"
 LINEAGE = {"git_commit": "abc123", "data_hash": "d41d8cd9.dir", "params_hash": "0f0f0f"}
+NAME = "captioner"
+SETTINGS = load_settings(PARAMS_FILE, None, [f"register.model_name={NAME}"])
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +41,7 @@ def empty_db(tmp_path_factory) -> Path:
 def store(tmp_path, monkeypatch, empty_db) -> str:
     shutil.copyfile(empty_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what resolve() / Captioner.load() use
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what locate() uses when given no tracking URI
     return uri
 
 
@@ -46,11 +50,13 @@ def metrics(cider: float, bleu4: float = 20.0) -> dict[str, float]:
 
 
 def reg(package, uri, cider, bleu4=20.0, query=QUERY, **extra):
-    return registry.register(package, metrics(cider, bleu4), query, gates=GATES, tracking=uri, lineage=LINEAGE, **extra)
+    return registry.register(
+        package, metrics(cider, bleu4), query, SETTINGS, gates=GATES, tracking=uri, lineage=LINEAGE, **extra
+    )
 
 
 def aliases(uri: str) -> dict[str, str]:
-    return {alias: row["version"] for row in registry.list_versions(uri) for alias in row["aliases"]}
+    return {alias: row["version"] for row in registry.list_versions(uri, NAME) for alias in row["aliases"]}
 
 
 def version_tags(uri: str, version: str) -> dict[str, str]:
@@ -82,7 +88,7 @@ def test_better_model_promoted_worse_refused(tiny_model, store):
     assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8cd9.dir"
     assert tags["params_hash"] == "0f0f0f" and tags["data_query"] == QUERY
     assert float(tags["metric.CIDEr"]) == pytest.approx(60.3)
-    rows = registry.list_versions(store)
+    rows = registry.list_versions(store, NAME)
     assert [r["gate"] for r in rows] == ["passed", "passed", "failed", "failed"]
     assert rows[1]["aliases"] == [CHAMPION] and rows[1]["metrics"]["CIDEr"] == 60.0
 
@@ -98,7 +104,7 @@ def test_champion_scored_on_another_query_is_not_compared_blindly(tiny_model, st
 
 
 def test_default_lineage_is_collected(tiny_model, store):
-    result = registry.register(tiny_model, metrics(50.0), QUERY, gates=GATES, tracking=store)
+    result = registry.register(tiny_model, metrics(50.0), QUERY, SETTINGS, gates=GATES, tracking=store)
     tags = version_tags(store, result.version)
     assert tags["git_commit"] and tags["git_commit"] != "unknown"
     assert len(tags["params_hash"]) == 16 and tags["data_hash"]
@@ -109,13 +115,13 @@ def test_rollback_walks_back_the_champions(tiny_model, store):
         reg(tiny_model, store, cider)
     assert aliases(store) == {CHAMPION: "3", PREVIOUS: "2"}
 
-    assert registry.rollback(store) == {"champion": "2", "previous": "1", "demoted": "3"}
+    assert registry.rollback(store, NAME) == {"champion": "2", "previous": "1", "demoted": "3"}
     assert aliases(store) == {CHAMPION: "2", PREVIOUS: "1"}
     assert "rolled_back" in version_tags(store, "3")
-    assert registry.rollback(store) == {"champion": "1", "previous": None, "demoted": "2"}
+    assert registry.rollback(store, NAME) == {"champion": "1", "previous": None, "demoted": "2"}
     assert aliases(store) == {CHAMPION: "1"}
     with pytest.raises(RegistryError, match="no 'previous' version"):
-        registry.rollback(store)
+        registry.rollback(store, NAME)
     assert aliases(store) == {CHAMPION: "1"}
 
 
@@ -154,7 +160,7 @@ def test_racing_registrations_leave_consistent_aliases(tiny_model, store, tmp_pa
         outcomes.append(json.loads(out))
     assert sorted(o["version"] for o in outcomes) == ["2", "3"]
 
-    rows = {r["version"]: r for r in registry.list_versions(store)}
+    rows = {r["version"]: r for r in registry.list_versions(store, NAME)}
     champion = aliases(store)[CHAMPION]
     assert rows[champion]["metrics"]["CIDEr"] == 70.0
     previous = version_tags(store, champion)["previous_champion"]
@@ -178,13 +184,18 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
     from captioning.predict import Captioner
 
     reg(tiny_model, store, 50.0)
-    folder = registry.resolve(f"models:/captioner@{CHAMPION}")
+    located = registry.locate(f"models:/captioner@{CHAMPION}")
+    folder = located.path
+    assert located.version == "1"
     assert (folder / "config.json").read_bytes() == (Path(tiny_model) / "config.json").read_bytes()
-    assert registry.resolve("models:/captioner/1") == folder  # downloaded once, by version
+    assert registry.locate("models:/captioner/1") == located  # downloaded once, by version
+    assert registry.locate(f"models:/captioner@{CHAMPION}", store, download=False) == located
+    assert registry.locate(tiny_model) == registry.Located(None, Path(tiny_model).resolve())
 
-    captioner = Captioner.load(f"models:/captioner@{CHAMPION}")
+    captioner = Captioner.load(folder, version=located.version)
     assert captioner.version == "1"
-    # The MLflow model loads through captioning.registry alone (no pickled code) and captions.
+    assert registry.load_captioner(f"models:/captioner@{CHAMPION}").version == "1"
+    # The MLflow model loads through captioning.pyfunc alone (no pickled code) and captions.
     model = mlflow.pyfunc.load_model(f"models:/captioner@{CHAMPION}")
     buffer = io.BytesIO()
     Image.new("RGB", (224, 224), (200, 30, 30)).save(buffer, format="PNG")
@@ -192,13 +203,37 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
     assert len(captions) == 1 and isinstance(captions[0], str) and captions[0].strip()
 
 
+def test_models_logged_with_the_old_loader_still_load(tiny_model, store):
+    """Versions registered before captioning.pyfunc existed name captioning.registry as their loader."""
+    import mlflow
+    import yaml
+    from PIL import Image
+
+    from captioning.pyfunc import CaptionerPyfunc, log_model
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (224, 224), (30, 200, 30)).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    mlflow.set_tracking_uri(store)
+    with mlflow.start_run():
+        old = log_model(Path(tiny_model).resolve(), loader_module="captioning.registry")
+    new = reg(tiny_model, store, 50.0).model_uri
+    for uri, loader in ((old, "captioning.registry"), (new, "captioning.pyfunc")):
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        assert yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == loader
+        model = mlflow.pyfunc.load_model(uri)
+        assert isinstance(model._model_impl, CaptionerPyfunc)
+        (caption,) = model.predict([image])
+        assert isinstance(caption, str) and caption.strip()
+
+
 def test_resolve_errors_are_clear(store, tmp_path):
     with pytest.raises(RegistryError, match="no such model package"):
-        registry.resolve(tmp_path / "absent")
+        registry.locate(tmp_path / "absent")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RegistryError, match="holds no captioning package"):
-        registry.resolve(empty)
+        registry.locate(empty)
 
 
 def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
@@ -223,10 +258,12 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     assert html.count('class="word"') == sum(len(a["words"]) for a in result.attention.values())
 
     gates = {"min": {"CIDEr": result.metrics["CIDEr"] + 1}}
-    refused = registry.register(tiny_model, result.metrics, VAL_QUERY, gates=gates, tracking=store, lineage=LINEAGE)
+    refused = registry.register(
+        tiny_model, result.metrics, VAL_QUERY, SETTINGS, gates=gates, tracking=store, lineage=LINEAGE
+    )
     assert not refused.promoted and "CIDEr" in refused.reasons[0]
     promoted = registry.register(
-        tiny_model, result.metrics, VAL_QUERY, gates={"min": {"CIDEr": 1.0}}, tracking=store, lineage=LINEAGE
+        tiny_model, result.metrics, VAL_QUERY, SETTINGS, gates={"min": {"CIDEr": 1.0}}, tracking=store, lineage=LINEAGE
     )
     assert promoted.promoted and aliases(store) == {CHAMPION: promoted.version}
 
@@ -251,9 +288,9 @@ def test_gates_against_a_real_mlflow_server(tiny_model, mlflow_server, monkeypat
     refused = reg(tiny_model, mlflow_server, 40.0)
     assert not refused.promoted and refused.reasons[0] == "CIDEr 40.00 < minimum 45.00"
     assert aliases(mlflow_server) == {CHAMPION: "2", PREVIOUS: "1"}
-    folder = registry.resolve(f"models:/captioner@{CHAMPION}")  # artifacts through the server
+    folder = registry.locate(f"models:/captioner@{CHAMPION}").path  # artifacts through the server
     assert json.loads((folder / "config.json").read_text())["encoder"] == "lite0"
-    assert registry.rollback(mlflow_server)["champion"] == "1"
+    assert registry.rollback(mlflow_server, NAME)["champion"] == "1"
     assert aliases(mlflow_server) == {CHAMPION: "1"}
 
 
@@ -279,4 +316,4 @@ def test_registry_cli_bad_input_and_empty_store(store, tmp_path):
         app, ["register", "--model", str(tmp_path / "pkg"), "--metrics", str(metrics_file), "--tracking-uri", store]
     )
     assert bad.exit_code == 2 and "expected a JSON object of metric values" in bad.output
-    assert registry.list_versions(store) == []  # nothing was registered
+    assert registry.list_versions(store, NAME) == []  # nothing was registered

@@ -255,14 +255,18 @@ def test_bounded_load_without_errors(caption_service):
 def test_serves_the_champion_and_follows_a_new_one(champion_service, tiny_model):
     """models:/captioner@champion resolved at start-up; a newly promoted champion is picked up
     by polling the registry, without a restart."""
+    from captioning.config import PARAMS_FILE
     from captioning.registry import register
+    from captioning.settings import load_settings
 
     server, store, first = champion_service
     key = {"X-API-Key": API_KEY}
     info = requests.get(server.url + "/model", headers=key, timeout=10).json()
     assert info["source"] == "models:/captioner@champion"
     assert info["registry_version"] == info["model_version"] == str(first.version)
-    second = register(tiny_model, {"CIDEr": 20.0}, "synthetic[test]", gates={}, tracking=store, lineage={})
+    second = register(
+        tiny_model, {"CIDEr": 20.0}, "synthetic[test]", load_settings(PARAMS_FILE), gates={}, tracking=store, lineage={}
+    )
     assert second.promoted, second.message
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and info["model_version"] != str(second.version):

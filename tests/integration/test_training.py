@@ -16,7 +16,9 @@ import torch
 
 from captioning.config import PROJECT_ROOT
 from captioning.package import load_checkpoint, load_package
+from captioning.settings import SettingsError
 from captioning.training import TrainingError, train
+from harness.settings import test_settings
 from harness.trained import held_out_features, synthetic_data, tiny_params, train_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -24,16 +26,18 @@ pytestmark = pytest.mark.slow
 # Runs training in a child process that kills itself (SIGKILL, no clean-up) at step KILL_AT.
 KILLED_RUN = """
 import json, os, signal, sys
+from captioning.settings import Settings
 from captioning.training import train
 
-params, out_dir, kill_at = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+settings = Settings.model_validate(json.load(open(sys.argv[1])))
+out_dir, kill_at = sys.argv[2], int(sys.argv[3])
 
 class Kill:
     def on_batch_end(self, step, loss):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-train(params, [Kill()], out_dir=out_dir, resume=True)
+train(settings, [Kill()], out_dir=out_dir, resume=True)
 """
 
 
@@ -220,10 +224,10 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
     params = tiny_params("show_tell", epochs=2, checkpoint_every=3, batch_size=64)
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data() as data:
-        uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
+        uninterrupted = train(test_settings(**params), out_dir=tmp_path / "full", resume=False)
 
     params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(params))
+    params_file.write_text(json.dumps(test_settings(**params).to_dict()))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), "4"],
@@ -240,10 +244,10 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
     changed = json.loads(json.dumps(params))
     changed["train"]["lr"] = 1e-3
     with synthetic_data(), pytest.raises(TrainingError, match="other params"):
-        train(changed, out_dir=tmp_path / "run", resume=True)
+        train(test_settings(**changed), out_dir=tmp_path / "run", resume=True)
 
     with synthetic_data():
-        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+        resumed = train(test_settings(**params), out_dir=tmp_path / "run", resume=True)
 
     final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -260,7 +264,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
 
     # A finished run is not trained again.
     with synthetic_data():
-        again = train(params, out_dir=tmp_path / "run", resume=True)
+        again = train(test_settings(**params), out_dir=tmp_path / "run", resume=True)
     assert again.best == resumed.best
 
 
@@ -310,7 +314,7 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
     )
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data() as data:
-        uninterrupted = train(params, out_dir=tmp_path / "full", resume=False)
+        uninterrupted = train(test_settings(**params), out_dir=tmp_path / "full", resume=False)
     history = uninterrupted.history
     assert len(history) == 3 and "train_reward" not in history[0]
     assert all(h["train_reward"] > 0 for h in history[1:])
@@ -318,7 +322,7 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
 
     xe_steps = history[0]["step"]
     params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(params))
+    params_file.write_text(json.dumps(test_settings(**params).to_dict()))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(xe_steps + 3)],
@@ -331,14 +335,18 @@ def test_self_critical_epochs_follow_and_resume_exactly(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the first self-critical epoch
     with synthetic_data():
-        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+        resumed = train(test_settings(**params), out_dir=tmp_path / "run", resume=True)
     final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
     assert [h["val_CIDEr"] for h in resumed.history] == [h["val_CIDEr"] for h in history]
 
     with synthetic_data(), pytest.raises(TrainingError, match="frozen encoder"):
-        train({**params, "train": {**params["train"], "finetune_blocks": 1}}, out_dir=tmp_path / "ft", resume=False)
+        train(
+            test_settings(**{**params, "train": {**params["train"], "finetune_blocks": 1}}),
+            out_dir=tmp_path / "ft",
+            resume=False,
+        )
 
 
 def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
@@ -351,7 +359,7 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
 
     start = Start()
     with synthetic_data() as data:
-        uninterrupted = train(params, [start], out_dir=tmp_path / "full", resume=False)
+        uninterrupted = train(test_settings(**params), [start], out_dir=tmp_path / "full", resume=False)
     images = start.info["train_images"]
     assert start.info["train_pairs"] == 5 * images  # so each epoch draws every caption once
     steps = -(-images // 12)
@@ -360,7 +368,7 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
     assert uninterrupted.best["val_CIDEr"] > 100  # the synthetic captions are learnable; a random model scores ~0
 
     params_file = tmp_path / "params.json"
-    params_file.write_text(json.dumps(params))
+    params_file.write_text(json.dumps(test_settings(**params).to_dict()))
     env = {**os.environ, "CAPTIONING_DATA_DIR": str(data), "PYTHONPATH": str(PROJECT_ROOT)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(params_file), str(tmp_path / "run"), str(steps + 4)],
@@ -373,7 +381,7 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["batch"] > 0  # inside the second epoch
     with synthetic_data():
-        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+        resumed = train(test_settings(**params), out_dir=tmp_path / "run", resume=True)
     final_a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     final_b = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert all(torch.equal(final_a["model"][key], final_b["model"][key]) for key in final_a["model"])
@@ -381,11 +389,14 @@ def test_captions_per_image_trains_and_resumes_exactly(tmp_path):
 
     for bad, message in [
         ({"captions_per_image": 65}, "1..batch_size"),
-        ({"captions_per_image": -1}, "1..batch_size"),
         ({"finetune_blocks": 1}, "needs cached features"),
     ]:
         with synthetic_data(), pytest.raises(TrainingError, match=message):
-            train({**params, "train": {**params["train"], **bad}}, out_dir=tmp_path / "bad", resume=False)
+            train(
+                test_settings(**{**params, "train": {**params["train"], **bad}}), out_dir=tmp_path / "bad", resume=False
+            )
+    with pytest.raises(SettingsError, match="train.captions_per_image"):
+        test_settings(**{**params, "train": {**params["train"], "captions_per_image": -1}})
 
 
 def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_path):
@@ -396,7 +407,7 @@ def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_
     seen = Info()
     with synthetic_data():
         result = train(
-            tiny_params("transformer", epochs=1, precision="bfloat16"),
+            test_settings(**tiny_params("transformer", epochs=1, precision="bfloat16")),
             callbacks=[seen],
             out_dir=tmp_path / "bf16",
             resume=False,
@@ -405,10 +416,11 @@ def test_bfloat16_training_is_recorded_and_bad_precisions_are_refused_first(tmp_
         assert result.history[0]["val_CIDEr"] > 0 and math.isfinite(result.history[0]["train_loss"])
         model, _, _ = load_package(result.package_dir)
         assert all(p.dtype == torch.float32 for p in model.parameters())
-        for bad, message in (("float16", "needs CUDA"), ("half", "expected one of")):
-            with pytest.raises(TrainingError, match=message):
-                train(tiny_params("transformer", epochs=1, precision=bad), out_dir=tmp_path / bad, resume=False)
-            assert not (tmp_path / bad).exists()  # refused before any work
+        with pytest.raises(TrainingError, match="needs CUDA"):
+            train(test_settings(**tiny_params("transformer", epochs=1, precision="float16")), out_dir=tmp_path / "fp16")
+        assert not (tmp_path / "fp16").exists()  # refused before any work
+        with pytest.raises(SettingsError, match="train.precision"):
+            test_settings(**tiny_params("transformer", epochs=1, precision="half"))
 
 
 def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
@@ -417,7 +429,7 @@ def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
     params = tiny_params("show_tell", epochs=3, lr=1e-12, patience=1, scst_epochs=1, scst_samples=2, scst_lr=1e-3)
     params["model"].update(embed_dim=32, hidden_dim=64)
     with synthetic_data():
-        result = train(params, out_dir=tmp_path / "run", resume=False)
+        result = train(test_settings(**params), out_dir=tmp_path / "run", resume=False)
     assert [h["epoch"] for h in result.history] == [1, 2, 4]
     assert "train_reward" in result.history[-1] and "train_reward" not in result.history[1]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["finished"]
@@ -426,7 +438,7 @@ def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
 def test_ensemble_trains_its_members_and_packages_them(tmp_path):
     from captioning.models import Ensemble
     from captioning.predict import Captioner
-    from tasks.reports import history_from_checkpoint
+    from captioning.report import history_from_checkpoint
 
     params = tiny_params("show_tell", epochs=2)
     params["model"]["ensemble"] = ["attention"]
@@ -437,7 +449,7 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
             epochs.append((epoch, metrics.get("member")))
 
     with synthetic_data():
-        result = train(params, [Events()], out_dir=tmp_path / "run", resume=True)
+        result = train(test_settings(**params), [Events()], out_dir=tmp_path / "run", resume=True)
     members = sorted(path.name for path in (tmp_path / "run" / "members").iterdir())
     assert members == ["0-show_tell", "1-attention"]
     seeds = [load_checkpoint(tmp_path / "run" / "members" / name / "checkpoint.pt")["fingerprint"] for name in members]
@@ -475,24 +487,23 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
             raise AssertionError("a finished member trained again")
 
     with synthetic_data():
-        again = train(params, [Steps()], out_dir=tmp_path / "run", resume=True)
+        again = train(test_settings(**params), [Steps()], out_dir=tmp_path / "run", resume=True)
     assert again.best["val_CIDEr"] == pytest.approx(result.best["val_CIDEr"])
 
     params["train"]["finetune_blocks"] = 1
     with pytest.raises(TrainingError, match="frozen encoder"):
-        train(params, out_dir=tmp_path / "other")
+        train(test_settings(**params), out_dir=tmp_path / "other")
 
 
 def test_ensemble_members_take_their_own_settings(tmp_path):
     params = tiny_params("show_tell", epochs=1)
     params["model"]["ensemble"] = [{"decoder": "show_tell", "model": {"embed_dim": 16}, "train": {"epochs": 2}}]
     with synthetic_data():
-        result = train(params, out_dir=tmp_path / "run", resume=False)
+        result = train(test_settings(**params), out_dir=tmp_path / "run", resume=False)
     assert [(row["member"], row["epoch"]) for row in result.history[:-1]] == [(0, 1), (1, 2), (1, 3)]
     _, _, config = load_package(result.package_dir)
     assert [m["embed_dim"] for m in config["model"]["members"]] == [params["model"]["embed_dim"], 16]
 
     params["model"]["ensemble"] = [{"decoder": "show_tell", "train": {"epochs_typo": 2}}]
-    with synthetic_data(), pytest.raises(TrainingError, match=r"member 1 \(show_tell\) sets unknown train settings"):
-        train(params, out_dir=tmp_path / "typo", resume=False)
-    assert not (tmp_path / "typo" / "members").exists()  # refused before any member trained
+    with pytest.raises(SettingsError, match="train.epochs_typo is not a setting a member can take"):
+        test_settings(**params)

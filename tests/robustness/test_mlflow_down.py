@@ -34,8 +34,9 @@ import pytest
 import requests
 
 from captioning import registry
-from captioning.config import PROJECT_ROOT
+from captioning.config import PARAMS_FILE, PROJECT_ROOT
 from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.settings import load_settings
 from harness import serving
 from tests.fixtures.processes import BIN, MlflowServer, child_env, free_port, start, stop, tail, wait_for_http
 from tests.robustness.conftest import record_figures
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.robustness
 
 NAME = "captioner"
 QUERY = "synthetic[test]"
+SETTINGS = load_settings(PARAMS_FILE, None, [f"register.model_name={NAME}"])
 DOWN_SECONDS = 10.0  # how long the running service is watched with MLflow stopped
 FAIL_FAST_SECONDS = 30.0  # a registration against a stopped server reports it within this (CLI start included)
 FIGURES: dict = {"faults_injected": 0, "faults": [], "requests_served_while_mlflow_down": 0, "unexpected_5xx": 0}
@@ -88,12 +90,14 @@ def scene(robust_model, tmp_path_factory):
     mlflow = MlflowServer(f"sqlite:///{root / 'mlflow.db'}", root / "mlflow-artifacts", root / "mlflow.log")
     service = None
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(artifacts))  # where resolve() caches downloads
+        patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(artifacts))  # where locate() caches downloads
         try:
             mlflow.start()
-            first = registry.register(robust_model, {"CIDEr": 10.0}, QUERY, gates={}, tracking=mlflow.url, lineage={})
+            first = registry.register(
+                robust_model, {"CIDEr": 10.0}, QUERY, SETTINGS, gates={}, tracking=mlflow.url, lineage={}
+            )
             assert (first.version, first.promoted) == ("1", True), first.message
-            cached = registry.resolve(f"models:/{NAME}/1", tracking=mlflow.url)
+            cached = registry.locate(f"models:/{NAME}/1", mlflow.url).path
             # The service's MLflow client gives up on a dead server as the commands' does (MLflow's own
             # default retries for about four minutes), so each failed poll shows in its log.
             service = serving.start_service(
@@ -255,7 +259,7 @@ def test_mlflow_stopped_serving_goes_on_and_a_model_server_starts_from_its_bento
     # The package downloaded while MLflow was up resolves again from the cache.
     monkeypatch.setenv("CAPTIONING_ARTIFACTS_DIR", str(scene.root / "artifacts"))
     started = time.monotonic()
-    assert registry.resolve(f"models:/{NAME}/1", tracking=scene.mlflow.url) == scene.cached
+    assert registry.locate(f"models:/{NAME}/1", scene.mlflow.url).path == scene.cached
     resolve_seconds = time.monotonic() - started
     assert (scene.cached / "weights.pt").read_bytes() == (scene.package / "weights.pt").read_bytes()
 
@@ -398,7 +402,7 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
         patch.setattr(MlflowClient, "set_registered_model_alias", dying)
         patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # test 3 has the commands' own retries
         with registry.bounded_http_retries(), pytest.raises(registry.RegistryError) as lost:
-            registry.register(scene.package, {"CIDEr": 90.0}, QUERY, gates={}, tracking=url, lineage={})
+            registry.register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
     FIGURES["faults_injected"] += 1
     FIGURES["faults"].append("mlflow server killed (SIGKILL) between the two alias writes of a registration")
     assert str(lost.value).startswith(
@@ -409,7 +413,7 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
     # `previous` was taken away first and `champion` had not moved: no alias is wrong, none skips.
     assert assert_coherent(url, (before[CHAMPION],)) == {CHAMPION: before[CHAMPION]}
     started = time.monotonic()
-    again = registry.register(scene.package, {"CIDEr": 90.0}, QUERY, gates={}, tracking=url, lineage={})
+    again = registry.register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
     retry_seconds = time.monotonic() - started
     assert again.promoted and again.previous == before[CHAMPION]
     assert assert_coherent(url, (again.version,)) == {CHAMPION: again.version, PREVIOUS: before[CHAMPION]}

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from captioning import registry
+from captioning.config import PARAMS_FILE
 from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.settings import load_settings
 from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
 
@@ -33,9 +35,12 @@ EPOCHS = 2
 # Registers a package from another process: argv = package, tracking URI, model name, CIDEr.
 REGISTER = """
 import sys
+from captioning.config import PARAMS_FILE
 from captioning.registry import register
+from captioning.settings import load_settings
 metrics = {"CIDEr": float(sys.argv[4]), "BLEU-4": 20.0}
-result = register(sys.argv[1], metrics, "synthetic[test]-24", tracking=sys.argv[2], name=sys.argv[3],
+result = register(sys.argv[1], metrics, "synthetic[test]-24", load_settings(PARAMS_FILE), tracking=sys.argv[2],
+                  name=sys.argv[3],
                   gates={"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}, lineage={})
 print(result.version, result.promoted)
 """
@@ -80,6 +85,7 @@ def reg(trained, server, cider: float, name: str, bleu4: float = 20.0):
         trained["package"],
         {"CIDEr": cider, "BLEU-4": bleu4},
         QUERY,
+        load_settings(PARAMS_FILE),
         gates=GATES,
         tracking=server["url"],
         lineage=LINEAGE,
@@ -131,12 +137,12 @@ def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained
         "failed",
         "failed",
     ]
-    assert service._registry_version(f"models:/{name}@{CHAMPION}") == "2"
-    folder = registry.resolve(f"models:/{name}@{CHAMPION}")  # downloaded through the server
+    assert service._locate(f"models:/{name}@{CHAMPION}", download=False).version == "2"
+    folder = registry.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
     assert (folder / "weights.pt").read_bytes() == (trained["package"] / "weights.pt").read_bytes()
 
     assert registry.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}
-    assert service._registry_version(f"models:/{name}@{CHAMPION}") == "1"
+    assert service._locate(f"models:/{name}@{CHAMPION}", download=False).version == "1"
     rows = sql(server["database"], "SELECT alias, version FROM registered_model_aliases WHERE name = :name", name=name)
     assert rows == [(CHAMPION, 1)]
     assert (

@@ -84,7 +84,8 @@ def shard_task_runs(flow_run_id) -> list:
 
 
 def test_shards_build_one_cache_in_parallel_and_a_killed_shard_reruns_alone(prefect_api, reference, tmp_path):
-    from captioning.config import PROJECT_ROOT, load_params, override
+    from captioning.config import PROJECT_ROOT
+    from flows import load_settings
     from flows.features import run
 
     root = tmp_path / "features"
@@ -124,9 +125,9 @@ def test_shards_build_one_cache_in_parallel_and_a_killed_shard_reruns_alone(pref
     assert len(finished) == 2
     assert finished[0].start_time < finished[1].end_time and finished[1].start_time < finished[0].end_time
 
-    params = override(load_params(), [f"features.batch_size={BATCH}", f"features.dir={root}"])
+    settings = load_settings(overrides=[f"features.batch_size={BATCH}", f"features.dir={root}"])
     with synthetic_data():
-        state = run(QUERY, SHARDS, params)
+        state = run(QUERY, SHARDS, settings)
     assert state.is_completed(), state.message
     result = state.result()
     parts = {part["shard"]: part["datasets"]["synthetic"] for part in result["shards"]}

@@ -28,6 +28,7 @@ import yaml
 from captioning.config import autocast_dtype
 from captioning.package import load_checkpoint
 from captioning.training import RANKS_FILE, backend_for, needs_grad_scaler, train, weights_digest
+from harness.settings import test_settings
 from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
 from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
@@ -154,7 +155,7 @@ def one_process(folder: Path, batch_size: int) -> tuple[dict, list]:
     """Train in this process (world size 1): the final weights and the per-epoch history."""
     params = params_for(folder, batch_size)
     with synthetic_data():
-        result = train(params, out_dir=folder / "out", resume=False)
+        result = train(test_settings(**params), out_dir=folder / "out", resume=False)
     return load_checkpoint(folder / "out" / "checkpoint.pt")["model"], result.history
 
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from captioning.cider import CiderD, NgramFrequencies, consensus
-from captioning.decoding import Hypothesis, check_score_weight, rerank_by_consensus
+from captioning.config import PARAMS_FILE
+from captioning.decoding import Hypothesis, rerank_by_consensus
 from captioning.models import build_model
 from captioning.package import PackageError, load_frequencies, save_package
 from captioning.predict import Captioner
+from captioning.settings import SettingsError, load_settings
 from captioning.vocab import Vocabulary
 
 TRAINING = [
@@ -91,10 +93,12 @@ def test_a_share_of_the_beam_score_pulls_the_choice_back_toward_the_likelier_cap
         assert rerank_by_consensus(beam, frequencies, score_weight=weight)[0] is beam[expected]
     # A large enough weight gives the beam's own order back.
     assert rerank_by_consensus(beam, frequencies, score_weight=100.0) == [beam[0], beam[2], beam[1]]
-    assert check_score_weight(0) == 0.0 and check_score_weight(0.7) == 0.7
+    decoding = load_settings(PARAMS_FILE).decoding
+    assert decoding.replace(rerank_score_weight=0).rerank_score_weight == 0.0
+    assert decoding.replace(rerank_score_weight=0.7).rerank_score_weight == 0.7
     for bad in (-0.1, "0.7", True, float("nan"), float("inf"), None):
-        with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
-            check_score_weight(bad)
+        with pytest.raises(SettingsError, match="decoding.rerank_score_weight"):
+            decoding.replace(rerank_score_weight=bad)
 
 
 def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, vocab, frequencies):

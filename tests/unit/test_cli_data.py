@@ -92,10 +92,15 @@ def test_validate_good_and_bad(flickr8k, tmp_path):
     assert "split train has 4 images, expected 6000" in result.stderr
     assert (tmp_path / "r1" / "validation.html").is_file()
 
-    synthetic = run("validate", "synthetic", "--report-dir", str(tmp_path / "r2"))
+    small = ["--set", "synthetic.train=12", "--set", "synthetic.val=3", "--set", "synthetic.test=3"]
+    assert run("acquire", "synthetic", *small).exit_code == 0
+    synthetic = run("validate", "synthetic", "--report-dir", str(tmp_path / "r2"), *small)
     assert synthetic.exit_code == 0, synthetic.output
     assert "synthetic passed validation" in synthetic.stdout
     assert str(tmp_path / "r2" / "validation.html") in synthetic.stdout
+    # Validated against the settings: the dataset on disk is not what params.yaml asks for.
+    other = run("validate", "synthetic", "--report-dir", str(tmp_path / "r3"))
+    assert other.exit_code == 1 and "split train has 12 images, expected" in other.stderr
 
 
 def test_validate_names_a_corrupt_image(flickr8k, tmp_path):

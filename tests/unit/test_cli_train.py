@@ -11,13 +11,14 @@ from captioning.cli import app
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--set", "train.lrr=1", "--no-tracking"], "unknown param key 'train.lrr'"),
-        (["train", "--set", "nosection.x=1", "--no-tracking"], "unknown param key 'nosection.x'"),
+        (["train", "--set", "train.lrr=1", "--no-tracking"], "train.lrr is not a setting; did you mean train.lr?"),
+        (["train", "--set", "nosection.x=1", "--no-tracking"], "nosection is not a setting"),
         (["train", "--set", "train.lr", "--no-tracking"], "section.key=value"),
         (["train", "--data", "synthetic[trian]", "--no-tracking"], "no split 'trian'"),
         (["train", "--data", "nodata[train]", "--no-tracking"], "unknown dataset 'nodata'"),
         (["features", "synthetic[train"], "bad query"),
-        (["features", "synthetic[train]", "--encoder", "resnet"], "unknown encoder 'resnet'"),
+        (["features", "synthetic[train]", "--encoder", "resnet"], "features.encoder='resnet': Input should be"),
+        (["features", "synthetic[train]", "--batch-size", "0"], "features.batch_size=0: Input should be"),
         (["features", "synthetic[train]+"], "expected a query after '+'"),
         (["features", "synthetic[train]+nodata"], "unknown dataset 'nodata'"),
     ],

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from captioning.decoding import beam_search, greedy
-from captioning.models import Ensemble, build_model, ensemble_config, ensemble_members, member_configs
+from captioning.models import Ensemble, build_model, ensemble_config, model_config
 from captioning.package import load_package, save_package
+from captioning.settings import SettingsError
+from captioning.training import fingerprint
 from captioning.vocab import BOS, Vocabulary
+from harness.settings import test_settings
 
 torch.set_num_threads(1)
 
@@ -78,34 +81,25 @@ def test_package_round_trip(tmp_path):
 
 def test_configs():
     section = {"decoder": "attention", **TINY, "ensemble": ["transformer", "attention"]}
-    assert [c["decoder"] for c in member_configs(section)] == ["attention", "transformer", "attention"]
-    assert len(member_configs({"decoder": "attention"})) == 1
-    with pytest.raises(ValueError, match="list of decoder names"):
-        member_configs({"decoder": "attention", "ensemble": "transformer"})
-    with pytest.raises(ValueError, match="unknown decoder 'lstm'"):
-        member_configs({"decoder": "attention", "ensemble": ["lstm"]})
-    own = {**section, "ensemble": [{"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0}}]}
-    assert [c["layers"] for c in member_configs(own)] == [TINY["layers"], 3]
-    assert ensemble_members(own)[1] == {
-        "decoder": "transformer",
-        "model": {"layers": 3},
-        "train": {"scst_epochs": 0},
-        "config": member_configs(own)[1],
-    }
-    assert ensemble_members(section)[1] == {
-        "decoder": "transformer",
-        "model": {},
-        "train": {},
-        "config": member_configs(section)[1],
-    }
+    settings = test_settings(model=section)
+    members = settings.members()
+    assert [m.model.decoder for m in members] == ["attention", "transformer", "attention"]
+    assert [m.train.seed for m in members] == [settings.train.seed + n for n in range(3)]
+    assert all(m.model.ensemble == [] for m in members)
+    assert len(test_settings(model={**section, "ensemble": []}).members()) == 1
+    entry = {"decoder": "transformer", "model": {"layers": 3}, "train": {"scst_epochs": 0, "seed": 7}}
+    own = test_settings(model={**section, "ensemble": [entry]})
+    assert [model_config(m.model.to_dict())["layers"] for m in own.members()] == [TINY["layers"], 3]
+    assert (own.member(1).train.scst_epochs, own.member(1).train.seed) == (0, 7)
     for entry, message in [
-        ({"model": {}}, "mapping with `decoder`"),
-        ({"decoder": "attention", "data": {}}, "unknown keys"),
-        ({"decoder": "attention", "model": {"size": 3}}, "unknown model settings"),
-        ({"decoder": "attention", "train": 5}, "must be mappings"),
+        ("lstm", "model.ensemble"),
+        ({"model": {}}, "decoder"),
+        ({"decoder": "attention", "data": {}}, "data"),
+        ({"decoder": "attention", "model": {"size": 3}}, "model.size"),
+        ({"decoder": "attention", "train": 5}, "train"),
     ]:
-        with pytest.raises(ValueError, match=message):
-            member_configs({**section, "ensemble": [entry]})
+        with pytest.raises(SettingsError, match=message):
+            test_settings(model={**section, "ensemble": [entry]})
     with pytest.raises(ValueError, match="at least two"):
         build_model({"decoder": "ensemble", "members": [{"decoder": "attention"}]}, VOCAB, CHANNELS)
     nested = {"decoder": "ensemble", "members": [{"decoder": "attention"}, {"decoder": "attention"}]}
@@ -114,10 +108,7 @@ def test_configs():
 
 
 def test_single_decoder_runs_keep_their_resume_fingerprint():
-    from captioning.training import _fingerprint
-
-    params = {"model": {"decoder": "attention", **TINY}, "train": {"epochs": 2}, "data": {}}
-    listed = {**params, "model": {**params["model"], "ensemble": []}}
-    assert _fingerprint(params) == _fingerprint(listed)  # checkpoints from before model.ensemble existed resume
-    listed["model"]["ensemble"] = ["transformer"]
-    assert _fingerprint(params) != _fingerprint(listed)
+    single = test_settings(model={"decoder": "attention", **TINY, "ensemble": []})
+    listed = single.replace(model=single.model.replace(ensemble=["transformer"]).to_dict())
+    assert fingerprint(single) != fingerprint(listed)
+    assert fingerprint(listed.member(0)) == fingerprint(single)  # the first member is the single decoder's run

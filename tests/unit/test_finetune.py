@@ -12,7 +12,8 @@ import torch
 
 from captioning.encoder import EncoderError, build_encoder, encoder_key
 from captioning.package import ENCODER_FILE, PackageError, load_package, read_config
-from captioning.training import TrainingError, augment, train
+from captioning.training import TrainingError, augment, fingerprint, train
+from harness.settings import test_settings
 from harness.trained import synthetic_data, tiny_params
 
 TRAIN_QUERY = "synthetic[train]-16"
@@ -32,7 +33,11 @@ def finetune_params(blocks: int = 1, **train_settings) -> dict:
 def finetuned(tmp_path_factory) -> Path:
     """A package trained for one epoch with the last encoder stage fine-tuned (augmented images)."""
     with synthetic_data():
-        result = train(finetune_params(augment=True), out_dir=tmp_path_factory.mktemp("ft") / "train", resume=False)
+        result = train(
+            test_settings(**finetune_params(augment=True)),
+            out_dir=tmp_path_factory.mktemp("ft") / "train",
+            resume=False,
+        )
     return Path(result.package_dir)
 
 
@@ -74,7 +79,7 @@ def test_frozen_parts_stay_in_eval_mode_and_bad_block_counts_are_refused():
         build_encoder("lite0").optimize_for_inference().finetune(1)
     params = finetune_params(blocks=9)
     with synthetic_data(), pytest.raises(TrainingError, match="finetune_blocks"):
-        train(params, resume=False)
+        train(test_settings(**params), resume=False)
 
 
 def test_augmentation_is_fixed_by_its_seed():
@@ -174,7 +179,7 @@ def test_evaluation_uses_the_package_encoder(finetuned, tmp_path):
 def test_frozen_encoder_package_has_no_encoder_file(tmp_path):
     params = finetune_params(blocks=0)
     with synthetic_data():
-        result = train(params, out_dir=tmp_path / "frozen", resume=False)
+        result = train(test_settings(**params), out_dir=tmp_path / "frozen", resume=False)
     assert not (result.package_dir / ENCODER_FILE).exists()
     config = json.loads((result.package_dir / "config.json").read_text())
     assert "encoder_weights" not in config
@@ -200,12 +205,12 @@ def test_resume_continues_fine_tuning_exactly(tmp_path):
     params["model"] = {**params["model"], "decoder": "show_tell", "embed_dim": 16, "hidden_dim": 32}
     params["data"]["train_query"] = "synthetic[train]-8"  # 40 captions: 5 steps
     with synthetic_data():
-        full = train(params, out_dir=tmp_path / "full", resume=False)
+        full = train(test_settings(**params), out_dir=tmp_path / "full", resume=False)
         with pytest.raises(_Interrupt):
-            train(params, [_StopAt(3)], out_dir=tmp_path / "run", resume=False)
+            train(test_settings(**params), [_StopAt(3)], out_dir=tmp_path / "run", resume=False)
         checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
         assert (checkpoint["step"], checkpoint["finished"]) == (2, False) and "encoder" in checkpoint
-        resumed = train(params, out_dir=tmp_path / "run", resume=True)
+        resumed = train(test_settings(**params), out_dir=tmp_path / "run", resume=True)
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert a["finished"] and b["finished"] and a["step"] == b["step"] == 5
@@ -215,12 +220,8 @@ def test_resume_continues_fine_tuning_exactly(tmp_path):
 
 
 def test_frozen_runs_keep_their_resume_fingerprint():
-    from captioning.training import _fingerprint
-
-    params = finetune_params(blocks=0)
-    without = json.loads(json.dumps(params))
-    for key in ("finetune_blocks", "encoder_lr", "augment"):
-        without["train"].pop(key, None)
-    assert _fingerprint(params) == _fingerprint(without)  # checkpoints from before these settings resume
-    params["train"]["finetune_blocks"] = 1
-    assert _fingerprint(params) != _fingerprint(without)
+    frozen = test_settings(**finetune_params(blocks=0))
+    unused = frozen.replace(train=frozen.train.replace(encoder_lr=0.5, augment=not frozen.train.augment).to_dict())
+    assert fingerprint(frozen) == fingerprint(unused)  # settings that do nothing while the encoder is frozen
+    tuned = frozen.replace(train=frozen.train.replace(finetune_blocks=1).to_dict())
+    assert fingerprint(frozen) != fingerprint(tuned)

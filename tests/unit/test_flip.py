@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captioning.decoding import beam_search, check_flip, greedy
+from captioning.config import PARAMS_FILE
+from captioning.decoding import beam_search, greedy
 from captioning.models import Ensemble, build_model, ensemble_config
 from captioning.models.ensemble import View, with_flip
 from captioning.predict import Captioner
+from captioning.settings import SettingsError, load_settings
 from captioning.vocab import BOS, Vocabulary
 
 torch.set_num_threads(1)
@@ -63,9 +65,11 @@ def test_each_member_is_averaged_over_both_views():
 
 
 def test_flip_must_be_a_boolean():
-    assert check_flip(True) is True and check_flip(False) is False
-    with pytest.raises(ValueError, match="decoding.flip must be true or false"):
-        check_flip("false")
+    decoding = load_settings(PARAMS_FILE).decoding
+    assert decoding.replace(flip=True).flip is True and decoding.replace(flip=False).flip is False
+    for text in ("false", "yes", 1):
+        with pytest.raises(SettingsError, match="decoding.flip=.*valid boolean"):
+            decoding.replace(flip=text)
     vocab = Vocabulary.build(["a dog runs", "a cat sits"], 1)
     model = build_model({"decoder": "attention", **TINY}, len(vocab), CHANNELS)
     config = {"model": model.config, "encoder": "lite0", "feature_dim": CHANNELS}

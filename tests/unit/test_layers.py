@@ -4,6 +4,8 @@ The BentoML side calls the library only, never the Prefect tasks or flows."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 import pytest
 
@@ -25,3 +27,27 @@ def test_service_side_imports_neither_tasks_nor_flows(module):
     found = imported(PROJECT_ROOT / module)
     assert "captioning" in found
     assert not found & {"tasks", "flows", "tests", "benchmarks"}, found
+
+
+@pytest.mark.parametrize("module", ["captioning.predict", "captioning.registry", "captioning.pyfunc", "service"])
+def test_serving_side_does_not_import_mlflow(module):
+    """The container image has no MLflow: the service and the prediction path import it only to
+    reach a registry."""
+    code = f"import sys, {module}; assert not [m for m in sys.modules if m.split('.')[0] == 'mlflow']"
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=120)
+
+
+def test_service_locates_a_folder_without_mlflow(tmp_path):
+    """A package folder is located (and a missing one refused) with MLflow not installed."""
+    code = (
+        "import sys; sys.modules['mlflow'] = None\n"
+        "import service\n"
+        "from captioning.registry import RegistryError\n"
+        "try:\n"
+        f"    service._locate({str(tmp_path / 'absent')!r})\n"
+        "except RegistryError as error:\n"
+        "    assert 'no such model package folder' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('a missing folder was located')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=120)

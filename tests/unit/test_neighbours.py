@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from captioning.cider import NgramFrequencies, consensus
-from captioning.decoding import Hypothesis, check_neighbours, rerank_by_consensus
+from captioning.config import PARAMS_FILE
+from captioning.decoding import Hypothesis, rerank_by_consensus
 from captioning.models import build_model
 from captioning.neighbours import CaptionMemory, CaptionMemoryError, pool
 from captioning.package import MEMORY_FILE, PackageError, load_memory, save_package
 from captioning.predict import Captioner
+from captioning.settings import SettingsError, load_settings
 from captioning.vocab import Vocabulary
 
 TRAINING = [
@@ -101,11 +103,12 @@ def test_evidence_from_outside_the_beam_can_outvote_it(vocab, frequencies):
 
 
 def test_neighbour_settings_are_checked():
-    assert check_neighbours(0, 0.5) == (0, 0.5)
-    assert check_neighbours(20, 1) == (20, 1.0)
+    decoding = load_settings(PARAMS_FILE).decoding
+    assert decoding.replace(rerank_neighbours=0, rerank_neighbour_weight=0.5).rerank_neighbours == 0
+    assert decoding.replace(rerank_neighbours=20, rerank_neighbour_weight=1).rerank_neighbour_weight == 1.0
     for neighbours, weight in [(-1, 0.5), ("5", 0.5), (2.5, 0.5), (True, 0.5), (5, 1.5), (5, "0.5"), (5, -0.1)]:
-        with pytest.raises(ValueError, match="decoding.rerank_neighbour"):
-            check_neighbours(neighbours, weight)
+        with pytest.raises(SettingsError, match="decoding.rerank_neighbour"):
+            decoding.replace(rerank_neighbours=neighbours, rerank_neighbour_weight=weight)
 
 
 def small_package(tmp_path, vocab, frequencies, memory, **decoding):

@@ -13,23 +13,13 @@ import torch
 
 from captioning.cli.common import print_json
 from captioning.models import build_model
-from captioning.training import (
-    MAX_NONFINITE_STEPS,
-    TrainingError,
-    _check_epoch,
-    _count_loss,
-    _nonfinite_weights,
-    training_step,
-)
+from captioning.training import MAX_NONFINITE_STEPS, TrainingError, TrainState, training_step
+from captioning.training.steps import nonfinite_weights
 from captioning.vocab import BOS
 
 torch.set_num_threads(1)
 
 TINY = {"decoder": "attention", "embed_dim": 16, "hidden_dim": 24, "attention_dim": 8, "dropout": 0.0}
-
-
-def _state() -> dict:
-    return {"step": 0, "loss_sum": 0.0, "loss_count": 0, "skipped": 0, "nonfinite_run": 0}
 
 
 def _setup():
@@ -56,36 +46,36 @@ def test_a_nan_batch_is_skipped_without_touching_the_weights():
     assert optimizer.state_dict()["state"] == {} and scheduler.last_epoch == 0  # no step taken
     good = training_step(model, optimizer, scheduler, scaler, torch.randn(3, 5, 8), tokens, 0.0, 1.0, 5.0)
     assert math.isfinite(good) and scheduler.last_epoch == 1
-    assert not _nonfinite_weights(model)
+    assert not nonfinite_weights(model)
 
 
 def test_skipped_steps_are_counted_apart_and_a_long_run_of_them_stops_training():
-    state = _state()
-    _count_loss(state, 2.0)
+    state = TrainState()
+    state.count_loss(2.0)
     for _ in range(MAX_NONFINITE_STEPS - 1):
-        _count_loss(state, math.nan)
-    _count_loss(state, 1.0)  # a finite step ends the run of skipped ones
-    assert (state["loss_sum"], state["loss_count"], state["skipped"], state["nonfinite_run"]) == (
+        state.count_loss(math.nan)
+    state.count_loss(1.0)  # a finite step ends the run of skipped ones
+    assert (state.loss_sum, state.loss_count, state.skipped, state.nonfinite_run) == (
         3.0,
         2,
         MAX_NONFINITE_STEPS - 1,
         0,
     )
     for _ in range(MAX_NONFINITE_STEPS - 1):
-        _count_loss(state, math.inf)
+        state.count_loss(math.inf)
     with pytest.raises(TrainingError, match=f"NaN or inf in {MAX_NONFINITE_STEPS} steps in a row"):
-        _count_loss(state, -math.inf)
+        state.count_loss(-math.inf)
 
 
 def test_an_epoch_ending_with_nonfinite_weights_or_no_step_stops_training():
     model = build_model(TINY, 12, 8)
-    _check_epoch({**_state(), "loss_count": 3, "skipped": 2}, 0, model, None)  # some steps trained: fine
+    TrainState(loss_count=3, skipped=2).check_epoch(0, model, None)  # some steps trained: fine
     with pytest.raises(TrainingError, match="every step of epoch 2 had a NaN or inf loss"):
-        _check_epoch({**_state(), "skipped": 4}, 1, model, None)
+        TrainState(skipped=4).check_epoch(1, model, None)
     with torch.no_grad():
         next(model.parameters())[0] = math.inf
     with pytest.raises(TrainingError, match=r"after epoch 1, 1 weight tensors hold NaN or inf \(first: "):
-        _check_epoch({**_state(), "loss_count": 3}, 0, model, None)
+        TrainState(loss_count=3).check_epoch(0, model, None)
 
 
 def test_print_json_writes_nan_and_inf_as_null():

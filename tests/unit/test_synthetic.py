@@ -18,6 +18,7 @@ from captioning.data.synthetic import (
     load_synthetic,
     scene_of,
 )
+from captioning.settings import SyntheticSettings
 
 SMALL = {"seed": 3, "train": 40, "val": 10, "test": 10, "image_size": 96}
 
@@ -133,7 +134,7 @@ def test_vocabulary_is_small(small):
 
 
 def test_load_generates_once_and_regenerates_on_new_params(tmp_path):
-    params = {"seed": 1, "train": 6, "val": 2, "test": 2, "image_size": 64}
+    params = SyntheticSettings(seed=1, train=6, val=2, test=2, image_size=64)
     dataset = load_synthetic(tmp_path, params)
     assert dataset.name == "synthetic" and dataset.dropped == []
     assert [r.image_id for r in dataset.records][:2] == ["synth_000000.png", "synth_000001.png"]
@@ -145,7 +146,11 @@ def test_load_generates_once_and_regenerates_on_new_params(tmp_path):
     assert again.records == dataset.records
     assert (tmp_path / MANIFEST).stat().st_mtime_ns == stamp  # not regenerated
 
-    bigger = load_synthetic(tmp_path, dict(params, train=8))
+    assert load_synthetic(tmp_path).records == dataset.records  # without settings: read as it is
+    with pytest.raises(FileNotFoundError, match="captioning data acquire synthetic"):
+        load_synthetic(tmp_path / "nothing")
+
+    bigger = load_synthetic(tmp_path, params.replace(train=8))
     assert len(bigger.splits()["train"]) == 8
     assert len(list((tmp_path / "images").iterdir())) == 12
     # A split's images do not depend on the other splits' sizes.
@@ -155,7 +160,7 @@ def test_load_generates_once_and_regenerates_on_new_params(tmp_path):
 def test_synthetic_passes_validation(tmp_path):
     from captioning.data.validate import expectations_for, validate_dataset
 
-    params = {"seed": 2, "train": 6, "val": 2, "test": 2, "image_size": 64}
+    params = SyntheticSettings(seed=2, train=6, val=2, test=2, image_size=64)
     dataset = load_synthetic(tmp_path / "data", params)
     result = validate_dataset(dataset, tmp_path / "report", expectations_for("synthetic", params))
     assert result.success, result.failures

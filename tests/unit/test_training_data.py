@@ -9,6 +9,7 @@ import torch
 from captioning.data.query import SelectedRecord
 from captioning.data.records import Record
 from captioning.features import FeatureStore
+from captioning.settings import FeatureSettings
 from captioning.training import (
     FeatureStores,
     TrainingError,
@@ -18,6 +19,7 @@ from captioning.training import (
     references_by_key,
 )
 from captioning.vocab import Vocabulary
+from harness.trained import ensure_synthetic
 
 POSITIONS, DIM = 3, 4
 
@@ -104,11 +106,12 @@ def test_load_split_gives_one_store_per_dataset(tmp_path):
     Image.new("RGB", (64, 48), (20, 120, 200)).save(buffer, format="PNG")
     stored = FeedbackStore().add(buffer.getvalue(), "a plain blue picture")
 
-    features = {"encoder": "lite0", "dir": str(tmp_path / "features"), "workers": 0}
+    features = FeatureSettings(encoder="lite0", batch_size=4, workers=0, dir=str(tmp_path / "features"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the synthetic data is generated into the per-test data folder (about 2 s)
-        records, stores = load_split("synthetic[train]-2+feedback", features, 4, progress=False, rank=0)
+        ensure_synthetic()
+        records, stores = load_split("synthetic[train]-2+feedback", features, progress=False, rank=0)
     finally:
         torch.set_num_threads(threads)
     assert [r.dataset for r in records] == ["synthetic", "synthetic", "feedback"]

@@ -11,6 +11,7 @@ import pytest
 from captioning.data.datasets import load_dataset
 from captioning.data.records import Dataset
 from captioning.data.validate import Expectations, expectations_for, validate_dataset
+from captioning.settings import SyntheticSettings
 from tests.fixtures.official import make_flickr8k
 
 TINY = Expectations({"train": 4, "val": 2, "test": 2})
@@ -104,5 +105,5 @@ def test_empty_dataset_fails(tmp_path):
 
 def test_expectations_table():
     assert expectations_for("flickr8k").splits == {"train": 6000, "val": 1000, "test": 1000}
-    synthetic = expectations_for("synthetic", {"seed": 0, "train": 7, "val": 2, "test": 1, "image_size": 64})
+    synthetic = expectations_for("synthetic", SyntheticSettings(seed=0, train=7, val=2, test=1, image_size=64))
     assert synthetic.splits == {"train": 7, "val": 2, "test": 1}

