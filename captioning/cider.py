@@ -14,8 +14,11 @@ import math
 from collections import Counter
 from typing import Any, Sequence
 
+import numpy as np
+
 NGRAMS = 4
 SIGMA = 6.0
+VECTOR_CACHE = 200_000  # captions whose vectors are kept (about 0.5 KB each)
 
 Tokens = Sequence[int]
 # A caption as CIDEr-D sees it: tf-idf weight per n-gram, the norm per n, its length.
@@ -35,6 +38,7 @@ class NgramFrequencies:
             raise ValueError("n-gram frequencies need the references of at least one image")
         self.df, self.images = df, images
         self.log_images = math.log(float(images))
+        self._vectors: dict[tuple, Vector] = {}
 
     @classmethod
     def of(cls, references: Sequence[Sequence[Tokens]]) -> "NgramFrequencies":
@@ -45,6 +49,17 @@ class NgramFrequencies:
         return cls(df, len(references))
 
     def vector(self, tokens: Tokens) -> Vector:
+        """The caption's tf-idf vector; remembered, since a caption memory's captions recur for
+        every image they are near (the vectors are shared: never change one)."""
+        key = tuple(tokens)
+        cached = self._vectors.get(key)
+        if cached is None:
+            if len(self._vectors) >= VECTOR_CACHE:
+                self._vectors.clear()
+            cached = self._vectors[key] = self._vector(key)
+        return cached
+
+    def _vector(self, tokens: tuple) -> Vector:
         vec: dict[tuple, float] = {}
         norms = [0.0] * NGRAMS
         for gram, tf in ngram_counts(tokens).items():
@@ -101,6 +116,42 @@ class CiderD:
         return 10.0 * sum(similarity(candidate, ref) for ref in refs) / len(refs)
 
 
+def similarities(candidates: Sequence[Vector], references: Sequence[Vector]) -> np.ndarray:
+    """(C, R) CIDEr-D (times 10) of each candidate against each reference, in array operations.
+
+    The same numbers as `similarity` for every pair: only the candidates' n-grams count, so
+    both sides are laid out on the columns of those n-grams.
+    """
+    columns: dict[tuple, int] = {}
+    for vec, _, _ in candidates:
+        for gram in vec:
+            columns.setdefault(gram, len(columns))
+    orders = np.zeros((len(columns), NGRAMS))
+    for gram, column in columns.items():
+        orders[column, len(gram) - 1] = 1.0
+    cand, cand_norms, cand_lengths = _layout(candidates, columns)
+    ref, ref_norms, ref_lengths = _layout(references, columns)
+    clipped = np.minimum(cand[:, None, :], ref[None, :, :]) * ref[None, :, :]  # (C, R, n-grams)
+    per_order = clipped @ orders
+    norms = cand_norms[:, None, :] * ref_norms[None, :, :]
+    ratio = np.divide(per_order, norms, out=np.zeros_like(per_order), where=norms > 0)
+    penalty = np.exp(-((cand_lengths[:, None] - ref_lengths[None, :]) ** 2) / (2 * SIGMA**2))
+    return 10.0 * ratio.sum(axis=2) * penalty / NGRAMS
+
+
+def _layout(vectors: Sequence[Vector], columns: dict[tuple, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weights of `vectors` on `columns` (other n-grams dropped), their norms and lengths."""
+    weights = np.zeros((len(vectors), len(columns)))
+    for row, (vec, _, _) in enumerate(vectors):
+        for gram, weight in vec.items():
+            column = columns.get(gram)
+            if column is not None:
+                weights[row, column] = weight
+    norms = np.array([norms for _, norms, _ in vectors], dtype=float).reshape(len(vectors), NGRAMS)
+    lengths = np.array([length for _, _, length in vectors], dtype=float)
+    return weights, norms, lengths
+
+
 def consensus(
     candidates: Sequence[Tokens], frequencies: NgramFrequencies, evidence: Sequence[Tokens] = (), weight: float = 0.0
 ) -> list[float]:
@@ -113,16 +164,13 @@ def consensus(
     times its mean CIDEr-D against the evidence.
     """
     vectors = [frequencies.vector(tokens) for tokens in candidates]
-    beam = [
-        10.0 * sum(similarity(vec, other) for j, other in enumerate(vectors) if j != i) / (len(vectors) - 1)
-        if len(vectors) > 1
-        else 0.0
-        for i, vec in enumerate(vectors)
-    ]
-    if not evidence or not weight:
-        return beam
-    outside = [frequencies.vector(tokens) for tokens in evidence]
-    return [
-        (1.0 - weight) * agreement + weight * 10.0 * sum(similarity(vec, ref) for ref in outside) / len(outside)
-        for agreement, vec in zip(beam, vectors)
-    ]
+    if len(vectors) < 2:
+        beam = np.zeros(len(vectors))
+    else:
+        pairs = similarities(vectors, vectors)
+        np.fill_diagonal(pairs, 0.0)
+        beam = pairs.sum(axis=1) / (len(vectors) - 1)
+    if not evidence or not weight or not vectors:
+        return beam.tolist()
+    outside = similarities(vectors, [frequencies.vector(tokens) for tokens in evidence])
+    return ((1.0 - weight) * beam + weight * outside.mean(axis=1)).tolist()

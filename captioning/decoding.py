@@ -66,7 +66,7 @@ def as_features(model: CaptionModel, features: torch.Tensor | np.ndarray) -> tor
     tensor = torch.as_tensor(features)
     if tensor.dim() != 3:
         raise ValueError(f"features must be (batch, positions, channels), got shape {tuple(tensor.shape)}")
-    return tensor.to(model.output.weight.device)
+    return tensor.to(model.reference_weight().device)
 
 
 def mask_log_probs(log_probs: torch.Tensor, step: int) -> torch.Tensor:

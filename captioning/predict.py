@@ -74,6 +74,10 @@ class Captioner:
         self.version = version
         self.source = source
         self.decoding = package_decoding(config)
+        if self.decoding.precision == "int8" and self.device.type == "cpu":
+            from captioning.models import quantize_int8
+
+            self.model = quantize_int8(self.model)
         self.frequencies = frequencies
         self.memory = memory
         self._flipped = None
@@ -259,7 +263,8 @@ class Captioner:
             features = features.unsqueeze(0)
         positions = features.size(1) // 2 if flip else features.size(1)  # attention maps cover one view
         results: list[dict[str, Any]] = []
-        with torch.inference_mode():
+        bfloat16 = self.decoding.precision == "bfloat16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bfloat16):
             for start in range(0, features.size(0), DECODE_CHUNK):
                 chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:

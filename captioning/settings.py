@@ -25,6 +25,7 @@ DECODERS = ("show_tell", "attention", "transformer", "updown")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 RERANKS = ("none", "consensus")
+DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
 
 NonNegInt = Field(ge=0)
 
@@ -150,6 +151,7 @@ class DecodingSettings(Section):
     rerank_neighbour_weight: float = Field(ge=0.0, le=1.0)
     rerank_score_weight: float = Field(ge=0.0)
     flip: bool
+    precision: Literal[DECODE_PRECISIONS]
 
 
 # Packages written before a decoding setting existed read it as this value: the setting off.
@@ -160,6 +162,7 @@ DECODING_OFF = {
     "rerank_neighbour_weight": 0.0,
     "rerank_score_weight": 0.0,
     "flip": False,
+    "precision": "float32",
 }
 
 

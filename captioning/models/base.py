@@ -51,8 +51,13 @@ class CaptionModel(nn.Module, abc.ABC):
             raise ValueError(f"features must be (batch, positions, channels), got shape {tuple(features.shape)}")
         if features.size(-1) != self.feature_dim:
             raise ValueError(f"features have {features.size(-1)} channels, the model expects {self.feature_dim}")
-        weight = self.output.weight
+        weight = self.reference_weight()
         return features.to(device=weight.device, dtype=weight.dtype)
+
+    def reference_weight(self) -> torch.Tensor:
+        """A floating-point weight of the model: its device and dtype are the model's (an int8
+        model's quantized layers hold no such parameters, its embedding still does)."""
+        return next(p for p in self.parameters() if p.is_floating_point())
 
     def start(self, features: torch.Tensor, rows: int) -> State:
         """`init_state` for `rows` caption rows, k = rows / images adjacent rows per image (the

@@ -158,3 +158,31 @@ def test_captioner_adds_the_packaged_share_of_the_beam_score(tmp_path, vocab, fr
     ]
     with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
         Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank_score_weight": -1}})
+
+
+def test_consensus_in_arrays_equals_cider_pair_by_pair():
+    # `consensus` scores every pair at once; each number must be the pairwise CIDEr-D of `similarity`.
+    import random
+
+    from captioning.cider import similarity
+
+    rng = random.Random(3)
+    references = [[[rng.randrange(4, 40) for _ in range(rng.randrange(4, 12))] for _ in range(5)] for _ in range(60)]
+    frequencies = NgramFrequencies.of(references)
+    for trial in range(10):
+        stem = [rng.randrange(4, 40) for _ in range(8)]
+        beam = [
+            stem[: rng.randrange(2, 8)] + [rng.randrange(4, 40) for _ in range(rng.randrange(0, 4))] for _ in range(6)
+        ]
+        evidence = [caption for refs in references[trial * 5 : trial * 5 + 6] for caption in refs]
+        vectors = [frequencies.vector(tokens) for tokens in beam]
+        outside = [frequencies.vector(tokens) for tokens in evidence]
+        expected = [
+            0.3 * 10 * sum(similarity(v, o) for j, o in enumerate(vectors) if j != i) / (len(vectors) - 1)
+            + 0.7 * 10 * sum(similarity(v, ref) for ref in outside) / len(outside)
+            for i, v in enumerate(vectors)
+        ]
+        assert consensus(beam, frequencies, evidence, 0.7) == pytest.approx(expected, abs=1e-9)
+    assert consensus([[5, 6]], frequencies, evidence, 0.7) == pytest.approx(
+        [0.7 * 10 * sum(similarity(frequencies.vector([5, 6]), ref) for ref in outside) / len(outside)]
+    )
