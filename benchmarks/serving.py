@@ -2,9 +2,12 @@
 adaptive batching, against the model's own throughput on the same CPU.
 
     python -m benchmarks.serving [--model PATH|models:/captioner@champion] [--requests 300]
-                                 [--concurrency 16] [--beam-size 3]
+                                 [--concurrency 16] [--beam-size N] [--data 'flickr8k[test]-64s0']
+                                 [--batching both|on|off]
 
-Without --model a tiny model is trained on synthetic data first (what the tests use).
+Without --model a tiny model is trained on synthetic data first (what the tests use). Requests carry
+one image each, from --data (photos of a data query) or synthetic scenes; without --beam-size and
+--max-length they leave decoding to the package's own settings.
 Writes reports/benchmark_serving.json.
 """
 
@@ -157,9 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", help="package folder or models:/ URI (default: train a tiny model)")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--beam-size", type=int, default=None, help="default: the package's")
+    parser.add_argument("--max-length", type=int, default=None, help="default: the package's")
     parser.add_argument("--images", type=int, default=16, help="distinct synthetic images")
+    parser.add_argument("--data", help="a data query whose photos the requests send, e.g. 'flickr8k[test]-64s0'")
+    parser.add_argument("--batching", choices=("both", "on", "off"), default="both", help="served runs to make")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads, the same for the direct run and the model service"
     )
@@ -174,8 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         from harness.trained import train_tiny_model
 
         model = str(train_tiny_model(work / "tiny"))
-    images = [synthetic_jpeg(seed) for seed in range(args.images)]
-    options = {"beam_size": args.beam_size, "max_length": args.max_length}
+    if args.data:
+        from captioning.data.query import select
+
+        images = [Path(record.path).read_bytes() for record in select(args.data)]
+    else:
+        images = [synthetic_jpeg(seed) for seed in range(args.images)]
+    options = {key: value for key, value in (("beam_size", args.beam_size), ("max_length", args.max_length)) if value}
     batch = int(os.environ.get("CAPTIONING_MAX_BATCH_SIZE", "16"))
 
     # The machine may be shared: measure the model alone before and after the served runs
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     direct_before = direct_throughput(model, images, args.requests, batch, options, args.threads)
     direct_single = direct_throughput(model, images, max(32, args.requests // 8), 1, options, args.threads)
     runs = {}
-    for batching in (True, False):
+    for batching in {"both": (True, False), "on": (True,), "off": (False,)}[args.batching]:
         label = "adaptive_batching" if batching else "no_batching"
         print(f"served, {label} ...", flush=True)
         runs[label] = served_throughput(
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": model if args.model else "tiny model trained on synthetic data (harness/trained.py)",
         "model_version": direct["model_version"],
-        "options": options,
+        "options": options or "the package's decoding settings",
+        "images": args.data or f"{args.images} synthetic scenes",
         "torch_threads": args.threads,
         "cpu": {"count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()},
         "model_direct": {
