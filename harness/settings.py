@@ -5,10 +5,9 @@ test_settings(train={"epochs": 1}, model={"decoder": "show_tell"}) -> Settings
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-PARAMS_FILE = Path(__file__).resolve().parent.parent / "params.yaml"
+from captioning.config import PARAMS_FILE
 
 
 def test_settings(**sections: dict[str, Any]):
