@@ -289,9 +289,9 @@ def _tracking(source: str) -> str | None:
     return tracking_uri(load_settings(PARAMS_FILE))
 
 
-def _locate(source: str, download: bool = True):
+def _locate(source: str, tracking: str | None, download: bool = True):
     """The registry version and package folder of the model source (`captioning.registry.Located`):
-    a bento model's from its metadata, any other's from the registry's `locate`; with
+    a bento model's from its metadata, any other's from the registry at `tracking`; with
     download=False only the version is sure (what an alias points at now)."""
     from captioning.registry import Located, locate
 
@@ -299,7 +299,7 @@ def _locate(source: str, download: bool = True):
         model = _bento_model(source)
         version = model.info.metadata.get("registry_version")
         return Located(str(version) if version is not None else None, Path(model.path))
-    return locate(source, _tracking(source), download=download)
+    return locate(source, tracking, download=download)
 
 
 @bentoml.service(
@@ -332,6 +332,7 @@ class CaptionModelService:
             import torch
 
             torch.set_num_threads(threads)
+        self.tracking = _tracking(self.source)  # read once: polls ask the same registry
         self._lock = threading.Lock()  # one load or reload at a time
         self.captioner = None
         self.registry_version: str | None = None
@@ -355,7 +356,7 @@ class CaptionModelService:
 
         started = time.perf_counter()
         # One look-up gives the version and its folder: a champion promoted meanwhile is caught by the next poll.
-        located = _locate(self.source)
+        located = _locate(self.source, self.tracking)
         captioner = Captioner.load(located.path, device=get_device(), version=located.version, source=self.source)
         self.registry_version = located.version
         previous = self.captioner
@@ -374,7 +375,7 @@ class CaptionModelService:
         while True:
             time.sleep(self.poll_seconds)
             try:
-                latest = _locate(self.source, download=False).version
+                latest = _locate(self.source, self.tracking, download=False).version
                 if latest is not None and latest != self.registry_version:
                     logger.info("registry points at version %s: reloading", latest)
                     self._reload()

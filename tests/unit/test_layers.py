@@ -44,7 +44,7 @@ def test_service_locates_a_folder_without_mlflow(tmp_path):
         "import service\n"
         "from captioning.registry import RegistryError\n"
         "try:\n"
-        f"    service._locate({str(tmp_path / 'absent')!r})\n"
+        f"    service._locate({str(tmp_path / 'absent')!r}, None)\n"
         "except RegistryError as error:\n"
         "    assert 'no such model package folder' in str(error)\n"
         "else:\n"
