@@ -39,6 +39,7 @@ class NgramFrequencies:
         self.df, self.images = df, images
         self.log_images = math.log(float(images))
         self._vectors: dict[tuple, Vector] = {}
+        self._pinned: dict[tuple, Vector] = {}
 
     @classmethod
     def of(cls, references: Sequence[Sequence[Tokens]]) -> "NgramFrequencies":
@@ -52,12 +53,20 @@ class NgramFrequencies:
         """The caption's tf-idf vector; remembered, since a caption memory's captions recur for
         every image they are near (the vectors are shared: never change one)."""
         key = tuple(tokens)
-        cached = self._vectors.get(key)
+        cached = self._pinned.get(key) or self._vectors.get(key)
         if cached is None:
             if len(self._vectors) >= VECTOR_CACHE:
                 self._vectors.clear()
             cached = self._vectors[key] = self._vector(key)
         return cached
+
+    def pin(self, captions: Sequence[Tokens]) -> None:
+        """Compute these captions' vectors now and keep them for good (a caption memory's: they
+        recur as evidence for every image near them, so the first images need not pay for them)."""
+        for tokens in captions:
+            key = tuple(tokens)
+            if key not in self._pinned:
+                self._pinned[key] = self._vector(key)
 
     def _vector(self, tokens: tuple) -> Vector:
         vec: dict[tuple, float] = {}

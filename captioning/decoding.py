@@ -171,32 +171,38 @@ def beam_search(
         features = as_features(model, features)
         batch, beams, vocab = features.size(0), beam_size, model.vocab_size
         device = features.device
-        state = model.start(features, batch * beams)
+        # Every beam of an image starts the same: one row per image until the first word.
+        state = model.start(features, batch)
         shared = model.static_keys if model.shared_static else ()  # entries kept one row per image
-        prev = torch.full((batch * beams,), BOS, dtype=torch.long, device=device)
-        # Only the first beam is real at the start, so the first step does not pick duplicates.
-        beam_log_prob = torch.full((batch, beams), -math.inf, device=device)
-        beam_log_prob[:, 0] = 0.0
-        seqs = torch.zeros(batch * beams, max_length, dtype=torch.long, device=device)
+        prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
+        beam_log_prob = torch.zeros(batch, 1, device=device)
+        seqs = torch.zeros(batch, max_length, dtype=torch.long, device=device)
         attention = None
         images = list(range(batch))  # the image of each group of `beams` rows still decoding
         pool = _Pool(batch, beams)
         stopped_early = False
         for t in range(max_length):
+            width = beam_log_prob.size(1)  # rows per image: 1 at the first step, then `beams`
             log_probs, state, weights = model.step(prev, state)
             if weights is not None:
                 if attention is None:
-                    attention = torch.zeros(batch * beams, max_length, weights.size(-1), device=device)
+                    attention = torch.zeros(batch, max_length, weights.size(-1), device=device)
                 attention[:, t] = weights.float()
             live = len(images)
-            total = (beam_log_prob.view(-1, 1) + mask_log_probs(log_probs, t)).view(live, beams * vocab)
-            _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty, images)
-            total.view(live, beams, vocab)[:, :, EOS] = -math.inf
-            beam_log_prob, top = total.topk(beams, dim=1)
-            offsets = torch.arange(live, device=device)[:, None] * beams
-            source = (offsets + top // vocab).view(-1)
+            total = (beam_log_prob.view(-1, 1) + mask_log_probs(log_probs, t)).view(live, width * vocab)
+            # Each row has one EOS candidate, so the best 2 * beams hold the best `beams` that
+            # are not EOS: one ranking serves both the ended hypotheses and the live beams.
+            ranked = min(2 * beams, width * vocab)
+            values, top = total.topk(ranked, dim=1)
+            ended = (top % vocab) == EOS
+            _collect_ended(values, top, ended, t, beams, width, vocab, seqs, attention, pool, length_penalty, images)
+            rank = torch.arange(ranked, device=device) + ended * ranked  # EOS ranked last
+            pick = rank.topk(beams, dim=1, largest=False).indices.sort(dim=1).values
+            beam_log_prob, top = values.gather(1, pick), top.gather(1, pick)
+            source = (torch.arange(live, device=device)[:, None] * width + top // vocab).view(-1)
             prev = (top % vocab).view(-1)
-            state = _reorder(state, source, model.static_keys)
+            # After the first step static entries are in place (per beam, or shared per image).
+            state = _reorder(state, source, model.static_keys if width == beams else shared)
             seqs = seqs.index_select(0, source)
             seqs[:, t] = prev
             if attention is not None:
@@ -223,16 +229,16 @@ def beam_search(
         return pool.entries
 
 
-def _collect_ended(total, t, beams, vocab, seqs, attention, pool, length_penalty, images) -> None:
+def _collect_ended(values, top, ended, t, beams, width, vocab, seqs, attention, pool, length_penalty, images) -> None:
     """Move the EOS candidates ranked among the top `beams` of their image into the pool
-    (row group g of `total` is image images[g])."""
-    top = total.topk(beams, dim=1).indices
-    image, rank = ((top % vocab) == EOS).nonzero(as_tuple=True)
+    (`values`, `top`: each image's ranked candidates and their flat indices over its `width`
+    rows, row group g is image images[g]; `ended`: which are EOS)."""
+    image, rank = ended[:, :beams].nonzero(as_tuple=True)
     if len(image) == 0:
         return
     flat = top[image, rank]
-    source = image * beams + flat // vocab
-    log_probs = total[image, flat].tolist()
+    source = image * width + flat // vocab
+    log_probs = values[image, rank].tolist()
     lengths = torch.full_like(source, t)
     tokens = seqs.index_select(0, source)[:, :t].tolist()
     maps = _rows(attention, source, lengths)

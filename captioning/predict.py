@@ -78,8 +78,14 @@ class Captioner:
             from captioning.models import quantize_int8
 
             self.model = quantize_int8(self.model)
+        elif self.decoding.precision == "bfloat16":
+            from captioning.models import bfloat16_products
+
+            self.model = bfloat16_products(self.model)
         self.frequencies = frequencies
         self.memory = memory
+        if frequencies is not None and memory is not None and self.decoding.rerank == "consensus":
+            frequencies.pin([caption for captions in memory.captions for caption in captions])
         self._flipped = None
 
     @classmethod
@@ -263,8 +269,7 @@ class Captioner:
             features = features.unsqueeze(0)
         positions = features.size(1) // 2 if flip else features.size(1)  # attention maps cover one view
         results: list[dict[str, Any]] = []
-        bfloat16 = self.decoding.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        with torch.inference_mode():
             for start in range(0, features.size(0), DECODE_CHUNK):
                 chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:

@@ -7,6 +7,7 @@ from typing import Any
 from captioning.models.attention import SoftAttention
 from captioning.models.base import CaptionModel, State
 from captioning.models.ensemble import Ensemble
+from captioning.models.precision import bfloat16_products, quantize_int8
 from captioning.models.show_tell import ShowTell
 from captioning.models.transformer import TransformerCaptioner
 from captioning.models.updown import UpDown
@@ -39,6 +40,8 @@ __all__ = [
     "build_model",
     "model_config",
     "ensemble_config",
+    "bfloat16_products",
+    "quantize_int8",
 ]
 
 
@@ -88,18 +91,3 @@ def build_model(config: dict[str, Any], vocab_size: int, feature_dim: int) -> Ca
         members = [build_model(member, vocab_size, feature_dim) for member in config["members"]]
         return Ensemble(config, vocab_size, feature_dim, members)
     return MODELS[config["decoder"]](config, vocab_size, feature_dim)
-
-
-def quantize_int8(model: CaptionModel) -> CaptionModel:
-    """A copy of `model` whose Linear and LSTM-cell weights are int8 (dynamic quantization: the
-    activations are quantized on the fly), for decoding on a CPU; the embeddings stay float."""
-    import warnings
-
-    import torch
-    from torch import nn
-
-    with warnings.catch_warnings():
-        # torch marks eager-mode quantization as deprecated in favour of torchao, which the
-        # image does not carry; the API still works in the versions pinned here.
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)

@@ -58,7 +58,7 @@ class SoftAttention(CaptionModel):
         # k rows of h per image row of the features (k > 1: beams sharing their image's features).
         images, k = features.size(0), h.size(0) // features.size(0)
         hidden = self.hidden_att(h).view(images, k, 1, -1)
-        scores = self.score_att(torch.tanh(state["feature_att"][:, None] + hidden)).squeeze(-1)  # (images, k, N)
+        scores = self.score_att((state["feature_att"][:, None] + hidden).tanh_()).squeeze(-1)  # (images, k, N)
         alpha = F.softmax(scores, dim=-1)
         context = torch.bmm(alpha, features).view(h.size(0), -1)
         alpha = alpha.view(h.size(0), -1)

@@ -13,6 +13,7 @@ and each member reads each half (`View`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,7 +38,8 @@ class Ensemble(CaptionModel):
         return self.members[0].output
 
     def _average(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
+        """log(mean_i exp(log_probs[i])), folded pairwise (no stacked copy of the members' outputs)."""
+        return functools.reduce(torch.logaddexp, log_probs) - math.log(len(log_probs))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log of the members' mean word probabilities (valid logits: their softmax is that mean)."""

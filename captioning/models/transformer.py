@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.models.base import CaptionModel, State, rows_per_image
+from captioning.models.precision import linear
 from captioning.vocab import PAD
 
 # Learned embeddings for up to this many feature positions (7x7 = 49 for the encoders here).
@@ -58,6 +59,7 @@ class TransformerCaptioner(CaptionModel):
         self.final_norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, vocab_size)
         self.static_keys = tuple(f"cross_{kv}{i}" for i in range(config["layers"]) for kv in "kv")
+        self.shared_static = True
 
     def _memory(self, features: torch.Tensor) -> torch.Tensor:
         features = self.prepare(features)
@@ -113,8 +115,9 @@ class TransformerCaptioner(CaptionModel):
         for i, layer in enumerate(self.decoder.layers):
             # The image side of cross-attention is the same at every step: project it once.
             attention = layer.multihead_attn
-            state[f"cross_k{i}"] = self._heads(attention, memory, 1)
-            state[f"cross_v{i}"] = self._heads(attention, memory, 2)
+            # Contiguous: every step's batched products then read them without a copy.
+            state[f"cross_k{i}"] = self._heads(attention, memory, 1).contiguous()
+            state[f"cross_v{i}"] = self._heads(attention, memory, 2).contiguous()
             empty = state[f"cross_k{i}"][:, :, :0]
             state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         return state
@@ -126,26 +129,47 @@ class TransformerCaptioner(CaptionModel):
         new_state = dict(state)
         weights = None
         for i, layer in enumerate(self.decoder.layers):
-            normed = layer.norm1(x)
-            keys = torch.cat([state[f"self_k{i}"], self._heads(layer.self_attn, normed, 1)], dim=2)
-            values = torch.cat([state[f"self_v{i}"], self._heads(layer.self_attn, normed, 2)], dim=2)
+            query, key, value = self._projections(layer.self_attn, layer.norm1(x))
+            keys = torch.cat([state[f"self_k{i}"], key], dim=2)
+            values = torch.cat([state[f"self_v{i}"], value], dim=2)
             new_state[f"self_k{i}"], new_state[f"self_v{i}"] = keys, values
-            attended, _ = self._attend(layer.self_attn, self._heads(layer.self_attn, normed, 0), keys, values)
+            attended, _ = self._attend(layer.self_attn, query, keys, values)
             x = x + layer.dropout1(attended)
-            query = self._heads(layer.multihead_attn, layer.norm2(x), 0)
-            attended, weights = self._attend(layer.multihead_attn, query, state[f"cross_k{i}"], state[f"cross_v{i}"])
+            attended, weights = self._cross_step(layer.multihead_attn, layer.norm2(x), state, i)
             x = x + layer.dropout2(attended)
             hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
             x = x + layer.dropout3(layer.linear2(hidden))
         logits = self.output(self.final_norm(x[:, 0]))
-        return F.log_softmax(logits, dim=-1), new_state, weights.mean(dim=1)[:, 0]
+        return F.log_softmax(logits, dim=-1), new_state, weights
+
+    def _cross_step(
+        self, attention: nn.MultiheadAttention, x: torch.Tensor, state: State, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention of the newest position x (rows, 1, D) over the image keys and values,
+        which hold one row per image for k adjacent rows (beams) each: an image's k queries
+        attend in one product, without repeating its keys k times. Returns the output
+        (rows, 1, D) and the weights averaged over heads (rows, N)."""
+        keys, values = state[f"cross_k{layer}"], state[f"cross_v{layer}"]
+        rows, images = x.size(0), keys.size(0)
+        k = rows_per_image(rows, images)
+        query = self._heads(attention, x, 0)  # (rows, heads, 1, D/heads)
+        query = query.reshape(images, k, attention.num_heads, attention.head_dim).transpose(1, 2)
+        attended, weights = self._attend(attention, query, keys, values)  # (images, k, D), (images, heads, k, N)
+        return attended.reshape(rows, 1, attention.embed_dim), weights.mean(dim=1).reshape(rows, -1)
+
+    @staticmethod
+    def _projections(attention: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Query, key and value projections of x (B, L, D) in one product, each (B, heads, L, D/heads)."""
+        projected = linear(x, attention.in_proj_weight, attention.in_proj_bias)
+        projected = projected.view(x.size(0), x.size(1), 3, attention.num_heads, attention.head_dim)
+        return projected.permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
     def _heads(attention: nn.MultiheadAttention, x: torch.Tensor, part: int) -> torch.Tensor:
         """Query (part 0), key (1) or value (2) projection of x (B, L, D) as (B, heads, L, D/heads)."""
         width = attention.embed_dim
         rows = slice(part * width, (part + 1) * width)
-        projected = F.linear(x, attention.in_proj_weight[rows], attention.in_proj_bias[rows])
+        projected = linear(x, attention.in_proj_weight[rows], attention.in_proj_bias[rows])
         return projected.view(x.size(0), x.size(1), attention.num_heads, attention.head_dim).transpose(1, 2)
 
     @staticmethod

@@ -186,3 +186,17 @@ def test_consensus_in_arrays_equals_cider_pair_by_pair():
     assert consensus([[5, 6]], frequencies, evidence, 0.7) == pytest.approx(
         [0.7 * 10 * sum(similarity(frequencies.vector([5, 6]), ref) for ref in outside) / len(outside)]
     )
+
+
+def test_pinned_vectors_equal_computed_ones_and_outlive_the_cache(vocab, frequencies, monkeypatch):
+    import captioning.cider as cider
+
+    captions = [vocab.encode(text) for text in ("a dog runs on the grass", "a man rides a bike")]
+    fresh = NgramFrequencies(frequencies.df, frequencies.images)
+    expected = [fresh.vector(tokens) for tokens in captions]
+    frequencies.pin(captions)
+    monkeypatch.setattr(cider, "VECTOR_CACHE", 1)  # every new caption now clears the ordinary cache
+    for tokens in ([5, 6], [6, 7], [7, 8]):
+        frequencies.vector(tokens)
+    assert [frequencies.vector(tokens) for tokens in captions] == expected
+    assert all(frequencies.vector(tokens) is frequencies._pinned[tuple(tokens)] for tokens in captions)

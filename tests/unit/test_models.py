@@ -62,6 +62,21 @@ def test_step_matches_teacher_forcing(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
+def test_steps_with_static_state_shared_by_an_images_rows(decoder):
+    """`start` with k rows per image (beams) steps as the model does on each image repeated k times."""
+    model, k = tiny(decoder).eval(), 3
+    features, tokens = torch.randn(2, POSITIONS, CHANNELS), random_tokens(2 * k, 5)
+    with torch.no_grad():
+        shared, repeated = model.start(features, 2 * k), model.init_state(features.repeat_interleave(k, dim=0))
+        for t in range(tokens.size(1)):
+            log_probs, shared, attention = model.step(tokens[:, t], shared)
+            expected, repeated, expected_attention = model.step(tokens[:, t], repeated)
+            torch.testing.assert_close(log_probs, expected, atol=1e-5, rtol=1e-5)
+            if attention is not None:
+                torch.testing.assert_close(attention, expected_attention, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_features_shared_by_an_images_captions(decoder):
     """One feature row for k adjacent caption rows gives the logits, loss and gradients of
     repeating that row k times (training with train.captions_per_image)."""

@@ -1,4 +1,4 @@
-"""`decoding.precision`: the decoder captions in float32, under bfloat16 autocast, or with int8 weights."""
+"""`decoding.precision`: the decoder captions in float32, with bfloat16 matrix products, or with int8 weights."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from captioning.models import build_model, quantize_int8
+from captioning.models.precision import Bfloat16LSTMCell, bfloat16_products
 from captioning.predict import Captioner
 from captioning.settings import SettingsError
 from captioning.vocab import Vocabulary
@@ -42,13 +43,49 @@ def test_int8_quantizes_linear_and_lstm_layers_and_keeps_the_words(decoder):
         assert b["alternatives"][0]["log_prob"] == pytest.approx(a["alternatives"][0]["log_prob"], abs=0.5)
 
 
-def test_bfloat16_decodes_under_autocast_with_float32_scores():
-    model, vocab, package = package_parts("attention")
-    features = torch.randn(2, 9, 24)
-    bf16 = Captioner(model, vocab, {**package, "decoding": {"beam_size": 2, "precision": "bfloat16"}}, device="cpu")
+@pytest.mark.parametrize("decoder", ["attention", "transformer", "updown", "show_tell"])
+def test_bfloat16_products_keep_the_words_and_float32_scores(decoder):
+    model, vocab, package = package_parts(decoder)
+    features = torch.randn(3, 9, 24)
+    plain = Captioner(model, vocab, {**package, "decoding": {"beam_size": 3, "precision": "float32"}}, device="cpu")
+    bf16 = Captioner(model, vocab, {**package, "decoding": {"beam_size": 3, "precision": "bfloat16"}}, device="cpu")
+    assert not any(type(m) is nn.LSTMCell for m in bf16.model.modules())
+    wide = [m for m in bf16.model.modules() if type(m) is nn.Linear and m.out_features >= 16]
+    assert wide == [bf16.model.output]  # only the vocabulary projection stays float32
+    assert sum(type(m) is nn.Linear for m in plain.model.modules()) > 1  # the original is untouched
+    assert bf16.model.reference_weight().dtype == torch.float32  # activations stay float32
+    with torch.no_grad():
+        state, plain_state = bf16.model.init_state(features), plain.model.init_state(features)
+        prev = torch.full((3,), 1)
+        log_probs, _, _ = bf16.model.step(prev, state)
+        expected, _, _ = plain.model.step(prev, plain_state)
+    assert log_probs.dtype == torch.float32
+    torch.testing.assert_close(log_probs, expected, atol=0.05, rtol=0.02)
     results = bf16.caption_features(features)
-    assert [type(r["alternatives"][0]["log_prob"]) for r in results] == [float, float]
-    assert bf16.model.reference_weight().dtype == torch.float32  # weights stay float32; autocast computes in bf16
+    assert len(results) == 3 and all(isinstance(r["alternatives"][0]["log_prob"], float) for r in results)
+
+
+def test_bfloat16_lstm_cell_computes_an_lstm_cell():
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(12, 8)
+    with torch.no_grad():  # weights a bfloat16 holds exactly: only the products' rounding differs
+        for weight in (cell.weight_ih, cell.weight_hh):
+            weight.copy_(weight.bfloat16().float())
+    x, h, c = (torch.randn(5, n).bfloat16().float() for n in (12, 8, 8))
+    with torch.no_grad():
+        expected = cell(x, (h, c))
+        got = Bfloat16LSTMCell(cell)(x, (h, c))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_bfloat16_products_copy_the_model():
+    model, _, _ = package_parts("transformer")
+    converted = bfloat16_products(model)
+    assert converted is not model
+    assert model.decoder.layers[0].self_attn.in_proj_weight.dtype == torch.float32
+    assert converted.decoder.layers[0].self_attn.in_proj_weight.dtype == torch.bfloat16
+    assert not any(p.dtype == torch.bfloat16 for p in converted.parameters())  # bfloat16 weights are buffers
 
 
 def test_quantize_int8_copies_the_model():
