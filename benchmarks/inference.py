@@ -108,7 +108,7 @@ def main() -> None:
             "images": count,
             "batch_size": args.batch_size,
             "beam_size": args.beam or captioner.beam_size,
-            "precision": captioner.decoding.precision,
+            "precision": captioner.precision,  # as run on this device (the package asks decoding.precision)
             "threads": torch.get_num_threads(),
             "length_penalty": captioner.length_penalty,
             "rerank": captioner.rerank,

@@ -86,3 +86,21 @@ def autocast_dtype(device, precision: str = "auto"):
     if precision == "float16" and kind != "cuda":
         raise ValueError("train.precision float16 needs CUDA; on a CPU use bfloat16")
     return None if precision == "float32" else getattr(torch, precision)
+
+
+def decoding_precision(device, precision: str) -> str:
+    """The arithmetic a decoder captions in on `device` when the package asks for `precision`.
+
+    int8 (dynamic quantization) runs on CPUs only; bfloat16 matrix products run on CUDA and on
+    CPUs with bfloat16 units (AVX-512 BF16 or AMX), where they are several times as fast as
+    float32 ones; elsewhere they would be emulated and slower, so float32 runs instead.
+    """
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if precision == "int8":
+        return "int8" if kind == "cpu" else "float32"
+    if precision == "bfloat16" and kind == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bfloat16" if native else "float32"
+    return precision

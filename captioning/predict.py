@@ -8,6 +8,7 @@ once, as a `DecodingSettings`, and so is each call's override of them.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ import torch
 
 from captioning.images import DECODE_SIDE, ImageError, ImageSource, open_image, preprocess, views
 from captioning.settings import DECODING_OFF, DecodingSettings
+
+log = logging.getLogger(__name__)
 
 # Images encoded per forward pass: bounds memory for long request lists.
 CHUNK = 16
@@ -60,7 +63,7 @@ class Captioner:
         frequencies=None,
         memory=None,
     ):
-        from captioning.config import get_device
+        from captioning.config import decoding_precision, get_device
         from captioning.package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
@@ -74,11 +77,14 @@ class Captioner:
         self.version = version
         self.source = source
         self.decoding = package_decoding(config)
-        if self.decoding.precision == "int8" and self.device.type == "cpu":
+        self.precision = decoding_precision(self.device, self.decoding.precision)
+        if self.precision != self.decoding.precision:
+            log.info("decoding.precision %s does not run on %s: decoding in float32", self.decoding.precision, device)
+        if self.precision == "int8":
             from captioning.models import quantize_int8
 
             self.model = quantize_int8(self.model)
-        elif self.decoding.precision == "bfloat16":
+        elif self.precision == "bfloat16":
             from captioning.models import bfloat16_products
 
             self.model = bfloat16_products(self.model)

@@ -44,7 +44,8 @@ def test_int8_quantizes_linear_and_lstm_layers_and_keeps_the_words(decoder):
 
 
 @pytest.mark.parametrize("decoder", ["attention", "transformer", "updown", "show_tell"])
-def test_bfloat16_products_keep_the_words_and_float32_scores(decoder):
+def test_bfloat16_products_keep_the_words_and_float32_scores(decoder, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # as on a CPU with bfloat16 units
     model, vocab, package = package_parts(decoder)
     features = torch.randn(3, 9, 24)
     plain = Captioner(model, vocab, {**package, "decoding": {"beam_size": 3, "precision": "float32"}}, device="cpu")
@@ -99,3 +100,20 @@ def test_an_unknown_precision_is_refused():
     model, vocab, package = package_parts("attention")
     with pytest.raises(SettingsError, match="decoding.precision"):
         Captioner(model, vocab, {**package, "decoding": {"precision": "int4"}})
+
+
+def test_each_precision_runs_only_where_it_pays(monkeypatch):
+    from captioning.config import decoding_precision
+
+    assert decoding_precision(torch.device("cpu"), "int8") == "int8"
+    assert decoding_precision(torch.device("cuda"), "int8") == "float32"
+    assert decoding_precision(torch.device("cuda"), "bfloat16") == "bfloat16"
+    assert decoding_precision(torch.device("cpu"), "float32") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert decoding_precision(torch.device("cpu"), "bfloat16") == "float32"  # emulated bfloat16 would be slower
+    model, vocab, package = package_parts("attention")
+    captioner = Captioner(
+        model, vocab, {**package, "decoding": {"beam_size": 2, "precision": "bfloat16"}}, device="cpu"
+    )
+    assert captioner.precision == "float32" and any(type(m) is nn.LSTMCell for m in captioner.model.modules())
