@@ -101,6 +101,7 @@ def decoding_precision(device, precision: str) -> str:
     if precision == "int8":
         return "int8" if kind == "cpu" else "float32"
     if precision == "bfloat16" and kind == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU feature probes
+        native = any(getattr(torch.cpu, name, lambda: False)() for name in checks)
         return "bfloat16" if native else "float32"
     return precision
