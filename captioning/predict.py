@@ -79,7 +79,9 @@ class Captioner:
         self.decoding = package_decoding(config)
         self.precision = decoding_precision(self.device, self.decoding.precision)
         if self.precision != self.decoding.precision:
-            log.info("decoding.precision %s does not run on %s: decoding in float32", self.decoding.precision, device)
+            log.info(
+                "decoding.precision %s does not run on %s: decoding in float32", self.decoding.precision, self.device
+            )
         if self.precision == "int8":
             from captioning.models import quantize_int8
 

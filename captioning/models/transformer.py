@@ -88,23 +88,14 @@ class TransformerCaptioner(CaptionModel):
         """The pre-norm decoder layers for k adjacent caption rows per image row of `memory`:
         each image's cross-attention keys and values are projected once for its k captions
         (same weights and result as `self.decoder` on memory repeated k times)."""
-        images, (rows, length, width) = memory.size(0), x.shape
-        k = rows_per_image(rows, images)
         for layer in self.decoder.layers:
             normed = layer.norm1(x)
             attended = layer.self_attn(normed, normed, normed, attn_mask=mask, is_causal=True, need_weights=False)[0]
             x = x + layer.dropout1(attended)
             cross = layer.multihead_attn
-            # An image's k captions as one query sequence of k * T positions over its features.
-            query = self._heads(cross, layer.norm2(x).reshape(images, k * length, width), 0)
-            attended, _ = self._attend(
-                cross,
-                query,
-                self._heads(cross, memory, 1),
-                self._heads(cross, memory, 2),
-                cross.dropout if self.training else 0.0,
-            )
-            x = x + layer.dropout2(attended.reshape(rows, length, width))
+            keys, values = self._heads(cross, memory, 1), self._heads(cross, memory, 2)
+            attended, _ = self._cross(cross, layer.norm2(x), keys, values, cross.dropout if self.training else 0.0)
+            x = x + layer.dropout2(attended)
             hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
             x = x + layer.dropout3(layer.linear2(hidden))
         return x
@@ -135,27 +126,32 @@ class TransformerCaptioner(CaptionModel):
             new_state[f"self_k{i}"], new_state[f"self_v{i}"] = keys, values
             attended, _ = self._attend(layer.self_attn, query, keys, values)
             x = x + layer.dropout1(attended)
-            attended, weights = self._cross_step(layer.multihead_attn, layer.norm2(x), state, i)
+            cross = layer.multihead_attn
+            attended, weights = self._cross(cross, layer.norm2(x), state[f"cross_k{i}"], state[f"cross_v{i}"])
             x = x + layer.dropout2(attended)
             hidden = layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))
             x = x + layer.dropout3(layer.linear2(hidden))
         logits = self.output(self.final_norm(x[:, 0]))
-        return F.log_softmax(logits, dim=-1), new_state, weights
+        return F.log_softmax(logits, dim=-1), new_state, weights.mean(dim=1).reshape(x.size(0), -1)
 
-    def _cross_step(
-        self, attention: nn.MultiheadAttention, x: torch.Tensor, state: State, layer: int
+    def _cross(
+        self,
+        attention: nn.MultiheadAttention,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        dropout: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention of the newest position x (rows, 1, D) over the image keys and values,
-        which hold one row per image for k adjacent rows (beams) each: an image's k queries
-        attend in one product, without repeating its keys k times. Returns the output
-        (rows, 1, D) and the weights averaged over heads (rows, N)."""
-        keys, values = state[f"cross_k{layer}"], state[f"cross_v{layer}"]
-        rows, images = x.size(0), keys.size(0)
+        """Cross-attention of x (rows, T, D) over image keys and values with one row per image
+        for k adjacent rows of x (an image's captions, or its beams): an image's k rows attend as
+        one query sequence of k * T positions, without repeating its keys k times. Returns the
+        output (rows, T, D) and the weights (images, heads, k * T, N)."""
+        rows, length, width = x.shape
+        images = keys.size(0)
         k = rows_per_image(rows, images)
-        query = self._heads(attention, x, 0)  # (rows, heads, 1, D/heads)
-        query = query.reshape(images, k, attention.num_heads, attention.head_dim).transpose(1, 2)
-        attended, weights = self._attend(attention, query, keys, values)  # (images, k, D), (images, heads, k, N)
-        return attended.reshape(rows, 1, attention.embed_dim), weights.mean(dim=1).reshape(rows, -1)
+        query = self._heads(attention, x.reshape(images, k * length, width), 0)
+        attended, weights = self._attend(attention, query, keys, values, dropout)
+        return attended.reshape(rows, length, width), weights
 
     @staticmethod
     def _projections(attention: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
