@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -23,6 +23,18 @@ VECTOR_CACHE = 200_000  # captions whose vectors are kept (about 0.5 KB each)
 Tokens = Sequence[int]
 # A caption as CIDEr-D sees it: tf-idf weight per n-gram, the norm per n, its length.
 Vector = tuple[dict[tuple, float], list[float], int]
+
+
+class Block(NamedTuple):
+    """Several captions' tf-idf vectors as flat arrays: entry i is n-gram `ids[i]` (a number kept
+    by `NgramFrequencies`) of caption `rows[i]` with weight `weights[i]`; per caption its norms
+    (captions, 4) and length."""
+
+    rows: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray
+    norms: np.ndarray
+    lengths: np.ndarray
 
 
 def ngram_counts(tokens: Tokens, n_max: int = NGRAMS) -> Counter:
@@ -40,6 +52,12 @@ class NgramFrequencies:
         self.log_images = math.log(float(images))
         self._vectors: dict[tuple, Vector] = {}
         self._pinned: dict[tuple, Vector] = {}
+        # log(images / df) per n-gram of the references. An n-gram of one image weighs as much as
+        # an unseen one: log(max(1, df)) is 0 for both.
+        self._idf = {gram: self.log_images - math.log(max(1.0, float(count))) for gram, count in df.items()}
+        # Pinned captions' n-grams as numbers and weights, for `block`.
+        self._gram_ids: dict[tuple, int] = {}
+        self._pinned_arrays: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def of(cls, references: Sequence[Sequence[Tokens]]) -> "NgramFrequencies":
@@ -66,14 +84,33 @@ class NgramFrequencies:
         for tokens in captions:
             key = tuple(tokens)
             if key not in self._pinned:
-                self._pinned[key] = self._vector(key)
+                vec = (vector := self._vector(key))[0]
+                self._pinned[key] = vector
+                ids = [self._gram_ids.setdefault(gram, len(self._gram_ids)) for gram in vec]
+                self._pinned_arrays[key] = (np.array(ids, dtype=np.int64), np.fromiter(vec.values(), float, len(vec)))
+
+    def block(self, captions: Sequence[Tokens]) -> Block | None:
+        """Pinned captions' vectors as one `Block` (None unless every caption is pinned): laying
+        out a caption memory's evidence from arrays costs far less than from their dicts."""
+        keys = [tuple(tokens) for tokens in captions]
+        arrays = [self._pinned_arrays.get(key) for key in keys]
+        if not keys or any(pair is None for pair in arrays):
+            return None
+        vectors = [self._pinned[key] for key in keys]
+        return Block(
+            rows=np.repeat(np.arange(len(keys)), [len(ids) for ids, _ in arrays]),
+            ids=np.concatenate([ids for ids, _ in arrays]),
+            weights=np.concatenate([weights for _, weights in arrays]),
+            norms=np.array([norms for _, norms, _ in vectors], dtype=float).reshape(len(keys), NGRAMS),
+            lengths=np.array([length for _, _, length in vectors], dtype=float),
+        )
 
     def _vector(self, tokens: tuple) -> Vector:
         vec: dict[tuple, float] = {}
         norms = [0.0] * NGRAMS
+        idf, unseen = self._idf, self.log_images
         for gram, tf in ngram_counts(tokens).items():
-            # An n-gram of one image weighs as much as an unseen one: log(max(1, df)) is 0 for both.
-            weight = tf * (self.log_images - math.log(max(1.0, float(self.df.get(gram, 0)))))
+            weight = tf * idf.get(gram, unseen)
             vec[gram] = weight
             norms[len(gram) - 1] += weight * weight
         return vec, [math.sqrt(value) for value in norms], len(tokens)
@@ -125,11 +162,14 @@ class CiderD:
         return 10.0 * sum(similarity(candidate, ref) for ref in refs) / len(refs)
 
 
-def similarities(candidates: Sequence[Vector], references: Sequence[Vector]) -> np.ndarray:
+def similarities(
+    candidates: Sequence[Vector], references: Sequence[Vector] | Block, gram_ids: dict[tuple, int] | None = None
+) -> np.ndarray:
     """(C, R) CIDEr-D (times 10) of each candidate against each reference, in array operations.
 
     The same numbers as `similarity` for every pair: only the candidates' n-grams count, so
-    both sides are laid out on the columns of those n-grams.
+    both sides are laid out on the columns of those n-grams. `references` may be a `Block`
+    (`NgramFrequencies.block`), whose n-gram numbers `gram_ids` gives.
     """
     columns: dict[tuple, int] = {}
     for vec, _, _ in candidates:
@@ -139,9 +179,16 @@ def similarities(candidates: Sequence[Vector], references: Sequence[Vector]) -> 
     for gram, column in columns.items():
         orders[column, len(gram) - 1] = 1.0
     cand, cand_norms, cand_lengths = _layout(candidates, columns)
-    ref, ref_norms, ref_lengths = _layout(references, columns)
-    clipped = np.minimum(cand[:, None, :], ref[None, :, :]) * ref[None, :, :]  # (C, R, n-grams)
-    per_order = clipped @ orders
+    if references is candidates:
+        per_order = np.minimum(cand[:, None, :], cand[None, :, :]) * cand[None, :, :] @ orders
+        ref_norms, ref_lengths = cand_norms, cand_lengths
+    elif isinstance(references, Block):
+        per_order = _block_sums(cand, orders, columns, references, gram_ids or {})
+        ref_norms, ref_lengths = references.norms, references.lengths
+    else:
+        ref, ref_norms, ref_lengths = _layout(references, columns)
+        clipped = np.minimum(cand[:, None, :], ref[None, :, :]) * ref[None, :, :]  # (C, R, n-grams)
+        per_order = clipped @ orders
     norms = cand_norms[:, None, :] * ref_norms[None, :, :]
     ratio = np.divide(per_order, norms, out=np.zeros_like(per_order), where=norms > 0)
     penalty = np.exp(-((cand_lengths[:, None] - ref_lengths[None, :]) ** 2) / (2 * SIGMA**2))
@@ -159,6 +206,21 @@ def _layout(vectors: Sequence[Vector], columns: dict[tuple, int]) -> tuple[np.nd
     norms = np.array([norms for _, norms, _ in vectors], dtype=float).reshape(len(vectors), NGRAMS)
     lengths = np.array([length for _, _, length in vectors], dtype=float)
     return weights, norms, lengths
+
+
+def _block_sums(cand: np.ndarray, orders: np.ndarray, columns: dict[tuple, int], block: Block, gram_ids) -> np.ndarray:
+    """Per candidate, reference and n, the clipped products summed (C, R, 4), from the block's
+    entries whose n-gram is one of the candidates' (a reference shares a few of its n-grams)."""
+    numbers = np.array([gram_ids.get(gram, -1) for gram in columns], dtype=np.int64)  # per column
+    order = np.argsort(numbers)
+    found = np.searchsorted(numbers[order], block.ids).clip(max=max(0, len(numbers) - 1))
+    hit = numbers[order][found] == block.ids if len(numbers) else np.zeros(len(block.ids), bool)
+    column, ref = order[found[hit]], block.weights[hit]  # -1 (no pinned caption has it) never hits
+    clipped = np.minimum(cand[:, column], ref) * ref  # (C, hits)
+    slot = block.rows[hit] * NGRAMS + orders[column].argmax(axis=1)
+    size = len(block.norms) * NGRAMS
+    sums = [np.bincount(slot, weights=row, minlength=size) for row in clipped]
+    return np.array(sums, dtype=float).reshape(len(cand), len(block.norms), NGRAMS)
 
 
 def consensus(
@@ -181,5 +243,9 @@ def consensus(
         beam = pairs.sum(axis=1) / (len(vectors) - 1)
     if not evidence or not weight or not vectors:
         return beam.tolist()
-    outside = similarities(vectors, [frequencies.vector(tokens) for tokens in evidence])
+    block = frequencies.block(evidence)
+    if block is not None:
+        outside = similarities(vectors, block, frequencies._gram_ids)
+    else:
+        outside = similarities(vectors, [frequencies.vector(tokens) for tokens in evidence])
     return ((1.0 - weight) * beam + weight * outside.mean(axis=1)).tolist()

@@ -94,8 +94,11 @@ def _rows(array: torch.Tensor | None, index: torch.Tensor, length: torch.Tensor)
     return [picked[i, : int(n)] for i, n in enumerate(length.tolist())]
 
 
-def greedy(model: CaptionModel, features: torch.Tensor | np.ndarray, max_length: int) -> list[list[Hypothesis]]:
-    """The most likely word at every step, for the whole batch at once; one hypothesis per image."""
+def greedy(
+    model: CaptionModel, features: torch.Tensor | np.ndarray, max_length: int, with_attention: bool = True
+) -> list[list[Hypothesis]]:
+    """The most likely word at every step, for the whole batch at once; one hypothesis per image
+    (its attention maps only `with_attention`)."""
     _check(1, max_length, model.vocab_size)
     with inference(model):
         features = as_features(model, features)
@@ -111,7 +114,7 @@ def greedy(model: CaptionModel, features: torch.Tensor | np.ndarray, max_length:
         for t in range(max_length):
             log_probs, state, weights = model.step(prev, state)
             best_log_prob, best = mask_log_probs(log_probs, t).max(dim=-1)
-            if weights is not None:
+            if weights is not None and with_attention:
                 if attention is None:
                     attention = features.new_zeros(batch, max_length, weights.size(-1), dtype=torch.float32)
                 attention[:, t] = weights.float()
@@ -161,9 +164,11 @@ def beam_search(
     beam_size: int,
     max_length: int,
     length_penalty: float = 0.0,
+    with_attention: bool = True,
 ) -> list[list[Hypothesis]]:
     """Beam search over images x beams in tensor operations; per image, `beam_size`
-    hypotheses best first. An image whose live beams can no longer enter its top list is
+    hypotheses best first, with their attention maps only `with_attention` (keeping them
+    means reordering every beam's maps at every step). An image whose live beams can no longer enter its top list is
     settled; once a quarter of the images are, they leave the batch (the rest decode without
     them). The search stops when every image is settled."""
     _check(beam_size, max_length, model.vocab_size)
@@ -184,7 +189,7 @@ def beam_search(
         for t in range(max_length):
             width = beam_log_prob.size(1)  # rows per image: 1 at the first step, then `beams`
             log_probs, state, weights = model.step(prev, state)
-            if weights is not None:
+            if weights is not None and with_attention:
                 if attention is None:
                     attention = torch.zeros(batch, max_length, weights.size(-1), device=device)
                 attention[:, t] = weights.float()

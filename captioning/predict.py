@@ -281,9 +281,9 @@ class Captioner:
             for start in range(0, features.size(0), DECODE_CHUNK):
                 chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:
-                    hypotheses = greedy(model, chunk, length)
+                    hypotheses = greedy(model, chunk, length, return_attention)
                 else:
-                    hypotheses = beam_search(model, chunk, beam, length, penalty)
+                    hypotheses = beam_search(model, chunk, beam, length, penalty, return_attention)
                     if consensus:
                         # Neighbours are found by the image as it is, never by its mirror.
                         evidence = (

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.models.base import CaptionModel, State
+from captioning.models.base import CaptionModel, State, additive_scores
 from captioning.vocab import EOS, PAD
 
 
@@ -58,7 +58,7 @@ class SoftAttention(CaptionModel):
         # k rows of h per image row of the features (k > 1: beams sharing their image's features).
         images, k = features.size(0), h.size(0) // features.size(0)
         hidden = self.hidden_att(h).view(images, k, 1, -1)
-        scores = self.score_att((state["feature_att"][:, None] + hidden).tanh_()).squeeze(-1)  # (images, k, N)
+        scores = additive_scores(state["feature_att"], hidden, self.score_att)  # (images, k, N)
         alpha = F.softmax(scores, dim=-1)
         context = torch.bmm(alpha, features).view(h.size(0), -1)
         alpha = alpha.view(h.size(0), -1)

@@ -23,6 +23,31 @@ def rows_per_image(rows: int, images: int) -> int:
     return rows // images
 
 
+# Additive attention's sums (k beams x N positions x attention width) per image group: about
+# 4 MB of float32, so each group's sums stay in the CPU cache between the add, the tanh and the score.
+ATTENTION_GROUP_ELEMENTS = 1 << 20
+
+
+def additive_scores(
+    feature_att: torch.Tensor, hidden: torch.Tensor, score: nn.Module, group_elements: int = ATTENTION_GROUP_ELEMENTS
+) -> torch.Tensor:
+    """Additive attention scores score(tanh(feature_att + hidden)), (images, k, N), from the
+    features' part (images, N, A) and k rows of the hidden part per image (images, k, 1, A).
+
+    Without autograd the images go in groups; with it, every group's sums would be kept for the
+    backward pass anyway, so training computes them in one piece."""
+    images, k, _, width = hidden.shape
+    group = max(1, group_elements // (k * feature_att.size(1) * width))
+    if torch.is_grad_enabled() or group >= images:
+        return score((feature_att[:, None] + hidden).tanh_()).squeeze(-1)
+    return torch.cat(
+        [
+            score((feature_att[i : i + group, None] + hidden[i : i + group]).tanh_()).squeeze(-1)
+            for i in range(0, images, group)
+        ]
+    )
+
+
 class CaptionModel(nn.Module, abc.ABC):
     """A decoder from image features (B, N, C) to words.
 

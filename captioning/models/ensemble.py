@@ -39,7 +39,7 @@ class Ensemble(CaptionModel):
 
     def _average(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
         """log(mean_i exp(log_probs[i])), folded pairwise (no stacked copy of the members' outputs)."""
-        return functools.reduce(torch.logaddexp, log_probs) - math.log(len(log_probs))
+        return functools.reduce(torch.logaddexp, log_probs).sub_(math.log(len(log_probs)))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log of the members' mean word probabilities (valid logits: their softmax is that mean)."""

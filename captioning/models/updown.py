@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.models.base import CaptionModel, State
+from captioning.models.base import CaptionModel, State, additive_scores
 from captioning.vocab import PAD
 
 
@@ -60,7 +60,7 @@ class UpDown(CaptionModel):
         embedded = self.embedding(tokens)
         h1, c1 = self.attention_lstm(torch.cat([h2, pooled, embedded], dim=-1), (state["h1"], state["c1"]))
         hidden = self.hidden_att(h1).view(images, k, 1, -1)
-        scores = self.score_att((state["feature_att"][:, None] + hidden).tanh_()).squeeze(-1)  # (images, k, N)
+        scores = additive_scores(state["feature_att"], hidden, self.score_att)  # (images, k, N)
         alpha = F.softmax(scores, dim=-1)
         context = torch.bmm(alpha, features).view(h1.size(0), -1)
         h2, c2 = self.language_lstm(torch.cat([context, h1], dim=-1), (h2, state["c2"]))

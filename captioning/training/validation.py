@@ -31,9 +31,9 @@ def caption_batch(model, vocab, features: torch.Tensor, beam_size: int, max_leng
     from captioning.decoding import beam_search, greedy
 
     if beam_size <= 1:
-        hypotheses = greedy(model, features, max_length)
+        hypotheses = greedy(model, features, max_length, with_attention=False)
     else:
-        hypotheses = beam_search(model, features, beam_size, max_length, length_penalty)
+        hypotheses = beam_search(model, features, beam_size, max_length, length_penalty, with_attention=False)
     return [vocab.decode(list(map(int, options[0].tokens))) for options in hypotheses]
 
 

@@ -183,9 +183,22 @@ def test_consensus_in_arrays_equals_cider_pair_by_pair():
             for i, v in enumerate(vectors)
         ]
         assert consensus(beam, frequencies, evidence, 0.7) == pytest.approx(expected, abs=1e-9)
+        # Evidence from a caption memory is pinned and laid out from arrays: the same numbers,
+        # also for candidates with n-grams that no pinned caption has (words 40-44).
+        pinned = NgramFrequencies(frequencies.df, frequencies.images)
+        pinned.pin(evidence)
+        assert pinned.block(evidence) is not None
+        assert consensus(beam, pinned, evidence, 0.7) == pytest.approx(expected, abs=1e-9)
+        beam[0] = beam[0] + [40, 41, 42, 43, 44]
+        assert consensus(beam, pinned, evidence, 0.7) == pytest.approx(
+            consensus(beam, frequencies, evidence, 0.7), abs=1e-9
+        )
     assert consensus([[5, 6]], frequencies, evidence, 0.7) == pytest.approx(
         [0.7 * 10 * sum(similarity(frequencies.vector([5, 6]), ref) for ref in outside) / len(outside)]
     )
+    assert consensus([[5, 6]], pinned, evidence, 0.7) == consensus([[5, 6]], frequencies, evidence, 0.7)
+    assert consensus([[44]], pinned, evidence, 0.7) == pytest.approx([0.0])  # shares no n-gram at all
+    assert pinned.block([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]) is None  # not pinned: dicts as before
 
 
 def test_pinned_vectors_equal_computed_ones_and_outlive_the_cache(vocab, frequencies, monkeypatch):

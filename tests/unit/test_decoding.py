@@ -102,6 +102,22 @@ def test_no_end_token_returns_max_length(decoder):
     assert_same(beam_search(model, feats, 3, MAX_LENGTH), reference_beam_search(model, feats, 3, MAX_LENGTH))
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_attention_maps_only_when_asked(decoder):
+    """Without maps the search is the same (tokens, scores, order); it only skips keeping them."""
+    model = random_model(decoder, seed=3, eos_bias=2.0)
+    feats = features(5)
+    for search in (
+        lambda **kw: beam_search(model, feats, 3, MAX_LENGTH, 0.7, **kw),
+        lambda **kw: greedy(model, feats, MAX_LENGTH, **kw),
+    ):
+        with_maps, without = search(), search(with_attention=False)
+        assert [[(h.tokens, h.score, h.finished) for h in row] for row in with_maps] == [
+            [(h.tokens, h.score, h.finished) for h in row] for row in without
+        ]
+        assert all(h.attention is None for row in without for h in row)
+
+
 def test_decoding_keeps_model_mode_and_takes_float16_numpy():
     model = random_model("attention", eos_bias=2.0)
     model.train()

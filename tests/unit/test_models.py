@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from captioning.config import autocast_dtype
 from captioning.decoding import greedy
 from captioning.models import DEFAULTS, MODELS, build_model
+from captioning.models.base import additive_scores
 from captioning.training import training_step
 from captioning.vocab import BOS, EOS, PAD, Vocabulary
 
@@ -149,6 +150,21 @@ def test_attention_regulariser_has_gradients():
     _, aux = model(torch.randn(2, POSITIONS, CHANNELS), random_tokens(2, 5))
     aux.backward()
     assert model.hidden_att.weight.grad.abs().sum() > 0
+
+
+def test_additive_attention_in_image_groups_equals_one_piece():
+    """Decoding scores additive attention a few images at a time; training in one piece."""
+    torch.manual_seed(0)
+    feature_att, hidden, score = torch.randn(7, 6, 16), torch.randn(7, 3, 1, 16), torch.nn.Linear(16, 1)
+    whole = score((feature_att[:, None] + hidden).tanh()).squeeze(-1)
+    with torch.no_grad():
+        for group_elements in (1, 3 * 6 * 16, 2 * 3 * 6 * 16 + 1, 1 << 20):
+            grouped = additive_scores(feature_att, hidden, score, group_elements)
+            assert grouped.shape == (7, 3, 6)
+            torch.testing.assert_close(grouped, whole.detach())
+    # With autograd it is one product, and gradients reach the score layer.
+    additive_scores(feature_att, hidden, score, group_elements=1).sum().backward()
+    assert score.weight.grad.abs().sum() > 0
 
 
 def test_attention_regulariser_ignores_padding():
