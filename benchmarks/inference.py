@@ -111,6 +111,7 @@ def main() -> None:
             "precision": captioner.precision,  # as run on this device (the package asks decoding.precision)
             "threads": torch.get_num_threads(),
             "length_penalty": captioner.length_penalty,
+            "early_stop": captioner.early_stop,
             "rerank": captioner.rerank,
             "flip": captioner.flip,
             "rerank_neighbours": captioner.neighbours if captioner.rerank == "consensus" else 0,

@@ -30,6 +30,7 @@ import torch
 
 from captioning.cider import NgramFrequencies, consensus
 from captioning.models.base import CaptionModel, State
+from captioning.settings import EARLY_STOPS
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 BANNED = (PAD, BOS, UNK)
@@ -165,13 +166,17 @@ def beam_search(
     max_length: int,
     length_penalty: float = 0.0,
     with_attention: bool = True,
+    early_stop: str = "exact",
 ) -> list[list[Hypothesis]]:
     """Beam search over images x beams in tensor operations; per image, `beam_size`
     hypotheses best first, with their attention maps only `with_attention` (keeping them
-    means reordering every beam's maps at every step). An image whose live beams can no longer enter its top list is
-    settled; once a quarter of the images are, they leave the batch (the rest decode without
-    them). The search stops when every image is settled."""
+    means reordering every beam's maps at every step). An image whose live beams can no longer
+    enter its top list is settled (`early_stop`: see `_settled`); once a quarter of the images
+    are, they leave the batch (the rest decode without them). The search stops when every
+    image is settled."""
     _check(beam_size, max_length, model.vocab_size)
+    if early_stop not in EARLY_STOPS:
+        raise ValueError(f"early_stop must be one of {', '.join(EARLY_STOPS)}, got {early_stop!r}")
     with inference(model):
         features = as_features(model, features)
         batch, beams, vocab = features.size(0), beam_size, model.vocab_size
@@ -213,7 +218,7 @@ def beam_search(
             if attention is not None:
                 attention = attention.index_select(0, source)
             if t + 1 < max_length:
-                settled = _settled(beam_log_prob, pool, images, t, max_length, length_penalty)
+                settled = _settled(beam_log_prob, pool, images, t, max_length, length_penalty, early_stop)
                 if bool(settled.all()):
                     stopped_early = True
                     break
@@ -264,14 +269,18 @@ def _collect_live(beam_log_prob, seqs, attention, pool, max_length, length_penal
         pool.add(images[row // beams], Hypothesis(tokens[row], log_probs[row], score, maps[row], False))
 
 
-def _settled(beam_log_prob, pool, images, t, max_length, length_penalty) -> torch.Tensor:
+def _settled(beam_log_prob, pool, images, t, max_length, length_penalty, early_stop="exact") -> torch.Tensor:
     """Per image still decoding, True when none of its live beams can still beat its full pool.
 
-    Log-probabilities only fall as words are added, and a live beam ends with a length in
-    [t + 2, max_length], so its best possible score is its current log-probability over
-    one of those two lengths' penalty (whichever is larger)."""
+    "exact": log-probabilities only fall as words are added, and a live beam ends with a length
+    in [t + 2, max_length], so its best possible score is its current log-probability over one
+    of those two lengths' penalty (whichever is larger). With a length penalty that bound is
+    loose: a beam would have to lose no probability over many more words. "heuristic" bounds a
+    beam by its score if it ended at its next word (Hugging Face's `early_stopping=False`)."""
     best = beam_log_prob.max(dim=1).values
-    bound = torch.maximum(best / float(t + 2) ** length_penalty, best / float(max_length) ** length_penalty)
+    bound = best / float(t + 2) ** length_penalty
+    if early_stop == "exact":
+        bound = torch.maximum(bound, best / float(max_length) ** length_penalty)
     return bound <= pool.worst(images, best.device)
 
 

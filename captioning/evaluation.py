@@ -485,6 +485,7 @@ def _evaluate_model(
         "beam_size": beam_size,
         "max_length": max_length,
         "length_penalty": captioner.length_penalty,
+        "early_stop": captioner.early_stop,
         "rerank": rerank,
         "flip": flip,
         "rerank_neighbours": neighbours,
@@ -592,9 +593,10 @@ def decoding_name(
     flip: bool = False,
     neighbours: int = 0,
     score_weight: float = 0.0,
+    early_stop: str = "exact",
 ) -> str:
     """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"
-    or "beam 10, consensus with 20 neighbours and 0.7 of the beam score"."""
+    or "beam 10, consensus with 20 neighbours and 0.7 of the beam score, heuristic stop"."""
     if beam_size <= 1:
         parts = ["greedy"]
     else:
@@ -604,6 +606,8 @@ def decoding_name(
         if rerank != "none":
             name = f"{rerank} with {neighbours} neighbours" if neighbours else rerank
             parts.append(f"{name} and {score_weight:g} of the beam score" if score_weight else name)
+        if early_stop != "exact":
+            parts.append(f"{early_stop} stop")
     if flip:
         parts.append("flip")
     return ", ".join(parts)
@@ -618,6 +622,7 @@ def decoding_setting(info: dict) -> str:
         info.get("flip", False),
         info.get("rerank_neighbours", 0),
         info.get("rerank_score_weight", 0.0),
+        info.get("early_stop", "exact"),
     )
 
 

@@ -135,6 +135,7 @@ class Captioner:
     beam_size = property(lambda self: self.decoding.beam_size)
     max_length = property(lambda self: self.decoding.max_length)
     length_penalty = property(lambda self: self.decoding.length_penalty)
+    early_stop = property(lambda self: self.decoding.early_stop)
     rerank = property(lambda self: self.decoding.rerank)
     flip = property(lambda self: self.decoding.flip)
     neighbours = property(lambda self: self.decoding.rerank_neighbours)
@@ -283,7 +284,7 @@ class Captioner:
                 if beam <= 1:
                     hypotheses = greedy(model, chunk, length, return_attention)
                 else:
-                    hypotheses = beam_search(model, chunk, beam, length, penalty, return_attention)
+                    hypotheses = beam_search(model, chunk, beam, length, penalty, return_attention, decoding.early_stop)
                     if consensus:
                         # Neighbours are found by the image as it is, never by its mirror.
                         evidence = (

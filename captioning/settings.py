@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 RERANKS = ("none", "consensus")
 DECODE_PRECISIONS = ("float32", "bfloat16", "int8")
+EARLY_STOPS = ("exact", "heuristic")
 
 NonNegInt = Field(ge=0)
 
@@ -146,6 +147,7 @@ class DecodingSettings(Section):
     beam_size: int = Field(ge=1)
     max_length: int = Field(ge=1)
     length_penalty: float = Field(ge=0.0)
+    early_stop: Literal[EARLY_STOPS]
     rerank: Literal[RERANKS]
     rerank_neighbours: int = Field(ge=0)
     rerank_neighbour_weight: float = Field(ge=0.0, le=1.0)
@@ -157,6 +159,7 @@ class DecodingSettings(Section):
 # Packages written before a decoding setting existed read it as this value: the setting off.
 DECODING_OFF = {
     "length_penalty": 0.0,
+    "early_stop": "exact",
     "rerank": "none",
     "rerank_neighbours": 0,
     "rerank_neighbour_weight": 0.0,

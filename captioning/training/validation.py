@@ -26,14 +26,22 @@ def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
     return {"CIDEr": 100.0 * float(cider), "BLEU-4": 100.0 * float(bleu[3])}
 
 
-def caption_batch(model, vocab, features: torch.Tensor, beam_size: int, max_length: int, length_penalty: float = 0.0):
+def caption_batch(
+    model,
+    vocab,
+    features: torch.Tensor,
+    beam_size: int,
+    max_length: int,
+    length_penalty: float = 0.0,
+    early_stop: str = "exact",
+):
     """Best caption per image: greedy when beam_size is 1, else beam search."""
     from captioning.decoding import beam_search, greedy
 
     if beam_size <= 1:
         hypotheses = greedy(model, features, max_length, with_attention=False)
     else:
-        hypotheses = beam_search(model, features, beam_size, max_length, length_penalty, with_attention=False)
+        hypotheses = beam_search(model, features, beam_size, max_length, length_penalty, False, early_stop)
     return [vocab.decode(list(map(int, options[0].tokens))) for options in hypotheses]
 
 
@@ -49,7 +57,13 @@ def validate(
         chunk = list(range(start, min(start + 64, len(ids))))
         features = data.image_features(chunk, device)
         captions = caption_batch(
-            model, vocab, features, decoding.beam_size, decoding.max_length, decoding.length_penalty
+            model,
+            vocab,
+            features,
+            decoding.beam_size,
+            decoding.max_length,
+            decoding.length_penalty,
+            decoding.early_stop,
         )
         predictions.update(zip(ids[start : start + len(chunk)], captions))
     scores = quick_scores(predictions, {key: references[key] for key in predictions})

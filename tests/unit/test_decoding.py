@@ -185,3 +185,41 @@ def test_beam_search_matches_reference_on_scripted_models():
                 beam_search(model, feats, beam, MAX_LENGTH, penalty),
                 reference_beam_search(model, feats, beam, MAX_LENGTH, penalty),
             )
+
+
+class CountingModel(ScriptedModel):
+    """A scripted model that counts its decoding steps."""
+
+    steps = 0
+
+    def step(self, prev_tokens, state):
+        self.steps += 1
+        return super().step(prev_tokens, state)
+
+
+def test_heuristic_early_stop_takes_fewer_steps_and_never_finds_more():
+    """ "heuristic" settles an image once its live beams, ending at the next word, could not enter
+    its list: never later than "exact", and until then both searches are the same, so its best
+    caption can score no higher. Without a length penalty both bounds are the same."""
+    fewer = 0
+    for seed in range(20):
+        model = CountingModel(12, seed, scale=1.0, eos_bias=4.0)
+        feats = torch.randn(4, 2, 12, generator=torch.Generator().manual_seed(seed))
+        runs = {}
+        for early_stop in ("exact", "heuristic"):
+            model.steps = 0
+            runs[early_stop] = (beam_search(model, feats, 3, MAX_LENGTH, 1.0, early_stop=early_stop), model.steps)
+        (exact, exact_steps), (heuristic, heuristic_steps) = runs["exact"], runs["heuristic"]
+        assert heuristic_steps <= exact_steps
+        fewer += heuristic_steps < exact_steps
+        for mine, best in zip(heuristic, exact):
+            assert len(mine) == 3 and len({tuple(h.tokens) for h in mine}) == 3
+            assert [h.score for h in mine] == sorted((h.score for h in mine), reverse=True)
+            assert mine[0].score <= best[0].score + 1e-6
+        assert_same(
+            beam_search(model, feats, 3, MAX_LENGTH, 0.0, early_stop="heuristic"),
+            beam_search(model, feats, 3, MAX_LENGTH, 0.0),
+        )
+    assert fewer >= 5
+    with pytest.raises(ValueError, match="early_stop"):
+        beam_search(model, feats, 3, MAX_LENGTH, 1.0, early_stop="never")
