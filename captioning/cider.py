@@ -26,10 +26,11 @@ Vector = tuple[dict[tuple, float], list[float], int]
 
 
 class Block(NamedTuple):
-    """Several captions' tf-idf vectors as flat arrays: entry i is n-gram `ids[i]` (a number kept
-    by `NgramFrequencies`) of caption `rows[i]` with weight `weights[i]`; per caption its norms
-    (captions, 4) and length."""
+    """Several captions' tf-idf vectors as flat arrays: entry i is n-gram `ids[i]` (its number in
+    `numbers`, kept by `NgramFrequencies`) of caption `rows[i]` with weight `weights[i]`; per
+    caption its norms (captions, 4) and length."""
 
+    numbers: dict[tuple, int]
     rows: np.ndarray
     ids: np.ndarray
     weights: np.ndarray
@@ -98,6 +99,7 @@ class NgramFrequencies:
             return None
         vectors = [self._pinned[key] for key in keys]
         return Block(
+            numbers=self._gram_ids,
             rows=np.repeat(np.arange(len(keys)), [len(ids) for ids, _ in arrays]),
             ids=np.concatenate([ids for ids, _ in arrays]),
             weights=np.concatenate([weights for _, weights in arrays]),
@@ -162,33 +164,28 @@ class CiderD:
         return 10.0 * sum(similarity(candidate, ref) for ref in refs) / len(refs)
 
 
-def similarities(
-    candidates: Sequence[Vector], references: Sequence[Vector] | Block, gram_ids: dict[tuple, int] | None = None
-) -> np.ndarray:
+def similarities(candidates: Sequence[Vector], references: Sequence[Vector] | Block) -> np.ndarray:
     """(C, R) CIDEr-D (times 10) of each candidate against each reference, in array operations.
 
     The same numbers as `similarity` for every pair: only the candidates' n-grams count, so
     both sides are laid out on the columns of those n-grams. `references` may be a `Block`
-    (`NgramFrequencies.block`), whose n-gram numbers `gram_ids` gives.
+    (`NgramFrequencies.block`): only its entries on those columns are summed.
     """
     columns: dict[tuple, int] = {}
     for vec, _, _ in candidates:
         for gram in vec:
             columns.setdefault(gram, len(columns))
-    orders = np.zeros((len(columns), NGRAMS))
-    for gram, column in columns.items():
-        orders[column, len(gram) - 1] = 1.0
+    order = np.array([len(gram) - 1 for gram in columns], dtype=np.int64)  # n - 1 of each column's n-gram
     cand, cand_norms, cand_lengths = _layout(candidates, columns)
-    if references is candidates:
-        per_order = np.minimum(cand[:, None, :], cand[None, :, :]) * cand[None, :, :] @ orders
-        ref_norms, ref_lengths = cand_norms, cand_lengths
-    elif isinstance(references, Block):
-        per_order = _block_sums(cand, orders, columns, references, gram_ids or {})
+    if isinstance(references, Block):
+        per_order = _block_sums(cand, order, columns, references)
         ref_norms, ref_lengths = references.norms, references.lengths
     else:
-        ref, ref_norms, ref_lengths = _layout(references, columns)
+        # A beam against itself (consensus) is laid out once.
+        same = references is candidates
+        ref, ref_norms, ref_lengths = (cand, cand_norms, cand_lengths) if same else _layout(references, columns)
         clipped = np.minimum(cand[:, None, :], ref[None, :, :]) * ref[None, :, :]  # (C, R, n-grams)
-        per_order = clipped @ orders
+        per_order = clipped @ (order[:, None] == np.arange(NGRAMS)).astype(float)
     norms = cand_norms[:, None, :] * ref_norms[None, :, :]
     ratio = np.divide(per_order, norms, out=np.zeros_like(per_order), where=norms > 0)
     penalty = np.exp(-((cand_lengths[:, None] - ref_lengths[None, :]) ** 2) / (2 * SIGMA**2))
@@ -208,16 +205,16 @@ def _layout(vectors: Sequence[Vector], columns: dict[tuple, int]) -> tuple[np.nd
     return weights, norms, lengths
 
 
-def _block_sums(cand: np.ndarray, orders: np.ndarray, columns: dict[tuple, int], block: Block, gram_ids) -> np.ndarray:
+def _block_sums(cand: np.ndarray, order: np.ndarray, columns: dict[tuple, int], block: Block) -> np.ndarray:
     """Per candidate, reference and n, the clipped products summed (C, R, 4), from the block's
     entries whose n-gram is one of the candidates' (a reference shares a few of its n-grams)."""
-    numbers = np.array([gram_ids.get(gram, -1) for gram in columns], dtype=np.int64)  # per column
-    order = np.argsort(numbers)
-    found = np.searchsorted(numbers[order], block.ids).clip(max=max(0, len(numbers) - 1))
-    hit = numbers[order][found] == block.ids if len(numbers) else np.zeros(len(block.ids), bool)
-    column, ref = order[found[hit]], block.weights[hit]  # -1 (no pinned caption has it) never hits
+    numbers = np.array([block.numbers.get(gram, -1) for gram in columns], dtype=np.int64)  # per column
+    by_number = np.argsort(numbers)
+    found = np.searchsorted(numbers[by_number], block.ids).clip(max=max(0, len(numbers) - 1))
+    hit = numbers[by_number][found] == block.ids if len(numbers) else np.zeros(len(block.ids), bool)
+    column, ref = by_number[found[hit]], block.weights[hit]  # -1 (no pinned caption has it) never hits
     clipped = np.minimum(cand[:, column], ref) * ref  # (C, hits)
-    slot = block.rows[hit] * NGRAMS + orders[column].argmax(axis=1)
+    slot = block.rows[hit] * NGRAMS + order[column]
     size = len(block.norms) * NGRAMS
     sums = [np.bincount(slot, weights=row, minlength=size) for row in clipped]
     return np.array(sums, dtype=float).reshape(len(cand), len(block.norms), NGRAMS)
@@ -243,9 +240,6 @@ def consensus(
         beam = pairs.sum(axis=1) / (len(vectors) - 1)
     if not evidence or not weight or not vectors:
         return beam.tolist()
-    block = frequencies.block(evidence)
-    if block is not None:
-        outside = similarities(vectors, block, frequencies._gram_ids)
-    else:
-        outside = similarities(vectors, [frequencies.vector(tokens) for tokens in evidence])
+    # A caption memory's evidence is pinned: laid out from its arrays; other evidence from its vectors.
+    outside = similarities(vectors, frequencies.block(evidence) or [frequencies.vector(tokens) for tokens in evidence])
     return ((1.0 - weight) * beam + weight * outside.mean(axis=1)).tolist()

@@ -282,9 +282,17 @@ class Captioner:
             for start in range(0, features.size(0), DECODE_CHUNK):
                 chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
                 if beam <= 1:
-                    hypotheses = greedy(model, chunk, length, return_attention)
+                    hypotheses = greedy(model, chunk, length, with_attention=return_attention)
                 else:
-                    hypotheses = beam_search(model, chunk, beam, length, penalty, return_attention, decoding.early_stop)
+                    hypotheses = beam_search(
+                        model,
+                        chunk,
+                        beam,
+                        length,
+                        penalty,
+                        with_attention=return_attention,
+                        early_stop=decoding.early_stop,
+                    )
                     if consensus:
                         # Neighbours are found by the image as it is, never by its mirror.
                         evidence = (

@@ -26,22 +26,24 @@ def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
     return {"CIDEr": 100.0 * float(cider), "BLEU-4": 100.0 * float(bleu[3])}
 
 
-def caption_batch(
-    model,
-    vocab,
-    features: torch.Tensor,
-    beam_size: int,
-    max_length: int,
-    length_penalty: float = 0.0,
-    early_stop: str = "exact",
-):
-    """Best caption per image: greedy when beam_size is 1, else beam search."""
+def caption_batch(model, vocab, features: torch.Tensor, decoding: DecodingSettings) -> list[str]:
+    """Best caption per image (the highest beam score) as `decoding` says: greedy when its beam
+    size is 1, else beam search."""
     from captioning.decoding import beam_search, greedy
 
+    beam_size, max_length = decoding.beam_size, decoding.max_length
     if beam_size <= 1:
         hypotheses = greedy(model, features, max_length, with_attention=False)
     else:
-        hypotheses = beam_search(model, features, beam_size, max_length, length_penalty, False, early_stop)
+        hypotheses = beam_search(
+            model,
+            features,
+            beam_size,
+            max_length,
+            decoding.length_penalty,
+            with_attention=False,
+            early_stop=decoding.early_stop,
+        )
     return [vocab.decode(list(map(int, options[0].tokens))) for options in hypotheses]
 
 
@@ -56,15 +58,7 @@ def validate(
     for start in range(0, len(ids), 64):
         chunk = list(range(start, min(start + 64, len(ids))))
         features = data.image_features(chunk, device)
-        captions = caption_batch(
-            model,
-            vocab,
-            features,
-            decoding.beam_size,
-            decoding.max_length,
-            decoding.length_penalty,
-            decoding.early_stop,
-        )
+        captions = caption_batch(model, vocab, features, decoding)
         predictions.update(zip(ids[start : start + len(chunk)], captions))
     scores = quick_scores(predictions, {key: references[key] for key in predictions})
     return {

@@ -198,9 +198,9 @@ class CountingModel(ScriptedModel):
 
 
 def test_heuristic_early_stop_takes_fewer_steps_and_never_finds_more():
-    """ "heuristic" settles an image once its live beams, ending at the next word, could not enter
-    its list: never later than "exact", and until then both searches are the same, so its best
-    caption can score no higher. Without a length penalty both bounds are the same."""
+    """The heuristic stop settles an image once its live beams, ending at the next word, could not
+    enter its list: never later than the exact stop, and until then both searches are the same,
+    so its best caption can score no higher. Without a length penalty both bounds are the same."""
     fewer = 0
     for seed in range(20):
         model = CountingModel(12, seed, scale=1.0, eos_bias=4.0)
