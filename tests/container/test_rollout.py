@@ -26,10 +26,16 @@ MIN_REQUESTS = 500
 
 
 def free_block(size: int = 9) -> int:
-    """A port P with P..P+size-1 all free on 127.0.0.1."""
-    for _ in range(50):
-        port = free_port()
-        if port + size < 65000 and all(_free(port + n) for n in range(size)):
+    """A port P with P..P+size-1 all free on 127.0.0.1, below the kernel's ephemeral range: the
+    traffic of a rollout opens many client connections, whose source ports come from that range
+    and could take a port of the stack before its new containers bind it."""
+    import random
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for _ in range(200):
+        port = random.randrange(10000, low - size)
+        if all(_free(port + n) for n in range(size)):
             return port
     raise RuntimeError("no block of free ports")
 
@@ -38,7 +44,11 @@ def _free(port: int) -> bool:
     import socket
 
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="module")
