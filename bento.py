@@ -44,7 +44,7 @@ def build(package: Path, version: str, out: Path, name: str = "captioner") -> Pa
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from captioning.package import check_package_files
+    from captioning.inference.model_package import check_package_files
 
     checksums = check_package_files(package)
     tag = f"{name}:{tag_version(version)}"

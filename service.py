@@ -283,17 +283,17 @@ def _tracking(source: str) -> str | None:
     if os.environ.get("MLFLOW_TRACKING_URI") or not source.startswith(("models:", "runs:")):
         return None
     from captioning.config import PARAMS_FILE
-    from captioning.registry import tracking_uri
+    from captioning.registry.client import tracking_uri
     from captioning.settings import load_settings
 
     return tracking_uri(load_settings(PARAMS_FILE))
 
 
 def _locate(source: str, tracking: str | None, download: bool = True):
-    """The registry version and package folder of the model source (`captioning.registry.Located`):
+    """The registry version and package folder of the model source (`captioning.registry.client.Located`):
     a bento model's from its metadata, any other's from the registry at `tracking`; with
     download=False only the version is sure (what an alias points at now)."""
-    from captioning.registry import Located, locate
+    from captioning.registry.client import Located, locate
 
     if source.startswith(BENTO_PREFIX):
         model = _bento_model(source)
@@ -352,7 +352,7 @@ class CaptionModelService:
 
     def _load(self) -> str:
         from captioning.config import get_device
-        from captioning.predict import Captioner
+        from captioning.inference.predict import Captioner
 
         started = time.perf_counter()
         # One look-up gives the version and its folder: a champion promoted meanwhile is caught by the next poll.
@@ -888,7 +888,7 @@ class CaptionAPI:
     def feedback_store(self):
         with self._feedback_lock:
             if self._feedback_store is None:
-                from captioning.feedback import FeedbackStore
+                from captioning.data.feedback import FeedbackStore
 
                 self._feedback_store = FeedbackStore()
             return self._feedback_store
@@ -999,7 +999,7 @@ class CaptionAPI:
     @app.post("/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
         async def handle(started: float) -> JSONResponse:
-            from captioning.feedback import FeedbackError
+            from captioning.data.feedback import FeedbackError
 
             _check_rate(request, FEEDBACK_LIMITER, "/feedback")  # before reading the upload
             files, fields = await _read_upload(request, max_files=1)

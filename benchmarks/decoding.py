@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import write_report
 from captioning.config import PARAMS_FILE, reports_dir
-from captioning.decoding import beam_search, greedy
+from captioning.inference.decoding import beam_search, greedy
 from captioning.models import MODELS, build_model
 from captioning.settings import load_settings
 from harness.reference import reference_beam_search

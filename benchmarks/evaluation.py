@@ -31,9 +31,9 @@ def random_package(out_dir: Path, dataset: str, params: dict) -> Path:
     import torch
 
     from captioning.data.query import select
-    from captioning.encoder import ENCODERS
+    from captioning.features.encoder import ENCODERS
+    from captioning.inference.model_package import save_package
     from captioning.models import build_model
-    from captioning.package import save_package
     from captioning.vocab import Vocabulary
 
     encoder = params["features"]["encoder"]
@@ -48,7 +48,7 @@ def random_package(out_dir: Path, dataset: str, params: dict) -> Path:
 def fill_cache(query: str, encoder: str, feature_dir: Path | None, batch_size: int) -> float:
     """Encode whatever the cache lacks (untimed by the benchmark); returns the seconds it took."""
     from captioning.data.query import parse_query, select
-    from captioning.features import build_features, default_store_dir
+    from captioning.features.store import build_features, default_store_dir
 
     dataset = parse_query(query).dataset
     store_dir = feature_dir / encoder / dataset if feature_dir else default_store_dir(encoder, dataset)
@@ -67,7 +67,7 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
 
     from captioning.config import PARAMS_FILE
     from captioning.data.query import parse_query
-    from captioning.evaluation import evaluate_model
+    from captioning.evaluation.scoring import evaluate_model
     from captioning.settings import load_settings
 
     params = load_settings(PARAMS_FILE).to_dict()

@@ -71,7 +71,7 @@ def rolled_out(stack_dir: Path, version: str) -> bool:
 
 def during_change(port: int, stack_dir: Path, photo: bytes, clients: int, minimum: int, change) -> dict:
     """Requests from `clients` while `change()` makes a version champion, until every replica runs it."""
-    from captioning.traffic import RequestLoop
+    from captioning.release.traffic import RequestLoop
 
     first = None
     with RequestLoop(f"http://127.0.0.1:{port}", photo, clients=clients) as loop:
@@ -110,8 +110,8 @@ def photo_bytes() -> bytes:
 
 def run(home: Path, port: int, clients: int, minimum: int) -> dict:
     from captioning.config import PARAMS_FILE
-    from captioning.containers import image_size, podman
-    from captioning.registry import register
+    from captioning.registry.client import register
+    from captioning.release.container_image import image_size, podman
     from captioning.settings import load_settings
     from harness.trained import train_tiny_model
 

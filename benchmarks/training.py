@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import write_report
 from captioning.config import reports_dir
-from captioning.encoder import ENCODERS
+from captioning.features.encoder import ENCODERS
 from captioning.models import MODELS
 from harness.settings import test_settings
 
@@ -40,7 +40,7 @@ VOCAB_SIZE, CAPTION_WORDS, BATCH = 2500, 12, 64
 
 
 def bench_encoder(name: str, batch: int = 32, repeats: int = 3) -> dict[str, Any]:
-    from captioning.encoder import build_encoder
+    from captioning.features.encoder import build_encoder
 
     encoder = build_encoder(name).optimize_for_inference()
     pixels = torch.rand(batch, 3, encoder.image_size, encoder.image_size) * 2 - 1
@@ -78,7 +78,7 @@ def _image_records(folder: Path, count: int):
 
 
 def bench_caching(count: int) -> dict[str, Any]:
-    from captioning.features import build_features
+    from captioning.features.store import build_features
 
     work = Path(tempfile.mkdtemp(prefix="bench-features-"))
     try:

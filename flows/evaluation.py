@@ -30,8 +30,8 @@ def evaluation_flow(
     When a champion exists and its stored metrics come from another query, it is scored on this
     query too, so the metric gate compares like with like.
     """
-    from captioning.evaluation import decoding_setting
-    from captioning.registry import model_name
+    from captioning.evaluation.scoring import decoding_setting
+    from captioning.registry.client import model_name
 
     settings = settings or load_settings()
     query = query or settings.data.test_query

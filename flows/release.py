@@ -35,7 +35,7 @@ def release_flow(model: str, tracking: str | None = None):
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
-    from captioning.registry import RegistryError, locate
+    from captioning.registry.client import RegistryError, locate
 
     try:
         return locate(f"models:/{name}@champion", tracking, download=False).version
@@ -45,7 +45,7 @@ def champion_version(tracking: str | None, name: str) -> str | None:
 
 def watch(tracking: str | None, name: str, interval: float) -> None:
     """Release every champion the running stack does not serve yet (a failed one again after 5 min)."""
-    from captioning import stack
+    from captioning.release import stack
 
     failed: dict[str, float] = {}
     print(f"watching models:/{name}@champion every {interval:g} s; Ctrl+C stops", flush=True)

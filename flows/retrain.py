@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from captioning.lineage import feedback_fingerprint, feedback_since
+from captioning.registry.lineage import feedback_fingerprint, feedback_since
 from captioning.settings import Settings
 from flows import load_settings, parse_settings, settings_parser
 from flows.acquisition import acquisition_flow

@@ -26,7 +26,7 @@ def training_flow(settings: Settings | None = None, out_dir: str | None = None, 
     Returns the package folder, the best epoch's metrics and the per-epoch history.
     """
     from captioning.config import artifacts_dir
-    from captioning.lineage import training_hash
+    from captioning.registry.lineage import training_hash
 
     settings = settings or load_settings()
     data = settings.data

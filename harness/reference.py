@@ -1,6 +1,6 @@
 """Beam search written the plain way: one image, one hypothesis, one model step at a time.
 
-It follows the rules of `captioning.decoding` without batching or early stopping, so the
+It follows the rules of `captioning.inference.decoding` without batching or early stopping, so the
 tests use it as the oracle for the batched `beam_search`, and the decoding benchmark
 measures how much faster the batched version is.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from captioning.decoding import Hypothesis, as_features, inference, length_score, mask_log_probs
+from captioning.inference.decoding import Hypothesis, as_features, inference, length_score, mask_log_probs
 from captioning.models.base import CaptionModel
 from captioning.vocab import BOS, EOS
 

@@ -28,7 +28,7 @@ def evaluate_model(
     `feature_dir`: params features.dir; `tracking`: the registry a models:/ URI is read from.
     Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
     """
-    from captioning.evaluation import evaluate_model as evaluate
+    from captioning.evaluation.scoring import evaluate_model as evaluate
 
     logger = run_logger()
     result = evaluate(
@@ -45,7 +45,7 @@ def evaluate_model(
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if report_path:
-        from captioning.report import write_report
+        from captioning.evaluation.report import write_report
 
         payload["report"] = str(write_report(result, report_path, title=f"Evaluation of {model} on {query}"))
     logger.info(
@@ -61,8 +61,8 @@ def evaluate_model(
 @task(name="write-comparison", cache_policy=NO_CACHE)
 def write_comparison(rows: list[dict[str, Any]], out_dir: str) -> dict[str, str]:
     """The comparison table as Markdown and JSON in `out_dir`."""
-    from captioning.evaluation import comparison_table
-    from captioning.evaluation import write_comparison as write
+    from captioning.evaluation.scoring import comparison_table
+    from captioning.evaluation.scoring import write_comparison as write
 
     md_path, json_path = write(rows, out_dir)
     run_logger().info("comparison table:\n%s", comparison_table(rows)[0])

@@ -19,7 +19,7 @@ def build_features(query: str, features: FeatureSettings) -> dict[str, Any]:
     or <features.dir>/<encoder>/<dataset> when the settings name a folder. No work when all are cached.
     """
     from captioning.data.query import select_by_dataset
-    from captioning.features import build_selection_features
+    from captioning.features.store import build_selection_features
 
     encoder = features.encoder
     logger = run_logger()
@@ -55,7 +55,7 @@ def build_feature_shard(
     """Encode shard `shard` of `shards` of the images of `query` missing from their stores (one part
     per dataset of the selection). A shard that finished before is reused; see merge_feature_shards."""
     from captioning.data.query import select_by_dataset
-    from captioning.features import build_shard, store_dir
+    from captioning.features.store import build_shard, store_dir
 
     logger = run_logger()
     parts = {}
@@ -87,7 +87,7 @@ def merge_feature_shards(query: str, encoder: str, store_root: str | None = None
     """Append the finished shards of every store of `query` to that store (one writer: a lock);
     returns the rows added and the images stored, per dataset."""
     from captioning.data.query import parse_selection
-    from captioning.features import FeatureStore, merge_shards, store_dir
+    from captioning.features.store import FeatureStore, merge_shards, store_dir
 
     logger = run_logger()
     result = {}

@@ -13,7 +13,7 @@ from tasks import run_logger
 @task(name="build-release", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
 def build_release(model: str, tracking: str | None = None) -> dict[str, Any]:
     """The bento and image of `model` (models:/NAME@ALIAS or /N), built when missing."""
-    from captioning.release import release
+    from captioning.release.build import release
 
     result = release(model, tracking)
     how = f"built in {result.build_seconds:.0f} s" if result.built else "already built"
@@ -24,7 +24,7 @@ def build_release(model: str, tracking: str | None = None) -> dict[str, Any]:
 @task(name="roll-out", cache_policy=NO_CACHE)
 def roll_out(image: str, version: str) -> dict[str, Any] | None:
     """Replace the running stack's replicas one at a time; None when no stack runs."""
-    from captioning import stack
+    from captioning.release import stack
 
     state = stack.read_state()
     if state is None or not stack.running(state):

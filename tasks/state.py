@@ -1,5 +1,5 @@
 """The retraining state as Prefect tasks: has anything changed since the last training, and
-recording what a training saw (the library's `captioning.retrain`)."""
+recording what a training saw (the library's `captioning.registry.retrain_record`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tasks import run_logger
 @task(name="check-for-new-data", cache_policy=NO_CACHE)
 def check_for_new_data(dataset: str, params: Any, use_feedback: bool = True) -> dict[str, Any]:
     """Compare the data and settings with the last training: {"new": bool, "reasons": [...], ...}."""
-    from captioning.retrain import check_for_new_data as check
+    from captioning.registry.retrain_record import check_for_new_data as check
 
     result = check(dataset, params, use_feedback=use_feedback)
     if result["new"]:
@@ -32,7 +32,7 @@ def check_for_new_data(dataset: str, params: Any, use_feedback: bool = True) -> 
 @task(name="record-training", cache_policy=NO_CACHE)
 def record_training(check: dict[str, Any], outcome: dict[str, Any], started_at: str) -> str:
     """Remember what this training saw; `started_at` bounds the feedback it could have used."""
-    from captioning.retrain import record_training as record
+    from captioning.registry.retrain_record import record_training as record
 
     path = record(check, outcome, started_at)
     run_logger().info("state written to %s", path)

@@ -46,7 +46,7 @@ def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -
     With a `tracking` URI the run is logged to MLflow (params, losses, validation metrics, artifacts).
     The per-epoch history is also written to out_dir/history.csv.
     """
-    from captioning.report import write_history
+    from captioning.evaluation.report import write_history
     from captioning.training import train
 
     logger = run_logger()
@@ -54,7 +54,7 @@ def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -
     callbacks: list[Any] = [log]
     tracker = None
     if tracking:
-        from captioning.tracking import MLflowCallback
+        from captioning.training.tracking import MLflowCallback
 
         tracker = MLflowCallback(tracking, settings.tracking.experiment, tags={"orchestrator": "prefect"})
         callbacks.append(tracker)

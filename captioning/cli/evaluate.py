@@ -16,13 +16,13 @@ from captioning.cli.common import fail, params_option, print_json, set_option, s
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
     from captioning.data.query import QueryError
-    from captioning.evaluation import PredictionError
+    from captioning.evaluation.scoring import PredictionError
     from captioning.settings import SettingsError
 
     errors: list[type[Exception]] = [PredictionError, QueryError, SettingsError, FileNotFoundError, KeyError]
     try:
-        from captioning.package import PackageError
-        from captioning.registry import RegistryError
+        from captioning.inference.model_package import PackageError
+        from captioning.registry.client import RegistryError
 
         errors += [PackageError, RegistryError]
     except ImportError:
@@ -32,7 +32,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 def _tracking(config) -> str:
     """The registry a models:/ URI is read from: $MLFLOW_TRACKING_URI, else params tracking.uri."""
-    from captioning.registry import tracking_uri
+    from captioning.registry.client import tracking_uri
 
     return tracking_uri(config)
 
@@ -43,7 +43,7 @@ def _show(result, as_json: bool, out: Optional[Path], report: Optional[Path], ti
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if report:
-        from captioning.report import write_report
+        from captioning.evaluation.report import write_report
 
         payload["report"] = str(write_report(result, report, title=title))
     if as_json:
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
-        from captioning.evaluation import evaluate_model, save_predictions
+        from captioning.evaluation.scoring import evaluate_model, save_predictions
         from captioning.settings import SettingsError
 
         chosen = settings(params_file, assignments)
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Score captions from any system against the references of a data query."""
-        from captioning.evaluation import evaluate_predictions
+        from captioning.evaluation.scoring import evaluate_predictions
 
         query = data or settings(params_file, assignments).data.test_query
         try:
@@ -178,7 +178,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Comparison table (Markdown + JSON) of models x decoding settings."""
         from captioning.config import reports_dir
-        from captioning.evaluation import PUBLISHED, compare_models, comparison_table, write_comparison
+        from captioning.evaluation.scoring import PUBLISHED, compare_models, comparison_table, write_comparison
         from captioning.settings import SettingsError
 
         chosen = settings(params_file, assignments)

@@ -1,7 +1,7 @@
 """`captioning release` and `captioning stack up|down|status|rollout`.
 
 `release` turns a registered version into a bento and an image and prints the image's tag as its
-last line. `stack` runs that image as separate containers on this machine (see captioning.stack).
+last line. `stack` runs that image as separate containers on this machine (see captioning.release.stack).
 Bad usage exits 2; a failed build or start exits 1 with the reason.
 """
 
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 def _release(model: Optional[str], tracking: Optional[str], config: "Settings", rebuild: bool = False):
     """Release `model` (default: the champion of params register.model_name) from the registry at
     `tracking` (default: $MLFLOW_TRACKING_URI, else params tracking.uri)."""
-    from captioning.containers import ContainerError
-    from captioning.registry import RegistryError, tracking_uri
-    from captioning.release import ReleaseError, release
+    from captioning.registry.client import RegistryError, tracking_uri
+    from captioning.release.build import ReleaseError, release
+    from captioning.release.container_image import ContainerError
 
     try:
         model = model or f"models:/{config.register.model_name}@champion"
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Start the API and 2 model servers from the version's image (built when missing)."""
-        from captioning import stack as stacks
+        from captioning.release import stack as stacks
 
         config = settings(params_file, assignments)
         if not 1024 <= port <= 65000:
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Release a version and replace the running replicas with it, one at a time."""
-        from captioning import stack as stacks
+        from captioning.release import stack as stacks
 
         result = _release(model, tracking, settings(params_file, assignments))
         try:
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
     @stack.command("down")
     def down_command() -> None:
         """Stop the containers and haproxy."""
-        from captioning import stack as stacks
+        from captioning.release import stack as stacks
 
         stacks.down()
         typer.echo("stack stopped")
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
     @stack.command("status")
     def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
         """What runs: image, version, each replica's health as haproxy sees it."""
-        from captioning import stack as stacks
+        from captioning.release import stack as stacks
 
         state = stacks.status()
         if as_json:

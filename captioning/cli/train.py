@@ -34,7 +34,7 @@ def features_command(
 ) -> None:
     """Encode the images of QUERY (or a `+` union of queries) into the feature cache (only those not cached yet)."""
     from captioning.data.query import QueryError, select_by_dataset
-    from captioning.features import build_selection_features
+    from captioning.features.store import build_selection_features
     from captioning.images import ImageError
     from captioning.settings import SettingsError
 
@@ -97,7 +97,7 @@ def train_command(
     callbacks = []
     # Under torchrun every rank runs this command: rank 0 alone opens the MLflow run.
     if tracking and int(os.environ.get("RANK", "0")) == 0:
-        from captioning.tracking import MLflowCallback
+        from captioning.training.tracking import MLflowCallback
 
         callbacks.append(MLflowCallback(chosen.tracking.uri, chosen.tracking.experiment))
     try:
@@ -119,8 +119,8 @@ def caption_command(
 ) -> None:
     """Caption images with a trained model."""
     from captioning.images import ImageError
-    from captioning.package import PackageError
-    from captioning.registry import load_captioner
+    from captioning.inference.model_package import PackageError
+    from captioning.registry.client import load_captioner
 
     missing = [str(path) for path in images if not path.is_file()]
     if missing:

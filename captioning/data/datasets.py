@@ -198,7 +198,7 @@ def load_synthetic(root: Path) -> Dataset:
 
 
 def load_feedback(root: Path) -> Dataset:
-    from captioning.feedback import load_feedback as load
+    from captioning.data.feedback import load_feedback as load
 
     return load(root)
 

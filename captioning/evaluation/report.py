@@ -8,8 +8,8 @@ sortable by clicking its headers).
 The CSV files are the training history (one row per epoch) and the comparison table (one row per
 model and decoding setting); the DVC train and evaluate stages write them after the CLI:
 
-    python -m captioning.report history artifacts/train/history.json reports/training_history.csv
-    python -m captioning.report comparison reports/comparison.json reports/comparison.csv
+    python -m captioning.evaluation.report history artifacts/train/history.json reports/training_history.csv
+    python -m captioning.evaluation.report comparison reports/comparison.json reports/comparison.csv
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
-from captioning.evaluation import METRICS, PER_IMAGE_METRICS, EvaluationResult
+from captioning.evaluation.scoring import METRICS, PER_IMAGE_METRICS, EvaluationResult
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -228,7 +228,7 @@ def write_history(history: list[dict[str, Any]], path: str | Path) -> Path:
 
 def history_from_checkpoint(checkpoint: str | Path) -> list[dict[str, Any]]:
     """The history in a training checkpoint, or in the history.json a training run writes."""
-    from captioning.package import load_checkpoint
+    from captioning.inference.model_package import load_checkpoint
 
     if Path(checkpoint).suffix == ".json":
         return list(json.loads(Path(checkpoint).read_text(encoding="utf-8")))
@@ -237,7 +237,7 @@ def history_from_checkpoint(checkpoint: str | Path) -> list[dict[str, Any]]:
 
 def write_comparison_csv(table_json: str | Path, path: str | Path) -> Path:
     """comparison.json ({"model decoding": {metric: value}}) as rows, one per model and decoding."""
-    from captioning.evaluation import TABLE_COLUMNS
+    from captioning.evaluation.scoring import TABLE_COLUMNS
 
     table = json.loads(Path(table_json).read_text(encoding="utf-8"))
     rows = [{"setting": setting, **values} for setting, values in table.items()]

@@ -313,7 +313,7 @@ def _feature_store(
     mirrored images' features, under `<key>-flip`.
     """
     from captioning.data.query import parse_query
-    from captioning.features import build_features, default_store_dir
+    from captioning.features.store import build_features, default_store_dir
 
     key = (key or encoder) + ("-flip" if flip else "")
     dataset = parse_query(query).dataset if isinstance(query, str) else query.dataset
@@ -424,7 +424,7 @@ def _evaluate_model(
     neighbours,
     tracking,
 ) -> EvaluationResult:
-    from captioning.registry import load_captioner
+    from captioning.registry.client import load_captioner
 
     started = time.perf_counter()
     records = _select(query)

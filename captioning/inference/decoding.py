@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from captioning.cider import NgramFrequencies, consensus
+from captioning.inference.cider import NgramFrequencies, consensus
 from captioning.models.base import CaptionModel, State
 from captioning.settings import EARLY_STOPS
 from captioning.vocab import BOS, EOS, PAD, UNK

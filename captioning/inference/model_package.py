@@ -8,7 +8,7 @@ without it the package uses the pretrained encoder. `ngrams.json` holds the docu
 frequencies of the training captions' n-grams, which consensus reranking of a beam weighs
 n-grams with (`decoding.rerank: consensus`), and `neighbours.npz` the training images'
 pooled features and captions, the evidence that reranking can add from an image's nearest
-training images (`decoding.rerank_neighbours`, see `captioning.neighbours`). Loading checks every piece against
+training images (`decoding.rerank_neighbours`, see `captioning.inference.neighbours`). Loading checks every piece against
 the others and refuses a mismatch with PackageError rather than running a model with
 the wrong vocabulary, layers or encoder.
 """
@@ -125,7 +125,7 @@ def load_package(directory: str | Path, device: torch.device | str = "cpu"):
 
 def load_frequencies(directory: str | Path, config: dict[str, Any]):
     """The package's NgramFrequencies (checked against its checksum), or None when it has none."""
-    from captioning.cider import NgramFrequencies
+    from captioning.inference.cider import NgramFrequencies
 
     path = _checked_part(directory, config, "ngrams_sha256", NGRAMS_FILE)
     if path is None:
@@ -138,7 +138,7 @@ def load_frequencies(directory: str | Path, config: dict[str, Any]):
 
 def load_memory(directory: str | Path, config: dict[str, Any]):
     """The package's CaptionMemory (checked against its checksum), or None when it has none."""
-    from captioning.neighbours import CaptionMemory, CaptionMemoryError
+    from captioning.inference.neighbours import CaptionMemory, CaptionMemoryError
 
     path = _checked_part(directory, config, "neighbours_sha256", MEMORY_FILE)
     if path is None:
@@ -272,7 +272,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _save_encoder(encoder: torch.nn.Module, path: Path) -> dict[str, Any]:
     """Write the encoder's backbone (timm's key layout, as build_encoder loads it); its config entry."""
-    from captioning.encoder import state_fingerprint
+    from captioning.features.encoder import state_fingerprint
 
     if getattr(encoder, "channels_last", False):
         raise PackageError("an encoder optimised for inference (folded batch norms) cannot be packaged")
@@ -287,7 +287,7 @@ def _save_encoder(encoder: torch.nn.Module, path: Path) -> dict[str, Any]:
 
 
 def _feature_dim(encoder: str) -> int:
-    from captioning.encoder import ENCODERS
+    from captioning.features.encoder import ENCODERS
 
     if encoder not in ENCODERS:
         raise PackageError(f"unknown encoder {encoder!r}")

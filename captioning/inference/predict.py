@@ -2,7 +2,7 @@
 evaluation and the service.
 
 A `Captioner` is loaded from a package folder; which folder a registry URI names is the
-registry's business (`captioning.registry.locate`). The package's decoding settings are checked
+registry's business (`captioning.registry.client.locate`). The package's decoding settings are checked
 once, as a `DecodingSettings`, and so is each call's override of them.
 """
 
@@ -64,7 +64,7 @@ class Captioner:
         memory=None,
     ):
         from captioning.config import decoding_precision, get_device
-        from captioning.package import feature_key
+        from captioning.inference.model_package import feature_key
 
         self.device = torch.device(device) if device is not None else get_device()
         self.model = model.to(self.device).eval()
@@ -107,12 +107,18 @@ class Captioner:
     ) -> "Captioner":
         """From a package folder; `version`: the registry version it is (None: "local"),
         `source`: what it was loaded from (default: the folder)."""
-        from captioning.package import PackageError, encoder_weights, load_frequencies, load_memory, load_package
+        from captioning.inference.model_package import (
+            PackageError,
+            encoder_weights,
+            load_frequencies,
+            load_memory,
+            load_package,
+        )
 
         if "://" in str(folder) or str(folder).startswith(("models:", "runs:")):
             raise PackageError(
                 f"{folder}: Captioner.load takes a package folder; a registry URI is loaded with "
-                "captioning.registry.load_captioner"
+                "captioning.registry.client.load_captioner"
             )
         folder = Path(folder)
         model, vocab, config = load_package(folder)
@@ -147,7 +153,7 @@ class Captioner:
         """The image encoder, built on first use (captioning cached features does not need it)."""
         if self._encoder is None:
             if self.config.get("encoder_weights") and self.encoder_weights is None:
-                from captioning.package import PackageError
+                from captioning.inference.model_package import PackageError
 
                 raise PackageError(
                     "this model was trained with a fine-tuned encoder: load it with "
@@ -158,7 +164,7 @@ class Captioner:
 
     @property
     def image_size(self) -> int:
-        from captioning.encoder import ENCODERS
+        from captioning.features.encoder import ENCODERS
 
         return ENCODERS[self.encoder_name].image_size
 
@@ -246,8 +252,8 @@ class Captioner:
         `flip` (default: the package's `decoding.flip`): the features hold the image's positions
         and then its mirror's (B, 2N, C), as `encode` gives them.
         """
-        from captioning.decoding import beam_search, greedy, rerank_by_consensus
-        from captioning.package import PackageError
+        from captioning.inference.decoding import beam_search, greedy, rerank_by_consensus
+        from captioning.inference.model_package import PackageError
 
         decoding = self.settings_for(
             beam_size=beam_size,
@@ -337,8 +343,8 @@ def _decode(item: ImageSource, number: int, total: int):
 
 def _build_encoder(name: str, weights: Path | None):
     """The encoder for inference: pretrained, or with a package's fine-tuned weights (strict load)."""
-    from captioning.encoder import EncoderError, build_encoder
-    from captioning.package import PackageError
+    from captioning.features.encoder import EncoderError, build_encoder
+    from captioning.inference.model_package import PackageError
 
     try:
         encoder = build_encoder(name, weights)

@@ -2,7 +2,7 @@
 
 `locate()` is the one place a model reference becomes a registry version and a local package
 folder: a folder, `models:/NAME@ALIAS`, `models:/NAME/N` or `runs:/...` (registered versions are
-downloaded once). `register()` logs a package as an MLflow model (`captioning.pyfunc`), creates a
+downloaded once). `register()` logs a package as an MLflow model (`captioning.registry.pyfunc`), creates a
 version, tags its lineage and metrics, and moves the `champion` alias only when the gates pass.
 Alias changes happen under a lock (`registry_lock`: a file lock for a sqlite store, a lock kept in
 MLflow itself for a server shared by several machines) and are re-read afterwards, so two
@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from captioning.config import PROJECT_ROOT, artifacts_dir
-from captioning.lineage import collect_lineage
-
-# Models logged before captioning.pyfunc existed name this module as their loader (_load_pyfunc).
-from captioning.pyfunc import CaptionerPyfunc, _load_pyfunc, log_model  # noqa: F401
+from captioning.registry.lineage import collect_lineage
+from captioning.registry.pyfunc import log_model
 
 if TYPE_CHECKING:
     from captioning.settings import Settings
@@ -441,7 +439,7 @@ def _download(source: str, target: Path, store: str) -> None:
 def load_captioner(uri: str | Path, tracking: str | None = None, **options: Any):
     """A Captioner of the model `uri` names (see `locate`), its version set; `options` go to
     `Captioner.load` (device, with_encoder)."""
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
 
     located = locate(uri, tracking)
     return Captioner.load(located.path, version=located.version, source=str(uri), **options)

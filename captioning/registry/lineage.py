@@ -108,7 +108,7 @@ def data_fingerprint(dataset: str, data_root: Path | None = None, project_root: 
 def feedback_since(timestamp: str | None, url: str | None = None) -> int:
     """Feedback rows stored after `timestamp` (ISO 8601; all rows when None) in the store at `url`
     (default: the service's store)."""
-    from captioning.feedback import FeedbackStore, default_url
+    from captioning.data.feedback import FeedbackStore, default_url
 
     url = url or default_url()
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
@@ -119,7 +119,7 @@ def feedback_since(timestamp: str | None, url: str | None = None) -> int:
 
 def feedback_fingerprint(root: Path | None = None, url: str | None = None) -> str:
     """Changes whenever a correction is stored or a stored file changes (keys the validation cache)."""
-    from captioning.feedback import default_root
+    from captioning.data.feedback import default_root
 
     root = root or default_root()
     listing = listing_hash(root) if root.is_dir() else "missing"

@@ -1,9 +1,9 @@
 """A model package as an MLflow pyfunc model.
 
-`log_model` logs a package folder as a pyfunc model whose loader is this module
-(`_load_pyfunc`): nothing is pickled, and the model loads back into a `Captioner` with no code
-from the training run. Models logged before this module existed name `captioning.registry` as
-their loader, which re-exports `_load_pyfunc`. MLflow is imported inside functions only.
+`log_model` logs a package folder as a pyfunc model whose loader is the `captioning.registry`
+package (its `_load_pyfunc` calls `load_package` here): nothing is pickled, and the model loads back
+into a `Captioner` with no code from the training run. Versions registered earlier name
+`captioning.pyfunc` as their loader, which still answers. MLflow is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_ARTIFACT = "model"
-LOADER_MODULE = "captioning.pyfunc"
+LOADER_MODULE = "captioning.registry"
 REQUIREMENTS = (
     "torch",
     "numpy",
@@ -31,7 +31,7 @@ class CaptionerPyfunc:
     """
 
     def __init__(self, package_dir: str | Path):
-        from captioning.predict import Captioner
+        from captioning.inference.predict import Captioner
 
         self.package_dir = Path(package_dir)
         self.captioner = Captioner.load(self.package_dir)
@@ -43,8 +43,8 @@ class CaptionerPyfunc:
         return [output["caption"] for output in outputs]
 
 
-def _load_pyfunc(data_path: str) -> CaptionerPyfunc:
-    """pyfunc loader hook: the model's data folder is the package itself."""
+def load_package(data_path: str) -> CaptionerPyfunc:
+    """What the pyfunc loader hook returns: the model's data folder is the package itself."""
     return CaptionerPyfunc(data_path)
 
 
@@ -65,7 +65,7 @@ def log_model(package_dir: Path, loader_module: str = LOADER_MODULE) -> str:
     """Log the package as a pyfunc model into the active MLflow run; returns its model URI."""
     import mlflow
 
-    from captioning.package import read_config
+    from captioning.inference.model_package import read_config
 
     read_config(package_dir)  # refuse a folder that is not a package before logging anything
     info = mlflow.pyfunc.log_model(

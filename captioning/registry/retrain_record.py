@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from captioning.lineage import data_fingerprint, feedback_since, training_hash
+from captioning.registry.lineage import data_fingerprint, feedback_since, training_hash
 
 if TYPE_CHECKING:
     from captioning.settings import Settings

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from captioning.config import PROJECT_ROOT, artifacts_dir
-from captioning.containers import build_image, image_exists, image_ref, image_size
+from captioning.release.container_image import build_image, image_exists, image_ref, image_size
 
 KUBE_OVERLAY = PROJECT_ROOT / "deploy" / "overlays" / "production"
 
@@ -55,7 +55,7 @@ def release_dir(version: str) -> Path:
 
 def resolve_version(model: str, tracking: str | None = None) -> tuple[str, Path]:
     """(registry version, package folder) of `models:/NAME@ALIAS` or `models:/NAME/N`."""
-    from captioning.registry import RegistryError, locate
+    from captioning.registry.client import RegistryError, locate
 
     if not model.startswith("models:/"):
         raise ReleaseError(

@@ -32,7 +32,7 @@ from typing import Iterator
 import yaml
 
 from captioning.config import PROJECT_ROOT, artifacts_dir
-from captioning.containers import ContainerError, podman
+from captioning.release.container_image import ContainerError, podman
 
 DEPLOY = PROJECT_ROOT / "deploy" / "base"
 ROLES = {"api": 2, "model": 4}  # slots per role: the running replicas plus room for their successors

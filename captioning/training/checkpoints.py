@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from captioning.package import load_checkpoint
+from captioning.inference.model_package import load_checkpoint
 from captioning.settings import Settings
 from captioning.training.base import TrainingError
 

@@ -204,7 +204,7 @@ def load_split(query_text: str, features: FeatureSettings, progress: bool, rank:
     cache=False (fine-tuning reads the images): (records, None), no encoding.
     """
     from captioning.data.query import select
-    from captioning.features import build_selection_features
+    from captioning.features.store import build_selection_features
 
     records = select(query_text)
     if not records:
@@ -240,8 +240,8 @@ def validation_data(settings: Settings, vocab) -> tuple[CaptionData, dict[str, l
 
 def ngram_frequencies(train_data: CaptionData):
     """Document frequencies of the training captions' n-grams (packaged for consensus reranking)."""
-    from captioning.cider import NgramFrequencies
-    from captioning.scst import references_from_pairs
+    from captioning.inference.cider import NgramFrequencies
+    from captioning.training.scst import references_from_pairs
 
     return NgramFrequencies.of(references_from_pairs(train_data.rows, train_data.tokens, len(train_data.image_ids)))
 
@@ -249,8 +249,8 @@ def ngram_frequencies(train_data: CaptionData):
 def caption_memory(train_data: CaptionData):
     """The training images' pooled features and captions (packaged for reranking with the
     captions of an image's nearest training images); None when training reads image files."""
-    from captioning.neighbours import CaptionMemory, pool
-    from captioning.scst import references_from_pairs
+    from captioning.inference.neighbours import CaptionMemory, pool
+    from captioning.training.scst import references_from_pairs
     from captioning.vocab import EOS
 
     if train_data.features is None:

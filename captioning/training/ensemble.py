@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from captioning.package import save_package
+from captioning.inference.model_package import save_package
 from captioning.settings import Settings
 from captioning.training import distributed
 from captioning.training.base import TrainingError, TrainResult, notify
@@ -84,8 +84,8 @@ def _package_ensemble(
     """The members' best models as one Ensemble, validated and saved to package_dir; returns its
     validation scores and sample captions."""
     from captioning.config import get_device
+    from captioning.inference.model_package import load_frequencies, load_memory, load_package
     from captioning.models import Ensemble, ensemble_config
-    from captioning.package import load_frequencies, load_memory, load_package
 
     device = get_device()
     loaded = [load_package(result.package_dir, device) for result in results]

@@ -10,7 +10,7 @@ distribution renormalised over them): a label-smoothed model keeps about a tenth
 probability spread over the whole vocabulary, and drawing from all of it puts a stray word
 into most samples, so their rewards say little about the words the model would choose.
 
-The reward is `captioning.cider.CiderD` over the training references, with document
+The reward is `captioning.inference.cider.CiderD` over the training references, with document
 frequencies of the whole training corpus; it counts the end of the caption as a word
 (EOS closes both the sample and the references).
 """
@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from captioning.cider import CiderD
-from captioning.decoding import mask_log_probs
+from captioning.inference.cider import CiderD
+from captioning.inference.decoding import mask_log_probs
 from captioning.vocab import BOS, EOS, PAD
 
 

@@ -96,7 +96,7 @@ def scst_step(
     `model` is the bare decoder (sampling goes through its `step`, not DistributedDataParallel's
     forward), so under torchrun the gradients are averaged here.
     """
-    from captioning.scst import scst_loss
+    from captioning.training.scst import scst_loss
 
     loss, reward = scst_loss(model, feats, images, cider, samples, max_length, top_k)
     optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from captioning.lineage import data_version, git_commit
+from captioning.registry.lineage import data_version, git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class MLflowCallback:
         if not self._examples:
             return
         from captioning.images import ImageError
-        from captioning.predict import Captioner, render_attention
+        from captioning.inference.predict import Captioner, render_attention
 
         try:
             captioner = Captioner.load(package)

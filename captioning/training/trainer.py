@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from captioning.package import save_checkpoint, save_package
+from captioning.inference.model_package import save_checkpoint, save_package
 from captioning.settings import Settings
 from captioning.training import distributed
 from captioning.training.base import TrainingError, TrainResult, notify
@@ -234,7 +234,7 @@ class Trainer:
 
     def _build_encoder(self) -> None:
         """The encoder whose last stages train (fine-tuning), else None: features come from the cache."""
-        from captioning.encoder import ENCODERS, build_encoder
+        from captioning.features.encoder import ENCODERS, build_encoder
 
         self.encoder = self.core_encoder = None
         self.encoder_groups: list[dict[str, Any]] = []
@@ -367,9 +367,9 @@ class Trainer:
         On the first self-critical step the decoder restarts from the best cross-entropy model
         (the package), which the validation CIDEr chose; a resumed run keeps its checkpoint's weights.
         """
-        from captioning.cider import CiderD
-        from captioning.package import load_package
-        from captioning.scst import references_from_pairs
+        from captioning.inference.cider import CiderD
+        from captioning.inference.model_package import load_package
+        from captioning.training.scst import references_from_pairs
 
         if starting and (self.package_dir / "weights.pt").is_file():
             best, _, _ = load_package(self.package_dir)

@@ -29,7 +29,7 @@ def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
 def caption_batch(model, vocab, features: torch.Tensor, decoding: DecodingSettings) -> list[str]:
     """Best caption per image (the highest beam score) as `decoding` says: greedy when its beam
     size is 1, else beam search."""
-    from captioning.decoding import beam_search, greedy
+    from captioning.inference.decoding import beam_search, greedy
 
     beam_size, max_length = decoding.beam_size, decoding.max_length
     if beam_size <= 1:

@@ -15,7 +15,7 @@ def upload(page, name: str, data: bytes, mime: str = "image/jpeg") -> None:
 
 
 def test_upload_caption_attention_and_feedback(caption_service, page):
-    from captioning.feedback import load_feedback
+    from captioning.data.feedback import load_feedback
 
     image = synthetic_jpeg(seed=21)
     expected = requests.post(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from captioning.containers import image_size, podman
-from captioning.package import check_package_files
+from captioning.inference.model_package import check_package_files
+from captioning.release.container_image import image_size, podman
 from tests.container.conftest import IMAGE_REPO
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from captioning.config import PROJECT_ROOT
-from captioning.containers import image_exists, podman
-from captioning.traffic import RequestLoop
+from captioning.release.container_image import image_exists, podman
+from captioning.release.traffic import RequestLoop
 from harness.serving import free_port
 from tests.container.conftest import IMAGE_REPO, STACK_NAME, register, run_cli
 

@@ -27,9 +27,9 @@ class Started:
 @pytest.fixture
 def feedback_data() -> list:
     """The per-test data folder with the process's synthetic data linked in and three corrections
-    stored through captioning.feedback in a real SQLite file (data_dir()/feedback/feedback.db)."""
+    stored through captioning.data.feedback in a real SQLite file (data_dir()/feedback/feedback.db)."""
+    from captioning.data.feedback import FeedbackStore
     from captioning.data.query import select
-    from captioning.feedback import FeedbackStore
 
     with synthetic_data() as shared:
         images = [record.path for record in select("synthetic[test]-3s5")]
@@ -44,7 +44,7 @@ def feedback_data() -> list:
 
 
 def test_training_on_synthetic_plus_feedback(feedback_data, tmp_path):
-    from captioning.package import read_config
+    from captioning.inference.model_package import read_config
     from captioning.vocab import Vocabulary
 
     params = tiny_params(epochs=1)

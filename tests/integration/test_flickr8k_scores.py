@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning.evaluation import METRICS, evaluate_predictions, meteor_process, save_predictions, score_details
+from captioning.evaluation.scoring import METRICS, evaluate_predictions, meteor_process, save_predictions, score_details
 from tests.fixtures.scoring import direct_scores
 
 MIRROR = os.environ.get("CAPTIONING_MIRROR")

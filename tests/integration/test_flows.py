@@ -179,7 +179,7 @@ def _task_names(tasks: list) -> set[str]:
 
 
 def _versions(tracking: str) -> list[dict]:
-    from captioning.registry import list_versions
+    from captioning.registry.client import list_versions
 
     return list_versions(tracking, "captioner")
 
@@ -235,7 +235,7 @@ def test_nothing_new_is_a_quick_no_op(promoted_run, workspace, monkeypatch):
 
 
 def test_new_feedback_or_new_settings_call_for_retraining(promoted_run, workspace, monkeypatch):
-    from captioning.feedback import FeedbackStore
+    from captioning.data.feedback import FeedbackStore
     from flows import load_settings
     from tasks.state import check_for_new_data
 
@@ -312,7 +312,7 @@ def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypat
 
     from mlflow.tracking import MlflowClient
 
-    from captioning.feedback import FeedbackStore
+    from captioning.data.feedback import FeedbackStore
     from captioning.vocab import Vocabulary
 
     tracking = _use(monkeypatch, workspace)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from captioning import registry
 from captioning.config import PARAMS_FILE
-from captioning.registry import CHAMPION, PREVIOUS, RegistryError
+from captioning.registry import client as registry
+from captioning.registry.client import CHAMPION, PREVIOUS, RegistryError
 from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
 
@@ -181,7 +181,7 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
     import pandas as pd
     from PIL import Image
 
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
 
     reg(tiny_model, store, 50.0)
     located = registry.locate(f"models:/captioner@{CHAMPION}")
@@ -195,7 +195,7 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
     captioner = Captioner.load(folder, version=located.version)
     assert captioner.version == "1"
     assert registry.load_captioner(f"models:/captioner@{CHAMPION}").version == "1"
-    # The MLflow model loads through captioning.pyfunc alone (no pickled code) and captions.
+    # The MLflow model loads through captioning.registry alone (no pickled code) and captions.
     model = mlflow.pyfunc.load_model(f"models:/captioner@{CHAMPION}")
     buffer = io.BytesIO()
     Image.new("RGB", (224, 224), (200, 30, 30)).save(buffer, format="PNG")
@@ -204,21 +204,22 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
 
 
 def test_models_logged_with_the_old_loader_still_load(tiny_model, store):
-    """Versions registered before captioning.pyfunc existed name captioning.registry as their loader."""
+    """Versions registered by earlier releases name captioning.registry (0.0) or captioning.pyfunc (0.1) as their loader."""
     import mlflow
     import yaml
     from PIL import Image
 
-    from captioning.pyfunc import CaptionerPyfunc, log_model
+    from captioning.registry.pyfunc import CaptionerPyfunc, log_model
 
     buffer = io.BytesIO()
     Image.new("RGB", (224, 224), (30, 200, 30)).save(buffer, format="PNG")
     image = buffer.getvalue()
     mlflow.set_tracking_uri(store)
     with mlflow.start_run():
-        old = log_model(Path(tiny_model).resolve(), loader_module="captioning.registry")
+        oldest = log_model(Path(tiny_model).resolve(), loader_module="captioning.registry")
+        old = log_model(Path(tiny_model).resolve(), loader_module="captioning.pyfunc")
     new = reg(tiny_model, store, 50.0).model_uri
-    for uri, loader in ((old, "captioning.registry"), (new, "captioning.pyfunc")):
+    for uri, loader in ((oldest, "captioning.registry"), (old, "captioning.pyfunc"), (new, "captioning.registry")):
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         assert yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == loader
         model = mlflow.pyfunc.load_model(uri)
@@ -238,8 +239,8 @@ def test_resolve_errors_are_clear(store, tmp_path):
 
 def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     """evaluate_model on cached features -> HTML report -> registration gated on those numbers."""
-    from captioning.evaluation import evaluate_model
-    from captioning.report import write_report
+    from captioning.evaluation.report import write_report
+    from captioning.evaluation.scoring import evaluate_model
     from harness.trained import VAL_QUERY, shared_dir, synthetic_data
 
     # The validation images: training cached their features already, no encoder run here.

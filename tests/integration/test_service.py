@@ -142,7 +142,7 @@ def test_service_survives_bad_input(caption_service, jpeg_bytes):
 
 
 def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
-    from captioning.feedback import load_feedback
+    from captioning.data.feedback import load_feedback
 
     predicted = post_image(caption_service, jpeg_bytes).json()
     response = requests.post(
@@ -256,7 +256,7 @@ def test_serves_the_champion_and_follows_a_new_one(champion_service, tiny_model)
     """models:/captioner@champion resolved at start-up; a newly promoted champion is picked up
     by polling the registry, without a restart."""
     from captioning.config import PARAMS_FILE
-    from captioning.registry import register
+    from captioning.registry.client import register
     from captioning.settings import load_settings
 
     server, store, first = champion_service

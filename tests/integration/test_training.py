@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from captioning.config import PROJECT_ROOT
-from captioning.package import load_checkpoint, load_package
+from captioning.inference.model_package import load_checkpoint, load_package
 from captioning.settings import SettingsError
 from captioning.training import TrainingError, train
 from harness.settings import test_settings
@@ -57,7 +57,7 @@ def tiny_package(tmp_path_factory) -> Path:
 
 
 def test_tiny_model_captions_held_out_images(tiny_package):
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
 
     ids, features, references = held_out_features()
     captioner = Captioner.load(tiny_package, with_encoder=False)
@@ -77,7 +77,7 @@ def test_tiny_model_captions_held_out_images(tiny_package):
 def test_images_and_cached_features_caption_alike(tiny_package):
     """Serving (image files through open_image/preprocess/encoder) matches training's cached features."""
     from captioning.data.query import select
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
     from harness.trained import TEST_QUERY
 
     ids, features, _ = held_out_features()
@@ -99,10 +99,10 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
     from PIL import ImageOps
 
     from captioning.data.query import select
-    from captioning.evaluation import decoding_name, evaluate_model
-    from captioning.features import FeatureStore
+    from captioning.evaluation.scoring import decoding_name, evaluate_model
+    from captioning.features.store import FeatureStore
     from captioning.images import open_image
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
     from harness.trained import TEST_QUERY
 
     with synthetic_data():
@@ -149,11 +149,11 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
 
     from captioning.cli import app
     from captioning.data.query import select
-    from captioning.evaluation import decoding_name, evaluate_model
-    from captioning.features import FeatureStore
-    from captioning.neighbours import pool
-    from captioning.package import PackageError
-    from captioning.predict import Captioner
+    from captioning.evaluation.scoring import decoding_name, evaluate_model
+    from captioning.features.store import FeatureStore
+    from captioning.inference.model_package import PackageError
+    from captioning.inference.neighbours import pool
+    from captioning.inference.predict import Captioner
     from harness.trained import TEST_QUERY, TRAIN_QUERY, shared_dir
 
     without = Captioner.load(tiny_package, with_encoder=False)
@@ -271,7 +271,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_package, tmp_path):
 def test_mlflow_tracking(tiny_package, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from captioning.tracking import MLflowCallback
+    from captioning.training.tracking import MLflowCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     callback = MLflowCallback(uri, "tests", run_name="tiny")
@@ -436,9 +436,9 @@ def test_early_stopping_ends_only_the_cross_entropy_phase(tmp_path):
 
 
 def test_ensemble_trains_its_members_and_packages_them(tmp_path):
+    from captioning.evaluation.report import history_from_checkpoint
+    from captioning.inference.predict import Captioner
     from captioning.models import Ensemble
-    from captioning.predict import Captioner
-    from captioning.report import history_from_checkpoint
 
     params = tiny_params("show_tell", epochs=2)
     params["model"]["ensemble"] = ["attention"]

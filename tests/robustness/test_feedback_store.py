@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 from captioning.config import PROJECT_ROOT
-from captioning.feedback import MAX_BYTES_ENV, FeedbackError, FeedbackQuotaError, FeedbackStore
+from captioning.data.feedback import MAX_BYTES_ENV, FeedbackError, FeedbackQuotaError, FeedbackStore
 from tests.robustness.conftest import record_figures
 
 pytestmark = pytest.mark.robustness
@@ -36,7 +36,7 @@ WIDTH, HEIGHT = 60, 40  # stored upright: orientation 6 (rotated 90 degrees) mak
 WRITER = """
 import json, sys, time, traceback
 from pathlib import Path
-from captioning.feedback import FeedbackError, FeedbackStore
+from captioning.data.feedback import FeedbackError, FeedbackStore
 
 url, root, image, go, number = sys.argv[1:6]
 store = FeedbackStore(url=url, root=root)

@@ -63,7 +63,7 @@ def _package_weights(run: Path) -> dict[str, torch.Tensor]:
 def features() -> Path:
     """The shared feature cache with the train and val images encoded (once per process)."""
     from captioning.data.query import parse_query, select
-    from captioning.features import build_features
+    from captioning.features.store import build_features
 
     folder = shared_dir() / "features"
     with synthetic_data():
@@ -109,7 +109,7 @@ def test_nan_features_skip_their_steps_and_the_run_finishes_with_finite_weights(
     """A real fault: the cached features of one training image are NaN. Every batch holding one of
     its five captions has a NaN loss and is skipped; the other steps train; the package is finite."""
     from captioning.data.query import select
-    from captioning.features import FeatureStore
+    from captioning.features.store import FeatureStore
 
     with synthetic_data():
         poisoned = select(TRAIN_QUERY)[3].image_id

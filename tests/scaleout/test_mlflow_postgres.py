@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from captioning import registry
 from captioning.config import PARAMS_FILE
-from captioning.registry import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.registry import client as registry
+from captioning.registry.client import CHAMPION, LOCK_SUFFIX, PREVIOUS
 from captioning.settings import load_settings
 from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
@@ -36,7 +36,7 @@ EPOCHS = 2
 REGISTER = """
 import sys
 from captioning.config import PARAMS_FILE
-from captioning.registry import register
+from captioning.registry.client import register
 from captioning.settings import load_settings
 metrics = {"CIDEr": float(sys.argv[4]), "BLEU-4": 20.0}
 result = register(sys.argv[1], metrics, "synthetic[test]-24", load_settings(PARAMS_FILE), tracking=sys.argv[2],
@@ -73,7 +73,7 @@ def sql(database: str, query: str, **values) -> list[tuple]:
 @pytest.fixture(scope="module")
 def trained(server, tmp_path_factory) -> dict:
     """A tiny model trained with its run tracked on the server."""
-    from captioning.tracking import MLflowCallback
+    from captioning.training.tracking import MLflowCallback
 
     tracker = MLflowCallback(server["url"], "scaleout")
     package = train_tiny_model(tmp_path_factory.mktemp("pg-train"), epochs=EPOCHS, callbacks=[tracker])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioning.features import SHARD_DONE, SHARD_LOCK, SHARDS_DIR, FeatureStore
+from captioning.features.store import SHARD_DONE, SHARD_LOCK, SHARDS_DIR, FeatureStore
 from harness.trained import shared_dir, synthetic_data
 from tests.fixtures.processes import child_env, start, stop, tail, wait_until
 
@@ -35,7 +35,7 @@ SETTINGS = ["--set", f"features.batch_size={BATCH}"]
 def reference(tmp_path_factory) -> FeatureStore:
     """The same images encoded by one process, as `captioning features` does."""
     from captioning.data.query import select
-    from captioning.features import build_features
+    from captioning.features.store import build_features
 
     with synthetic_data():
         records = select(QUERY)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from captioning.config import autocast_dtype
-from captioning.package import load_checkpoint
+from captioning.inference.model_package import load_checkpoint
 from captioning.training import RANKS_FILE, backend_for, needs_grad_scaler, train, weights_digest
 from harness.settings import test_settings
 from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
@@ -55,7 +55,7 @@ def params_for(folder: Path, batch_size: int = PER_RANK_BATCH) -> dict:
 def cached_features() -> Path:
     """The synthetic images' features, encoded once here so that no rank runs the encoder."""
     from captioning.data.query import select
-    from captioning.features import build_features
+    from captioning.features.store import build_features
 
     store = shared_dir() / "features" / "lite0" / "synthetic"
     with synthetic_data():

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from captioning.cider import CiderD, NgramFrequencies, consensus
 from captioning.config import PARAMS_FILE
-from captioning.decoding import Hypothesis, rerank_by_consensus
+from captioning.inference.cider import CiderD, NgramFrequencies, consensus
+from captioning.inference.decoding import Hypothesis, rerank_by_consensus
+from captioning.inference.model_package import PackageError, load_frequencies, save_package
+from captioning.inference.predict import Captioner
 from captioning.models import build_model
-from captioning.package import PackageError, load_frequencies, save_package
-from captioning.predict import Captioner
 from captioning.settings import SettingsError, load_settings
 from captioning.vocab import Vocabulary
 
@@ -164,7 +164,7 @@ def test_consensus_in_arrays_equals_cider_pair_by_pair():
     # `consensus` scores every pair at once; each number must be the pairwise CIDEr-D of `similarity`.
     import random
 
-    from captioning.cider import similarity
+    from captioning.inference.cider import similarity
 
     rng = random.Random(3)
     references = [[[rng.randrange(4, 40) for _ in range(rng.randrange(4, 12))] for _ in range(5)] for _ in range(60)]
@@ -202,7 +202,7 @@ def test_consensus_in_arrays_equals_cider_pair_by_pair():
 
 
 def test_pinned_vectors_equal_computed_ones_and_outlive_the_cache(vocab, frequencies, monkeypatch):
-    import captioning.cider as cider
+    import captioning.inference.cider as cider
 
     captions = [vocab.encode(text) for text in ("a dog runs on the grass", "a man rides a bike")]
     fresh = NgramFrequencies(frequencies.df, frequencies.images)

@@ -62,7 +62,7 @@ def test_bad_queries_exit_2(flickr8k, query, words):
 
 
 def test_query_union_names_each_records_dataset(flickr8k):
-    from captioning.feedback import FeedbackStore
+    from captioning.data.feedback import FeedbackStore
 
     image = next((flickr8k / "Flicker8k_Dataset").glob("*.jpg")).read_bytes()
     FeedbackStore().add(image, "a corrected caption")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.decoding import BANNED, beam_search, greedy
+from captioning.inference.decoding import BANNED, beam_search, greedy
 from captioning.models import MODELS, build_model
 from captioning.models.base import CaptionModel
 from captioning.vocab import BOS, EOS

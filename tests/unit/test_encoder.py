@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.encoder import ENCODERS, EncoderError, build_encoder, convert_state_dict, weights_file
+from captioning.features.encoder import ENCODERS, EncoderError, build_encoder, convert_state_dict, weights_file
 from captioning.images import preprocess
 
 MILITARY_UNIFORM = 652  # ImageNet class of the classic Grace Hopper portrait
@@ -176,7 +176,7 @@ def test_finetuning_matches_timm_and_trains_the_last_stages():
 
 def test_serving_imports_need_neither_timm_nor_torchvision():
     code = (
-        "import sys, captioning.predict, captioning.encoder; "
+        "import sys, captioning.inference.predict, captioning.features.encoder; "
         "print(' '.join(m for m in ('timm', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run(

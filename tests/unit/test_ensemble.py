@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captioning.decoding import beam_search, greedy
+from captioning.inference.decoding import beam_search, greedy
+from captioning.inference.model_package import load_package, save_package
 from captioning.models import Ensemble, build_model, ensemble_config, model_config
-from captioning.package import load_package, save_package
 from captioning.settings import SettingsError
 from captioning.training import fingerprint
 from captioning.vocab import BOS, Vocabulary

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from captioning.evaluation import (
+from captioning.evaluation.scoring import (
     METRICS,
     EvaluationResult,
     PredictionError,
@@ -48,7 +48,7 @@ PREDICTIONS = {
 @pytest.fixture(scope="module")
 def meteor():
     """One METEOR Java process for the module (its start-up is most of the scoring time)."""
-    from captioning.evaluation import meteor_process
+    from captioning.evaluation.scoring import meteor_process
 
     with meteor_process() as process:
         yield process
@@ -80,7 +80,7 @@ def test_per_image_scores_cover_every_image(scored):
 
 
 def test_spice_is_skipped_with_one_line(scored):
-    from captioning.evaluation import spice_available
+    from captioning.evaluation.scoring import spice_available
 
     metrics, _ = scored
     assert ("SPICE" in metrics) == spice_available()
@@ -190,7 +190,7 @@ def test_comparison_table_markdown_and_json(tmp_path):
 
 
 def test_report_is_self_contained_html(tmp_path, scored):
-    from captioning.report import write_report
+    from captioning.evaluation.report import write_report
 
     metrics, per_image = scored
     paths = {}
@@ -226,7 +226,7 @@ def test_report_is_self_contained_html(tmp_path, scored):
 
 
 def test_attention_overlay_highlights_the_attended_cell():
-    from captioning.report import attention_overlay
+    from captioning.evaluation.report import attention_overlay
 
     image = Image.new("RGB", (224, 224), (128, 128, 128))
     weights = np.zeros(49)
@@ -249,7 +249,7 @@ def test_caption_empty_after_tokenisation_scores_zero(meteor):
 
 def test_published_rows_sit_beside_measured_ones(tmp_path):
     from captioning.cli import app
-    from captioning.evaluation import PUBLISHED
+    from captioning.evaluation.scoring import PUBLISHED
 
     markdown, table = comparison_table(PUBLISHED["flickr8k"])
     hard = next(line for line in markdown.splitlines() if "hard" in line)
@@ -265,7 +265,7 @@ def test_published_rows_sit_beside_measured_ones(tmp_path):
 
 
 def test_decoding_names_say_every_setting_that_changes_captions():
-    from captioning.evaluation import decoding_name, decoding_setting
+    from captioning.evaluation.scoring import decoding_name, decoding_setting
 
     assert decoding_name(1, 0.7, "consensus") == "greedy"
     assert decoding_name(3) == "beam 3"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from captioning.data.records import Record
-from captioning.features import DATA_FILE, INDEX_FILE, FeatureStore, build_features
+from captioning.features.store import DATA_FILE, INDEX_FILE, FeatureStore, build_features
 from captioning.images import ImageError, preprocess
 
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (235, 195, 20), (120, 40, 160), (20, 20, 20)]
@@ -44,7 +44,7 @@ def test_build_get_and_reuse(tmp_path):
     assert features.shape == (2, 49, 1280) and features.dtype == np.float16
 
     # The cached rows are what the encoder gives for the image through the shared preprocessing.
-    from captioning.encoder import build_encoder
+    from captioning.features.encoder import build_encoder
 
     with torch.inference_mode():
         direct = build_encoder("lite0")(preprocess([records[2].path], 224)).numpy()

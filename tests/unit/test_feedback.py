@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from captioning.data.datasets import load_dataset
-from captioning.feedback import FeedbackError, FeedbackStore, load_feedback
+from captioning.data.feedback import FeedbackError, FeedbackStore, load_feedback
 
 
 def image_bytes(colour=(200, 30, 30), fmt="PNG") -> bytes:
@@ -55,7 +55,7 @@ def test_refuses_bad_input_and_stores_nothing(tmp_path):
 
 
 def test_texts_are_normalised_and_checked():
-    from captioning.feedback import clean_caption, clean_version
+    from captioning.data.feedback import clean_caption, clean_version
 
     assert clean_caption(" a\tred\n\u2028picture ") == "a red picture"  # every whitespace run is one space
     assert clean_caption("un café \u200d👩\u200d👩") == "un café \u200d👩\u200d👩"  # joiners are text, not controls
@@ -72,7 +72,7 @@ def test_texts_are_normalised_and_checked():
 def test_postgres_urls_get_an_installed_driver():
     import importlib.util
 
-    from captioning.feedback import engine_url
+    from captioning.data.feedback import engine_url
 
     assert engine_url("sqlite:///x.db") == "sqlite:///x.db"
     assert engine_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"  # an explicit driver is kept
@@ -85,7 +85,7 @@ def test_postgres_urls_get_an_installed_driver():
 def test_stored_images_are_upright_jpegs_without_metadata():
     from PIL import ExifTags
 
-    from captioning.feedback import stored_jpeg
+    from captioning.data.feedback import stored_jpeg
 
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 8  # stored rotated: turn 90 degrees counter-clockwise
@@ -106,7 +106,7 @@ def test_a_store_removes_temporary_files_left_by_dead_writers(tmp_path):
     import os
     import time
 
-    from captioning.feedback import STALE_PART_SECONDS, write_atomically
+    from captioning.data.feedback import STALE_PART_SECONDS, write_atomically
 
     images = tmp_path / "fb" / "images"
     write_atomically(images / "a.jpg", b"first")

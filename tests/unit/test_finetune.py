@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.encoder import EncoderError, build_encoder, encoder_key
-from captioning.package import ENCODER_FILE, PackageError, load_package, read_config
+from captioning.features.encoder import EncoderError, build_encoder, encoder_key
+from captioning.inference.model_package import ENCODER_FILE, PackageError, load_package, read_config
 from captioning.training import TrainingError, augment, fingerprint, train
 from harness.settings import test_settings
 from harness.trained import synthetic_data, tiny_params
@@ -94,8 +94,8 @@ def test_augmentation_is_fixed_by_its_seed():
 
 
 def test_package_round_trip_and_captions_from_files_match_its_features(finetuned, tmp_path):
-    from captioning.features import build_features
-    from captioning.predict import Captioner
+    from captioning.features.store import build_features
+    from captioning.inference.predict import Captioner
 
     config = read_config(finetuned)
     entry = config["encoder_weights"]
@@ -141,7 +141,7 @@ def _pixels(paths):
 
 
 def test_missing_or_replaced_encoder_weights_are_refused(finetuned, tmp_path):
-    from captioning.predict import Captioner
+    from captioning.inference.predict import Captioner
 
     copy = Path(shutil.copytree(finetuned, tmp_path / "pkg"))
     model, vocab, config = load_package(copy)
@@ -160,8 +160,8 @@ def test_missing_or_replaced_encoder_weights_are_refused(finetuned, tmp_path):
 
 def test_evaluation_uses_the_package_encoder(finetuned, tmp_path):
     from captioning.config import artifacts_dir
-    from captioning.evaluation import PredictionError, evaluate_model
-    from captioning.predict import Captioner
+    from captioning.evaluation.scoring import PredictionError, evaluate_model
+    from captioning.inference.predict import Captioner
 
     key = Captioner.load(finetuned, with_encoder=False).feature_key
     with synthetic_data():

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from captioning.config import PARAMS_FILE
-from captioning.decoding import beam_search, greedy
+from captioning.inference.decoding import beam_search, greedy
+from captioning.inference.predict import Captioner
 from captioning.models import Ensemble, build_model, ensemble_config
 from captioning.models.ensemble import View, with_flip
-from captioning.predict import Captioner
 from captioning.settings import SettingsError, load_settings
 from captioning.vocab import BOS, Vocabulary
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from captioning.config import autocast_dtype
-from captioning.decoding import greedy
+from captioning.inference.decoding import greedy
 from captioning.models import DEFAULTS, MODELS, build_model
 from captioning.models.base import additive_scores
 from captioning.training import training_step

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.cider import NgramFrequencies, consensus
 from captioning.config import PARAMS_FILE
-from captioning.decoding import Hypothesis, rerank_by_consensus
+from captioning.inference.cider import NgramFrequencies, consensus
+from captioning.inference.decoding import Hypothesis, rerank_by_consensus
+from captioning.inference.model_package import MEMORY_FILE, PackageError, load_memory, save_package
+from captioning.inference.neighbours import CaptionMemory, CaptionMemoryError, pool
+from captioning.inference.predict import Captioner
 from captioning.models import build_model
-from captioning.neighbours import CaptionMemory, CaptionMemoryError, pool
-from captioning.package import MEMORY_FILE, PackageError, load_memory, save_package
-from captioning.predict import Captioner
 from captioning.settings import SettingsError, load_settings
 from captioning.vocab import Vocabulary
 

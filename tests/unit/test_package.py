@@ -9,9 +9,8 @@ import pickle
 import pytest
 import torch
 
-from captioning.decoding import greedy
-from captioning.models import build_model
-from captioning.package import (
+from captioning.inference.decoding import greedy
+from captioning.inference.model_package import (
     CONFIG_FILE,
     VOCAB_FILE,
     WEIGHTS_FILE,
@@ -21,6 +20,7 @@ from captioning.package import (
     save_checkpoint,
     save_package,
 )
+from captioning.models import build_model
 from captioning.vocab import Vocabulary
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a green star at the top", "a yellow triangle"]

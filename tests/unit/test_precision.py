@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from captioning.inference.predict import Captioner
 from captioning.models import build_model, quantize_int8
 from captioning.models.precision import Bfloat16LSTMCell, bfloat16_products
-from captioning.predict import Captioner
 from captioning.settings import SettingsError
 from captioning.vocab import Vocabulary
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from captioning.decoding import mask_log_probs
+from captioning.inference.decoding import mask_log_probs
 from captioning.models import build_model
-from captioning.scst import CiderD, keep_top_k, references_from_pairs, sample, scst_loss, strip
+from captioning.training.scst import CiderD, keep_top_k, references_from_pairs, sample, scst_loss, strip
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 WORDS = "a dog cat runs on the grass red ball two men play in park water jumps".split()

@@ -8,7 +8,7 @@ import torch
 
 from captioning.data.query import SelectedRecord
 from captioning.data.records import Record
-from captioning.features import FeatureStore
+from captioning.features.store import FeatureStore
 from captioning.settings import FeatureSettings
 from captioning.training import (
     FeatureStores,
@@ -100,7 +100,7 @@ def test_load_split_gives_one_store_per_dataset(tmp_path):
 
     from PIL import Image
 
-    from captioning.feedback import FeedbackStore
+    from captioning.data.feedback import FeedbackStore
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (20, 120, 200)).save(buffer, format="PNG")

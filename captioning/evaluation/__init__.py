@@ -1,0 +1,1 @@
+"""Scoring captions (BLEU, METEOR, ROUGE-L, CIDEr), comparison tables and evaluation reports."""

@@ -1,0 +1,1 @@
+"""A registered version made into a bento and a container image, and served as a local stack."""
