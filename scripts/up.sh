@@ -15,8 +15,8 @@ start_prefect
 echo "starting the stack of the champion on 127.0.0.1:$PORT (builds its image when missing)"
 "$BIN/captioning" stack up --port "$PORT"
 
-if [ -f "$STACK/watch.pid" ] && kill -0 "$(cat "$STACK/watch.pid")" 2>/dev/null; then
-    echo "release watcher already running (pid $(cat "$STACK/watch.pid"))"
+if pid="$(owned_pid "$STACK/watch.pid" flows.release --watch)"; then
+    echo "release watcher already running (pid $pid)"
 else
     nohup "$PY" -m flows.release --watch > "$STACK/watch.log" 2>&1 &
     echo $! > "$STACK/watch.pid"

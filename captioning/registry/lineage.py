@@ -50,14 +50,24 @@ def training_hash(settings: "Settings | Mapping[str, Any]") -> str:
     return params_hash(settings, NEUTRAL_SECTIONS)
 
 
+# What records data, pipeline state or settings rather than code: a change to them leaves the code
+# clean. The data is recorded by its DVC hash, the settings by their values and hash.
+NOT_CODE = ("*.dvc", "dvc.lock", ".dvc", ".gitignore", "reports", "params*.yaml")
+
+
 def git_commit(root: Path = PROJECT_ROOT) -> str | None:
-    """The checked-out commit (with "-dirty" when files changed), or None outside git."""
+    """The checked-out commit (with "-dirty" when code changed since), or None outside git.
+
+    Only code counts: `dvc add` staging data.dvc, `dvc repro` writing dvc.lock or `dvc exp run`
+    setting params.yaml leave the commit clean (see NOT_CODE)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [f":(exclude,glob)**/{pattern}" for pattern in NOT_CODE]
+            + [f":(exclude,glob){pattern}" for pattern in NOT_CODE],
             cwd=root,
             capture_output=True,
             text=True,
