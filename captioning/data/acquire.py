@@ -136,13 +136,15 @@ def _from_archives(
         safe_extract(local, dest / archive.extract_to, progress=progress, files=archive.files)
         if fetched and not keep_archives:
             local.unlink()  # unpacked and checked: the archive would only double the disk use
-        entries.append({
-            "filename": archive.filename,
-            "url": archive.url,
-            "source": source,
-            "sha256": digest,
-            "verified": verified,
-        })
+        entries.append(
+            {
+                "filename": archive.filename,
+                "url": archive.url,
+                "source": source,
+                "sha256": digest,
+                "verified": verified,
+            }
+        )
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
     return entries
@@ -169,8 +171,10 @@ def _check_md5(path: Path, archive: Archive, delete: bool) -> None:
     if digest.hexdigest() != archive.md5:
         if delete:
             path.unlink()
-        raise AcquisitionError(f"md5 mismatch for {path.name}: expected {archive.md5}, got {digest.hexdigest()}"
-                               + ("; the download was deleted" if delete else ""))
+        raise AcquisitionError(
+            f"md5 mismatch for {path.name}: expected {archive.md5}, got {digest.hexdigest()}"
+            + ("; the download was deleted" if delete else "")
+        )
 
 
 def _verify_local(path: Path, archive: Archive) -> tuple[str, str]:
@@ -189,11 +193,14 @@ def _verify_local(path: Path, archive: Archive) -> tuple[str, str]:
 def _copy_tree(src: Path, dest: Path, progress: bool) -> dict:
     """Copy an unpacked mirror, file by file (plain copies: writable, no shared inodes).
 
-    Files already present with the same size are kept, so an interrupted copy resumes.
+    Files already present with the same size are kept, so an interrupted copy resumes. A link
+    is copied as the file it names only when that file is inside the mirror: a link out of it
+    (to a key, a password file) is refused before anything is copied.
     """
     from tqdm import tqdm
 
     files = sorted(p for p in src.rglob("*") if p.is_file())
+    _refuse_links_out(src, files)
     copied = total = 0
     for path in tqdm(files, desc=f"copy {src.name}", unit="file", disable=not progress):
         target = dest / path.relative_to(src)
@@ -206,6 +213,16 @@ def _copy_tree(src: Path, dest: Path, progress: bool) -> dict:
         copied += 1
     log.info("copied %d of %d files (%.1f MB) from %s", copied, len(files), total / 1e6, src)
     return {"source": str(src), "files": len(files), "bytes": total, "verified": "layout"}
+
+
+def _refuse_links_out(src: Path, files: list[Path]) -> None:
+    root = src.resolve()
+    for path in files:
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise AcquisitionError(
+                f"the mirror's {path.relative_to(src)} links to {path.resolve()}, outside the mirror {src}: "
+                "refusing to copy it (replace the link by the file, or fix the mirror)"
+            )
 
 
 def _check_layout(name: str, dest: Path) -> None:
@@ -307,7 +324,9 @@ def _download(
     if size is not None and part.stat().st_size != size:
         actual = part.stat().st_size
         part.unlink()
-        raise AcquisitionError(f"size mismatch for {url}: expected {size} bytes, got {actual}; the partial file was deleted")
+        raise AcquisitionError(
+            f"size mismatch for {url}: expected {size} bytes, got {actual}; the partial file was deleted"
+        )
     part.replace(path)
     return digest
 
@@ -353,8 +372,14 @@ def _fetch(url: str, part: Path, size: int | None, progress: bool, timeout: floa
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length is not None else size
         received = offset
-        bar = tqdm(total=expected, initial=offset, unit="B", unit_scale=True,
-                   desc=part.name[: -len(".part")], disable=not progress)
+        bar = tqdm(
+            total=expected,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            desc=part.name[: -len(".part")],
+            disable=not progress,
+        )
         try:
             with open(part, "ab" if offset else "wb") as handle:
                 for chunk in response.iter_content(NET_CHUNK):
@@ -468,7 +493,7 @@ class _Tree:
         current = "/"
         if path.startswith(self.root + os.sep):
             # The root itself is already a real path: only what lies below it can hold links.
-            current, path = self.root, path[len(self.root):]
+            current, path = self.root, path[len(self.root) :]
         for part in path.split("/"):
             if part in ("", "."):
                 continue
@@ -526,8 +551,11 @@ def _check_sizes(archive: Path, names: list[str], total: int, root: str, limits:
         raise _refuse(archive, f"it unpacks to {total} bytes, more than the limit of {limits['max_bytes']}")
     packed = max(1, archive.stat().st_size)
     if total > RATIO_FLOOR and total / packed > limits["max_ratio"]:
-        raise _refuse(archive, f"it unpacks {packed} bytes into {total} (ratio {total / packed:.0f}, "
-                               f"limit {limits['max_ratio']}): a decompression bomb")
+        raise _refuse(
+            archive,
+            f"it unpacks {packed} bytes into {total} (ratio {total / packed:.0f}, "
+            f"limit {limits['max_ratio']}): a decompression bomb",
+        )
     free = shutil.disk_usage(root).free
     if total > free:
         raise _refuse(archive, f"it unpacks to {total} bytes and {root} has {free} free")
@@ -535,8 +563,11 @@ def _check_sizes(archive: Path, names: list[str], total: int, root: str, limits:
         pattern, expected = limits["files"]
         found = sum(1 for name in names if fnmatch.fnmatch(PurePosixPath(name).name, pattern))
         if found != expected:
-            raise _refuse(archive, f"it holds {found} files matching {pattern!r}, the published count is {expected}: "
-                                   "incomplete or not the official archive")
+            raise _refuse(
+                archive,
+                f"it holds {found} files matching {pattern!r}, the published count is {expected}: "
+                "incomplete or not the official archive",
+            )
 
 
 def _write_check(archive: Path, name: str, root: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from captioning.config import data_dir
 from captioning.data.acquire import MARKER, AcquisitionError, acquire, download, read_marker, safe_extract
 from captioning.data.datasets import load_dataset
 from captioning.data.sources import Archive
@@ -284,6 +285,27 @@ def test_acquire_copies_an_unpacked_mirror(tmp_path, monkeypatch):
     dataset = load_dataset("flickr8k")
     assert {s: len(r) for s, r in dataset.splits().items()} == {"train": 4, "val": 2, "test": 2}
     assert all(Path(r.path).parent == folder / "images" for r in dataset.records)
+
+
+def test_acquire_refuses_a_mirror_link_that_leaves_the_mirror(tmp_path, monkeypatch):
+    """An unpacked mirror whose file links outside it (here to a private file) copies nothing."""
+    mirror = tmp_path / "mirror"
+    make_flickr8k(mirror / "flickr8k", layout="mirror")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a dataset file")
+    (mirror / "flickr8k" / "images" / "zz_link.jpg").symlink_to(secret)
+    inside = mirror / "flickr8k" / "Flickr8k.lemma.token.txt"
+    inside.symlink_to(mirror / "flickr8k" / "Flickr8k.token.txt")  # a link inside the mirror is fine
+    monkeypatch.setenv("CAPTIONING_MIRROR", str(mirror))
+    closed = [Archive("Flickr8k_Dataset.zip", f"http://127.0.0.1:{closed_port()}/Flickr8k_Dataset.zip")]
+    with pytest.raises(AcquisitionError, match="outside the mirror"):
+        acquire("flickr8k", progress=False, sources=closed)
+    dest = data_dir() / "flickr8k"
+    assert not any(p.is_file() for p in dest.rglob("*")), "nothing is copied before the refusal"
+    (mirror / "flickr8k" / "images" / "zz_link.jpg").unlink()
+    folder = acquire("flickr8k", progress=False, sources=closed)
+    copy = folder / "Flickr8k.lemma.token.txt"
+    assert not copy.is_symlink() and copy.read_bytes() == (folder / "Flickr8k.token.txt").read_bytes()
 
 
 def test_acquire_unpacks_a_mirror_of_official_archives(tmp_path):
