@@ -194,6 +194,12 @@ def check_package_files(directory: str | Path) -> dict[str, str]:
     return sums
 
 
+def package_digest(directory: str | Path) -> str:
+    """One sha256 for the whole package: of its files' names and checksums, each file checked."""
+    sums = check_package_files(directory)
+    return hashlib.sha256("".join(f"{name} {digest}\n" for name, digest in sorted(sums.items())).encode()).hexdigest()
+
+
 def feature_key(config: dict[str, Any]) -> str:
     """The encoder identity a package's features must come from: the encoder name, or
     `<name>-<fingerprint>` when the package carries fine-tuned encoder weights."""

@@ -12,6 +12,8 @@ image (applied when a kube context is configured). BentoML runs in its own proce
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -24,7 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from captioning.config import PROJECT_ROOT, artifacts_dir
-from captioning.release.container_image import build_image, image_exists, image_ref, image_size
+from captioning.release.container_image import (
+    PACKAGE_LABEL,
+    build_image,
+    image_exists,
+    image_label,
+    image_ref,
+    image_size,
+)
 
 KUBE_OVERLAY = PROJECT_ROOT / "deploy" / "overlays" / "production"
 
@@ -44,6 +53,7 @@ class Release:
     built: bool
     kubernetes: dict = field(default_factory=dict)
     dispatch: str = ""
+    package_sha256: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,34 +98,49 @@ def build_bento(package: Path, version: str) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def release_lock():
+    """One release at a time on this machine: BentoML's model store, the image tags and the
+    release folders are shared by every release."""
+    path = artifacts_dir() / "release" / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def release(
     model: str = "models:/captioner@champion", tracking: str | None = None, rebuild: bool = False, kube: bool = True
 ) -> Release:
-    """Bento and image of a registered version (reused when that image already exists)."""
+    """Bento and image of a registered version. An image is reused only when its label names the
+    same package (after a registry reset, version N may be another model)."""
+    from captioning.inference.model_package import package_digest
+
     version, package = resolve_version(model, tracking)
-    ref = image_ref(version)
-    folder = release_dir(version)
-    bento = folder / f"captioning-v{version}.bento"
-    if image_exists(ref) and bento.is_file() and not rebuild:
-        result = Release(version, ref, str(bento), f"bento:captioner:v{version}", image_size(ref), 0.0, False)
-    else:
-        started = time.perf_counter()
-        bento = build_bento(package, version)
-        image = build_image(bento, version, f"bento:captioner:v{version}")
-        result = Release(
-            version,
-            ref,
-            str(bento),
-            f"bento:captioner:v{version}",
-            image["size_bytes"],
-            round(time.perf_counter() - started, 1),
-            True,
-        )
-    if kube:
-        result.kubernetes = kubernetes_release(version, ref)
-    result.dispatch = dispatch_cd(version)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "release.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    digest = package_digest(package)
+    with release_lock():
+        ref = image_ref(version)
+        folder = release_dir(version)
+        bento = folder / f"captioning-v{version}.bento"
+        model_tag = f"bento:captioner:v{version}"
+        reusable = image_exists(ref) and image_label(ref, PACKAGE_LABEL) == digest and bento.is_file()
+        if reusable and not rebuild:
+            result = Release(version, ref, str(bento), model_tag, image_size(ref), 0.0, False)
+        else:
+            started = time.perf_counter()
+            bento = build_bento(package, version)
+            image = build_image(bento, version, model_tag, digest)
+            seconds = round(time.perf_counter() - started, 1)
+            result = Release(version, ref, str(bento), model_tag, image["size_bytes"], seconds, True)
+        result.package_sha256 = digest
+        if kube:
+            result.kubernetes = kubernetes_release(version, ref)
+        result.dispatch = dispatch_cd(version)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "release.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result
 
 

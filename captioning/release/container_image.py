@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def image_ref(version: str) -> str:
 
 def image_exists(ref: str) -> bool:
     return podman("image", "exists", ref, check=False).returncode == 0
+
+
+# The label an image carries with the sha256 of the model package inside (package_digest): a
+# version number alone does not name a package once a registry is reset or replaced.
+PACKAGE_LABEL = "io.captioning.package-sha256"
+
+
+def image_label(ref: str, label: str = PACKAGE_LABEL) -> str:
+    """A label of a local image ("" when it has none)."""
+    result = podman("image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}', ref, check=False)
+    value = result.stdout.strip() if result.returncode == 0 else ""
+    return "" if value == "<no value>" else value
 
 
 def image_size(ref: str) -> int:
@@ -178,8 +191,6 @@ def wheelhouse() -> Path:
 
 def build_context(bento_archive: Path, wheels: Path, folder: Path) -> Path:
     """The build context: Containerfile, requirements, wheels (hard links) and the unpacked bento."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     shutil.copy2(CONTAINER_DIR / "Containerfile", folder / "Containerfile")
     shutil.copy2(wheels / "requirements.txt", folder / "requirements.txt")
     shutil.copytree(wheels, folder / "wheels", copy_function=os.link)
@@ -188,14 +199,17 @@ def build_context(bento_archive: Path, wheels: Path, folder: Path) -> Path:
     return folder
 
 
-def build_image(bento_archive: Path, version: str, model: str) -> dict:
-    """Build localhost/captioning:vN from a release's .bento archive; returns its tag, size, time."""
+def build_image(bento_archive: Path, version: str, model: str, package_sha256: str) -> dict:
+    """Build localhost/captioning:vN from a release's .bento archive, labelled with the package's
+    digest; returns its tag, size, time. Each build has a context folder of its own."""
     started = time.perf_counter()
     base = build_base_image()
     wheels = wheelhouse()
     ref = image_ref(version)
-    context = build_context(bento_archive, wheels, cache_dir() / "context" / ref.rsplit(":", 1)[1])
+    (cache_dir() / "context").mkdir(parents=True, exist_ok=True)
+    context = Path(tempfile.mkdtemp(prefix=f"{ref.rsplit(':', 1)[1]}-", dir=cache_dir() / "context"))
     try:
+        build_context(bento_archive, wheels, context)
         podman(
             "build",
             "--format",
@@ -210,6 +224,8 @@ def build_image(bento_archive: Path, version: str, model: str) -> dict:
             f"MODEL={model}",
             "--build-arg",
             f"VERSION={version}",
+            "--build-arg",
+            f"PACKAGE_SHA256={package_sha256}",
             "--tag",
             ref,
             "--file",

@@ -137,3 +137,35 @@ def test_container_is_non_root_read_only_and_checks_its_health(offline_container
     assert env["BENTOML_DO_NOT_TRACK"] == "true" and env["DO_NOT_TRACK"] == "1"
     assert env["CAPTIONING_MODEL"] == "bento:captioner:v1"
     assert podman("healthcheck", "run", offline_container, check=False).returncode == 0
+
+
+def test_an_image_is_reused_only_for_the_same_package(workspace, packages, tmp_path):
+    """After a registry reset, version 1 may be another model: its old image is rebuilt, not reused."""
+    from captioning.inference.model_package import package_digest
+    from captioning.release.container_image import PACKAGE_LABEL, image_label
+    from tests.container.conftest import register, run_cli
+
+    repo = "localhost/captioning-test-reset"
+    env = {**workspace, "CAPTIONING_IMAGE_REPO": repo}
+
+    def release_in(registry: str) -> dict:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / registry}"
+        result = run_cli("release", "--json", env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    try:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'first.db'}"
+        assert register(packages[0], env).version == "1"
+        assert release_in("first.db")["built"]
+        assert image_label(f"{repo}:v1", PACKAGE_LABEL) == package_digest(packages[0])
+
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'reset.db'}"  # a new registry: v1 is another model
+        assert register(packages[1], env).version == "1"
+        rebuilt = release_in("reset.db")
+        assert rebuilt["built"], "the image of another package under the same version is rebuilt, not reused"
+        assert image_label(f"{repo}:v1", PACKAGE_LABEL) == package_digest(packages[1]) == rebuilt["package_sha256"]
+
+        assert not release_in("reset.db")["built"], "the same package again: the image is reused"
+    finally:
+        podman("rmi", "--force", f"{repo}:v1", check=False)
