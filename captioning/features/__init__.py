@@ -1,1 +1,1 @@
-"""Image features: the pretrained encoder (EfficientNet-Lite) and the cache of its outputs."""
+"""Image features: the pretrained encoder (EfficientNet-Lite), the cache of its outputs, drift of live images."""
