@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENCODERS = ("lite0", "lite2", "lite2_260", "lite2_320")
 DECODERS = ("show_tell", "attention", "transformer", "updown")
@@ -193,8 +193,53 @@ class RetrainSettings(Section):
     include_feedback: bool
 
 
+class SmokeSettings(Section):
+    enabled: bool
+    photos: int = Field(ge=1)
+    score_tolerance: float = Field(ge=0.0)
+    max_repeats: int = Field(ge=1)
+    max_latency_seconds: float = Field(gt=0.0)
+
+
+class ShadowSettings(Section):
+    enabled: bool
+    share: float = Field(gt=0.0, le=100.0)
+    min_requests: int = Field(ge=1)
+    window_seconds: float = Field(gt=0.0)
+    min_agreement: float = Field(ge=0.0)
+
+
+class CanarySettings(Section):
+    enabled: bool
+    steps: list[int] = Field(min_length=1)
+    window_seconds: float = Field(gt=0.0)
+    min_requests: int = Field(ge=1)
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+    max_latency_ratio: float = Field(gt=0.0)
+    max_p95_seconds: float = Field(gt=0.0)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_climb_to_all(cls, steps: list[int]) -> list[int]:
+        # Each step a larger share of the traffic, the last one all of it: a canary that never
+        # reaches 100 % would leave the old version serving after its promotion.
+        if any(not 0 < share <= 100 for share in steps):
+            raise ValueError("steps are shares of the traffic in percent, each in 1..100")
+        if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+            raise ValueError("steps must grow, e.g. [10, 50, 100]")
+        if steps[-1] != 100:
+            raise ValueError("the last step must be 100 (all the traffic)")
+        return steps
+
+
 class ReleaseSettings(Section):
     poll_seconds: float = Field(gt=0.0)
+    scrape_seconds: float = Field(gt=0.0)
+    prometheus_timeout_seconds: float = Field(gt=0.0)
+    keep_previous_seconds: float = Field(ge=0.0)
+    smoke: SmokeSettings
+    shadow: ShadowSettings
+    canary: CanarySettings
 
 
 with warnings.catch_warnings():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs, only when one is missing.
-#   Java (METEOR, the PTB tokenizer), Chromium (browser tests), Prometheus (scrape test),
+#   Java (METEOR, the PTB tokenizer), Chromium (browser tests), Prometheus and promtool (the stack's
+#   Prometheus, the rollout analysis, rule checks),
 #   podman, buildah, runc, catatonit, debootstrap (images and containers), haproxy (spreads
 #   requests over model servers), PostgreSQL (shared stores in the robustness and scale-out tests).
 # kubectl (the Kustomize render test) is not a Debian 12 package: it is used where the machine

@@ -3,7 +3,7 @@
 # servers, pods played from deploy/base, haproxy in front), and a watcher that releases and rolls
 # out every new champion (python -m flows.release --watch), each release a run in the Prefect UI.
 # Returns once the containers are ready; `make down` stops them and the watcher.
-#   PORT (3000): the API; PORT+1..PORT+8 are used inside the stack. PREFECT_PORT (4200).
+#   PORT (3000): the API; PORT+1..PORT+8 are used inside the stack, PORT+9 by its Prometheus. PREFECT_PORT (4200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -27,6 +27,7 @@ cat <<INFO
 
 Containers ready:
   service      http://127.0.0.1:$PORT/          (API: /caption, /model, /metrics)
+  Prometheus   http://127.0.0.1:$((PORT + 9))/     (every replica's metrics, labelled role, slot, version)
   status       .venv/bin/captioning stack status
   Prefect UI   ${PREFECT_API_URL%/api}/      (each release is a run of the flow "release")
 A new champion (make run, python -m flows.retrain, captioning register, captioning registry

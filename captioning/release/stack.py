@@ -8,8 +8,10 @@
     down()            stop everything
 
 Ports from `port` (P): P the API (through haproxy), P+1 the model servers (through haproxy),
-P+2..P+3 the API slots, P+4..P+7 the model slots, P+8 haproxy's admin socket. Each pod uses
-the host's network and listens on 127.0.0.1 only. The state lives in `stack_dir()`.
+P+2..P+3 the API slots, P+4..P+7 the model slots, P+8 haproxy's admin socket, P+9 Prometheus.
+Each pod uses the host's network and listens on 127.0.0.1 only. Prometheus scrapes every slot
+that runs a pod, labelled with its role, slot and model version (captioning/release/prometheus.py):
+the rollout's analysis reads the replicas' figures there. The state lives in `stack_dir()`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Iterator
 import yaml
 
 from captioning.config import PROJECT_ROOT, artifacts_dir
+from captioning.release import prometheus
 from captioning.release.container_image import ContainerError, podman
 
 DEPLOY = PROJECT_ROOT / "deploy" / "base"
@@ -53,6 +56,7 @@ def ports(port: int) -> dict:
         "api": port,
         "model": port + 1,
         "admin": port + 8,
+        "prometheus": port + 9,
         "slots": {"api": [port + 2, port + 3], "model": [port + 4, port + 5, port + 6, port + 7]},
     }
 
@@ -292,19 +296,37 @@ def drain(port: int, role: str, slot: int, seconds: float = DRAIN_SECONDS) -> No
     haproxy(port, f"set server {server} state maint")
 
 
-def add_replica(port: int, role: str, image: str, taken: set[int]) -> int:
-    """Start `image` in a free slot of the role and wait until haproxy sends it requests."""
+def prometheus_dir() -> Path:
+    return stack_dir() / "prometheus"
+
+
+def prometheus_url(port: int) -> str:
+    return f"http://127.0.0.1:{ports(port)['prometheus']}"
+
+
+def start_prometheus(port: int, scrape_seconds: float) -> None:
+    try:
+        prometheus.start(prometheus_dir(), ports(port)["prometheus"], scrape_seconds)
+    except prometheus.PrometheusStartError as error:
+        raise StackError(str(error)) from None
+
+
+def add_replica(port: int, role: str, image: str, taken: set[int], version: str = "") -> int:
+    """Start `image` in a free slot of the role and wait until haproxy sends it requests.
+    Prometheus scrapes the slot from the pod's start, labelled with `version`."""
     free = [slot for slot in range(ROLES[role]) if slot not in taken]
     if not free:
         raise StackError(f"no free {role} slot: every one of {ROLES[role]} is in use")
     slot = free[0]
     start_pod(role, slot, image, port)
+    prometheus.set_target(prometheus_dir(), role, slot, f"127.0.0.1:{ports(port)['slots'][role][slot]}", version)
     haproxy(port, f"set server {role}/s{slot} state ready")
     try:
         wait_ready(port, role, slot)
     except StackError:
         haproxy(port, f"set server {role}/s{slot} state maint")
         stop_pod(role, slot)
+        prometheus.drop_target(prometheus_dir(), role, slot)
         raise
     return slot
 
@@ -312,13 +334,15 @@ def add_replica(port: int, role: str, image: str, taken: set[int]) -> int:
 def remove_replica(port: int, role: str, slot: int) -> None:
     drain(port, role, slot)
     stop_pod(role, slot)
+    prometheus.drop_target(prometheus_dir(), role, slot)
 
 
 # --------------------------------------------------------------------------- the stack
 
 
-def up(image: str, port: int = 3000, replicas: int = 2, version: str = "") -> dict:
-    """Start the stack with `image` (or roll it out to a stack already running)."""
+def up(image: str, port: int = 3000, replicas: int = 2, version: str = "", scrape_seconds: float = 1.0) -> dict:
+    """Start the stack with `image` (or roll it out to a stack already running); Prometheus
+    scrapes its replicas every `scrape_seconds` (`release.scrape_seconds`)."""
     with locked():
         state = read_state()
         if state is not None and running(state):
@@ -338,9 +362,11 @@ def up(image: str, port: int = 3000, replicas: int = 2, version: str = "") -> di
         }
         write_state(state)
         try:
+            start_prometheus(port, scrape_seconds)
             for role, count in (("model", replicas), ("api", 1)):
                 for _ in range(count):
-                    state["slots"][role].append(add_replica(port, role, image, set(state["slots"][role])))
+                    slot = add_replica(port, role, image, set(state["slots"][role]), version)
+                    state["slots"][role].append(slot)
                     write_state(state)
         except Exception:
             _down(state)
@@ -362,7 +388,7 @@ def _rollout(state: dict, image: str, version: str) -> dict:
     started = time.monotonic()
     for role in ("model", "api"):
         for old in list(state["slots"][role]):
-            new = add_replica(port, role, image, set(state["slots"][role]))
+            new = add_replica(port, role, image, set(state["slots"][role]), version)
             state["slots"][role].append(new)
             write_state(state)
             remove_replica(port, role, old)
@@ -385,6 +411,8 @@ def _down(state: dict | None) -> None:
         for slot in range(ROLES[role]):
             stop_pod(role, slot)
     stop_haproxy()
+    prometheus.stop(prometheus_dir())
+    prometheus.write_targets(prometheus_dir(), [])
     with contextlib.suppress(FileNotFoundError):
         (stack_dir() / "state.json").unlink()
 
@@ -398,7 +426,8 @@ def running(state: dict) -> bool:
 
 
 def status() -> dict:
-    """The state, with haproxy's view of each replica and the version the API reports."""
+    """The state, with haproxy's view of each replica, the version the API reports, each slot's
+    version and the stack's Prometheus (its URL; its pid, None when it is not running)."""
     state = read_state()
     if state is None or not running(state):
         return {"running": False}
@@ -406,7 +435,18 @@ def status() -> dict:
     replicas = {
         role: {f"s{slot}": stats[(role, f"s{slot}")]["status"] for slot in state["slots"][role]} for role in ROLES
     }
-    return {"running": True, **state, "replicas": replicas, "served": served_version(state["port"])}
+    versions: dict[str, dict[str, str]] = {role: {} for role in ROLES}  # what each slot serves, as Prometheus labels it
+    for target in prometheus.read_targets(prometheus_dir()):
+        labels = target["labels"]
+        versions[labels["role"]][f"s{labels['slot']}"] = labels["version"]
+    return {
+        "running": True,
+        **state,
+        "replicas": replicas,
+        "versions": versions,
+        "served": served_version(state["port"]),
+        "prometheus": {"url": prometheus_url(state["port"]), "pid": prometheus.pid(prometheus_dir())},
+    }
 
 
 def served_version(port: int) -> str | None:

@@ -25,7 +25,7 @@ ROLLOUT_SECONDS = 900  # the issue's bound: serving the new version within 15 mi
 MIN_REQUESTS = 500
 
 
-def free_block(size: int = 9) -> int:
+def free_block(size: int = 10) -> int:
     """A port P with P..P+size-1 all free on 127.0.0.1, below the kernel's ephemeral range: the
     traffic of a rollout opens many client connections, whose source ports come from that range
     and could take a port of the stack before its new containers bind it."""
