@@ -29,8 +29,13 @@ disable_telemetry()
 BENTO_NAME = "captioning"
 SERVICE = "service:CaptionAPI"
 MODEL_SERVICE = "caption_model"
-# What a bento carries besides the model: the service, the library it calls, the web page.
-INCLUDE = ["service.py", "bento.py", "captioning/**/*.py", "web/index.html", "web/app.js", "web/style.css"]
+# What a bento carries besides the model: the service, the parts of the library serving calls
+# (not training, evaluation, release or the CLI), the web page.
+LIBRARY = [
+    *(f"captioning/{name}.py" for name in ("__init__", "settings", "config", "vocab", "images", "pyfunc")),
+    *(f"captioning/{package}/*.py" for package in ("data", "features", "models", "inference", "registry", "serving")),
+]
+INCLUDE = ["service.py", "bento.py", *LIBRARY, "web/index.html", "web/app.js", "web/style.css"]
 
 
 def tag_version(version: str) -> str:

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from bentoml.exceptions import BentoMLException
 
+from captioning.serving.model_calls import MODEL_CALL_ATTEMPTS, may_retry, model_failure
 from harness.serving import free_port
-from service import MODEL_CALL_ATTEMPTS, _may_retry, _model_failure
 
 pytestmark = pytest.mark.robustness
 
@@ -62,22 +62,22 @@ def answered(status: int) -> BentoMLException:
 def test_a_connection_never_made_is_retried_up_to_the_limit():
     error = asyncio.run(refused_connection())
     assert isinstance(error, aiohttp.ClientConnectorError)
-    assert [_may_retry(error, attempt) for attempt in range(MODEL_CALL_ATTEMPTS)] == [True, True, False]
-    assert _model_failure(error).status == 503
+    assert [may_retry(error, attempt) for attempt in range(MODEL_CALL_ATTEMPTS)] == [True, True, False]
+    assert model_failure(error).status == 503
 
 
 def test_a_connection_dropped_after_sending_is_retried_once():
     error = asyncio.run(dropped_after_sending())
     assert isinstance(error, aiohttp.ServerDisconnectedError)
-    assert [_may_retry(error, attempt) for attempt in range(MODEL_CALL_ATTEMPTS)] == [True, False, False]
-    assert _model_failure(error).status == 503
+    assert [may_retry(error, attempt) for attempt in range(MODEL_CALL_ATTEMPTS)] == [True, False, False]
+    assert model_failure(error).status == 503
 
 
 @pytest.mark.parametrize("status, answer", [(500, 502), (400, 502), (401, 502), (429, 503), (503, 503)])
 def test_an_answer_is_never_retried(status, answer):
     error = answered(status)
-    assert not _may_retry(error, 0)
-    failure = _model_failure(error)
+    assert not may_retry(error, 0)
+    failure = model_failure(error)
     assert failure.status == answer
     assert failure.kind == ("model_unavailable" if answer == 503 else "model_refused")
     # A refusal says why: the token for 401, else the status the model answered.

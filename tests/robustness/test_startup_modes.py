@@ -61,6 +61,21 @@ def test_production_refuses_to_start_without_keys(robust_model, tmp_path, settin
     assert "loaded model" not in output  # refused before any worker started
 
 
+@pytest.mark.parametrize(
+    "settings, line",
+    [
+        ({"CAPTIONING_MAX_UPLOAD_MB": "ten"}, "error: CAPTIONING_MAX_UPLOAD_MB='ten': Input should be a valid number"),
+        ({"CAPTIONING_MAX_CONCURRENCY": "0"}, "error: CAPTIONING_MAX_CONCURRENCY='0': Input should be greater than"),
+    ],
+)
+def test_a_bad_setting_refuses_to_start_with_one_line(robust_model, tmp_path, settings, line):
+    result = serve_until_exit(robust_model, tmp_path, **settings)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert line in output and "Traceback" not in output
+    assert "loaded model" not in output
+
+
 def test_production_run_open_on_purpose_says_so(hardened_service):
     """The hardened service runs with CAPTIONING_ALLOW_NO_KEY=1: it warns, and answers without a key."""
     log = hardened_service.log_path.read_text(errors="replace")

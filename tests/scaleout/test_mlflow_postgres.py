@@ -122,7 +122,7 @@ def test_training_is_tracked_in_postgresql_with_artifacts_in_their_own_root(serv
 
 
 def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained, monkeypatch):
-    import service
+    from captioning.serving.model_source import locate
 
     name = "pg-gates"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])  # what the service reads
@@ -137,12 +137,12 @@ def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained
         "failed",
         "failed",
     ]
-    assert service._locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "2"
+    assert locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "2"
     folder = registry.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
     assert (folder / "weights.pt").read_bytes() == (trained["package"] / "weights.pt").read_bytes()
 
     assert registry.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}
-    assert service._locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "1"
+    assert locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "1"
     rows = sql(server["database"], "SELECT alias, version FROM registered_model_aliases WHERE name = :name", name=name)
     assert rows == [(CHAMPION, 1)]
     assert (
