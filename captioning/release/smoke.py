@@ -80,8 +80,8 @@ def smoke_set(settings, size: int, seed: int = 0) -> list[SmokeImage]:
 
     A single unsampled query gets the query language's sample, `<query>-<size>s<seed>`; a
     selection that is already sampled or joins several queries is sampled by the same rule
-    (records in selection order, `random.Random(seed).sample`). Raises QueryError when the
-    split holds fewer than `size` photos.
+    (records in selection order, `random.Random(seed).sample`). Raises ValueError (a
+    QueryError for a query) when the split holds fewer than `size` photos.
     """
     import random
 
@@ -199,6 +199,14 @@ def record_package_captions(
 def load_record(path: str | Path) -> dict[str, Any]:
     """A record `record_package_captions` wrote."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def stable_record_score(stable_record: dict[str, Any], recorded: dict[str, Any]) -> float:
+    """The stable version's `METRIC` on the candidate's smoke set, from the stable version's own
+    record; ValueError when the two records are of different sets (their scores do not compare)."""
+    if stable_record.get("set_digest") != recorded.get("set_digest"):
+        raise ValueError("the stable version's smoke record is of another photo set: caption this one with it")
+    return float(stable_record["scores"][METRIC])
 
 
 # --------------------------------------------------------------------------- judging the answers

@@ -21,6 +21,7 @@ from captioning.release.smoke import (
     record_package_captions,
     set_digest,
     smoke_set,
+    stable_record_score,
     write_smoke_set,
 )
 from harness.serving import free_port
@@ -263,6 +264,9 @@ def test_the_same_package_captioning_again_passes(trained, smoke_folder, recorde
 def test_another_package_fails_on_captions_that_differ(tmp_path, smoke_folder, recorded):
     untrained = train_tiny_model(tmp_path, epochs=1, lr=1e-9)
     other = record_package_captions(untrained, smoke_folder)
+    assert stable_record_score(recorded, other) == recorded["scores"]["CIDEr"]  # the same set: comparable
+    with pytest.raises(ValueError, match="another photo set"):
+        stable_record_score({**recorded, "set_digest": "0" * 64}, other)
     served = served_from(other["captions"])
     # Judged for what it says, not for how it says it: max_repeats high enough to let it through.
     verdict = judge_smoke(served, recorded, stable_score=None, **{**LIMITS, "max_repeats": 100})
