@@ -259,6 +259,22 @@ def score(predictions: dict[str, str], references: dict[str, list[str]]) -> dict
     return score_details(predictions, references)[0]
 
 
+def score_quick(
+    predictions: dict[str, str], references: dict[str, list[str]], allow_empty: bool = False
+) -> dict[str, float]:
+    """BLEU-1..4 and CIDEr in percent, as `score` computes them, without starting METEOR's JVM:
+    for checks that need only these, such as a release's smoke test."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    check_predictions(predictions, references, allow_empty)
+    gts, res = tokenize(predictions, references)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    metrics = {f"BLEU-{n + 1}": 100.0 * float(bleu[n]) for n in range(4)}
+    metrics["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    return metrics
+
+
 def references_of(records) -> dict[str, list[str]]:
     return {r.image_id: list(r.captions) for r in records}
 
