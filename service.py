@@ -184,6 +184,10 @@ class CaptionModelService:
         }
 
     @bentoml.api
+    def replica(self) -> dict:
+        return CONFIG.replica("model")
+
+    @bentoml.api
     def info(self) -> dict:
         captioner = self.captioner
         config = getattr(captioner, "config", None)
@@ -371,6 +375,10 @@ class CaptionAPI:
     @app.get("/model")
     async def model_info(self) -> JSONResponse:
         return JSONResponse(await call_model(self.model.to_async.info, retry=False))
+
+    @app.post("/replica")
+    async def replica(self) -> JSONResponse:
+        return JSONResponse(CONFIG.replica("api"))
 
     @app.post("/reload")
     async def reload(self, request: Request) -> JSONResponse:

@@ -32,6 +32,9 @@ Environment (an empty variable counts as unset):
   CAPTIONING_FEEDBACK_MAX_BYTES  bytes of feedback images kept at most (default: no cap)
   CAPTIONING_TORCH_THREADS    torch threads of the model service (default: torch's choice)
   CAPTIONING_GPU              1 = the model service asks for a GPU
+  CAPTIONING_REPLICA_VERSION / CAPTIONING_REPLICA_NONCE  what the local stack started this replica as;
+                              POST /replica answers with them, so the stack can tell its replica from
+                              another process on the same port
 
 A value that does not parse, or lies outside its range, refuses start-up with one line naming
 the variable (`StartupRefused`), as does production without its keys.
@@ -75,6 +78,8 @@ ENVIRONMENT = {
     "feedback_max_bytes": "CAPTIONING_FEEDBACK_MAX_BYTES",
     "torch_threads": "CAPTIONING_TORCH_THREADS",
     "gpu": "CAPTIONING_GPU",
+    "replica_version": "CAPTIONING_REPLICA_VERSION",
+    "replica_nonce": "CAPTIONING_REPLICA_NONCE",
 }
 
 
@@ -111,6 +116,12 @@ class ServiceConfig(BaseModel):
     feedback_max_bytes: int | None = Field(None, gt=0)
     torch_threads: int = Field(0, ge=0)
     gpu: bool = False
+    replica_version: str = ""
+    replica_nonce: str = Field("", repr=False)
+
+    def replica(self, role: str) -> dict[str, str]:
+        """Who this replica is, as the stack that started it knows it (POST /replica)."""
+        return {"role": role, "version": self.replica_version, "nonce": self.replica_nonce}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":

@@ -1,0 +1,61 @@
+"""Versions a rollout refused: why, recorded on the version, and the champion alias put back.
+
+A refused version keeps its place in the registry (its gates, metrics and lineage stay readable);
+it carries the tags `rollout_refused` (the one-line reason), `rollout_stage`, `rollout_figure` and
+`rollout_threshold`, and the release watcher never rolls it out again by itself. Registering it
+anew (a new version) or removing the tag by hand lets it be released again.
+"""
+
+from __future__ import annotations
+
+import time
+
+from captioning.registry.client import (
+    CHAMPION,
+    PREVIOUS,
+    _alias_version,
+    _client,
+    check_server,
+    registry_lock,
+    tracking_uri,
+)
+
+REFUSED_TAG = "rollout_refused"
+
+
+def refuse(
+    tracking: str | None,
+    name: str,
+    version: str,
+    stable: str | None,
+    reason: str,
+    stage: str,
+    figure: float | None = None,
+    threshold: float | None = None,
+) -> dict[str, str | None]:
+    """Tag `version` as refused and, when it is still the champion, make `stable` (the version that
+    served before) the champion again. Returns the aliases afterwards."""
+    uri = tracking_uri(None, tracking)
+    check_server(uri)
+    client = _client(uri)
+    with registry_lock(uri, name):
+        tags = {
+            REFUSED_TAG: reason[:4000],
+            "rollout_stage": stage,
+            "rollout_figure": "" if figure is None else f"{figure:.6g}",
+            "rollout_threshold": "" if threshold is None else f"{threshold:.6g}",
+            "rollout_refused_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        if stable and _alias_version(client, name, CHAMPION) == str(version):
+            client.set_registered_model_alias(name, CHAMPION, stable)
+            if _alias_version(client, name, PREVIOUS) == str(stable):
+                client.delete_registered_model_alias(name, PREVIOUS)
+        return {"champion": _alias_version(client, name, CHAMPION), "previous": _alias_version(client, name, PREVIOUS)}
+
+
+def refused_reason(tracking: str | None, name: str, version: str) -> str | None:
+    """Why a rollout refused `version`, or None when none did."""
+    client = _client(tracking_uri(None, tracking))
+    return client.get_model_version(name, str(version)).tags.get(REFUSED_TAG) or None
