@@ -150,7 +150,8 @@ class CaptionModelService:
         for index, job in enumerate(jobs):
             groups.setdefault((job.beam_size, job.max_length, job.return_attention), []).append(index)
         for (beam_size, max_length, return_attention), indices in groups.items():
-            options = dict(beam_size=beam_size, max_length=max_length, return_attention=return_attention)
+            decoding = captioner.settings_for(beam_size=beam_size, max_length=max_length)
+            options = dict(decoding=decoding, return_attention=return_attention)
             started = time.perf_counter()
             try:
                 outputs = captioner.caption([jobs[i].image for i in indices], **options)

@@ -68,6 +68,7 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
     from captioning.config import PARAMS_FILE
     from captioning.data.query import parse_query
     from captioning.evaluation.scoring import evaluate_model
+    from captioning.registry.client import load_captioner
     from captioning.settings import load_settings
 
     params = load_settings(PARAMS_FILE).to_dict()
@@ -80,9 +81,9 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
         )
         encode_seconds = fill_cache(query, encoder, feature_dir, params["features"]["batch_size"])
         started, cpu_before = time.perf_counter(), _cpu_seconds()
-        result = evaluate_model(
-            uri, query, beam_size=beam, batch_size=batch_size, attention_images=0, feature_dir=feature_dir
-        )
+        captioner = load_captioner(uri, with_encoder=False)  # features come from the cache
+        decoding = captioner.settings_for(beam_size=beam)
+        result = evaluate_model(captioner, query, decoding, batch_size, attention_images=0, feature_dir=feature_dir)
         seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
     words = [len(c.split()) for c in result.predictions.values()]
     return {

@@ -64,7 +64,8 @@ def main() -> None:
     images = _images(args.data)
     batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     batches = [batch for batch in batches if len(batch) == args.batch_size] or batches
-    captioner.caption(batches[0][:2], beam_size=args.beam)  # warm-up: encoder built, first calls paid
+    decoding = captioner.settings_for(beam_size=args.beam)
+    captioner.caption(batches[0][:2], decoding)  # warm-up: encoder built, first calls paid
 
     timing = {"encoder": 0.0, "full": 0.0, "image_decoding": 0.0, "encoding": 0.0, "caption_decoding": 0.0}
     words = 0
@@ -76,7 +77,7 @@ def main() -> None:
             timing["encoder"] += time.perf_counter() - start
 
             start = time.perf_counter()
-            results = captioner.caption(batch, beam_size=args.beam)
+            results = captioner.caption(batch, decoding)
             timing["full"] += time.perf_counter() - start
             words += sum(len(result["caption"].split()) for result in results)
 
@@ -85,12 +86,12 @@ def main() -> None:
             start = time.perf_counter()
             pixels = [
                 preprocess(view, captioner.image_size)
-                for view in views([open_image(data) for data in batch], captioner.flip)
+                for view in views([open_image(data) for data in batch], decoding.flip)
             ]
             middle = time.perf_counter()
             features = torch.cat([captioner.encoder(view) for view in pixels], dim=1)
             end = time.perf_counter()
-            captioner.caption_features(features, beam_size=args.beam)
+            captioner.caption_features(features, decoding)
             timing["image_decoding"] += middle - start
             timing["encoding"] += end - middle
             timing["caption_decoding"] += time.perf_counter() - end
@@ -107,15 +108,15 @@ def main() -> None:
             "data": args.data,
             "images": count,
             "batch_size": args.batch_size,
-            "beam_size": args.beam or captioner.beam_size,
+            "beam_size": decoding.beam_size,
             "precision": captioner.precision,  # as run on this device (the package asks decoding.precision)
             "threads": torch.get_num_threads(),
-            "length_penalty": captioner.length_penalty,
-            "early_stop": captioner.early_stop,
-            "rerank": captioner.rerank,
-            "flip": captioner.flip,
-            "rerank_neighbours": captioner.neighbours if captioner.rerank == "consensus" else 0,
-            "rerank_score_weight": captioner.score_weight if captioner.rerank == "consensus" else 0.0,
+            "length_penalty": decoding.length_penalty,
+            "early_stop": decoding.early_stop,
+            "rerank": decoding.rerank,
+            "flip": decoding.flip,
+            "rerank_neighbours": decoding.rerank_neighbours if decoding.rerank == "consensus" else 0,
+            "rerank_score_weight": decoding.rerank_score_weight if decoding.rerank == "consensus" else 0.0,
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "load_average": os.getloadavg(),

@@ -52,12 +52,13 @@ def direct_throughput(
 
     torch.set_num_threads(threads)
     captioner = load_captioner(model)
-    captioner.caption(images[:batch_size], **options)  # warm-up
+    decoding = captioner.settings_for(**options)
+    captioner.caption(images[:batch_size], decoding)  # warm-up
     done, started = 0, time.perf_counter()
     while done < total:
         count = min(batch_size, total - done)
         batch = [images[(done + i) % len(images)] for i in range(count)]
-        captioner.caption(batch, **options)
+        captioner.caption(batch, decoding)
         done += count
     elapsed = time.perf_counter() - started
     return {

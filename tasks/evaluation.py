@@ -23,19 +23,21 @@ def evaluate_model(
     report_path: str | None = None,
     metrics_path: str | None = None,
 ) -> dict[str, Any]:
-    """Caption `query` with `model` (package folder or models:/ URI) and score it (percent).
+    """Caption `query` with `model` (package folder or models:/ URI) and score it (percent), with
+    the model's own decoding settings at `beam_size` and `max_length`.
 
     `feature_dir`: params features.dir; `tracking`: the registry a models:/ URI is read from.
     Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
     """
     from captioning.evaluation.scoring import evaluate_model as evaluate
+    from captioning.registry.client import load_captioner
 
     logger = run_logger()
+    captioner = load_captioner(model, tracking, with_encoder=False)  # features come from the cache
     result = evaluate(
-        model,
+        captioner,
         query,
-        beam_size=beam_size,
-        max_length=max_length,
+        captioner.settings_for(beam_size=beam_size, max_length=max_length),
         attention_images=4 if report_path else 0,
         feature_dir=feature_dir,
         tracking=tracking,

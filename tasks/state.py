@@ -1,5 +1,5 @@
-"""The retraining state as Prefect tasks: has anything changed since the last training, and
-recording what a training saw (the library's `captioning.registry.retrain_record`)."""
+"""The retrain record as Prefect tasks: has anything changed since the last training, and
+recording what a training saw (its `RetrainRecord`, from the library's `captioning.registry.retrain_record`)."""
 
 from __future__ import annotations
 
@@ -35,5 +35,5 @@ def record_training(check: dict[str, Any], outcome: dict[str, Any], started_at: 
     from captioning.registry.retrain_record import record_training as record
 
     path = record(check, outcome, started_at)
-    run_logger().info("state written to %s", path)
+    run_logger().info("retrain record written to %s", path)
     return str(path)

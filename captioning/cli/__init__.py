@@ -1,7 +1,8 @@
 """The `captioning` command.
 
-Each sub-module adds its commands through `register(app)`; heavy imports
-(torch, MLflow, ...) happen inside the commands so `--help` stays fast.
+The sub-modules define the commands as plain functions and the command groups (`data`,
+`registry`, `stack`) as Typer apps; this module puts them together. Heavy imports (torch,
+MLflow, ...) happen inside the commands so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -18,8 +19,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (data, train, evaluate, registry, release, params):
-    module.register(app)
+app.add_typer(data.app, name="data")
+app.command("features")(train.features_command)
+app.command("train")(train.train_command)
+app.command("caption")(train.caption_command)
+app.command("evaluate")(evaluate.evaluate_command)
+app.command("evaluate-predictions")(evaluate.evaluate_predictions_command)
+app.command("compare")(evaluate.compare_command)
+app.add_typer(registry.app, name="registry")
+app.command("register")(registry.register_command)
+app.add_typer(release.stack_app, name="stack")
+app.command("release")(release.release_command)
+app.command("profile")(params.profile_command)
+app.command("settings")(params.settings_command)
 
 
 def main() -> None:

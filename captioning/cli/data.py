@@ -13,7 +13,7 @@ import typer
 
 from captioning.cli.common import fail, params_option, print_json, set_option, settings
 
-data_app = typer.Typer(
+app = typer.Typer(
     name="data",
     help="Datasets: acquire, validate, query and list them.",
     no_args_is_help=True,
@@ -27,7 +27,7 @@ def _known(name: str) -> None:
         fail(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}", 2)
 
 
-@data_app.command("acquire")
+@app.command("acquire")
 def acquire_command(
     name: str = typer.Argument(..., help="Dataset name, e.g. flickr8k (see `captioning data list`)."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Target folder (default: data/NAME)."),
@@ -76,7 +76,7 @@ def acquire_command(
             typer.echo(f"versioned with DVC: {dvc_file}")
 
 
-@data_app.command("validate")
+@app.command("validate")
 def validate_command(
     name: str = typer.Argument(..., help="Dataset name."),
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder (default: data/NAME)."),
@@ -118,7 +118,7 @@ def validate_command(
     typer.echo(f"{name} passed validation")
 
 
-@data_app.command("query")
+@app.command("query")
 def query_command(
     query: str = typer.Argument(
         ..., help="e.g. flickr8k[test], flickr8k[train+val]-5000s7, synthetic, or a union: synthetic[train]+feedback"
@@ -155,7 +155,7 @@ def query_command(
         typer.echo(f"  ... {len(records) - 10} more (--json lists them all)")
 
 
-@data_app.command("list")
+@app.command("list")
 def list_command(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Known datasets, their splits, and whether they are on disk."""
     from captioning.config import data_dir
@@ -179,7 +179,3 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="Print as JS
     for row in rows:
         mark = "yes" if row["acquired"] else "no"
         typer.echo(f"{row['name']:<10} splits: {'+'.join(row['splits']):<24} acquired: {mark:<4} {row['path']}")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")

@@ -19,6 +19,8 @@ from captioning.cli.common import fail, params_option, print_json, set_option, s
 
 GATE_FAILED_EXIT = 3
 
+app = typer.Typer(help="The MLflow model registry: versions, aliases, rollback.", no_args_is_help=True)
+
 
 def _read_metrics(path: Path) -> dict[str, float]:
     """Metrics JSON: a flat {metric: value} or the `{"metrics": {...}}` that `evaluate --out` writes."""
@@ -50,108 +52,107 @@ def _champion_metrics(query: str, tracking: str, name: str, reevaluate: bool) ->
     return evaluate_model(str(folder), query, attention_images=0).metrics
 
 
-def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="The MLflow model registry: versions, aliases, rollback.", no_args_is_help=True)
-    app.add_typer(group, name="registry")
+def _on_registry(config, tracking: Optional[str], action):
+    """`action(tracking URI, model name)` on the registry at `tracking` (default: params
+    tracking.uri) for params register.model_name; a registry problem exits 1 with the reason."""
+    from captioning.registry import client as registry
 
-    @app.command("register")
-    def register_command(
-        model: Path = typer.Option(..., "--model", help="Model package folder."),
-        metrics: Path = typer.Option(..., "--metrics", help="Test metrics JSON (percent)."),
-        data: Optional[str] = typer.Option(
-            None, "--data", help="Query the metrics were computed on (default: params data.test_query)."
-        ),
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
-        run_id: Optional[str] = typer.Option(None, "--run-id", help="Log the model into this MLflow run."),
-        reevaluate: bool = typer.Option(
-            True, "--reevaluate/--no-reevaluate", help="Re-score the champion when it was scored on another query."
-        ),
-        fail_on_gate: bool = typer.Option(
-            False, "--fail-on-gate", help=f"Exit {GATE_FAILED_EXIT} when the gates refuse the model."
-        ),
-        as_json: bool = typer.Option(False, "--json"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Register a model version; promote it to champion only if it passes the metric gates."""
-        from captioning.inference.model_package import PackageError
-        from captioning.registry import client as registry
+    try:
+        with registry.bounded_http_retries():
+            return action(registry.tracking_uri(config, tracking), registry.model_name(config))
+    except registry.RegistryError as error:
+        fail(str(error), code=1)
 
-        config = settings(params_file, assignments)
-        if not (model / "config.json").is_file():
-            fail(f"{model} is not a model package folder (no config.json)")
-        values = _read_metrics(metrics)
-        query = data or config.data.test_query
-        try:
-            with registry.bounded_http_retries():
-                uri = registry.tracking_uri(config, tracking)
-                registry.check_server(uri)
-                champion = _champion_metrics(query, uri, registry.model_name(config), reevaluate)
-                result = registry.register(
-                    model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
-                )
-        except PackageError as error:
-            fail(str(error))
-        except registry.RegistryError as error:
-            fail(str(error), code=1)
-        if as_json:
-            print_json(result.to_dict())
-        else:
-            typer.echo(result.message)
-        if fail_on_gate and not result.promoted:
-            raise typer.Exit(GATE_FAILED_EXIT)
 
-    @group.command("list")
-    def list_command(
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
-        as_json: bool = typer.Option(False, "--json"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Versions with their aliases, gate outcome and metrics."""
-        from captioning.registry import client as registry
+def register_command(
+    model: Path = typer.Option(..., "--model", help="Model package folder."),
+    metrics: Path = typer.Option(..., "--metrics", help="Test metrics JSON (percent)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Query the metrics were computed on (default: params data.test_query)."
+    ),
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Log the model into this MLflow run."),
+    reevaluate: bool = typer.Option(
+        True, "--reevaluate/--no-reevaluate", help="Re-score the champion when it was scored on another query."
+    ),
+    fail_on_gate: bool = typer.Option(
+        False, "--fail-on-gate", help=f"Exit {GATE_FAILED_EXIT} when the gates refuse the model."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Register a model version; promote it to champion only if it passes the metric gates."""
+    from captioning.inference.model_package import PackageError
+    from captioning.registry import client as registry
 
-        config = settings(params_file, assignments)
-        name = registry.model_name(config)
-        try:
-            with registry.bounded_http_retries():
-                rows = registry.list_versions(registry.tracking_uri(config, tracking), name)
-        except registry.RegistryError as error:
-            fail(str(error), code=1)
-        if as_json:
-            print_json(rows)
-            return
-        if not rows:
-            typer.echo(f"no versions of {name!r} registered")
-            return
-        for row in rows:
-            metrics = " ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
-            aliases = ",".join(row["aliases"]) or "-"
-            typer.echo(
-                f"v{row['version']:<4} {aliases:<18} {row['gate'] or '-':<7} {metrics}  "
-                f"[{row['data_query']}] {row['created']}"
+    config = settings(params_file, assignments)
+    if not (model / "config.json").is_file():
+        fail(f"{model} is not a model package folder (no config.json)")
+    values = _read_metrics(metrics)
+    query = data or config.data.test_query
+    try:
+        with registry.bounded_http_retries():
+            uri = registry.tracking_uri(config, tracking)
+            registry.check_server(uri)
+            champion = _champion_metrics(query, uri, registry.model_name(config), reevaluate)
+            result = registry.register(
+                model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
             )
+    except PackageError as error:
+        fail(str(error))
+    except registry.RegistryError as error:
+        fail(str(error), code=1)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        typer.echo(result.message)
+    if fail_on_gate and not result.promoted:
+        raise typer.Exit(GATE_FAILED_EXIT)
 
-    @group.command("rollback")
-    def rollback_command(
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
-        as_json: bool = typer.Option(False, "--json"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Move `champion` back to `previous`."""
-        from captioning.registry import client as registry
 
-        config = settings(params_file, assignments)
-        try:
-            with registry.bounded_http_retries():
-                moved = registry.rollback(registry.tracking_uri(config, tracking), registry.model_name(config))
-        except registry.RegistryError as error:
-            fail(str(error), code=1)
-        if as_json:
-            print_json(moved)
-        else:
-            typer.echo(
-                f"champion: version {moved['champion']} (was {moved['demoted']}); "
-                f"previous: {moved['previous'] or 'none'}"
-            )
+@app.command("list")
+def list_command(
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+    as_json: bool = typer.Option(False, "--json"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Versions with their aliases, gate outcome and metrics."""
+    from captioning.registry import client as registry
+
+    config = settings(params_file, assignments)
+    name = registry.model_name(config)
+    rows = _on_registry(config, tracking, registry.list_versions)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no versions of {name!r} registered")
+        return
+    for row in rows:
+        metrics = " ".join(f"{k}={v:.2f}" for k, v in row["metrics"].items())
+        aliases = ",".join(row["aliases"]) or "-"
+        typer.echo(
+            f"v{row['version']:<4} {aliases:<18} {row['gate'] or '-':<7} {metrics}  "
+            f"[{row['data_query']}] {row['created']}"
+        )
+
+
+@app.command("rollback")
+def rollback_command(
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+    as_json: bool = typer.Option(False, "--json"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Move `champion` back to `previous`."""
+    from captioning.registry import client as registry
+
+    moved = _on_registry(settings(params_file, assignments), tracking, registry.rollback)
+    if as_json:
+        print_json(moved)
+    else:
+        typer.echo(
+            f"champion: version {moved['champion']} (was {moved['demoted']}); previous: {moved['previous'] or 'none'}"
+        )

@@ -17,6 +17,10 @@ from captioning.cli.common import fail, params_option, print_json, set_option, s
 if TYPE_CHECKING:
     from captioning.settings import Settings
 
+stack_app = typer.Typer(
+    help="The service as containers on this machine (API, 2 model servers, haproxy).", no_args_is_help=True
+)
+
 
 def _release(model: Optional[str], tracking: Optional[str], config: "Settings", rebuild: bool = False):
     """Release `model` (default: the champion of params register.model_name) from the registry at
@@ -32,99 +36,96 @@ def _release(model: Optional[str], tracking: Optional[str], config: "Settings", 
         fail(str(error), code=1)
 
 
-def register(app: typer.Typer) -> None:
-    stack = typer.Typer(
-        help="The service as containers on this machine (API, 2 model servers, haproxy).", no_args_is_help=True
-    )
-    app.add_typer(stack, name="stack")
+def release_command(
+    model: Optional[str] = typer.Option(
+        None, "--model", help="models:/NAME@ALIAS or models:/NAME/N (default: the champion)."
+    ),
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if the image exists."),
+    as_json: bool = typer.Option(False, "--json"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Build the bento and the image of a registered version; the last line is the image's tag."""
+    result = _release(model, tracking, settings(params_file, assignments), rebuild)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    how = f"built in {result.build_seconds:.0f} s" if result.built else "already built"
+    typer.echo(f"version {result.version}: bento {result.bento}, {result.size_bytes / 1e6:.0f} MB image, {how}")
+    if result.kubernetes.get("rendered"):
+        applied = "applied" if result.kubernetes["applied"] else "not applied (no kube context)"
+        typer.echo(f"Kubernetes: {result.kubernetes['rendered']} ({applied})")
+    if result.dispatch:
+        typer.echo(result.dispatch)
+    typer.echo(result.image)
 
-    @app.command("release")
-    def release_command(
-        model: Optional[str] = typer.Option(
-            None, "--model", help="models:/NAME@ALIAS or models:/NAME/N (default: the champion)."
-        ),
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: params tracking.uri."),
-        rebuild: bool = typer.Option(False, "--rebuild", help="Build again even if the image exists."),
-        as_json: bool = typer.Option(False, "--json"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Build the bento and the image of a registered version; the last line is the image's tag."""
-        result = _release(model, tracking, settings(params_file, assignments), rebuild)
-        if as_json:
-            print_json(result.to_dict())
-            return
-        how = f"built in {result.build_seconds:.0f} s" if result.built else "already built"
-        typer.echo(f"version {result.version}: bento {result.bento}, {result.size_bytes / 1e6:.0f} MB image, {how}")
-        if result.kubernetes.get("rendered"):
-            applied = "applied" if result.kubernetes["applied"] else "not applied (no kube context)"
-            typer.echo(f"Kubernetes: {result.kubernetes['rendered']} ({applied})")
-        if result.dispatch:
-            typer.echo(result.dispatch)
-        typer.echo(result.image)
 
-    @stack.command("up")
-    def up_command(
-        port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+8 internal."),
-        model: Optional[str] = typer.Option(
-            None, "--model", help="The registered version to serve (default: the champion)."
-        ),
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Start the API and 2 model servers from the version's image (built when missing)."""
-        from captioning.release import stack as stacks
+@stack_app.command("up")
+def up_command(
+    port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+8 internal."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The registered version to serve (default: the champion)."
+    ),
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Start the API and 2 model servers from the version's image (built when missing)."""
+    from captioning.release import stack as stacks
 
-        config = settings(params_file, assignments)
-        if not 1024 <= port <= 65000:
-            fail(f"--port must be between 1024 and 65000, not {port}")
-        result = _release(model, tracking, config)
-        try:
-            state = stacks.up(result.image, port, version=result.version)
-        except (stacks.StackError, stacks.ContainerError) as error:
-            fail(str(error), code=1)
-        typer.echo(f"serving version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/")
+    config = settings(params_file, assignments)
+    if not 1024 <= port <= 65000:
+        fail(f"--port must be between 1024 and 65000, not {port}")
+    result = _release(model, tracking, config)
+    try:
+        state = stacks.up(result.image, port, version=result.version)
+    except (stacks.StackError, stacks.ContainerError) as error:
+        fail(str(error), code=1)
+    typer.echo(f"serving version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/")
 
-    @stack.command("rollout")
-    def rollout_command(
-        model: Optional[str] = typer.Option(
-            None, "--model", help="The registered version to roll out (default: the champion)."
-        ),
-        tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
-        params_file: Optional[Path] = params_option(),
-        assignments: list[str] = set_option(),
-    ) -> None:
-        """Release a version and replace the running replicas with it, one at a time."""
-        from captioning.release import stack as stacks
 
-        result = _release(model, tracking, settings(params_file, assignments))
-        try:
-            state = stacks.rollout(result.image, version=result.version)
-        except (stacks.StackError, stacks.ContainerError) as error:
-            fail(str(error), code=1)
-        typer.echo(f"version {state['version']} rolled out in {state['rollout_seconds']:.0f} s")
+@stack_app.command("rollout")
+def rollout_command(
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The registered version to roll out (default: the champion)."
+    ),
+    tracking: Optional[str] = typer.Option(None, "--tracking-uri"),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
+) -> None:
+    """Release a version and replace the running replicas with it, one at a time."""
+    from captioning.release import stack as stacks
 
-    @stack.command("down")
-    def down_command() -> None:
-        """Stop the containers and haproxy."""
-        from captioning.release import stack as stacks
+    result = _release(model, tracking, settings(params_file, assignments))
+    try:
+        state = stacks.rollout(result.image, version=result.version)
+    except (stacks.StackError, stacks.ContainerError) as error:
+        fail(str(error), code=1)
+    typer.echo(f"version {state['version']} rolled out in {state['rollout_seconds']:.0f} s")
 
-        stacks.down()
-        typer.echo("stack stopped")
 
-    @stack.command("status")
-    def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
-        """What runs: image, version, each replica's health as haproxy sees it."""
-        from captioning.release import stack as stacks
+@stack_app.command("down")
+def down_command() -> None:
+    """Stop the containers and haproxy."""
+    from captioning.release import stack as stacks
 
-        state = stacks.status()
-        if as_json:
-            print_json(state)
-        elif not state["running"]:
-            typer.echo("no stack is running")
-        else:
-            typer.echo(
-                f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
-                f"API reports {state['served']}; replicas {state['replicas']}"
-            )
+    stacks.down()
+    typer.echo("stack stopped")
+
+
+@stack_app.command("status")
+def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What runs: image, version, each replica's health as haproxy sees it."""
+    from captioning.release import stack as stacks
+
+    state = stacks.status()
+    if as_json:
+        print_json(state)
+    elif not state["running"]:
+        typer.echo("no stack is running")
+    else:
+        typer.echo(
+            f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
+            f"API reports {state['served']}; replicas {state['replicas']}"
+        )

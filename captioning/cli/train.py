@@ -134,7 +134,8 @@ def caption_command(
     except Exception as error:  # registry look-ups fail in many ways (unknown name, alias, store)
         fail(f"cannot load model {model!r}: {error}")
     try:
-        results = captioner.caption([str(path) for path in images], beam_size=beam, max_length=max_length)
+        decoding = captioner.settings_for(beam_size=beam, max_length=max_length)
+        results = captioner.caption([str(path) for path in images], decoding)
     except (ImageError, PackageError) as error:
         fail(str(error))
     rows = [
@@ -146,9 +147,3 @@ def caption_command(
     else:
         for row in rows:
             typer.echo(f"{row['image']}\t{row['caption']}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("features")(features_command)
-    app.command("train")(train_command)
-    app.command("caption")(caption_command)

@@ -15,7 +15,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from captioning.inference.predict import Captioner
+    from captioning.settings import DecodingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -341,18 +345,15 @@ def caption_records(
     captioner,
     store,
     records,
-    beam_size: int,
-    max_length: int,
+    decoding: DecodingSettings,
     batch_size: int,
     return_attention: bool = False,
-    rerank: str | None = None,
     flipped=None,
-    neighbours: int | None = None,
 ) -> list[dict]:
-    """Caption records from cached features, batch by batch (`rerank`, `neighbours` None: the package's).
+    """Caption records from cached features, batch by batch, as `decoding` says.
 
-    `flipped`: the store of the mirrored images' features; each image is then read both ways
-    (`decoding.flip`).
+    `flipped`: the store of the mirrored images' features, given when `decoding.flip` reads
+    each image both ways.
     """
     import numpy as np
     import torch
@@ -362,42 +363,28 @@ def caption_records(
         ids = [r.image_id for r in records[start : start + batch_size]]
         views = [store] if flipped is None else [store, flipped]
         features = torch.from_numpy(np.concatenate([view.get(ids) for view in views], axis=1).astype("float32"))
-        outputs.extend(
-            captioner.caption_features(
-                features,
-                beam_size=beam_size,
-                max_length=max_length,
-                return_attention=return_attention,
-                rerank=rerank,
-                flip=flipped is not None,
-                neighbours=neighbours,
-            )
-        )
+        outputs.extend(captioner.caption_features(features, decoding, return_attention=return_attention))
     return outputs
 
 
 def evaluate_model(
-    model_uri: str,
+    model,
     query,
-    beam_size: int | None = None,
-    max_length: int | None = None,
+    decoding: DecodingSettings | None = None,
     batch_size: int = 64,
     attention_images: int = 4,
     encoder: str | None = None,
     meteor=None,
     feature_dir: str | Path | None = None,
-    rerank: str | None = None,
-    flip: bool | None = None,
-    neighbours: int | None = None,
     tracking: str | None = None,
 ) -> EvaluationResult:
-    """Caption a data query with a model (package folder or models:/ URI) and score it.
+    """Caption a data query with a model and score it.
 
-    Unset decoding settings (beam_size, max_length, rerank, flip, neighbours: the number of
-    nearest training images whose captions join a consensus rerank) are the package's own;
-    given ones are checked like params.yaml's decoding settings (SettingsError). `feature_dir`:
-    params features.dir (None: artifacts_dir()/features); `tracking`: the registry a models:/
-    URI is read from (None: $MLFLOW_TRACKING_URI).
+    `model`: a package folder or models:/ URI, or a `Captioner` already loaded from one
+    (`load_captioner(uri, with_encoder=False)` is enough: features come from the cache).
+    `decoding`: how to decode (None: the package's own settings; `Captioner.settings_for`
+    makes others from it). `feature_dir`: params features.dir (None: artifacts_dir()/features);
+    `tracking`: the registry a models:/ URI is read from (None: $MLFLOW_TRACKING_URI).
 
     Features come from the feature cache (computed once per image and encoder; a package
     with a fine-tuned encoder gets a store of its own encoder's features).
@@ -408,116 +395,80 @@ def evaluate_model(
     with contextlib.ExitStack() as stack:
         if meteor is None:
             meteor = stack.enter_context(meteor_process())
-        return _evaluate_model(
-            model_uri,
-            query,
-            beam_size,
-            max_length,
-            batch_size,
-            attention_images,
-            encoder,
-            meteor,
-            feature_dir,
-            rerank,
-            flip,
-            neighbours,
-            tracking,
-        )
+        started = time.perf_counter()
+        records = _select(query)
+        captioner = _captioner(model, tracking)
+        decoding = decoding or captioner.decoding
+        key, store, flipped = _stores(captioner, records, query, encoder, batch_size, feature_dir, decoding.flip)
+        feature_seconds = time.perf_counter() - started
+        outputs = caption_records(captioner, store, records, decoding, batch_size, flipped=flipped)
+        caption_seconds = time.perf_counter() - started - feature_seconds
+        predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
+        references = references_of(records)
+        metrics, per_image = score_details(predictions, references, meteor, allow_empty=True)
+        paths = {r.image_id: r.path for r in records}
+        result = EvaluationResult(metrics, predictions, references, per_image, paths=paths)
+        result.attention = _attention_for(result, captioner, (store, flipped), records, decoding, attention_images)
+        result.info = {
+            "model": str(model) if isinstance(model, (str, Path)) else captioner.source,
+            "model_version": str(getattr(captioner, "version", "")),
+            "data": str(query),
+            "images": len(records),
+            **decoding_info(decoding),
+            "encoder": key,
+            "seconds": round(time.perf_counter() - started, 2),
+            "feature_seconds": round(feature_seconds, 2),
+            "caption_seconds": round(caption_seconds, 2),
+        }
+        return result
 
 
-def _evaluate_model(
-    model_uri,
-    query,
-    beam_size,
-    max_length,
-    batch_size,
-    attention_images,
-    encoder,
-    meteor,
-    feature_dir,
-    rerank,
-    flip,
-    neighbours,
-    tracking,
-) -> EvaluationResult:
+def _captioner(model, tracking: str | None):
+    """`model` when it is a loaded Captioner, else the Captioner of the folder or URI it names."""
+    if not isinstance(model, (str, Path)):
+        return model
     from captioning.registry.client import load_captioner
 
-    started = time.perf_counter()
-    records = _select(query)
-    captioner = load_captioner(model_uri, tracking, with_encoder=False)  # features come from the cache
-    # Unset decoding settings: the package's own; the given ones are checked like params.yaml's.
-    options = {
-        "beam_size": beam_size,
-        "max_length": max_length,
-        "rerank": rerank,
-        "flip": flip,
+    return load_captioner(model, tracking, with_encoder=False)  # features come from the cache
+
+
+def decoding_info(decoding: DecodingSettings) -> dict[str, Any]:
+    """The decoding settings an evaluation reports: those that shaped its captions (a setting
+    of a consensus rerank is reported as off when nothing is reranked)."""
+    consensus = decoding.rerank == "consensus" and decoding.beam_size > 1
+    neighbours = decoding.rerank_neighbours if consensus else 0
+    return {
+        "beam_size": decoding.beam_size,
+        "max_length": decoding.max_length,
+        "length_penalty": decoding.length_penalty,
+        "early_stop": decoding.early_stop,
+        "rerank": decoding.rerank,
+        "flip": decoding.flip,
         "rerank_neighbours": neighbours,
+        "rerank_neighbour_weight": decoding.rerank_neighbour_weight if neighbours else 0.0,
+        "rerank_score_weight": decoding.rerank_score_weight if consensus else 0.0,
     }
-    decoding = captioner.decoding.replace(**{k: v for k, v in options.items() if v is not None})
-    beam_size, max_length, rerank = decoding.beam_size, decoding.max_length, decoding.rerank
-    flip, neighbours = decoding.flip, decoding.rerank_neighbours
-    consensus = rerank == "consensus" and beam_size > 1  # only a consensus uses neighbours and the score weight
-    neighbours = neighbours if consensus else 0
+
+
+def _stores(captioner, records, query, encoder, batch_size, feature_dir, flip: bool):
+    """The key of the features the captioner reads (the encoder, and its weights when fine-tuned)
+    and their stores: the images', and their mirrors' when `flip` (else None)."""
     if captioner.encoder_weights is not None and encoder not in (None, captioner.encoder_name):
         raise PredictionError(
-            f"{model_uri} carries its own fine-tuned {captioner.encoder_name} encoder; "
+            f"{captioner.source} carries its own fine-tuned {captioner.encoder_name} encoder; "
             f"it cannot be evaluated on {encoder} features"
         )
     encoder = encoder or captioner.encoder_name
     key = captioner.feature_key if encoder == captioner.encoder_name else encoder
-    store = _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key)
+    weights = captioner.encoder_weights
+    store = _feature_store(records, query, encoder, batch_size, feature_dir, weights, key)
     flipped = (
-        _feature_store(records, query, encoder, batch_size, feature_dir, captioner.encoder_weights, key, flip=True)
-        if flip
-        else None
+        _feature_store(records, query, encoder, batch_size, feature_dir, weights, key, flip=True) if flip else None
     )
-    feature_seconds = time.perf_counter() - started
-
-    outputs = caption_records(
-        captioner,
-        store,
-        records,
-        beam_size,
-        max_length,
-        batch_size,
-        rerank=rerank,
-        flipped=flipped,
-        neighbours=neighbours,
-    )
-    predictions = {r.image_id: out["caption"] for r, out in zip(records, outputs)}
-    caption_seconds = time.perf_counter() - started - feature_seconds
-    references = references_of(records)
-    metrics, per_image = score_details(predictions, references, meteor, allow_empty=True)
-
-    result = EvaluationResult(metrics, predictions, references, per_image, paths={r.image_id: r.path for r in records})
-    result.attention = _attention_for(
-        result, captioner, (store, flipped), records, beam_size, max_length, attention_images, rerank, neighbours
-    )
-    result.info = {
-        "model": str(model_uri),
-        "model_version": str(getattr(captioner, "version", "")),
-        "data": str(query),
-        "images": len(records),
-        "beam_size": beam_size,
-        "max_length": max_length,
-        "length_penalty": captioner.length_penalty,
-        "early_stop": captioner.early_stop,
-        "rerank": rerank,
-        "flip": flip,
-        "rerank_neighbours": neighbours,
-        "rerank_neighbour_weight": captioner.neighbour_weight if neighbours else 0.0,
-        "rerank_score_weight": captioner.score_weight if consensus else 0.0,
-        "encoder": key,
-        "seconds": round(time.perf_counter() - started, 2),
-        "feature_seconds": round(feature_seconds, 2),
-        "caption_seconds": round(caption_seconds, 2),
-    }
-    return result
+    return key, store, flipped
 
 
-def _attention_for(
-    result, captioner, stores, records, beam_size, max_length, count, rerank, neighbours
-) -> dict[str, dict]:
+def _attention_for(result, captioner, stores, records, decoding, count: int) -> dict[str, dict]:
     """Attention maps of the best and worst images (re-decoded: cheap for a handful)."""
     if count <= 0:
         return {}
@@ -529,13 +480,10 @@ def _attention_for(
         captioner,
         store,
         [by_id[i] for i in chosen],
-        beam_size,
-        max_length,
+        decoding,
         batch_size=len(chosen),
         return_attention=True,
-        rerank=rerank,
         flipped=flipped,
-        neighbours=neighbours,
     )
     return {i: out["attention"] for i, out in zip(chosen, outputs) if out.get("attention")}
 
@@ -602,44 +550,33 @@ def comparison_table(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def decoding_name(
-    beam_size: int,
-    length_penalty: float = 0.0,
-    rerank: str = "none",
-    flip: bool = False,
-    neighbours: int = 0,
-    score_weight: float = 0.0,
-    early_stop: str = "exact",
-) -> str:
+def decoding_name(decoding: DecodingSettings) -> str:
     """A table's name for decoding settings, e.g. "beam 10, length penalty 0.7, consensus, flip"
     or "beam 10, consensus with 20 neighbours and 0.7 of the beam score, heuristic stop"."""
-    if beam_size <= 1:
+    if decoding.beam_size <= 1:
         parts = ["greedy"]
     else:
-        parts = [f"beam {beam_size}"]
-        if length_penalty:
-            parts.append(f"length penalty {length_penalty:g}")
-        if rerank != "none":
-            name = f"{rerank} with {neighbours} neighbours" if neighbours else rerank
+        parts = [f"beam {decoding.beam_size}"]
+        if decoding.length_penalty:
+            parts.append(f"length penalty {decoding.length_penalty:g}")
+        if decoding.rerank != "none":
+            neighbours, score_weight = decoding.rerank_neighbours, decoding.rerank_score_weight
+            name = f"{decoding.rerank} with {neighbours} neighbours" if neighbours else decoding.rerank
             parts.append(f"{name} and {score_weight:g} of the beam score" if score_weight else name)
-        if early_stop != "exact":
-            parts.append(f"{early_stop} stop")
-    if flip:
+        if decoding.early_stop != "exact":
+            parts.append(f"{decoding.early_stop} stop")
+    if decoding.flip:
         parts.append("flip")
     return ", ".join(parts)
 
 
 def decoding_setting(info: dict) -> str:
-    """`decoding_name` of an evaluation's settings (`EvaluationResult.info`, or its `to_dict()`)."""
-    return decoding_name(
-        int(info.get("beam_size", 1)),
-        info.get("length_penalty", 0.0),
-        info.get("rerank", "none"),
-        info.get("flip", False),
-        info.get("rerank_neighbours", 0),
-        info.get("rerank_score_weight", 0.0),
-        info.get("early_stop", "exact"),
-    )
+    """`decoding_name` of an evaluation's settings (`EvaluationResult.info`, or its `to_dict()`);
+    a setting the info does not give (an older evaluation's) is taken as off."""
+    from captioning.settings import DECODING_OFF, DecodingSettings
+
+    given = {key: info[key] for key in DecodingSettings.model_fields if key in info}
+    return decoding_name(DecodingSettings.model_validate({**DECODING_OFF, "beam_size": 1, "max_length": 1, **given}))
 
 
 def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "comparison") -> tuple[Path, Path]:
@@ -654,24 +591,22 @@ def write_comparison(rows: list[dict], out_dir: str | Path, stem: str = "compari
 
 
 def compare_models(
-    models: dict[str, str],
+    models: dict[str, tuple[str | Captioner, Iterable[DecodingSettings]]],
     query,
-    beam_sizes: Iterable[int],
-    max_length: int | None = None,
     batch_size: int = 64,
     feature_dir: str | Path | None = None,
     tracking: str | None = None,
 ) -> list[dict]:
-    """One comparison row per model and beam size (beam 1 is greedy decoding)."""
+    """One comparison row per model and decoding setting: `models` maps a row's model name to
+    the model (as `evaluate_model` takes it) and the settings to decode it with."""
     rows = []
     with meteor_process() as meteor:  # one METEOR start-up for the whole table
-        for name, uri in models.items():
-            for beam in beam_sizes:
+        for name, (model, decodings) in models.items():
+            for decoding in decodings:
                 result = evaluate_model(
-                    uri,
+                    model,
                     query,
-                    beam_size=beam,
-                    max_length=max_length,
+                    decoding,
                     batch_size=batch_size,
                     attention_images=0,
                     meteor=meteor,

@@ -12,6 +12,8 @@ Rules shared by both (and by the reference implementation in `harness/reference.
   to the image's finished pool; the live beams are the best `beam_size` non-EOS candidates.
   With `beam_size=1` this is exactly greedy decoding.
 
+`generate` is the one place that picks between them from a `DecodingSettings`.
+
 `rerank_by_consensus` reorders a beam's hypotheses by how much each agrees with the others
 (minimum Bayes risk under CIDEr-D): the caption the beam as a whole supports, rather than
 the single most probable one; `decoding.rerank_score_weight` adds back a share of each
@@ -30,7 +32,7 @@ import torch
 
 from captioning.inference.cider import NgramFrequencies, consensus
 from captioning.models.base import CaptionModel, State
-from captioning.settings import EARLY_STOPS
+from captioning.settings import EARLY_STOPS, DecodingSettings
 from captioning.vocab import BOS, EOS, PAD, UNK
 
 BANNED = (PAD, BOS, UNK)
@@ -282,6 +284,27 @@ def _settled(beam_log_prob, pool, images, t, max_length, length_penalty, early_s
     if early_stop == "exact":
         bound = torch.maximum(bound, best / float(max_length) ** length_penalty)
     return bound <= pool.worst(images, best.device)
+
+
+def generate(
+    model: CaptionModel,
+    features: torch.Tensor | np.ndarray,
+    decoding: DecodingSettings,
+    with_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Per image, its hypotheses best first as `decoding` says: greedy decoding when its beam
+    size is 1, else beam search with its length penalty and early stop. Reranking is the caller's."""
+    if decoding.beam_size <= 1:
+        return greedy(model, features, decoding.max_length, with_attention=with_attention)
+    return beam_search(
+        model,
+        features,
+        decoding.beam_size,
+        decoding.max_length,
+        decoding.length_penalty,
+        with_attention=with_attention,
+        early_stop=decoding.early_stop,
+    )
 
 
 def rerank_by_consensus(

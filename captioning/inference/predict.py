@@ -137,17 +137,6 @@ class Captioner:
             memory=load_memory(folder, config),
         )
 
-    # The package's decoding settings, by the names the callers use.
-    beam_size = property(lambda self: self.decoding.beam_size)
-    max_length = property(lambda self: self.decoding.max_length)
-    length_penalty = property(lambda self: self.decoding.length_penalty)
-    early_stop = property(lambda self: self.decoding.early_stop)
-    rerank = property(lambda self: self.decoding.rerank)
-    flip = property(lambda self: self.decoding.flip)
-    neighbours = property(lambda self: self.decoding.rerank_neighbours)
-    neighbour_weight = property(lambda self: self.decoding.rerank_neighbour_weight)
-    score_weight = property(lambda self: self.decoding.rerank_score_weight)
-
     @property
     def encoder(self):
         """The image encoder, built on first use (captioning cached features does not need it)."""
@@ -171,7 +160,7 @@ class Captioner:
     def encode(self, images: Sequence[ImageSource], flip: bool | None = None) -> torch.Tensor:
         """Spatial features (B, N, C) of images (bytes, paths or PIL images); with `flip`
         (default: the package's), those of each image and of its mirror side by side (B, 2N, C)."""
-        flip = self._flip(flip)
+        flip = self.settings_for(flip=flip).flip
         outputs = []
         with torch.inference_mode():
             # Decode one chunk at a time, each image no larger than DECODE_SIDE: a batch of
@@ -191,9 +180,6 @@ class Captioner:
             return torch.empty(0, 0, 0)
         return torch.cat(outputs)
 
-    def _flip(self, flip: bool | None) -> bool:
-        return self.flip if flip is None else self.decoding.replace(flip=flip).flip
-
     def settings_for(self, **overrides: Any) -> DecodingSettings:
         """The package's decoding settings with the `overrides` that are not None, checked."""
         return self.decoding.replace(**{key: value for key, value in overrides.items() if value is not None})
@@ -211,113 +197,92 @@ class Captioner:
     def caption(
         self,
         images: Sequence[ImageSource],
-        beam_size: int | None = None,
-        max_length: int | None = None,
+        decoding: DecodingSettings | None = None,
         return_attention: bool = False,
-        length_penalty: float | None = None,
-        rerank: str | None = None,
-        flip: bool | None = None,
-        neighbours: int | None = None,
     ) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
-        An unreadable image raises ImageError naming its position; nothing is captioned then.
+        `decoding`: how to decode (None: the package's own settings; `settings_for` makes a
+        call's own). An unreadable image raises ImageError naming its position; nothing is
+        captioned then.
         """
         images = list(images)
         if not images:
             return []
-        flip = self._flip(flip)
-        features = self.encode(images, flip)
-        return self.caption_features(
-            features, beam_size, max_length, return_attention, length_penalty, rerank, flip, neighbours
-        )
+        decoding = decoding or self.decoding
+        return self.caption_features(self.encode(images, decoding.flip), decoding, return_attention)
 
     def caption_features(
         self,
         features: np.ndarray | torch.Tensor,
-        beam_size: int | None = None,
-        max_length: int | None = None,
+        decoding: DecodingSettings | None = None,
         return_attention: bool = False,
-        length_penalty: float | None = None,
-        rerank: str | None = None,
-        flip: bool | None = None,
-        neighbours: int | None = None,
     ) -> list[dict[str, Any]]:
         """Like `caption`, from encoder features (B, N, C) or (N, C), e.g. from the feature cache.
 
-        `rerank` (default: the package's `decoding.rerank`): "consensus" orders each image's
-        beam by agreement with the rest of it (`decoding.rerank_by_consensus`); "none" by score.
-        `neighbours` (default: the package's `decoding.rerank_neighbours`): consensus also
-        weighs agreement with the captions of that many nearest training images (0: none).
-        `flip` (default: the package's `decoding.flip`): the features hold the image's positions
-        and then its mirror's (B, 2N, C), as `encode` gives them.
+        `decoding.rerank` "consensus" orders each image's beam by agreement with the rest of it
+        (`decoding.rerank_by_consensus`), "none" by score; with `decoding.rerank_neighbours`,
+        consensus also weighs agreement with the captions of that many nearest training images.
+        With `decoding.flip` the features hold the image's positions and then its mirror's
+        (B, 2N, C), as `encode` gives them. `decoding.precision` is the package's, set at load.
         """
-        from captioning.inference.decoding import beam_search, greedy, rerank_by_consensus
+        from captioning.inference.decoding import generate
+
+        decoding = decoding or self.decoding
+        consensus = self._consensus(decoding)
+        model = self.decoder(decoding.flip)
+        features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+        positions = features.size(1) // 2 if decoding.flip else features.size(1)  # attention maps cover one view
+        results: list[dict[str, Any]] = []
+        with torch.inference_mode():
+            for start in range(0, features.size(0), DECODE_CHUNK):
+                chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
+                hypotheses = generate(model, chunk, decoding, with_attention=return_attention)
+                if consensus:
+                    # Neighbours are found by the image as it is, never by its mirror.
+                    hypotheses = self._reranked(hypotheses, chunk[:, :positions], decoding)
+                results.extend(self._result(options, return_attention, positions) for options in hypotheses)
+        return results
+
+    def _consensus(self, decoding: DecodingSettings) -> bool:
+        """Whether `decoding` reranks by consensus (a beam of 2 or more); PackageError when the
+        package lacks what that needs."""
         from captioning.inference.model_package import PackageError
 
-        decoding = self.settings_for(
-            beam_size=beam_size,
-            max_length=max_length,
-            length_penalty=length_penalty,
-            rerank=rerank,
-            flip=flip,
-            rerank_neighbours=neighbours,
-        )
-        beam, length, penalty = decoding.beam_size, decoding.max_length, decoding.length_penalty
-        consensus = decoding.rerank == "consensus" and beam > 1
-        neighbours, flip = decoding.rerank_neighbours, decoding.flip
+        consensus = decoding.rerank == "consensus" and decoding.beam_size > 1
         if consensus and self.frequencies is None:
             raise PackageError(
                 f"reranking by consensus needs the training n-gram frequencies "
                 f"(ngrams.json), which the package from {self.source or 'memory'} does not carry"
             )
-        if consensus and neighbours and self.memory is None:
+        if consensus and decoding.rerank_neighbours and self.memory is None:
             raise PackageError(
                 f"reranking with the captions of the nearest training images needs the package's "
                 f"caption memory (neighbours.npz), which the package from "
                 f"{self.source or 'memory'} does not carry: a model trained with "
                 f"decoding.rerank_neighbours above 0 packages it"
             )
-        model = self.decoder(flip)
-        features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
-        if features.dim() == 2:
-            features = features.unsqueeze(0)
-        positions = features.size(1) // 2 if flip else features.size(1)  # attention maps cover one view
-        results: list[dict[str, Any]] = []
-        with torch.inference_mode():
-            for start in range(0, features.size(0), DECODE_CHUNK):
-                chunk = features[start : start + DECODE_CHUNK].to(self.device).float()
-                if beam <= 1:
-                    hypotheses = greedy(model, chunk, length, with_attention=return_attention)
-                else:
-                    hypotheses = beam_search(
-                        model,
-                        chunk,
-                        beam,
-                        length,
-                        penalty,
-                        with_attention=return_attention,
-                        early_stop=decoding.early_stop,
-                    )
-                    if consensus:
-                        # Neighbours are found by the image as it is, never by its mirror.
-                        evidence = (
-                            self.memory.evidence(chunk[:, :positions], neighbours)
-                            if neighbours
-                            else [()] * len(hypotheses)
-                        )
-                        hypotheses = [
-                            rerank_by_consensus(
-                                options,
-                                self.frequencies,
-                                captions,
-                                decoding.rerank_neighbour_weight,
-                                decoding.rerank_score_weight,
-                            )
-                            for options, captions in zip(hypotheses, evidence)
-                        ]
-                results.extend(self._result(options, return_attention, positions) for options in hypotheses)
-        return results
+        return consensus
+
+    def _reranked(self, hypotheses, features: torch.Tensor, decoding: DecodingSettings):
+        """Each image's beam ordered by consensus, with its nearest training images' captions
+        (found from `features`, one view) as evidence when `decoding.rerank_neighbours` asks."""
+        from captioning.inference.decoding import rerank_by_consensus
+
+        neighbours = decoding.rerank_neighbours
+        evidence = self.memory.evidence(features, neighbours) if neighbours else [()] * len(hypotheses)
+        return [
+            rerank_by_consensus(
+                options,
+                self.frequencies,
+                captions,
+                decoding.rerank_neighbour_weight,
+                decoding.rerank_score_weight,
+            )
+            for options, captions in zip(hypotheses, evidence)
+        ]
 
     def _result(self, options, return_attention: bool, positions: int) -> dict[str, Any]:
         alternatives, seen = [], set()

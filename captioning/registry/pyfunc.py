@@ -39,7 +39,8 @@ class CaptionerPyfunc:
     def predict(self, model_input, params: dict[str, Any] | None = None) -> list[str]:
         params = params or {}
         images = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
-        outputs = self.captioner.caption(images, beam_size=params.get("beam_size"), max_length=params.get("max_length"))
+        decoding = self.captioner.settings_for(beam_size=params.get("beam_size"), max_length=params.get("max_length"))
+        outputs = self.captioner.caption(images, decoding)
         return [output["caption"] for output in outputs]
 
 

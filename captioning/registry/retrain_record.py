@@ -1,6 +1,6 @@
-"""What the last retraining saw, and whether anything is new since.
+"""What the last retraining saw (its `RetrainRecord`), and whether anything is new since.
 
-The state is a small JSON file (default `artifacts_dir()/retrain/state.json`): the data
+The record is a small JSON file (default `artifacts_dir()/retrain/state.json`): the data
 fingerprint, the training settings hash and the time of the last training. Something is new
 when the dataset's DVC hash (or, for data outside the repository, its file listing) changed,
 when the service stored feedback rows after that time, or when the training settings changed.
@@ -12,36 +12,53 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypedDict
 
 from captioning.registry.lineage import data_fingerprint, feedback_since, training_hash
 
 if TYPE_CHECKING:
     from captioning.settings import Settings
 
-STATE_FILE = "state.json"
+RECORD_FILE = "state.json"
 
 
-def state_path() -> Path:
+class RetrainRecord(TypedDict, total=False):
+    """What the last retraining saw, as its JSON file holds it: the dataset, its fingerprint and
+    the training settings hash it trained on, when it started (`trained_at`, which bounds the
+    feedback it could use) and when it was written, then the outcome the flow adds (package
+    folder, registry version, whether it was promoted, its metrics)."""
+
+    dataset: str
+    data: str
+    params: str
+    trained_at: str
+    recorded_at: str
+    package_dir: str
+    version: str | None
+    promoted: bool
+    metrics: dict[str, float]
+
+
+def record_path() -> Path:
     from captioning.config import artifacts_dir
 
-    return artifacts_dir() / "retrain" / STATE_FILE
+    return artifacts_dir() / "retrain" / RECORD_FILE
 
 
-def read_state(path: Path | None = None) -> dict[str, Any] | None:
-    """The recorded state, or None when there is none (or it cannot be read)."""
+def read_record(path: Path | None = None) -> RetrainRecord | None:
+    """The last retraining's record, or None when there is none (or it cannot be read)."""
     try:
-        return json.loads((path or state_path()).read_text(encoding="utf-8"))
+        return json.loads((path or record_path()).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def write_state(state: dict[str, Any], path: Path | None = None) -> Path:
-    """Write atomically: a run killed half-way leaves the previous state intact."""
-    path = path or state_path()
+def write_record(record: RetrainRecord, path: Path | None = None) -> Path:
+    """Write atomically: a run killed half-way leaves the previous record intact."""
+    path = path or record_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     partial.replace(path)
     return path
 
@@ -53,14 +70,14 @@ def check_for_new_data(
     path: Path | None = None,
 ) -> dict[str, Any]:
     """Compare the data and settings with the last training: {"new": bool, "reasons": [...], ...}."""
-    path = path or state_path()
+    path = path or record_path()
     current = {
         "dataset": dataset,
         "data": data_fingerprint(dataset),
         "params": training_hash(settings),
         "feedback_total": feedback_since(None) if use_feedback else 0,
     }
-    last = read_state(path)
+    last = read_record(path)
     feedback = feedback_since(last.get("trained_at")) if use_feedback and last is not None else 0
     reasons = _reasons(last, current, feedback)
     return {
@@ -69,11 +86,11 @@ def check_for_new_data(
         "reasons": reasons,
         "feedback_rows": feedback,
         "last": last,
-        "state_file": str(path),
+        "record_file": str(path),
     }
 
 
-def _reasons(last: dict[str, Any] | None, current: dict[str, Any], feedback: int) -> list[str]:
+def _reasons(last: RetrainRecord | None, current: dict[str, Any], feedback: int) -> list[str]:
     if last is None:
         return ["no model has been trained by this pipeline yet"]
     reasons = []
@@ -90,7 +107,7 @@ def _reasons(last: dict[str, Any] | None, current: dict[str, Any], feedback: int
 
 def record_training(check: dict[str, Any], outcome: dict[str, Any], started_at: str, path: Path | None = None) -> Path:
     """Remember what this training saw; `started_at` bounds the feedback it could have used."""
-    state = {
+    record: RetrainRecord = {
         "dataset": check["dataset"],
         "data": check["data"],
         "params": check["params"],
@@ -98,4 +115,4 @@ def record_training(check: dict[str, Any], outcome: dict[str, Any], started_at: 
         "recorded_at": datetime.now(timezone.utc).isoformat(),
         **outcome,
     }
-    return write_state(state, path)
+    return write_record(record, path)

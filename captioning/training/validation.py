@@ -29,21 +29,9 @@ def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
 def caption_batch(model, vocab, features: torch.Tensor, decoding: DecodingSettings) -> list[str]:
     """Best caption per image (the highest beam score) as `decoding` says: greedy when its beam
     size is 1, else beam search."""
-    from captioning.inference.decoding import beam_search, greedy
+    from captioning.inference.decoding import generate
 
-    beam_size, max_length = decoding.beam_size, decoding.max_length
-    if beam_size <= 1:
-        hypotheses = greedy(model, features, max_length, with_attention=False)
-    else:
-        hypotheses = beam_search(
-            model,
-            features,
-            beam_size,
-            max_length,
-            decoding.length_penalty,
-            with_attention=False,
-            early_stop=decoding.early_stop,
-        )
+    hypotheses = generate(model, features, decoding)
     return [vocab.decode(list(map(int, options[0].tokens))) for options in hypotheses]
 
 

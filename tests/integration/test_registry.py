@@ -241,12 +241,18 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     """evaluate_model on cached features -> HTML report -> registration gated on those numbers."""
     from captioning.evaluation.report import write_report
     from captioning.evaluation.scoring import evaluate_model
+    from captioning.inference.predict import Captioner
     from harness.trained import VAL_QUERY, shared_dir, synthetic_data
 
     # The validation images: training cached their features already, no encoder run here.
+    captioner = Captioner.load(tiny_model, with_encoder=False)
     with synthetic_data():
         result = evaluate_model(
-            str(tiny_model), VAL_QUERY, beam_size=3, attention_images=2, feature_dir=shared_dir() / "features"
+            captioner,
+            VAL_QUERY,
+            captioner.settings_for(beam_size=3),
+            attention_images=2,
+            feature_dir=shared_dir() / "features",
         )
     assert result.info["feature_seconds"] < 5
     assert set(result.predictions) == set(result.references) and len(result.predictions) == 16

@@ -61,11 +61,11 @@ def test_tiny_model_captions_held_out_images(tiny_package):
 
     ids, features, references = held_out_features()
     captioner = Captioner.load(tiny_package, with_encoder=False)
-    greedy = captioner.caption_features(features, beam_size=1)
+    greedy = captioner.caption_features(features, captioner.settings_for(beam_size=1))
     predictions = {image_id: result["caption"] for image_id, result in zip(ids, greedy)}
     assert _bleu4(predictions, references) > 50.0
 
-    beam = captioner.caption_features(features[:3], beam_size=3)
+    beam = captioner.caption_features(features[:3], captioner.settings_for(beam_size=3))
     for result in beam:
         options = result["alternatives"]
         assert options[0]["caption"] == result["caption"] and len(options) >= 2
@@ -84,8 +84,9 @@ def test_images_and_cached_features_caption_alike(tiny_package):
     with synthetic_data():
         paths = {record.image_id: record.path for record in select(TEST_QUERY)}
     captioner = Captioner.load(tiny_package)
-    from_files = captioner.caption([paths[i] for i in ids[:4]], beam_size=1, return_attention=True)
-    from_cache = captioner.caption_features(features[:4], beam_size=1)
+    greedy = captioner.settings_for(beam_size=1)
+    from_files = captioner.caption([paths[i] for i in ids[:4]], greedy, return_attention=True)
+    from_cache = captioner.caption_features(features[:4], greedy)
     assert [r["caption"] for r in from_files] == [r["caption"] for r in from_cache]
     attention = from_files[0]["attention"]
     assert attention["words"] == from_files[0]["caption"].split()
@@ -105,21 +106,20 @@ def test_flip_reads_each_image_and_its_mirror_from_files_and_from_the_cache(tiny
     from captioning.inference.predict import Captioner
     from harness.trained import TEST_QUERY
 
+    captioner = Captioner.load(tiny_package)
+    decoding = captioner.settings_for(beam_size=3, flip=True)
     with synthetic_data():
         records = select(TEST_QUERY)
-        result = evaluate_model(
-            tiny_package, TEST_QUERY, beam_size=3, flip=True, feature_dir=tmp_path, attention_images=2
-        )
+        result = evaluate_model(captioner, TEST_QUERY, decoding, feature_dir=tmp_path, attention_images=2)
     paths = [record.path for record in records]
-    captioner = Captioner.load(tiny_package)
     features = captioner.encode(paths[:4], flip=True)
     mirrored = captioner.encode([ImageOps.mirror(open_image(path)) for path in paths[:4]], flip=False)
     assert features.shape[1] == 2 * 49 and torch.allclose(features[:, 49:], mirrored, atol=1e-5)
 
-    from_files = captioner.caption(paths, beam_size=3, flip=True)
+    from_files = captioner.caption(paths, decoding)
     assert result.predictions == {r.image_id: out["caption"] for r, out in zip(records, from_files)}
     assert _bleu4(result.predictions, result.references) > 50.0
-    assert result.info["flip"] is True and decoding_name(3, 0.0, "none", True) == "beam 3, flip"
+    assert result.info["flip"] is True and decoding_name(decoding) == "beam 3, flip"
     assert FeatureStore.open(tmp_path / "lite0-flip" / "synthetic").encoder == "lite0-flip"
     assert FeatureStore.open(tmp_path / "lite0" / "synthetic").encoder == "lite0"
     assert all(len(row) == 49 for maps in result.attention.values() for row in maps["maps"])
@@ -160,11 +160,13 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
     assert without.memory is None and not (tiny_package / "neighbours.npz").exists()
     _, features, _ = held_out_features()
     with pytest.raises(PackageError, match="rerank_neighbours above 0"):
-        without.caption_features(features[:2], beam_size=3, rerank="consensus", neighbours=5)
+        without.caption_features(
+            features[:2], without.settings_for(beam_size=3, rerank="consensus", rerank_neighbours=5)
+        )
 
     package = train_tiny_model(tmp_path, decoding={"beam_size": 5, "rerank": "consensus", "rerank_neighbours": 5})
     captioner = Captioner.load(package, with_encoder=False)
-    assert captioner.neighbours == 5
+    assert captioner.decoding.rerank_neighbours == 5
     with synthetic_data():
         train_records = select(TRAIN_QUERY)
     memory = captioner.memory
@@ -178,11 +180,13 @@ def test_package_remembers_its_training_images_for_reranking_with_their_captions
 
     with synthetic_data():
         result = evaluate_model(package, TEST_QUERY, feature_dir=tmp_path)
-        beam_only = evaluate_model(package, TEST_QUERY, neighbours=0, feature_dir=tmp_path)
+        beam_only = evaluate_model(
+            captioner, TEST_QUERY, captioner.settings_for(rerank_neighbours=0), feature_dir=tmp_path
+        )
     assert result.info["rerank_neighbours"] == 5 and beam_only.info["rerank_neighbours"] == 0
-    assert result.info["rerank_neighbour_weight"] == captioner.neighbour_weight
+    assert result.info["rerank_neighbour_weight"] == captioner.decoding.rerank_neighbour_weight
     assert _bleu4(result.predictions, result.references) > 50.0
-    assert decoding_name(5, 0.0, "consensus", False, 5) == "beam 5, consensus with 5 neighbours"
+    assert decoding_name(captioner.decoding) == "beam 5, consensus with 5 neighbours"
 
     runner = CliRunner()
     command = ["evaluate", "--model", str(package), "--data", TEST_QUERY, "--json"]
@@ -472,13 +476,15 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
         assert all(torch.equal(value, own[key]) for key, value in trained.state_dict().items())
     ids, features, references = held_out_features()
     captioner = Captioner.load(result.package_dir, with_encoder=False)
-    captions = {i: r["caption"] for i, r in zip(ids, captioner.caption_features(features, beam_size=3))}
+    captions = {
+        i: r["caption"] for i, r in zip(ids, captioner.caption_features(features, captioner.settings_for(beam_size=3)))
+    }
     assert _bleu4(captions, references) > 25.0
 
     # The ensemble carries its members' training n-gram frequencies, for consensus reranking.
     member_frequencies = Captioner.load(tmp_path / "run" / "members" / members[0] / "model", with_encoder=False)
     assert captioner.frequencies.df == member_frequencies.frequencies.df and captioner.frequencies.images > 0
-    reranked = captioner.caption_features(features, beam_size=3, rerank="consensus")
+    reranked = captioner.caption_features(features, captioner.settings_for(beam_size=3, rerank="consensus"))
     assert _bleu4({i: r["caption"] for i, r in zip(ids, reranked)}, references) > 25.0
 
     # Run again: every member's finished run is reused, nothing trains.

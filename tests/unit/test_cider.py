@@ -109,26 +109,27 @@ def test_captioner_reranks_by_consensus_with_the_packaged_frequencies(tmp_path, 
     config = {"model": model_config, "encoder": "lite0", "feature_dim": 32, "decoding": decoding}
     folder = save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies)
     captioner = Captioner.load(folder, with_encoder=False)
-    assert captioner.rerank == "consensus"
+    assert captioner.decoding.rerank == "consensus"
     assert load_frequencies(folder, captioner.config).df == {g: n for g, n in frequencies.df.items() if n > 1}
 
     features = torch.randn(3, 5, 32)
-    plain = captioner.caption_features(features, rerank="none")
+    plain = captioner.caption_features(features, captioner.settings_for(rerank="none"))
     reranked = captioner.caption_features(features)
     for before, after in zip(plain, reranked):
         options = [a["caption"] for a in before["alternatives"]]
         assert sorted(options) == sorted(a["caption"] for a in after["alternatives"])
         agreement = consensus([vocab.encode(text) for text in options], captioner.frequencies)
         assert after["caption"] == options[max(range(len(options)), key=agreement.__getitem__)]
-    assert captioner.caption_features(features, beam_size=1) == captioner.caption_features(
-        features, beam_size=1, rerank="none"
+    assert captioner.caption_features(features, captioner.settings_for(beam_size=1)) == captioner.caption_features(
+        features, captioner.settings_for(beam_size=1, rerank="none")
     )
 
     # Without the frequencies, or with a damaged file, consensus is refused, not silently skipped.
     bare = save_package(tmp_path / "bare", model, vocab, config)
     with pytest.raises(PackageError, match="ngrams.json"):
         Captioner.load(bare, with_encoder=False).caption_features(features)
-    assert Captioner.load(bare, with_encoder=False).caption_features(features, rerank="none")
+    unranked = Captioner.load(bare, with_encoder=False)
+    assert unranked.caption_features(features, unranked.settings_for(rerank="none"))
     (folder / "ngrams.json").write_text('{"images": 1, "ngrams": []}')
     with pytest.raises(PackageError, match="checksum"):
         Captioner.load(folder, with_encoder=False)
@@ -150,11 +151,11 @@ def test_captioner_adds_the_packaged_share_of_the_beam_score(tmp_path, vocab, fr
     config = {"model": model_config, "encoder": "lite0", "feature_dim": 32, "decoding": decoding}
     folder = save_package(tmp_path / "pkg", model, vocab, config, frequencies=frequencies)
     captioner = Captioner.load(folder, with_encoder=False)
-    assert captioner.score_weight == 100.0
+    assert captioner.decoding.rerank_score_weight == 100.0
     features = torch.randn(3, 5, 32)
     # At a weight this large the beam score decides: the beam's own best caption comes first.
     assert [r["caption"] for r in captioner.caption_features(features)] == [
-        r["caption"] for r in captioner.caption_features(features, rerank="none")
+        r["caption"] for r in captioner.caption_features(features, captioner.settings_for(rerank="none"))
     ]
     with pytest.raises(ValueError, match="decoding.rerank_score_weight"):
         Captioner(model, vocab, {**config, "decoding": {**decoding, "rerank_score_weight": -1}})

@@ -264,20 +264,29 @@ def test_published_rows_sit_beside_measured_ones(tmp_path):
     assert result.exit_code == 2 and "no published results for 'coco9'" in result.output
 
 
+def _decoding(beam_size, length_penalty=0.0, rerank="none", flip=False, neighbours=0, score_weight=0.0, **other):
+    from captioning.settings import DECODING_OFF, DecodingSettings
+
+    given = {"length_penalty": length_penalty, "rerank": rerank, "flip": flip, "rerank_neighbours": neighbours}
+    given.update(rerank_score_weight=score_weight, **other)
+    return DecodingSettings.model_validate({**DECODING_OFF, "beam_size": beam_size, "max_length": 20, **given})
+
+
 def test_decoding_names_say_every_setting_that_changes_captions():
     from captioning.evaluation.scoring import decoding_name, decoding_setting
 
-    assert decoding_name(1, 0.7, "consensus") == "greedy"
-    assert decoding_name(3) == "beam 3"
-    assert decoding_name(10, 0.7, "consensus") == "beam 10, length penalty 0.7, consensus"
-    assert decoding_name(5, 1.0) == "beam 5, length penalty 1"
-    assert decoding_name(1, 0.7, "consensus", flip=True) == "greedy, flip"
-    assert decoding_name(10, 0.7, "consensus", True) == "beam 10, length penalty 0.7, consensus, flip"
+    assert decoding_name(_decoding(1, 0.7, "consensus")) == "greedy"
+    assert decoding_name(_decoding(3)) == "beam 3"
+    assert decoding_name(_decoding(10, 0.7, "consensus")) == "beam 10, length penalty 0.7, consensus"
+    assert decoding_name(_decoding(5, 1.0)) == "beam 5, length penalty 1"
+    assert decoding_name(_decoding(1, 0.7, "consensus", flip=True)) == "greedy, flip"
+    assert decoding_name(_decoding(10, 0.7, "consensus", True)) == "beam 10, length penalty 0.7, consensus, flip"
     assert (
-        decoding_name(10, 0.7, "consensus", True, 30, 0.7)
+        decoding_name(_decoding(10, 0.7, "consensus", True, 30, 0.7))
         == "beam 10, length penalty 0.7, consensus with 30 neighbours and 0.7 of the beam score, flip"
     )
-    assert decoding_name(1, 0.0, "consensus", False, 30, 0.7) == "greedy"
+    assert decoding_name(_decoding(1, 0.0, "consensus", False, 30, 0.7)) == "greedy"
+    assert decoding_name(_decoding(4, early_stop="heuristic")) == "beam 4, heuristic stop"
     assert (
         decoding_setting(
             {

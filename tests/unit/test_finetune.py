@@ -125,8 +125,9 @@ def test_package_round_trip_and_captions_from_files_match_its_features(finetuned
     with torch.inference_mode():  # the package's encoder is not the pretrained one
         pretrained = build_encoder("lite0").optimize_for_inference()(pixels)
         assert not torch.allclose(captioner.encoder(pixels), pretrained, atol=1e-3)
-    from_files = captioner.caption(paths, beam_size=2)
-    from_cache = captioner.caption_features(cached, beam_size=2)
+    beam = captioner.settings_for(beam_size=2)
+    from_files = captioner.caption(paths, beam)
+    from_cache = captioner.caption_features(cached, beam)
     assert [r["caption"] for r in from_files] == [r["caption"] for r in from_cache]
 
     # The pretrained cache is never mixed in: the fine-tuned store refuses plain lite0 features.
@@ -163,16 +164,17 @@ def test_evaluation_uses_the_package_encoder(finetuned, tmp_path):
     from captioning.evaluation.scoring import PredictionError, evaluate_model
     from captioning.inference.predict import Captioner
 
-    key = Captioner.load(finetuned, with_encoder=False).feature_key
+    captioner = Captioner.load(finetuned, with_encoder=False)
+    key, greedy = captioner.feature_key, captioner.settings_for(beam_size=1)
     with synthetic_data():
-        result = evaluate_model(str(finetuned), TEST_QUERY, beam_size=1, batch_size=4, attention_images=0)
+        result = evaluate_model(str(finetuned), TEST_QUERY, greedy, batch_size=4, attention_images=0)
         with pytest.raises(PredictionError, match="fine-tuned"):
-            evaluate_model(str(finetuned), TEST_QUERY, beam_size=1, encoder="lite2", attention_images=0)
+            evaluate_model(captioner, TEST_QUERY, greedy, encoder="lite2", attention_images=0)
     assert result.info["encoder"] == key
     stores = sorted(p.name for p in (artifacts_dir() / "features").iterdir())
     assert stores == [key]  # no pretrained-encoder store was built or read
     records = _records(TEST_QUERY)
-    expected = Captioner.load(finetuned).caption([r.path for r in records], beam_size=1)
+    expected = Captioner.load(finetuned).caption([r.path for r in records], greedy)
     assert [result.predictions[r.image_id] for r in records] == [e["caption"] for e in expected]
 
 

@@ -80,4 +80,4 @@ def test_flip_must_be_a_boolean():
     results = captioner.caption_features(features, return_attention=True)
     # Attention maps cover one view: the image's own grid.
     assert all(len(row) == SIDE * SIDE for result in results for row in result["attention"]["maps"])
-    assert captioner.caption_features(features[:, : SIDE * SIDE], flip=False)
+    assert captioner.caption_features(features[:, : SIDE * SIDE], captioner.settings_for(flip=False))

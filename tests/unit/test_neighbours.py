@@ -134,12 +134,13 @@ def test_captioner_reranks_with_the_captions_of_the_nearest_training_images(tmp_
     memory = CaptionMemory(["a", "b", "c"], pool(features), captions)
     folder = small_package(tmp_path, vocab, frequencies, memory, rerank_neighbours=1, rerank_neighbour_weight=1.0)
     captioner = Captioner.load(folder, with_encoder=False)
-    assert captioner.neighbours == 1 and len(captioner.memory) == 3
+    assert captioner.decoding.rerank_neighbours == 1 and len(captioner.memory) == 3
     reranked = captioner.caption_features(features)
     assert [r["caption"] for r in reranked] == [options[-1] for options in beams]
     assert [sorted(a["caption"] for a in r["alternatives"]) for r in reranked] == [sorted(b) for b in beams]
     # 0 neighbours: the beam's own consensus, as without a memory.
-    assert captioner.caption_features(features, neighbours=0) == plain.caption_features(features)
+    alone = captioner.settings_for(rerank_neighbours=0)
+    assert captioner.caption_features(features, alone) == plain.caption_features(features)
 
     # The memory is checked like every other part of the package.
     config = json.loads((folder / "config.json").read_text())
@@ -149,9 +150,9 @@ def test_captioner_reranks_with_the_captions_of_the_nearest_training_images(tmp_
         Captioner.load(folder, with_encoder=False)
     # Asking for neighbours of a package without a memory is refused, not ignored.
     with pytest.raises(PackageError, match="caption memory"):
-        plain.caption_features(features, neighbours=3)
+        plain.caption_features(features, plain.settings_for(rerank_neighbours=3))
     with pytest.raises(ValueError, match="rerank_neighbours"):
-        plain.caption_features(features, neighbours=-2)
+        plain.settings_for(rerank_neighbours=-2)
     bad = small_package(tmp_path, vocab, frequencies, None, rerank_neighbours="5")
     with pytest.raises(ValueError, match="rerank_neighbours"):
         Captioner.load(bad, with_encoder=False)
