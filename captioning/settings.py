@@ -196,7 +196,8 @@ class RetrainSettings(Section):
 class SmokeSettings(Section):
     enabled: bool
     photos: int = Field(ge=1)
-    score_tolerance: float = Field(ge=0.0)
+    tolerance: float = Field(ge=0.0, le=1.0)
+    max_drop: float = Field(ge=0.0, le=1.0)
     max_repeats: int = Field(ge=1)
     max_latency_seconds: float = Field(gt=0.0)
 
@@ -237,6 +238,7 @@ class ReleaseSettings(Section):
     scrape_seconds: float = Field(gt=0.0)
     prometheus_timeout_seconds: float = Field(gt=0.0)
     keep_previous_seconds: float = Field(ge=0.0)
+    kube_context: str
     smoke: SmokeSettings
     shadow: ShadowSettings
     canary: CanarySettings

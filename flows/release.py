@@ -8,6 +8,15 @@ version the champion alias names and, when the stack serves another one, runs th
 So a promotion by the retrain flow, by `captioning register` or in the MLflow UI, and a rollback
 (`captioning registry rollback`) all reach the containers the same way, with no other command.
 A refused gate moves no alias and so releases nothing.
+
+A new version earns its traffic (captioning/release/rollout.py): its model server starts beside
+the stable ones with no traffic, then each stage enabled in `release.*` is a task of this run:
+smoke (its own container captions the photos recorded at registration), shadow (the API copies
+live requests to it), canary (a growing share of the traffic, analysed through Prometheus),
+promote (every replica on it, the previous version kept warm). A stage that fails rolls it back:
+the candidate leaves the stack, the champion alias returns to the version that served, the
+refused version is tagged with the reason, and the run fails with it. The watcher never releases
+a refused version again by itself. A rollback to the version kept warm takes seconds.
 """
 
 from __future__ import annotations
@@ -16,22 +25,66 @@ import sys
 import time
 
 from prefect import flow
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
-from flows import parse_settings, settings_parser, tracking_uri
-from tasks.release import build_release, roll_out
+from captioning.settings import Settings
+from flows import load_settings, parse_settings, settings_parser, tracking_uri
+from tasks import release as tasks
 
 RETRY_FAILED_SECONDS = 300
 
 
-@flow(name="release")
-def release_flow(model: str, tracking: str | None = None):
-    """Bento and image of `model`, then a rolling update of the stack `make up` started (if any)."""
-    built = build_release(model, tracking)
-    state = roll_out(built["image"], built["version"])
-    where = "rolled out to the running stack" if state else "no stack running"
-    message = f"version {built['version']}: {built['image']}, {where}"
-    return Completed(message=message, data={"release": built, "stack": state})
+def run_name() -> str:
+    """release-vN (or release-ALIAS): what the run in the Prefect UI releases."""
+    from prefect.runtime import flow_run
+
+    model = str(flow_run.parameters.get("model", ""))
+    tail = model.rstrip("/").rsplit("/", 1)[-1]
+    return f"release-v{tail}" if tail.isdigit() else f"release-{tail.split('@')[-1] or 'model'}"
+
+
+@flow(name="release", flow_run_name=run_name)
+def release_flow(model: str, tracking: str | None = None, settings: Settings | None = None):
+    """Bento and image of `model`, then a progressive rollout to the stack `make up` started (if
+    any): candidate, smoke, shadow, canary, promote; any failed stage rolls it back and fails the run."""
+    from captioning.release import stack
+
+    settings = settings or load_settings()
+    built = tasks.build_release(model, tracking, settings.release.kube_context)
+    version, image = built["version"], built["image"]
+    state = stack.read_state()
+    if state is None or not stack.running(state):
+        return Completed(message=f"version {version}: {image}, no stack running", data={"release": built})
+    if (state.get("previous") or {}).get("version") == version:
+        tasks.return_to_previous(version)
+        return Completed(message=f"version {version} (kept warm) serves again", data={"release": built})
+    tasks.start_candidate(settings, image, version)
+    verdicts = []
+    for stage in stages(settings):
+        verdict = run_stage(stage, version, settings, tracking)
+        verdicts.append(verdict)
+        if verdict["outcome"] == "failed":
+            tasks.rollback(version, verdict, tracking, settings.register.model_name)
+            return Failed(message=f"version {version} rolled back: {verdict['reason']}", data={"verdicts": verdicts})
+    tasks.promote(version, settings)
+    message = f"version {version}: {image}, rolled out through {', '.join(stages(settings)) or 'no stage'}"
+    return Completed(message=message, data={"release": built, "verdicts": verdicts})
+
+
+def stages(settings: Settings) -> list[str]:
+    release = settings.release
+    return [name for name in ("smoke", "shadow", "canary") if getattr(release, name).enabled]
+
+
+def run_stage(stage: str, version: str, settings: Settings, tracking: str | None) -> dict:
+    """One stage's verdict; a stage that breaks (a pod that does not start, a lost stack) fails."""
+    try:
+        if stage == "smoke":
+            return tasks.smoke(version, settings, tracking)
+        return getattr(tasks, stage)(version, settings)
+    except Exception as error:
+        reason = f"{stage}: {type(error).__name__}: {error}"
+        return {"outcome": "failed", "stage": stage, "reason": reason[:2000], "check": "error"}
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
@@ -43,26 +96,47 @@ def champion_version(tracking: str | None, name: str) -> str | None:
         return None
 
 
-def watch(tracking: str | None, name: str, interval: float) -> None:
-    """Release every champion the running stack does not serve yet (a failed one again after 5 min)."""
-    from captioning.release import stack
+def due(version: str | None, state: dict | None, tracking: str | None, name: str, failed: dict) -> bool:
+    """Whether the champion needs a release: the stack serves another version, no rollout of it
+    is under way, it failed no release in the last 5 minutes, and no rollout refused it."""
+    from captioning.registry.refusals import refused_reason
 
-    failed: dict[str, float] = {}
-    print(f"watching models:/{name}@champion every {interval:g} s; Ctrl+C stops", flush=True)
+    if not version or not state or state.get("version") == version or state.get("rollout"):
+        return False
+    if time.time() - failed.get(version, 0) < RETRY_FAILED_SECONDS:
+        return False
+    reason = refused_reason(tracking, name, version)
+    if reason:
+        if version not in failed:
+            print(f"champion is version {version}, refused by a rollout: {reason}; not released again", flush=True)
+            failed[version] = float("inf")
+        return False
+    return True
+
+
+def watch(tracking: str | None, settings: Settings) -> None:
+    """Release every champion the running stack does not serve yet (a failed one again after
+    5 min, a refused one never); stop the warm previous version when its time is up."""
+    from captioning.release import rollout, stack
+
+    name, failed = settings.register.model_name, {}
+    print(f"watching models:/{name}@champion every {settings.release.poll_seconds:g} s; Ctrl+C stops", flush=True)
     while True:
         try:
-            version = champion_version(tracking, name)
             state = stack.read_state()
-            due = time.time() - failed.get(version, 0) > RETRY_FAILED_SECONDS
-            if version and state and state.get("version") != version and due and stack.running(state):
+            if state and stack.running(state):
+                with stack.locked():
+                    rollout.drop_previous(force=False)
+            version = champion_version(tracking, name)
+            if due(version, state, tracking, name, failed) and stack.running(state):
                 print(f"champion is version {version}, the stack serves {state.get('version')}: releasing", flush=True)
-                run = release_flow(f"models:/{name}/{version}", tracking, return_state=True)
+                run = release_flow(f"models:/{name}/{version}", tracking, settings, return_state=True)
                 print(f"{run.name}: {run.message}", flush=True)
                 if not run.is_completed():
                     failed[version] = time.time()
         except Exception as error:  # the registry or podman hiccupped: try again next round
             print(f"watch: {type(error).__name__}: {error}", flush=True)
-        time.sleep(interval)
+        time.sleep(settings.release.poll_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking = tracking_uri(settings)
     name = settings.register.model_name
     if args.watch:
-        watch(tracking, name, settings.release.poll_seconds)
+        watch(tracking, settings)
         return 0
-    state = release_flow(args.model or f"models:/{name}@champion", tracking, return_state=True)
+    state = release_flow(args.model or f"models:/{name}@champion", tracking, settings, return_state=True)
     print(f"{state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

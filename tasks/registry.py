@@ -30,12 +30,19 @@ def register_model(
     champion_metrics: dict[str, float] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Create a version; promote it to champion only if it passes the settings' gates (a failed
-    gate is a result). `run_id`: the MLflow run of the training, which then holds the registered model too.
+    """Record the smoke photos with the package (release.smoke), then create a version; promote it
+    to champion only if it passes the settings' gates (a failed gate is a result). `run_id`: the
+    MLflow run of the training, which then holds the registered model too.
     """
     from captioning.registry.client import register
+    from captioning.release.smoke import record_smoke
 
     logger = run_logger()
+    recorded = record_smoke(package_dir, settings)
+    if recorded is not None:
+        logger.info(
+            "smoke photos recorded with the package: %d, CIDEr %.1f", recorded["images"], recorded["scores"]["CIDEr"]
+        )
     result = register(
         package_dir,
         metrics,

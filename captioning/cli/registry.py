@@ -91,6 +91,7 @@ def register_command(
         fail(f"{model} is not a model package folder (no config.json)")
     values = _read_metrics(metrics)
     query = data or config.data.test_query
+    _record_smoke(model, config)
     try:
         with registry.bounded_http_retries():
             uri = registry.tracking_uri(config, tracking)
@@ -109,6 +110,16 @@ def register_command(
         typer.echo(result.message)
     if fail_on_gate and not result.promoted:
         raise typer.Exit(GATE_FAILED_EXIT)
+
+
+def _record_smoke(model: Path, config) -> None:
+    """The smoke photos and the package's captions of them, kept with the version (release.smoke)."""
+    from captioning.release.smoke import SmokeRecordError, record_smoke
+
+    try:
+        record_smoke(model, config)
+    except SmokeRecordError as error:
+        fail(str(error), code=1)
 
 
 @app.command("list")

@@ -31,7 +31,7 @@ def _release(model: Optional[str], tracking: Optional[str], config: "Settings", 
 
     try:
         model = model or f"models:/{config.register.model_name}@champion"
-        return release(model, tracking_uri(config, tracking), rebuild=rebuild)
+        return release(model, tracking_uri(config, tracking), rebuild=rebuild, kube_context=config.release.kube_context)
     except (ReleaseError, ContainerError, RegistryError) as error:
         fail(str(error), code=1)
 
@@ -54,8 +54,11 @@ def release_command(
     how = f"built in {result.build_seconds:.0f} s" if result.built else "already built"
     typer.echo(f"version {result.version}: bento {result.bento}, {result.size_bytes / 1e6:.0f} MB image, {how}")
     if result.kubernetes.get("rendered"):
-        applied = "applied" if result.kubernetes["applied"] else "not applied (no kube context)"
-        typer.echo(f"Kubernetes: {result.kubernetes['rendered']} ({applied})")
+        kube = result.kubernetes
+        applied = f"applied to {kube['context']}" if kube["applied"] else "not applied (release.kube_context is empty)"
+        if kube.get("error"):
+            applied = f"apply to {kube['context']} failed: {kube['error'].splitlines()[-1]}"
+        typer.echo(f"Kubernetes: {kube['rendered']} ({applied})")
     if result.dispatch:
         typer.echo(result.dispatch)
     typer.echo(result.image)

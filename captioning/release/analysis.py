@@ -231,6 +231,15 @@ class Verdict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Verdict":
+        """A verdict from `to_dict`'s output (as a Prefect task hands it on)."""
+        values = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        for side in ("candidate", "stable"):
+            if isinstance(values.get(side), dict):
+                values[side] = Figures(**values[side])
+        return cls(**values)
+
 
 def _percent(value: float) -> str:
     return f"{value * 100:.1f}%"

@@ -6,7 +6,7 @@
 The package is taken from the registry once, checked against its checksums, and put into
 the bento's model store; the image then captions with no registry and no network. Each
 release writes `artifacts/release/vN/release.json` and a Kubernetes overlay that sets the
-image (applied when a kube context is configured). BentoML runs in its own process
+image (applied only to the kubectl context `release.kube_context` names). BentoML runs in its own process
 (`python -m bento build`), so the library stays free of it.
 """
 
@@ -113,7 +113,11 @@ def release_lock():
 
 
 def release(
-    model: str = "models:/captioner@champion", tracking: str | None = None, rebuild: bool = False, kube: bool = True
+    model: str = "models:/captioner@champion",
+    tracking: str | None = None,
+    rebuild: bool = False,
+    kube: bool = True,
+    kube_context: str = "",
 ) -> Release:
     """Bento and image of a registered version. An image is reused only when its label names the
     same package (after a registry reset, version N may be another model)."""
@@ -137,18 +141,21 @@ def release(
             result = Release(version, ref, str(bento), model_tag, image["size_bytes"], seconds, True)
         result.package_sha256 = digest
         if kube:
-            result.kubernetes = kubernetes_release(version, ref)
+            result.kubernetes = kubernetes_release(version, ref, kube_context)
         result.dispatch = dispatch_cd(version)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "release.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result
 
 
-def kubernetes_release(version: str, image: str) -> dict:
-    """An overlay of the production overlay that sets this image; applied when kubectl has a context.
+def kubernetes_release(version: str, image: str, context: str = "") -> dict:
+    """An overlay of the production overlay that sets this image, rendered when kubectl exists and
+    applied only to the named kubectl `context` (never to whatever context is current: that may be
+    a production cluster that cannot pull a localhost/ image, or a stale one).
 
-    Returns what was done: the overlay folder, the rendered manifest (when kubectl exists) and
-    whether it was applied.
+    Returns what was done: the overlay folder, the rendered manifest, whether it was applied, and
+    the error of a failed apply (which does not fail the release: the local stack never waits on a
+    cluster).
     """
     overlay = release_dir(version) / "kubernetes"
     shutil.rmtree(overlay, ignore_errors=True)
@@ -161,7 +168,7 @@ def kubernetes_release(version: str, image: str) -> dict:
         f"resources:\n  - {base}\nimages:\n  - name: {name_in_overlay()}\n    newName: {name}\n    newTag: {tag}\n",
         encoding="utf-8",
     )
-    done = {"overlay": str(overlay), "rendered": "", "applied": False}
+    done = {"overlay": str(overlay), "rendered": "", "applied": False, "context": context, "error": ""}
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return done
@@ -170,12 +177,11 @@ def kubernetes_release(version: str, image: str) -> dict:
         raise ReleaseError(f"the Kubernetes overlay of version {version} does not render: {rendered.stderr.strip()}")
     (overlay / "rendered.yaml").write_text(rendered.stdout, encoding="utf-8")
     done["rendered"] = str(overlay / "rendered.yaml")
-    context = subprocess.run([kubectl, "config", "current-context"], capture_output=True, text=True, timeout=30)
-    if context.returncode == 0 and context.stdout.strip():
-        applied = subprocess.run([kubectl, "apply", "-k", str(overlay)], capture_output=True, text=True, timeout=600)
-        if applied.returncode != 0:
-            raise ReleaseError(f"kubectl apply of version {version} failed: {applied.stderr.strip()}")
-        done["applied"] = True
+    if context:
+        command = [kubectl, "--context", context, "apply", "-k", str(overlay)]
+        applied = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        done["applied"] = applied.returncode == 0
+        done["error"] = "" if done["applied"] else applied.stderr.strip()[-2000:]
     return done
 
 

@@ -85,6 +85,16 @@ def _taken(state: dict, role: str) -> set[int]:
     return taken
 
 
+def current(version: str) -> dict:
+    """The plan of the rollout of `version` in progress (RolloutError when the stack has another)."""
+    state = stack.read_state() or {}
+    plan = state.get("rollout")
+    if not plan or plan["version"] != str(version):
+        running = plan["version"] if plan else "none"
+        raise RolloutError(f"version {version} is not being rolled out (in progress: {running})")
+    return plan
+
+
 def _save(plan: dict) -> None:
     state = stack.read_state() or {}
     state["rollout"] = plan
@@ -134,11 +144,12 @@ def by_hand(stage: str) -> Verdict | None:
 # --------------------------------------------------------------------------- smoke
 
 
-def smoke(plan: dict, settings, tracking: str | None, report: Callable[[str], None] = print) -> Verdict:
+def smoke(version: str, settings, tracking: str | None, report: Callable[[str], None] = print) -> Verdict:
     """The candidate's own API and model server caption the smoke photos recorded with its
     registered version; judged against those captions and the stable version's score."""
     from captioning.release import smoke as checks
 
+    plan = current(version)
     stage = "smoke"
     options = settings.release.smoke
     recorded, folder = _smoke_record(settings, tracking, plan["version"])
@@ -147,7 +158,7 @@ def smoke(plan: dict, settings, tracking: str | None, report: Callable[[str], No
         return record(plan, Verdict(FAILED, stage=stage, reason=reason, check="smoke record"))
     served = _caption_with_candidate(plan, folder)
     stable = _stable_score(plan, settings, tracking, recorded, folder, report)
-    margin = settings.release.smoke.margin
+    margin = 0.0 if stable is None else options.max_drop * stable
     judged = checks.judge_smoke(
         served, recorded, stable, margin, options.tolerance, options.max_repeats, options.max_latency_seconds
     )
@@ -222,9 +233,10 @@ def _stable_score(plan, settings, tracking, recorded: dict, folder: Path, report
 # --------------------------------------------------------------------------- canary
 
 
-def canary(plan: dict, settings, report: Callable[[str], None] = print) -> Verdict:
+def canary(version: str, settings, report: Callable[[str], None] = print) -> Verdict:
     """Each step of `release.canary.steps` gives the candidate that share of the model traffic
     through haproxy's weights, then an analysis against the stable version decides."""
+    plan = current(version)
     release = settings.release
     limits = Limits.canary(release)
     verdict = Verdict(PASSED, stage="canary", reason="canary: no step")
@@ -268,9 +280,10 @@ def _analysis(plan: dict, limits: Limits, stage: str, timeout: float, report) ->
 # --------------------------------------------------------------------------- promote
 
 
-def promote(plan: dict, settings, report: Callable[[str], None] = print) -> dict:
+def promote(version: str, settings, report: Callable[[str], None] = print) -> dict:
     """Every replica on the candidate: a second candidate model server, the stable ones drained
     and stopped but one kept warm (weight 0) for `release.keep_previous_seconds`, then the API."""
+    plan = current(version)
     with stack.locked():
         state = stack.read_state()
         port = state["port"]
@@ -324,12 +337,13 @@ def _finish(plan: dict, outcome: str) -> dict:
 # --------------------------------------------------------------------------- rollback
 
 
-def rollback(plan: dict, verdict: Verdict, tracking: str | None, name: str) -> dict:
+def rollback(version: str, verdict: Verdict, tracking: str | None, name: str) -> dict:
     """The candidate gets weight 0 at once, is drained and stopped; the stable slots get their
     full weight back; the registry's champion returns to the stable version and the candidate is
     tagged with why (the watcher never releases it again by itself)."""
     from captioning.registry.refusals import refuse
 
+    plan = current(version)
     folder = stack.stack_dir()
     state = stack.read_state()
     for slot in plan["candidate"]["model"]:

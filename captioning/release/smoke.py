@@ -33,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from captioning.data.query import as_queries, format_query, select
+from captioning.release.analysis import FAILED, PASSED, Verdict
 
 STAGE = "smoke"
 REFERENCES_FILE = "references.json"
 IMAGES_DIR = "images"
+SMOKE_DIR = "smoke"  # in a registered package: the photos, their references and the package's captions
 RECORD_FILE = "smoke.json"  # the package's captions of the set, logged with the registered version
 METRIC = "CIDEr"  # the score the stage compares (the registry gates' main metric)
 SCORES = ("CIDEr", "BLEU-4")
@@ -49,27 +51,6 @@ class SmokeImage:
     image_id: str
     path: str
     references: tuple[str, ...]
-
-
-@dataclasses.dataclass
-class Verdict:
-    """What one stage of a rollout concluded (the smoke stage and the metric analyses share it).
-
-    stage: the stage's name ("smoke", "shadow", "canary", ...). passed: whether the candidate
-    may go on. figure: the measured value of the check that decided (the failed one, or the
-    main one when all passed); threshold: the bound it was held to. reason: one line saying
-    why, for a person, an MLflow tag and the failed run. details: every figure measured.
-    """
-
-    stage: str
-    passed: bool
-    figure: float | None
-    threshold: float | None
-    reason: str
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- the set
@@ -196,6 +177,27 @@ def record_package_captions(
     return recorded
 
 
+class SmokeRecordError(RuntimeError):
+    """The smoke photos of a package could not be recorded (the message says why and what to do)."""
+
+
+def record_smoke(package_dir: str | Path, settings, device: str | None = None) -> dict[str, Any] | None:
+    """What registration keeps with a package (None with `release.smoke.enabled` off):
+    `release.smoke.photos` validation photos with their references in `package_dir/smoke/`, and
+    the package's own captions of them (`smoke.json`), which its rollouts' smoke stage checks."""
+    if not settings.release.smoke.enabled:
+        return None
+    folder = Path(package_dir) / SMOKE_DIR
+    try:
+        write_smoke_set(smoke_set(settings, settings.release.smoke.photos), folder)
+        return record_package_captions(package_dir, folder, out=folder / RECORD_FILE, device=device)
+    except (ValueError, KeyError, OSError) as error:
+        raise SmokeRecordError(
+            f"cannot record the smoke photos of {package_dir} from {settings.data.val_query}: {error} "
+            "(release.smoke.enabled=false registers without them; its rollouts then have no smoke stage to pass)"
+        ) from None
+
+
 def load_record(path: str | Path) -> dict[str, Any]:
     """A record `record_package_captions` wrote."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -238,8 +240,8 @@ def degenerate(caption: str | None, max_repeats: int) -> str | None:
     return None
 
 
-def _failed(reason: str, figure: float | None, threshold: float | None) -> dict[str, Any]:
-    return {"reason": reason, "figure": figure, "threshold": threshold}
+def _failed(check: str, reason: str, figure: float | None, threshold: float | None) -> dict[str, Any]:
+    return {"check": check, "reason": reason, "figure": figure, "threshold": threshold}
 
 
 def _answer_checks(served: dict[str, dict], recorded: dict[str, Any], max_repeats: int, max_latency: float):
@@ -257,18 +259,22 @@ def _answer_checks(served: dict[str, dict], recorded: dict[str, Any], max_repeat
     failures = []
     if missing:
         failures.append(
-            _failed(f"{len(missing)} photos of the smoke set were not asked (e.g. {missing[0]})", None, None)
+            _failed(
+                "photos asked", f"{len(missing)} photos of the smoke set were not asked (e.g. {missing[0]})", None, None
+            )
         )
     if errors:
         image, error = next(iter(errors.items()))
         failures.append(
-            _failed(f"{len(errors)} of {len(served)} answers were errors ({image}: {error})", len(errors), 0)
+            _failed("errors", f"{len(errors)} of {len(served)} answers were errors ({image}: {error})", len(errors), 0)
         )
     if bad:
         image, why = next(iter(bad.items()))
-        failures.append(_failed(f"{len(bad)} degenerate captions ({image}: {why})", len(bad), 0))
+        failures.append(_failed("degenerate captions", f"{len(bad)} degenerate captions ({image}: {why})", len(bad), 0))
     if slowest > max_latency:
-        failures.append(_failed(f"slowest answer took {slowest:.2f}s, above {max_latency:.2f}s", slowest, max_latency))
+        failures.append(
+            _failed("latency", f"slowest answer took {slowest:.2f}s, above {max_latency:.2f}s", slowest, max_latency)
+        )
     details = {
         "answers": len(served),
         "errors": len(errors),
@@ -301,14 +307,14 @@ def _caption_checks(served, recorded, stable_score: float | None, margin: float,
         reason = (
             f"captions differ from the package's on {differing} of {len(expected)} photos (tolerance {tolerance:.0%})"
         )
-        failures.append(_failed(reason, share, tolerance))
+        failures.append(_failed("captions differ", reason, share, tolerance))
     if drift > tolerance * recorded_score:
         reason = f"{METRIC} {score:.2f} differs from the package's {recorded_score:.2f} by more than {tolerance:.0%}"
-        failures.append(_failed(reason, drift, tolerance * recorded_score))
+        failures.append(_failed("score differs", reason, drift, tolerance * recorded_score))
     floor = None if stable_score is None else float(stable_score) - margin
     if floor is not None and score < floor:
         reason = f"{METRIC} {score:.2f} is below the stable version's {stable_score:.2f} minus the margin {margin:.2f}"
-        failures.append(_failed(reason, score, floor))
+        failures.append(_failed("score below stable", reason, score, floor))
     details = {
         "differing_captions": differing,
         "differing_share": round(share, 4),
@@ -344,11 +350,12 @@ def judge_smoke(
     failures = answer_failures + caption_failures
     if failures:
         first = failures[0]
-        return Verdict(STAGE, False, first["figure"], first["threshold"], first["reason"], details)
-    reason = f"{len(served)} photos captioned as the package did, {METRIC} {score:.2f}"
+        reason = f"{STAGE}: {first['reason']}"
+        return Verdict(FAILED, STAGE, reason, first["check"], first["figure"], first["threshold"], figures=details)
+    reason = f"{STAGE}: {len(served)} photos captioned as the package did, {METRIC} {score:.2f}"
     if floor is not None:
         reason += f" (floor {floor:.2f})"
-    return Verdict(STAGE, True, score, floor, reason, details)
+    return Verdict(PASSED, STAGE, reason, None, score, floor, figures=details)
 
 
 # --------------------------------------------------------------------------- asking a running service

@@ -42,8 +42,8 @@ def test_the_served_package_captions_as_recorded(caption_service, recorded, smok
     assert all(answer["error"] is None and answer["latency_seconds"] > 0 for answer in served.values())
     # Tolerance 0: every caption the container serves is the one its package wrote.
     verdict = judge_smoke(served, recorded, stable_score=recorded["scores"]["CIDEr"] - 1.0, **LIMITS)
-    assert verdict.passed, (verdict.reason, verdict.details)
-    assert verdict.details["differing_captions"] == 0
+    assert verdict.passed, (verdict.reason, verdict.figures)
+    assert verdict.figures["differing_captions"] == 0
 
 
 def test_an_unreadable_photo_is_an_error_answer(caption_service, recorded, smoke_folder, tmp_path):

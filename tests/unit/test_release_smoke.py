@@ -88,13 +88,13 @@ def test_the_package_own_captions_pass():
     assert verdict.passed, verdict.reason
     assert verdict.stage == "smoke"
     assert verdict.figure == 80.0 and verdict.threshold == pytest.approx(78.5)
-    assert verdict.details["differing_captions"] == 0
-    assert json.loads(json.dumps(verdict.to_dict()))["passed"] is True
+    assert verdict.figures["differing_captions"] == 0
+    assert json.loads(json.dumps(verdict.to_dict()))["outcome"] == "passed"
 
 
 def test_no_stable_version_skips_the_floor():
     verdict = judge_smoke(served_from(RECORDED["captions"]), RECORDED, stable_score=None, **LIMITS)
-    assert verdict.passed and verdict.threshold is None and verdict.details["score_floor"] is None
+    assert verdict.passed and verdict.threshold is None and verdict.figures["score_floor"] is None
 
 
 def test_a_score_below_the_stable_version_by_more_than_the_margin_fails():
@@ -109,7 +109,7 @@ def test_an_error_answer_fails():
     served["b.png"] = {"caption": None, "error": "HTTP 500: model_error", "latency_seconds": 0.1, "model_version": None}
     verdict = judge_smoke(served, RECORDED, stable_score=79.0, **LIMITS)
     assert not verdict.passed
-    assert verdict.reason.startswith("1 of 2 answers were errors (b.png: HTTP 500")
+    assert verdict.reason.startswith("smoke: 1 of 2 answers were errors (b.png: HTTP 500")
     assert verdict.figure == 1 and verdict.threshold == 0
     assert "\n" not in verdict.reason
 
@@ -125,7 +125,7 @@ def test_a_slow_answer_fails():
     served["a.png"]["latency_seconds"] = 7.5
     verdict = judge_smoke(served, RECORDED, stable_score=79.0, **LIMITS)
     assert not verdict.passed
-    assert verdict.reason == "slowest answer took 7.50s, above 5.00s"
+    assert verdict.reason == "smoke: slowest answer took 7.50s, above 5.00s"
     assert (verdict.figure, verdict.threshold) == (7.5, 5.0)
 
 
@@ -133,8 +133,8 @@ def test_degenerate_answers_fail_before_the_caption_comparison():
     served = served_from({"a.png": "left left left left left", "b.png": ""})
     verdict = judge_smoke(served, RECORDED, stable_score=None, **LIMITS)
     assert not verdict.passed
-    assert verdict.reason.startswith("2 degenerate captions (a.png: 'left' repeated 5 times in a row")
-    assert verdict.details["degenerate"] == 2
+    assert verdict.reason.startswith("smoke: 2 degenerate captions (a.png: 'left' repeated 5 times in a row")
+    assert verdict.figures["degenerate"] == 2
 
 
 def test_a_caption_unlike_the_recorded_one_fails_beyond_the_tolerance():
@@ -144,9 +144,9 @@ def test_a_caption_unlike_the_recorded_one_fails_beyond_the_tolerance():
     served_score = score_quick({"a.png": "a red circle on the left", "b.png": "a pair of blue squares"}, references)
     strict = judge_smoke(served, recorded, stable_score=None, **{**LIMITS, "tolerance": 0.0})
     assert not strict.passed
-    assert strict.reason == "captions differ from the package's on 1 of 2 photos (tolerance 0%)"
+    assert strict.reason == "smoke: captions differ from the package's on 1 of 2 photos (tolerance 0%)"
     assert (strict.figure, strict.threshold) == (0.5, 0.0)
-    assert strict.details["score"] == pytest.approx(served_score["CIDEr"], abs=1e-3)
+    assert strict.figures["score"] == pytest.approx(served_score["CIDEr"], abs=1e-3)
     # Half the photos may differ, and the score moved by less than half of the recorded one.
     loose = judge_smoke(served, recorded, stable_score=None, **{**LIMITS, "tolerance": 0.5})
     assert loose.passed, loose.reason
@@ -271,9 +271,9 @@ def test_another_package_fails_on_captions_that_differ(tmp_path, smoke_folder, r
     # Judged for what it says, not for how it says it: max_repeats high enough to let it through.
     verdict = judge_smoke(served, recorded, stable_score=None, **{**LIMITS, "max_repeats": 100})
     assert not verdict.passed
-    assert verdict.reason.startswith("captions differ from the package's on ")
+    assert verdict.reason.startswith("smoke: captions differ from the package's on ")
     assert verdict.figure > 0.5 and verdict.threshold == 0.1
-    assert verdict.details["score"] < recorded["scores"]["CIDEr"] / 2
+    assert verdict.figures["score"] < recorded["scores"]["CIDEr"] / 2
 
 
 def test_degenerate_served_captions_fail(recorded):
