@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 # A tiny model on a small synthetic slice: training takes seconds on CPU.
 SMALL = [

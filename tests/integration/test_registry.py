@@ -18,8 +18,6 @@ from captioning.registry.client import CHAMPION, PREVIOUS, RegistryError
 from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
 
-pytestmark = pytest.mark.integration
-
 GATES = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}
 QUERY = "synthetic[test]-24"
 LINEAGE = {"git_commit": "abc123", "data_hash": "d41d8cd9.dir", "params_hash": "0f0f0f"}

@@ -15,8 +15,6 @@ from PIL import Image
 from harness.serving import synthetic_jpeg
 from tests.integration.conftest import API_KEY, RELOAD_TOKEN
 
-pytestmark = pytest.mark.integration
-
 
 def post_image(service, data: bytes, route: str = "/caption", field: str = "image", **options):
     files = {field: ("scene.jpg", data, "image/jpeg")}

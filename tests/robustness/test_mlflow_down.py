@@ -41,8 +41,6 @@ from harness import serving
 from tests.fixtures.processes import BIN, MlflowServer, child_env, free_port, start, stop, tail, wait_for_http
 from tests.robustness.conftest import record_figures
 
-pytestmark = pytest.mark.robustness
-
 NAME = "captioner"
 QUERY = "synthetic[test]"
 SETTINGS = load_settings(PARAMS_FILE, None, [f"register.model_name={NAME}"])

@@ -18,8 +18,6 @@ from bentoml.exceptions import BentoMLException
 from harness.serving import free_port
 from service import MODEL_CALL_ATTEMPTS, _may_retry, _model_failure
 
-pytestmark = pytest.mark.robustness
-
 
 async def _get(port: int) -> None:
     async with aiohttp.ClientSession() as session:

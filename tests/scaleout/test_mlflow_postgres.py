@@ -26,8 +26,6 @@ from captioning.settings import load_settings
 from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
 
-pytestmark = pytest.mark.scaleout
-
 GATES = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}  # as params.yaml
 QUERY = "synthetic[test]-24"
 LINEAGE = {"git_commit": "abc123", "data_hash": "d41d8cd9.dir", "params_hash": "0f0f0f"}
