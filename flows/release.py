@@ -35,7 +35,7 @@ def release_flow(model: str, tracking: str | None = None):
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
-    from captioning.registry.client import RegistryError, locate
+    from captioning.registry.versions import RegistryError, locate
 
     try:
         return locate(f"models:/{name}@champion", tracking, download=False).version

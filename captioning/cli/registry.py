@@ -38,7 +38,7 @@ def _read_metrics(path: Path) -> dict[str, float]:
 
 def _champion_metrics(query: str, tracking: str, name: str, reevaluate: bool) -> Optional[dict[str, float]]:
     """The champion's metrics on `query` when its stored ones were computed on another query."""
-    from captioning.registry import client as registry
+    from captioning.registry import versions as registry
 
     version, scored_on = registry.champion_query(tracking, name)
     if version is None or scored_on == query or not reevaluate:
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Register a model version; promote it to champion only if it passes the metric gates."""
         from captioning.inference.model_package import PackageError
-        from captioning.registry import client as registry
+        from captioning.registry import versions as registry
 
         config = settings(params_file, assignments)
         if not (model / "config.json").is_file():
@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Versions with their aliases, gate outcome and metrics."""
-        from captioning.registry import client as registry
+        from captioning.registry import versions as registry
 
         config = settings(params_file, assignments)
         name = registry.model_name(config)
@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Move `champion` back to `previous`."""
-        from captioning.registry import client as registry
+        from captioning.registry import versions as registry
 
         config = settings(params_file, assignments)
         try:

@@ -179,7 +179,7 @@ def _task_names(tasks: list) -> set[str]:
 
 
 def _versions(tracking: str) -> list[dict]:
-    from captioning.registry.client import list_versions
+    from captioning.registry.versions import list_versions
 
     return list_versions(tracking, "captioner")
 

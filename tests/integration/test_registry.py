@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from captioning.config import PARAMS_FILE
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, PREVIOUS, RegistryError
+from captioning.registry import versions as registry
+from captioning.registry.versions import CHAMPION, PREVIOUS, RegistryError
 from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
 

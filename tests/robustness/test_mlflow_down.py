@@ -34,8 +34,8 @@ import pytest
 import requests
 
 from captioning.config import PARAMS_FILE, PROJECT_ROOT
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.registry import versions as registry
+from captioning.registry.versions import CHAMPION, LOCK_SUFFIX, PREVIOUS
 from captioning.settings import load_settings
 from harness import serving
 from tests.fixtures.processes import BIN, MlflowServer, child_env, free_port, start, stop, tail, wait_for_http

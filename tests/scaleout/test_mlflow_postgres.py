@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from captioning.config import PARAMS_FILE
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.registry import versions as registry
+from captioning.registry.versions import CHAMPION, LOCK_SUFFIX, PREVIOUS
 from captioning.settings import load_settings
 from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
@@ -34,7 +34,7 @@ EPOCHS = 2
 REGISTER = """
 import sys
 from captioning.config import PARAMS_FILE
-from captioning.registry.client import register
+from captioning.registry.versions import register
 from captioning.settings import load_settings
 metrics = {"CIDEr": float(sys.argv[4]), "BLEU-4": 20.0}
 result = register(sys.argv[1], metrics, "synthetic[test]-24", load_settings(PARAMS_FILE), tracking=sys.argv[2],
