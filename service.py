@@ -283,7 +283,7 @@ def _tracking(source: str) -> str | None:
     if os.environ.get("MLFLOW_TRACKING_URI") or not source.startswith(("models:", "runs:")):
         return None
     from captioning.config import PARAMS_FILE
-    from captioning.registry.versions import tracking_uri
+    from captioning.registry.store import tracking_uri
     from captioning.settings import load_settings
 
     return tracking_uri(load_settings(PARAMS_FILE))
@@ -293,7 +293,7 @@ def _locate(source: str, tracking: str | None, download: bool = True):
     """The registry version and package folder of the model source (`captioning.registry.client.Located`):
     a bento model's from its metadata, any other's from the registry at `tracking`; with
     download=False only the version is sure (what an alias points at now)."""
-    from captioning.registry.versions import Located, locate
+    from captioning.registry.locate import Located, locate
 
     if source.startswith(BENTO_PREFIX):
         model = _bento_model(source)

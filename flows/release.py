@@ -35,7 +35,8 @@ def release_flow(model: str, tracking: str | None = None):
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
-    from captioning.registry.versions import RegistryError, locate
+    from captioning.registry.locate import locate
+    from captioning.registry.store import RegistryError
 
     try:
         return locate(f"models:/{name}@champion", tracking, download=False).version

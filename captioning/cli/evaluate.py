@@ -22,7 +22,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [PredictionError, QueryError, SettingsError, FileNotFoundError, KeyError]
     try:
         from captioning.inference.model_package import PackageError
-        from captioning.registry.versions import RegistryError
+        from captioning.registry.store import RegistryError
 
         errors += [PackageError, RegistryError]
     except ImportError:
@@ -32,7 +32,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 def _tracking(config) -> str:
     """The registry a models:/ URI is read from: $MLFLOW_TRACKING_URI, else params tracking.uri."""
-    from captioning.registry.versions import tracking_uri
+    from captioning.registry.store import tracking_uri
 
     return tracking_uri(config)
 

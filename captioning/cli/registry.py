@@ -4,7 +4,7 @@ A failed gate is an outcome, not a crash: `register` prints "gate failed: ..." a
 so a pipeline goes on (the champion is untouched); `--fail-on-gate` makes it exit 3 instead.
 Bad input (missing package, unreadable metrics) exits 2; registry problems exit 1, among them a
 tracking server that does not answer (named in the message, within seconds: see
-`registry.bounded_http_retries`).
+`captioning.registry.store.bounded_http_retries`).
 """
 
 from __future__ import annotations
@@ -38,15 +38,16 @@ def _read_metrics(path: Path) -> dict[str, float]:
 
 def _champion_metrics(query: str, tracking: str, name: str, reevaluate: bool) -> Optional[dict[str, float]]:
     """The champion's metrics on `query` when its stored ones were computed on another query."""
-    from captioning.registry import versions as registry
+    from captioning.registry.locate import locate
+    from captioning.registry.versions import champion_query
 
-    version, scored_on = registry.champion_query(tracking, name)
+    version, scored_on = champion_query(tracking, name)
     if version is None or scored_on == query or not reevaluate:
         return None
     from captioning.evaluation.scoring import evaluate_model
 
     typer.echo(f"champion version {version} was scored on {scored_on!r}; evaluating it on {query!r}", err=True)
-    folder = registry.locate(f"models:/{name}/{version}", tracking).path
+    folder = locate(f"models:/{name}/{version}", tracking).path
     return evaluate_model(str(folder), query, attention_images=0).metrics
 
 
@@ -75,7 +76,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Register a model version; promote it to champion only if it passes the metric gates."""
         from captioning.inference.model_package import PackageError
-        from captioning.registry import versions as registry
+        from captioning.registry.store import RegistryError, bounded_http_retries, check_server, tracking_uri
+        from captioning.registry.versions import model_name
+        from captioning.registry.versions import register as register_version
 
         config = settings(params_file, assignments)
         if not (model / "config.json").is_file():
@@ -83,16 +86,16 @@ def register(app: typer.Typer) -> None:
         values = _read_metrics(metrics)
         query = data or config.data.test_query
         try:
-            with registry.bounded_http_retries():
-                uri = registry.tracking_uri(config, tracking)
-                registry.check_server(uri)
-                champion = _champion_metrics(query, uri, registry.model_name(config), reevaluate)
-                result = registry.register(
+            with bounded_http_retries():
+                uri = tracking_uri(config, tracking)
+                check_server(uri)
+                champion = _champion_metrics(query, uri, model_name(config), reevaluate)
+                result = register_version(
                     model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
                 )
         except PackageError as error:
             fail(str(error))
-        except registry.RegistryError as error:
+        except RegistryError as error:
             fail(str(error), code=1)
         if as_json:
             print_json(result.to_dict())
@@ -109,14 +112,15 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Versions with their aliases, gate outcome and metrics."""
-        from captioning.registry import versions as registry
+        from captioning.registry.store import RegistryError, bounded_http_retries, tracking_uri
+        from captioning.registry.versions import list_versions, model_name
 
         config = settings(params_file, assignments)
-        name = registry.model_name(config)
+        name = model_name(config)
         try:
-            with registry.bounded_http_retries():
-                rows = registry.list_versions(registry.tracking_uri(config, tracking), name)
-        except registry.RegistryError as error:
+            with bounded_http_retries():
+                rows = list_versions(tracking_uri(config, tracking), name)
+        except RegistryError as error:
             fail(str(error), code=1)
         if as_json:
             print_json(rows)
@@ -140,13 +144,14 @@ def register(app: typer.Typer) -> None:
         assignments: list[str] = set_option(),
     ) -> None:
         """Move `champion` back to `previous`."""
-        from captioning.registry import versions as registry
+        from captioning.registry.store import RegistryError, bounded_http_retries, tracking_uri
+        from captioning.registry.versions import model_name, rollback
 
         config = settings(params_file, assignments)
         try:
-            with registry.bounded_http_retries():
-                moved = registry.rollback(registry.tracking_uri(config, tracking), registry.model_name(config))
-        except registry.RegistryError as error:
+            with bounded_http_retries():
+                moved = rollback(tracking_uri(config, tracking), model_name(config))
+        except RegistryError as error:
             fail(str(error), code=1)
         if as_json:
             print_json(moved)

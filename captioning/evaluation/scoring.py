@@ -424,7 +424,7 @@ def _evaluate_model(
     neighbours,
     tracking,
 ) -> EvaluationResult:
-    from captioning.registry.versions import load_captioner
+    from captioning.registry.locate import load_captioner
 
     started = time.perf_counter()
     records = _select(query)
