@@ -68,7 +68,7 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
     from captioning.config import PARAMS_FILE
     from captioning.data.query import parse_query
     from captioning.evaluation.scoring import evaluate_model
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
     from captioning.settings import load_settings
 
     params = load_settings(PARAMS_FILE).to_dict()

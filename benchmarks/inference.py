@@ -27,7 +27,7 @@ DEFAULT_MODELS = ("models:/captioner@champion", "artifacts/train/model")
 
 
 def _load_captioner(source: str | None):
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     candidates = [source] if source else list(DEFAULT_MODELS)
     errors = []

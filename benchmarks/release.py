@@ -110,7 +110,7 @@ def photo_bytes() -> bytes:
 
 def run(home: Path, port: int, clients: int, minimum: int) -> dict:
     from captioning.config import PARAMS_FILE
-    from captioning.registry.client import register
+    from captioning.registry.versions import register
     from captioning.release.container_image import image_size, podman
     from captioning.settings import load_settings
     from harness.trained import train_tiny_model

@@ -48,7 +48,7 @@ def direct_throughput(
     """Captioner.caption called directly on the same images: images per second."""
     import torch
 
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     torch.set_num_threads(threads)
     captioner = load_captioner(model)

@@ -93,7 +93,7 @@ def parse_settings(
 
 def tracking_uri(settings: Settings) -> str:
     """$MLFLOW_TRACKING_URI first, then these settings' tracking.uri (as the registry resolves it)."""
-    from captioning.registry.client import tracking_uri as resolve
+    from captioning.registry.store import tracking_uri as resolve
 
     return resolve(settings)
 

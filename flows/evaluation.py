@@ -31,7 +31,7 @@ def evaluation_flow(
     query too, so the metric gate compares like with like.
     """
     from captioning.evaluation.scoring import decoding_setting
-    from captioning.registry.client import model_name
+    from captioning.registry.versions import model_name
 
     settings = settings or load_settings()
     query = query or settings.data.test_query

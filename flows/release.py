@@ -88,7 +88,8 @@ def run_stage(stage: str, version: str, settings: Settings, tracking: str | None
 
 
 def champion_version(tracking: str | None, name: str) -> str | None:
-    from captioning.registry.client import RegistryError, locate
+    from captioning.registry.locate import locate
+    from captioning.registry.store import RegistryError
 
     try:
         return locate(f"models:/{name}@champion", tracking, download=False).version

@@ -25,7 +25,8 @@ import sys
 from captioning.config import disable_telemetry
 disable_telemetry()
 from captioning.config import PARAMS_FILE
-from captioning.registry.client import locate, tracking_uri
+from captioning.registry.locate import locate
+from captioning.registry.store import tracking_uri
 from captioning.settings import load_settings
 try:
     locate(sys.argv[1], tracking_uri(load_settings(PARAMS_FILE)))

@@ -30,7 +30,7 @@ def evaluate_model(
     Writes the metrics JSON (`metrics_path`) and the HTML report (`report_path`) when given.
     """
     from captioning.evaluation.scoring import evaluate_model as evaluate
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     logger = run_logger()
     captioner = load_captioner(model, tracking, with_encoder=False)  # features come from the cache

@@ -14,7 +14,7 @@ from tasks import run_logger
 @task(name="champion-query", cache_policy=NO_CACHE)
 def champion_query(tracking: str | None, name: str) -> dict[str, str | None]:
     """The current champion version and the data query its stored metrics come from."""
-    from captioning.registry.client import champion_query as lookup
+    from captioning.registry.versions import champion_query as lookup
 
     version, query = lookup(tracking, name)
     return {"version": version, "query": query}
@@ -34,7 +34,7 @@ def register_model(
     to champion only if it passes the settings' gates (a failed gate is a result). `run_id`: the
     MLflow run of the training, which then holds the registered model too.
     """
-    from captioning.registry.client import register
+    from captioning.registry.versions import register
     from captioning.release.smoke import record_smoke
 
     logger = run_logger()

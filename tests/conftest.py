@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,27 @@ from captioning.config import disable_telemetry
 disable_telemetry()
 # Two cores: keep torch from oversubscribing them when several processes run.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TESTS = Path(__file__).resolve().parent
+# The markers each folder's tests carry, so `-m` selects by folder (`make test-fast` leaves these out).
+# A test marks itself only where it differs from its folder (a slow integration test).
+FOLDER_MARKERS = {
+    "integration": ("integration",),
+    "browser": ("browser",),
+    "container": ("container", "slow"),  # every test builds images
+    "robustness": ("robustness",),
+    "scaleout": ("scaleout",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(item.path).resolve()
+        if not path.is_relative_to(TESTS):
+            continue
+        for marker in FOLDER_MARKERS.get(path.relative_to(TESTS).parts[0], ()):
+            item.add_marker(marker)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [PredictionError, QueryError, SettingsError, FileNotFoundError, KeyError]
     try:
         from captioning.inference.model_package import PackageError
-        from captioning.registry.client import RegistryError
+        from captioning.registry.store import RegistryError
 
         errors += [PackageError, RegistryError]
     except ImportError:
@@ -32,7 +32,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 def _tracking(config) -> str:
     """The registry a models:/ URI is read from: $MLFLOW_TRACKING_URI, else params tracking.uri."""
-    from captioning.registry.client import tracking_uri
+    from captioning.registry.store import tracking_uri
 
     return tracking_uri(config)
 
@@ -129,7 +129,7 @@ def evaluate_command(
 ) -> None:
     """Caption a data query with a model and score it (BLEU, METEOR, ROUGE-L, CIDEr)."""
     from captioning.evaluation.scoring import evaluate_model, save_predictions
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     chosen = settings(params_file, assignments)
     query = data or chosen.data.test_query
@@ -225,7 +225,7 @@ def compare_command(
 def _contenders(pairs: dict[str, str], beam_sizes: list[int], max_length: Optional[int], tracking: str) -> dict:
     """Each model of the table, loaded, with its own decoding settings at each beam size (beam 1
     is greedy decoding) and `max_length` when given."""
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     contenders = {}
     for name, uri in pairs.items():

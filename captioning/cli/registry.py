@@ -4,7 +4,7 @@ A failed gate is an outcome, not a crash: `register` prints "gate failed: ..." a
 so a pipeline goes on (the champion is untouched); `--fail-on-gate` makes it exit 3 instead.
 Bad input (missing package, unreadable metrics) exits 2; registry problems exit 1, among them a
 tracking server that does not answer (named in the message, within seconds: see
-`registry.bounded_http_retries`).
+`store.bounded_http_retries`).
 """
 
 from __future__ import annotations
@@ -40,27 +40,27 @@ def _read_metrics(path: Path) -> dict[str, float]:
 
 def _champion_metrics(query: str, tracking: str, name: str, reevaluate: bool) -> Optional[dict[str, float]]:
     """The champion's metrics on `query` when its stored ones were computed on another query."""
-    from captioning.registry import client as registry
+    from captioning.registry import locate, versions
 
-    version, scored_on = registry.champion_query(tracking, name)
+    version, scored_on = versions.champion_query(tracking, name)
     if version is None or scored_on == query or not reevaluate:
         return None
     from captioning.evaluation.scoring import evaluate_model
 
     typer.echo(f"champion version {version} was scored on {scored_on!r}; evaluating it on {query!r}", err=True)
-    folder = registry.locate(f"models:/{name}/{version}", tracking).path
+    folder = locate.locate(f"models:/{name}/{version}", tracking).path
     return evaluate_model(str(folder), query, attention_images=0).metrics
 
 
 def _on_registry(config, tracking: Optional[str], action):
     """`action(tracking URI, model name)` on the registry at `tracking` (default: params
     tracking.uri) for params register.model_name; a registry problem exits 1 with the reason."""
-    from captioning.registry import client as registry
+    from captioning.registry import store, versions
 
     try:
-        with registry.bounded_http_retries():
-            return action(registry.tracking_uri(config, tracking), registry.model_name(config))
-    except registry.RegistryError as error:
+        with store.bounded_http_retries():
+            return action(store.tracking_uri(config, tracking), versions.model_name(config))
+    except store.RegistryError as error:
         fail(str(error), code=1)
 
 
@@ -84,7 +84,7 @@ def register_command(
 ) -> None:
     """Register a model version; promote it to champion only if it passes the metric gates."""
     from captioning.inference.model_package import PackageError
-    from captioning.registry import client as registry
+    from captioning.registry import store, versions
 
     config = settings(params_file, assignments)
     if not (model / "config.json").is_file():
@@ -93,16 +93,16 @@ def register_command(
     query = data or config.data.test_query
     _record_smoke(model, config)
     try:
-        with registry.bounded_http_retries():
-            uri = registry.tracking_uri(config, tracking)
-            registry.check_server(uri)
-            champion = _champion_metrics(query, uri, registry.model_name(config), reevaluate)
-            result = registry.register(
+        with store.bounded_http_retries():
+            uri = store.tracking_uri(config, tracking)
+            store.check_server(uri)
+            champion = _champion_metrics(query, uri, versions.model_name(config), reevaluate)
+            result = versions.register(
                 model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
             )
     except PackageError as error:
         fail(str(error))
-    except registry.RegistryError as error:
+    except store.RegistryError as error:
         fail(str(error), code=1)
     if as_json:
         print_json(result.to_dict())
@@ -130,11 +130,11 @@ def list_command(
     assignments: list[str] = set_option(),
 ) -> None:
     """Versions with their aliases, gate outcome and metrics."""
-    from captioning.registry import client as registry
+    from captioning.registry import versions
 
     config = settings(params_file, assignments)
-    name = registry.model_name(config)
-    rows = _on_registry(config, tracking, registry.list_versions)
+    name = versions.model_name(config)
+    rows = _on_registry(config, tracking, versions.list_versions)
     if as_json:
         print_json(rows)
         return
@@ -158,9 +158,9 @@ def rollback_command(
     assignments: list[str] = set_option(),
 ) -> None:
     """Move `champion` back to `previous`."""
-    from captioning.registry import client as registry
+    from captioning.registry import versions
 
-    moved = _on_registry(settings(params_file, assignments), tracking, registry.rollback)
+    moved = _on_registry(settings(params_file, assignments), tracking, versions.rollback)
     if as_json:
         print_json(moved)
     else:

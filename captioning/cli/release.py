@@ -25,7 +25,7 @@ stack_app = typer.Typer(
 def _release(model: Optional[str], tracking: Optional[str], config: "Settings", rebuild: bool = False):
     """Release `model` (default: the champion of params register.model_name) from the registry at
     `tracking` (default: $MLFLOW_TRACKING_URI, else params tracking.uri)."""
-    from captioning.registry.client import RegistryError, tracking_uri
+    from captioning.registry.store import RegistryError, tracking_uri
     from captioning.release.build import ReleaseError, release
     from captioning.release.container_image import ContainerError
 

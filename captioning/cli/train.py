@@ -120,7 +120,7 @@ def caption_command(
     """Caption images with a trained model."""
     from captioning.images import ImageError
     from captioning.inference.model_package import PackageError
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     missing = [str(path) for path in images if not path.is_file()]
     if missing:

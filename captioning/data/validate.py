@@ -191,11 +191,15 @@ class _Check:
 
 
 def _checks(expected: Expectations, gxe) -> list[_Check]:
+    """The expectations on the images, captions and splits tables, in the report's order."""
+    return _image_checks(expected, gxe) + _caption_checks(expected, gxe) + _split_checks(expected, gxe)
+
+
+def _image_checks(expected: Expectations, gxe) -> list[_Check]:
     low, high = expected.captions_per_image
-    wmin, wmax = expected.words_per_caption
     side = expected.min_image_side
     per_image = f"{low}" if low == high else f"{low}-{high}" if high else f"at least {low}"
-    checks = [
+    return [
         _Check(
             "images",
             "the dataset has records",
@@ -245,6 +249,12 @@ def _checks(expected: Expectations, gxe) -> list[_Check]:
             gxe.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1),
             lambda r: f"image in more than one split: {r['image_id']} is in {r['all_splits']}",
         ),
+    ]
+
+
+def _caption_checks(expected: Expectations, gxe) -> list[_Check]:
+    wmin, wmax = expected.words_per_caption
+    return [
         _Check(
             "captions",
             "captions are not empty",
@@ -263,29 +273,30 @@ def _checks(expected: Expectations, gxe) -> list[_Check]:
             ),
         ),
     ]
-    if expected.splits is not None:
-        names = sorted(expected.splits)
-        checks += [
-            _Check(
-                "splits",
-                f"splits are {', '.join(names)}",
-                "error",
-                gxe.ExpectColumnValuesToBeInSet(column="split", value_set=names),
-                lambda r: (
-                    f"unexpected split {r['split']!r} with {r['count']} images (expected splits: {', '.join(names)})"
-                ),
+
+
+def _split_checks(expected: Expectations, gxe) -> list[_Check]:
+    if expected.splits is None:
+        return []
+    names = sorted(expected.splits)
+    return [
+        _Check(
+            "splits",
+            f"splits are {', '.join(names)}",
+            "error",
+            gxe.ExpectColumnValuesToBeInSet(column="split", value_set=names),
+            lambda r: f"unexpected split {r['split']!r} with {r['count']} images (expected splits: {', '.join(names)})",
+        ),
+        _Check(
+            "splits",
+            "split sizes as documented",
+            "error",
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="count", column_B="expected", ignore_row_if="either_value_is_missing"
             ),
-            _Check(
-                "splits",
-                "split sizes as documented",
-                "error",
-                gxe.ExpectColumnPairValuesToBeEqual(
-                    column_A="count", column_B="expected", ignore_row_if="either_value_is_missing"
-                ),
-                lambda r: f"split {r['split']} has {r['count']} images, expected {r['expected']:.0f}",
-            ),
-        ]
-    return checks
+            lambda r: f"split {r['split']} has {r['count']} images, expected {r['expected']:.0f}",
+        ),
+    ]
 
 
 def _run_suite(frames: dict, checks: list[_Check]) -> list[dict[str, Any]]:

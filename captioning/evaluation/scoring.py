@@ -427,7 +427,7 @@ def _captioner(model, tracking: str | None):
     """`model` when it is a loaded Captioner, else the Captioner of the folder or URI it names."""
     if not isinstance(model, (str, Path)):
         return model
-    from captioning.registry.client import load_captioner
+    from captioning.registry.locate import load_captioner
 
     return load_captioner(model, tracking, with_encoder=False)  # features come from the cache
 

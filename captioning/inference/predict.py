@@ -2,7 +2,7 @@
 evaluation and the service.
 
 A `Captioner` is loaded from a package folder; which folder a registry URI names is the
-registry's business (`captioning.registry.client.locate`). The package's decoding settings are checked
+registry's business (`captioning.registry.locate.locate`). The package's decoding settings are checked
 once, as a `DecodingSettings`, and so is each call's override of them.
 """
 
@@ -118,7 +118,7 @@ class Captioner:
         if "://" in str(folder) or str(folder).startswith(("models:", "runs:")):
             raise PackageError(
                 f"{folder}: Captioner.load takes a package folder; a registry URI is loaded with "
-                "captioning.registry.client.load_captioner"
+                "captioning.registry.locate.load_captioner"
             )
         folder = Path(folder)
         model, vocab, config = load_package(folder)

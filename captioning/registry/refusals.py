@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import time
 
-from captioning.registry.client import (
-    CHAMPION,
-    PREVIOUS,
-    _alias_version,
-    _client,
-    check_server,
-    registry_lock,
-    tracking_uri,
-)
+from captioning.registry.lock import registry_lock
+from captioning.registry.store import alias_version, check_server, mlflow_client, tracking_uri
+from captioning.registry.versions import CHAMPION, PREVIOUS
 
 REFUSED_TAG = "rollout_refused"
 
@@ -37,7 +31,7 @@ def refuse(
     served before) the champion again. Returns the aliases afterwards."""
     uri = tracking_uri(None, tracking)
     check_server(uri)
-    client = _client(uri)
+    client = mlflow_client(uri)
     with registry_lock(uri, name):
         tags = {
             REFUSED_TAG: reason[:4000],
@@ -48,14 +42,14 @@ def refuse(
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        if stable and _alias_version(client, name, CHAMPION) == str(version):
+        if stable and alias_version(client, name, CHAMPION) == str(version):
             client.set_registered_model_alias(name, CHAMPION, stable)
-            if _alias_version(client, name, PREVIOUS) == str(stable):
+            if alias_version(client, name, PREVIOUS) == str(stable):
                 client.delete_registered_model_alias(name, PREVIOUS)
-        return {"champion": _alias_version(client, name, CHAMPION), "previous": _alias_version(client, name, PREVIOUS)}
+        return {"champion": alias_version(client, name, CHAMPION), "previous": alias_version(client, name, PREVIOUS)}
 
 
 def refused_reason(tracking: str | None, name: str, version: str) -> str | None:
     """Why a rollout refused `version`, or None when none did."""
-    client = _client(tracking_uri(None, tracking))
+    client = mlflow_client(tracking_uri(None, tracking))
     return client.get_model_version(name, str(version)).tags.get(REFUSED_TAG) or None

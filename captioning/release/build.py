@@ -65,7 +65,8 @@ def release_dir(version: str) -> Path:
 
 def resolve_version(model: str, tracking: str | None = None) -> tuple[str, Path]:
     """(registry version, package folder) of `models:/NAME@ALIAS` or `models:/NAME/N`."""
-    from captioning.registry.client import RegistryError, locate
+    from captioning.registry.locate import locate
+    from captioning.registry.store import RegistryError
 
     if not model.startswith("models:/"):
         raise ReleaseError(

@@ -167,7 +167,7 @@ def smoke(version: str, settings, tracking: str | None, report: Callable[[str], 
 
 
 def _smoke_record(settings, tracking: str | None, version: str) -> tuple[dict | None, Path]:
-    from captioning.registry.client import locate
+    from captioning.registry.locate import locate
     from captioning.release.smoke import RECORD_FILE, SMOKE_DIR, load_record
 
     package = locate(f"models:/{settings.register.model_name}/{version}", tracking).path

@@ -22,18 +22,18 @@ def registry_tracking(source: str, tracking_uri: str | None = None) -> str | Non
     if tracking_uri or not source.startswith(("models:", "runs:")):
         return tracking_uri
     from captioning.config import PARAMS_FILE
-    from captioning.registry.client import tracking_uri as settings_tracking_uri
+    from captioning.registry.store import tracking_uri as settings_tracking_uri
     from captioning.settings import load_settings
 
     return settings_tracking_uri(load_settings(PARAMS_FILE))
 
 
 def locate(source: str, tracking: str | None, download: bool = True):
-    """The registry version and package folder of the model source (`captioning.registry.client.Located`):
+    """The registry version and package folder of the model source (`captioning.registry.locate.Located`):
     a bento model's from its metadata, any other's from the registry at `tracking`; with
     download=False only the version is sure (what an alias points at now)."""
-    from captioning.registry.client import Located
-    from captioning.registry.client import locate as locate_in_registry
+    from captioning.registry.locate import Located
+    from captioning.registry.locate import locate as locate_in_registry
 
     if source.startswith(BENTO_PREFIX):
         model = bento_model(source)

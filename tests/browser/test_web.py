@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import requests
 
 from harness.serving import synthetic_jpeg
-
-pytestmark = pytest.mark.browser
 
 
 def upload(page, name: str, data: bytes, mime: str = "image/jpeg") -> None:

@@ -57,7 +57,7 @@ def photo() -> bytes:
 def register(package: Path, env: dict[str, str], gates: dict | None = None):
     """Register `package` in the workspace's registry (no gates: promoted)."""
     from captioning.config import PARAMS_FILE
-    from captioning.registry.client import register as register_version
+    from captioning.registry.versions import register as register_version
     from captioning.settings import load_settings
 
     return register_version(

@@ -15,8 +15,6 @@ from captioning.inference.model_package import check_package_files
 from captioning.release.container_image import image_size, podman
 from tests.container.conftest import IMAGE_REPO
 
-pytestmark = [pytest.mark.container, pytest.mark.slow]
-
 CLIENT = """
 import base64, json, sys, urllib.request, uuid
 def post(path, data, name="photo.jpg", fields=()):

@@ -19,8 +19,6 @@ from captioning.release.traffic import RequestLoop
 from harness.serving import free_port
 from tests.container.conftest import IMAGE_REPO, STACK_NAME, register, run_cli
 
-pytestmark = [pytest.mark.container, pytest.mark.slow]
-
 ROLLOUT_SECONDS = 900  # the bound: serving the new version within 15 minutes
 MIN_REQUESTS = 500
 

@@ -35,7 +35,7 @@ def champion_service(tiny_model, tmp_path_factory, request):
     Returns (server, tracking URI, the first registration).
     """
     from captioning.config import PARAMS_FILE
-    from captioning.registry.client import register
+    from captioning.registry.versions import register
     from captioning.settings import load_settings
 
     request.addfinalizer(serving.stop_all)

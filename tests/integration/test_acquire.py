@@ -27,8 +27,6 @@ from captioning.data.sources import Archive
 from captioning.data.versioning import data_hash, track_with_dvc
 from tests.fixtures.official import as_sources, make_archives, make_flickr8k, make_flickr30k, make_mscoco
 
-pytestmark = pytest.mark.integration
-
 
 class ArchiveServer:
     """Serves `files` by name, honours `Range: bytes=N-`, and can cut a response half-way once."""

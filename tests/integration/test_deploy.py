@@ -16,8 +16,6 @@ import yaml
 from captioning.config import PROJECT_ROOT
 from harness.serving import free_port
 
-pytestmark = pytest.mark.integration
-
 DEPLOY = PROJECT_ROOT / "deploy"
 
 

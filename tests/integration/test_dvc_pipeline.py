@@ -20,7 +20,7 @@ import yaml
 
 from captioning.config import PROJECT_ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 STAGES = ["acquire", "validate", "features", "train", "evaluate", "register"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 # A tiny model on a small synthetic slice: training takes seconds on CPU.
 SMALL = [
@@ -179,7 +179,7 @@ def _task_names(tasks: list) -> set[str]:
 
 
 def _versions(tracking: str) -> list[dict]:
-    from captioning.registry.client import list_versions
+    from captioning.registry.versions import list_versions
 
     return list_versions(tracking, "captioner")
 

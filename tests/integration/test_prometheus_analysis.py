@@ -23,8 +23,6 @@ from captioning.release.analysis import (
 )
 from harness.serving import free_port
 
-pytestmark = pytest.mark.integration
-
 LIMITS = Limits(window_seconds=60, min_requests=20, max_error_rate=0.02, max_latency_ratio=2.0, max_p95_seconds=5.0)
 LABELS = ["endpoint", "service_name", "service_version", "http_response_code"]
 

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from captioning.config import PARAMS_FILE
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, PREVIOUS, RegistryError
+from captioning.registry.locate import Located, load_captioner, locate
+from captioning.registry.store import RegistryError
+from captioning.registry.versions import CHAMPION, PREVIOUS, list_versions, register, rollback
 from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
-
-pytestmark = pytest.mark.integration
 
 GATES = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}
 QUERY = "synthetic[test]-24"
@@ -50,13 +49,13 @@ def metrics(cider: float, bleu4: float = 20.0) -> dict[str, float]:
 
 
 def reg(package, uri, cider, bleu4=20.0, query=QUERY, **extra):
-    return registry.register(
+    return register(
         package, metrics(cider, bleu4), query, SETTINGS, gates=GATES, tracking=uri, lineage=LINEAGE, **extra
     )
 
 
 def aliases(uri: str) -> dict[str, str]:
-    return {alias: row["version"] for row in registry.list_versions(uri, NAME) for alias in row["aliases"]}
+    return {alias: row["version"] for row in list_versions(uri, NAME) for alias in row["aliases"]}
 
 
 def version_tags(uri: str, version: str) -> dict[str, str]:
@@ -88,7 +87,7 @@ def test_better_model_promoted_worse_refused(tiny_model, store):
     assert tags["git_commit"] == "abc123" and tags["data_hash"] == "d41d8cd9.dir"
     assert tags["params_hash"] == "0f0f0f" and tags["data_query"] == QUERY
     assert float(tags["metric.CIDEr"]) == pytest.approx(60.3)
-    rows = registry.list_versions(store, NAME)
+    rows = list_versions(store, NAME)
     assert [r["gate"] for r in rows] == ["passed", "passed", "failed", "failed"]
     assert rows[1]["aliases"] == [CHAMPION] and rows[1]["metrics"]["CIDEr"] == 60.0
 
@@ -104,7 +103,7 @@ def test_champion_scored_on_another_query_is_not_compared_blindly(tiny_model, st
 
 
 def test_default_lineage_is_collected(tiny_model, store):
-    result = registry.register(tiny_model, metrics(50.0), QUERY, SETTINGS, gates=GATES, tracking=store)
+    result = register(tiny_model, metrics(50.0), QUERY, SETTINGS, gates=GATES, tracking=store)
     tags = version_tags(store, result.version)
     assert tags["git_commit"] and tags["git_commit"] != "unknown"
     assert len(tags["params_hash"]) == 16 and tags["data_hash"]
@@ -115,13 +114,13 @@ def test_rollback_walks_back_the_champions(tiny_model, store):
         reg(tiny_model, store, cider)
     assert aliases(store) == {CHAMPION: "3", PREVIOUS: "2"}
 
-    assert registry.rollback(store, NAME) == {"champion": "2", "previous": "1", "demoted": "3"}
+    assert rollback(store, NAME) == {"champion": "2", "previous": "1", "demoted": "3"}
     assert aliases(store) == {CHAMPION: "2", PREVIOUS: "1"}
     assert "rolled_back" in version_tags(store, "3")
-    assert registry.rollback(store, NAME) == {"champion": "1", "previous": None, "demoted": "2"}
+    assert rollback(store, NAME) == {"champion": "1", "previous": None, "demoted": "2"}
     assert aliases(store) == {CHAMPION: "1"}
     with pytest.raises(RegistryError, match="no 'previous' version"):
-        registry.rollback(store, NAME)
+        rollback(store, NAME)
     assert aliases(store) == {CHAMPION: "1"}
 
 
@@ -160,7 +159,7 @@ def test_racing_registrations_leave_consistent_aliases(tiny_model, store, tmp_pa
         outcomes.append(json.loads(out))
     assert sorted(o["version"] for o in outcomes) == ["2", "3"]
 
-    rows = {r["version"]: r for r in registry.list_versions(store, NAME)}
+    rows = {r["version"]: r for r in list_versions(store, NAME)}
     champion = aliases(store)[CHAMPION]
     assert rows[champion]["metrics"]["CIDEr"] == 70.0
     previous = version_tags(store, champion)["previous_champion"]
@@ -184,17 +183,17 @@ def test_resolve_champion_loads_into_captioner(tiny_model, store):
     from captioning.inference.predict import Captioner
 
     reg(tiny_model, store, 50.0)
-    located = registry.locate(f"models:/captioner@{CHAMPION}")
+    located = locate(f"models:/captioner@{CHAMPION}")
     folder = located.path
     assert located.version == "1"
     assert (folder / "config.json").read_bytes() == (Path(tiny_model) / "config.json").read_bytes()
-    assert registry.locate("models:/captioner/1") == located  # downloaded once, by version
-    assert registry.locate(f"models:/captioner@{CHAMPION}", store, download=False) == located
-    assert registry.locate(tiny_model) == registry.Located(None, Path(tiny_model).resolve())
+    assert locate("models:/captioner/1") == located  # downloaded once, by version
+    assert locate(f"models:/captioner@{CHAMPION}", store, download=False) == located
+    assert locate(tiny_model) == Located(None, Path(tiny_model).resolve())
 
     captioner = Captioner.load(folder, version=located.version)
     assert captioner.version == "1"
-    assert registry.load_captioner(f"models:/captioner@{CHAMPION}").version == "1"
+    assert load_captioner(f"models:/captioner@{CHAMPION}").version == "1"
     # The MLflow model loads through captioning.registry alone (no pickled code) and captions.
     model = mlflow.pyfunc.load_model(f"models:/captioner@{CHAMPION}")
     buffer = io.BytesIO()
@@ -230,11 +229,11 @@ def test_models_logged_with_the_old_loader_still_load(tiny_model, store):
 
 def test_resolve_errors_are_clear(store, tmp_path):
     with pytest.raises(RegistryError, match="no such model package"):
-        registry.locate(tmp_path / "absent")
+        locate(tmp_path / "absent")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RegistryError, match="holds no captioning package"):
-        registry.locate(empty)
+        locate(empty)
 
 
 def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
@@ -265,11 +264,9 @@ def test_evaluate_then_register_with_real_metrics(tiny_model, store, tmp_path):
     assert html.count('class="word"') == sum(len(a["words"]) for a in result.attention.values())
 
     gates = {"min": {"CIDEr": result.metrics["CIDEr"] + 1}}
-    refused = registry.register(
-        tiny_model, result.metrics, VAL_QUERY, SETTINGS, gates=gates, tracking=store, lineage=LINEAGE
-    )
+    refused = register(tiny_model, result.metrics, VAL_QUERY, SETTINGS, gates=gates, tracking=store, lineage=LINEAGE)
     assert not refused.promoted and "CIDEr" in refused.reasons[0]
-    promoted = registry.register(
+    promoted = register(
         tiny_model, result.metrics, VAL_QUERY, SETTINGS, gates={"min": {"CIDEr": 1.0}}, tracking=store, lineage=LINEAGE
     )
     assert promoted.promoted and aliases(store) == {CHAMPION: promoted.version}
@@ -295,9 +292,9 @@ def test_gates_against_a_real_mlflow_server(tiny_model, mlflow_server, monkeypat
     refused = reg(tiny_model, mlflow_server, 40.0)
     assert not refused.promoted and refused.reasons[0] == "CIDEr 40.00 < minimum 45.00"
     assert aliases(mlflow_server) == {CHAMPION: "2", PREVIOUS: "1"}
-    folder = registry.locate(f"models:/captioner@{CHAMPION}").path  # artifacts through the server
+    folder = locate(f"models:/captioner@{CHAMPION}").path  # artifacts through the server
     assert json.loads((folder / "config.json").read_text())["encoder"] == "lite0"
-    assert registry.rollback(mlflow_server, NAME)["champion"] == "1"
+    assert rollback(mlflow_server, NAME)["champion"] == "1"
     assert aliases(mlflow_server) == {CHAMPION: "1"}
 
 
@@ -323,4 +320,4 @@ def test_registry_cli_bad_input_and_empty_store(store, tmp_path):
         app, ["register", "--model", str(tmp_path / "pkg"), "--metrics", str(metrics_file), "--tracking-uri", store]
     )
     assert bad.exit_code == 2 and "expected a JSON object of metric values" in bad.output
-    assert registry.list_versions(store, NAME) == []  # nothing was registered
+    assert list_versions(store, NAME) == []  # nothing was registered

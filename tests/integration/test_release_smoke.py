@@ -17,8 +17,6 @@ from captioning.release.smoke import (
 )
 from harness.trained import synthetic_data, tiny_settings
 
-pytestmark = pytest.mark.integration
-
 LIMITS = dict(margin=0.5, tolerance=0.0, max_repeats=3, max_latency=30.0)
 
 

@@ -12,8 +12,6 @@ import yaml
 from captioning.config import PROJECT_ROOT
 from captioning.release import analysis
 
-pytestmark = pytest.mark.integration
-
 DEPLOY = PROJECT_ROOT / "deploy"
 
 

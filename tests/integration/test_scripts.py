@@ -20,8 +20,6 @@ import requests
 from captioning.config import PROJECT_ROOT
 from harness.serving import free_port
 
-pytestmark = pytest.mark.integration
-
 HEALTH_SERVER = """
 import http.server, sys
 class Health(http.server.BaseHTTPRequestHandler):

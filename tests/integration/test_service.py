@@ -15,8 +15,6 @@ from PIL import Image
 from harness.serving import synthetic_jpeg
 from tests.integration.conftest import API_KEY, RELOAD_TOKEN
 
-pytestmark = pytest.mark.integration
-
 
 def post_image(service, data: bytes, route: str = "/caption", field: str = "image", **options):
     files = {field: ("scene.jpg", data, "image/jpeg")}
@@ -256,7 +254,7 @@ def test_serves_the_champion_and_follows_a_new_one(champion_service, tiny_model)
     """models:/captioner@champion resolved at start-up; a newly promoted champion is picked up
     by polling the registry, without a restart."""
     from captioning.config import PARAMS_FILE
-    from captioning.registry.client import register
+    from captioning.registry.versions import register
     from captioning.settings import load_settings
 
     server, store, first = champion_service

@@ -18,8 +18,6 @@ from captioning.data.sources import Archive
 from tests.fixtures.official import make_archives, make_flickr8k
 from tests.robustness.conftest import record_figures
 
-pytestmark = pytest.mark.robustness
-
 
 def zip_of(members: list[tuple[str, bytes | str]]) -> bytes:
     """A zip; a str value makes the member a symlink to that target."""

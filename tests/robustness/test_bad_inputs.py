@@ -10,14 +10,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import psutil
-import pytest
 import requests
 from PIL import Image
 
 from harness import serving
 from tests.robustness.conftest import record_figures
-
-pytestmark = pytest.mark.robustness
 
 IMAGE_ROUTES = ("/caption", "/caption_batch", "/feedback")
 OPTION_ROUTES = ("/caption", "/caption_batch")

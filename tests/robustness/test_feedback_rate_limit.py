@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import requests
 
 from harness import serving
 from tests.robustness.conftest import FEEDBACK_PER_MINUTE
-
-pytestmark = pytest.mark.robustness
 
 
 def send_feedback(url: str, client: str, image: bytes) -> requests.Response:

@@ -26,8 +26,6 @@ from captioning.config import PROJECT_ROOT
 from captioning.data.feedback import MAX_BYTES_ENV, FeedbackError, FeedbackQuotaError, FeedbackStore
 from tests.robustness.conftest import record_figures
 
-pytestmark = pytest.mark.robustness
-
 WRITERS = 8
 WIDTH, HEIGHT = 60, 40  # stored upright: orientation 6 (rotated 90 degrees) makes it 40 x 60
 

@@ -34,14 +34,14 @@ import pytest
 import requests
 
 from captioning.config import PARAMS_FILE, PROJECT_ROOT
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.registry.locate import locate
+from captioning.registry.lock import LOCK_SUFFIX
+from captioning.registry.store import HTTP_DEFAULTS, RegistryError, bounded_http_retries, mlflow_client
+from captioning.registry.versions import CHAMPION, PREVIOUS, list_versions, register
 from captioning.settings import load_settings
 from harness import serving
 from tests.fixtures.processes import BIN, MlflowServer, child_env, free_port, start, stop, tail, wait_for_http
 from tests.robustness.conftest import record_figures
-
-pytestmark = pytest.mark.robustness
 
 NAME = "captioner"
 QUERY = "synthetic[test]"
@@ -78,7 +78,7 @@ def scene(robust_model, tmp_path_factory):
         CAPTIONING_REPORTS_DIR=str(root / "reports"),
         BENTOML_HOME=str(root / "bentoml-build"),
     )
-    for key in ("CAPTIONING_MODEL", "CAPTIONING_API_KEY", "MLFLOW_TRACKING_URI", *registry.HTTP_DEFAULTS):
+    for key in ("CAPTIONING_MODEL", "CAPTIONING_API_KEY", "MLFLOW_TRACKING_URI", *HTTP_DEFAULTS):
         env.pop(key, None)  # the commands' own defaults, and no model but the one named
     bento = root / "captioning-v1.bento"
     build = start(
@@ -93,11 +93,9 @@ def scene(robust_model, tmp_path_factory):
         patch.setenv("CAPTIONING_ARTIFACTS_DIR", str(artifacts))  # where locate() caches downloads
         try:
             mlflow.start()
-            first = registry.register(
-                robust_model, {"CIDEr": 10.0}, QUERY, SETTINGS, gates={}, tracking=mlflow.url, lineage={}
-            )
+            first = register(robust_model, {"CIDEr": 10.0}, QUERY, SETTINGS, gates={}, tracking=mlflow.url, lineage={})
             assert (first.version, first.promoted) == ("1", True), first.message
-            cached = registry.locate(f"models:/{NAME}/1", mlflow.url).path
+            cached = locate(f"models:/{NAME}/1", mlflow.url).path
             # The service's MLflow client gives up on a dead server as the commands' does (MLflow's own
             # default retries for about four minutes), so each failed poll shows in its log.
             service = serving.start_service(
@@ -108,7 +106,7 @@ def scene(robust_model, tmp_path_factory):
                     "CAPTIONING_POLL_SECONDS": "1",
                     "OMP_NUM_THREADS": "1",
                     "CAPTIONING_TORCH_THREADS": "1",
-                    **registry.HTTP_DEFAULTS,
+                    **HTTP_DEFAULTS,
                 },
             )
             assert build.wait(timeout=300) == 0, tail(root / "build.log")
@@ -148,18 +146,18 @@ def register_args(scene: Scene, metrics: dict[str, float], folder: Path) -> list
 
 
 def aliases(url: str) -> dict[str, str]:
-    return {alias: row["version"] for row in registry.list_versions(url, NAME) for alias in row["aliases"]}
+    return {alias: row["version"] for row in list_versions(url, NAME) for alias in row["aliases"]}
 
 
 def assert_coherent(url: str, champions: tuple[str, ...]) -> dict[str, str]:
     """champion is one of `champions`; `previous` is absent or the version the champion replaced;
     every alias names an existing version that passed its gate. Returns the aliases."""
-    rows = {row["version"]: row for row in registry.list_versions(url, NAME)}
+    rows = {row["version"]: row for row in list_versions(url, NAME)}
     found = aliases(url)
     assert found.get(CHAMPION) in champions, found
     for alias, version in found.items():
         assert version in rows and rows[version]["gate"] == "passed", (alias, version, rows)
-    replaced = registry._client(url).get_model_version(NAME, found[CHAMPION]).tags.get("previous_champion")
+    replaced = mlflow_client(url).get_model_version(NAME, found[CHAMPION]).tags.get("previous_champion")
     assert found.get(PREVIOUS) in (None, replaced), (found, replaced)
     return found
 
@@ -259,7 +257,7 @@ def test_mlflow_stopped_serving_goes_on_and_a_model_server_starts_from_its_bento
     # The package downloaded while MLflow was up resolves again from the cache.
     monkeypatch.setenv("CAPTIONING_ARTIFACTS_DIR", str(scene.root / "artifacts"))
     started = time.monotonic()
-    assert registry.locate(f"models:/{NAME}/1", scene.mlflow.url).path == scene.cached
+    assert locate(f"models:/{NAME}/1", scene.mlflow.url).path == scene.cached
     resolve_seconds = time.monotonic() - started
     assert (scene.cached / "weights.pt").read_bytes() == (scene.package / "weights.pt").read_bytes()
 
@@ -320,7 +318,7 @@ def test_mlflow_killed_in_the_middle_of_a_registration(scene, tmp_path):
     if scene.mlflow.proc is None:
         scene.mlflow.start()
     before = aliases(scene.mlflow.url)
-    new = str(max(int(row["version"]) for row in registry.list_versions(scene.mlflow.url, NAME)) + 1)
+    new = str(max(int(row["version"]) for row in list_versions(scene.mlflow.url, NAME)) + 1)
     args = register_args(scene, {"CIDEr": 70.0, "BLEU-4": 20.0}, tmp_path)
     out, err = tmp_path / "register.out", tmp_path / "register.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -355,7 +353,7 @@ def test_mlflow_killed_in_the_middle_of_a_registration(scene, tmp_path):
     assert retried.returncode == 0, retried.stderr[-3000:]
     outcome = json.loads(retried.stdout)
     final = assert_coherent(scene.mlflow.url, (new, outcome["version"]))
-    rows = {row["version"]: row for row in registry.list_versions(scene.mlflow.url, NAME)}
+    rows = {row["version"]: row for row in list_versions(scene.mlflow.url, NAME)}
     assert rows[final[CHAMPION]]["metrics"]["CIDEr"] == 70.0
     assert final.get(PREVIOUS) in (None, before[CHAMPION])
     assert outcome["promoted"] == (after_kill[CHAMPION] != new)  # 70 does not beat 70 by the margin
@@ -390,7 +388,7 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
         scene.mlflow.start()
     url = scene.mlflow.url
     before = aliases(url)
-    new = str(max(int(row["version"]) for row in registry.list_versions(url, NAME)) + 1)
+    new = str(max(int(row["version"]) for row in list_versions(url, NAME)) + 1)
     set_alias = MlflowClient.set_registered_model_alias
 
     def dying(self, name, alias, version):
@@ -401,8 +399,8 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
     with monkeypatch.context() as patch:
         patch.setattr(MlflowClient, "set_registered_model_alias", dying)
         patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # test 3 has the commands' own retries
-        with registry.bounded_http_retries(), pytest.raises(registry.RegistryError) as lost:
-            registry.register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
+        with bounded_http_retries(), pytest.raises(RegistryError) as lost:
+            register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
     FIGURES["faults_injected"] += 1
     FIGURES["faults"].append("mlflow server killed (SIGKILL) between the two alias writes of a registration")
     assert str(lost.value).startswith(
@@ -413,7 +411,7 @@ def test_a_server_lost_between_two_alias_writes_leaves_them_coherent(scene, monk
     # `previous` was taken away first and `champion` had not moved: no alias is wrong, none skips.
     assert assert_coherent(url, (before[CHAMPION],)) == {CHAMPION: before[CHAMPION]}
     started = time.monotonic()
-    again = registry.register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
+    again = register(scene.package, {"CIDEr": 90.0}, QUERY, SETTINGS, gates={}, tracking=url, lineage={})
     retry_seconds = time.monotonic() - started
     assert again.promoted and again.previous == before[CHAMPION]
     assert assert_coherent(url, (again.version,)) == {CHAMPION: again.version, PREVIOUS: before[CHAMPION]}

@@ -18,8 +18,6 @@ from bentoml.exceptions import BentoMLException
 from captioning.serving.model_calls import MODEL_CALL_ATTEMPTS, may_retry, model_failure
 from harness.serving import free_port
 
-pytestmark = pytest.mark.robustness
-
 
 async def _get(port: int) -> None:
     async with aiohttp.ClientSession() as session:

@@ -17,8 +17,6 @@ import requests
 from harness import serving
 from tests.robustness.conftest import INTERNAL_TOKEN
 
-pytestmark = pytest.mark.robustness
-
 TOKEN_HEADER = {"X-Captioning-Internal-Token": INTERNAL_TOKEN}
 
 

@@ -14,13 +14,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from harness import serving
 from tests.robustness.conftest import record_figures
-
-pytestmark = pytest.mark.robustness
 
 CLIENTS = 8
 IMAGES_PER_REQUEST = 16

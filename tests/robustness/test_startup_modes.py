@@ -22,8 +22,6 @@ from captioning.config import PROJECT_ROOT
 from harness import serving
 from tests.robustness.conftest import INTERNAL_TOKEN
 
-pytestmark = pytest.mark.robustness
-
 API_KEY = "robustness-api-key"
 AUTH_VARIABLES = ("CAPTIONING_API_KEY", "CAPTIONING_INTERNAL_TOKEN", "CAPTIONING_ALLOW_NO_KEY", "CAPTIONING_ENV")
 

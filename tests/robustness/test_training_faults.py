@@ -22,8 +22,6 @@ from captioning.config import PROJECT_ROOT
 from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
 from tests.robustness.conftest import record_figures
 
-pytestmark = pytest.mark.robustness
-
 
 def _strict_json(text: str):
     """json.loads that refuses NaN and Infinity, which Python writes but JSON does not allow."""

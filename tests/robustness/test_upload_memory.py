@@ -13,15 +13,12 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 from PIL import Image, ImageDraw
 
 from captioning.images import DECODE_SIDE, MAX_PIXELS, open_image
 from harness import serving
 from tests.robustness.conftest import MemorySampler, record_figures, tree_rss
-
-pytestmark = pytest.mark.robustness
 
 CLIENTS = 10
 SIZE = (7300, 5470)  # 39.9 MP, under the 40 MP limit

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from captioning.config import PARAMS_FILE
-from captioning.registry import client as registry
-from captioning.registry.client import CHAMPION, LOCK_SUFFIX, PREVIOUS
+from captioning.registry import lock, store, versions
+from captioning.registry.lock import LOCK_SUFFIX
+from captioning.registry.versions import CHAMPION, PREVIOUS
 from captioning.settings import load_settings
 from harness.trained import train_tiny_model
 from tests.fixtures.processes import BIN, MlflowServer, child_env, start, stop, tail, wait_until
@@ -36,7 +37,7 @@ EPOCHS = 2
 REGISTER = """
 import sys
 from captioning.config import PARAMS_FILE
-from captioning.registry.client import register
+from captioning.registry.versions import register
 from captioning.settings import load_settings
 metrics = {"CIDEr": float(sys.argv[4]), "BLEU-4": 20.0}
 result = register(sys.argv[1], metrics, "synthetic[test]-24", load_settings(PARAMS_FILE), tracking=sys.argv[2],
@@ -81,7 +82,7 @@ def trained(server, tmp_path_factory) -> dict:
 
 
 def reg(trained, server, cider: float, name: str, bleu4: float = 20.0):
-    return registry.register(
+    return versions.register(
         trained["package"],
         {"CIDEr": cider, "BLEU-4": bleu4},
         QUERY,
@@ -94,7 +95,7 @@ def reg(trained, server, cider: float, name: str, bleu4: float = 20.0):
 
 
 def aliases(server, name: str) -> dict[str, str]:
-    return {alias: row["version"] for row in registry.list_versions(server["url"], name) for alias in row["aliases"]}
+    return {alias: row["version"] for row in versions.list_versions(server["url"], name) for alias in row["aliases"]}
 
 
 def test_training_is_tracked_in_postgresql_with_artifacts_in_their_own_root(server, trained):
@@ -131,17 +132,17 @@ def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained
     assert reg(trained, server, 40.0, name).reasons[0] == "CIDEr 40.00 < minimum 45.00"
     assert reg(trained, server, 61.2, name).reasons == ["CIDEr 61.20 does not beat the champion's 61.00 by 0.50"]
     assert aliases(server, name) == {CHAMPION: "2", PREVIOUS: "1"}
-    assert [row["gate"] for row in registry.list_versions(server["url"], name)] == [
+    assert [row["gate"] for row in versions.list_versions(server["url"], name)] == [
         "passed",
         "passed",
         "failed",
         "failed",
     ]
     assert locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "2"
-    folder = registry.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
+    folder = locate.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
     assert (folder / "weights.pt").read_bytes() == (trained["package"] / "weights.pt").read_bytes()
 
-    assert registry.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}
+    assert versions.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}
     assert locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "1"
     rows = sql(server["database"], "SELECT alias, version FROM registered_model_aliases WHERE name = :name", name=name)
     assert rows == [(CHAMPION, 1)]
@@ -189,10 +190,12 @@ def test_registrations_racing_from_two_machines_stay_consistent(server, trained,
         outcomes.append(json.loads(out))
     assert sorted(outcome["version"] for outcome in outcomes) == ["2", "3"]
 
-    rows = {row["version"]: row for row in registry.list_versions(server["url"], "captioner")}
+    rows = {row["version"]: row for row in versions.list_versions(server["url"], "captioner")}
     champion = aliases(server, "captioner")[CHAMPION]
     assert rows[champion]["metrics"]["CIDEr"] == 70.0
-    tags = {version: registry._client(server["url"]).get_model_version("captioner", version).tags for version in rows}
+    tags = {
+        version: store.mlflow_client(server["url"]).get_model_version("captioner", version).tags for version in rows
+    }
     assert aliases(server, "captioner")[PREVIOUS] == tags[champion]["previous_champion"]
     for version, row in rows.items():
         replaced = tags[version].get("previous_champion")
@@ -206,8 +209,8 @@ def test_registrations_racing_from_two_machines_stay_consistent(server, trained,
 def test_a_held_lock_makes_a_registration_wait_and_a_dead_holders_lock_is_broken(server, trained, tmp_path):
     name = "pg-lock"
     reg(trained, server, 50.0, name)
-    client = registry._client(server["url"])
-    with registry.registry_lock(server["url"], name):
+    client = store.mlflow_client(server["url"])
+    with lock.registry_lock(server["url"], name):
         owner = client.get_registered_model(f"{name}{LOCK_SUFFIX}").tags["owner"]
         assert owner.split(":")[1] == str(os.getpid())
         proc = start(
@@ -217,7 +220,7 @@ def test_a_held_lock_makes_a_registration_wait_and_a_dead_holders_lock_is_broken
         )
         # The version is created outside the lock; the aliases wait for it.
         wait_until(
-            lambda: len(registry.list_versions(server["url"], name)) == 2 or proc.poll() is not None,
+            lambda: len(versions.list_versions(server["url"], name)) == 2 or proc.poll() is not None,
             120,
             "second version",
         )
@@ -230,7 +233,7 @@ def test_a_held_lock_makes_a_registration_wait_and_a_dead_holders_lock_is_broken
 
     # A holder that died: its lease is over, so the next one breaks the lock and goes on.
     client.create_registered_model(f"{name}{LOCK_SUFFIX}", tags={"owner": "gone:1:dead", "expires": "0"})
-    assert registry.rollback(server["url"], name)["champion"] == "1"
+    assert versions.rollback(server["url"], name)["champion"] == "1"
     assert (
         sql(
             server["database"], "SELECT name FROM registered_models WHERE name LIKE :lock", lock=f"{name}{LOCK_SUFFIX}%"

@@ -24,8 +24,6 @@ from flows.deployment import KUBERNETES_TEMPLATE, deploy_retrain, ensure_work_po
 from harness.trained import shared_dir
 from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
-pytestmark = pytest.mark.scaleout
-
 POOL = "scaleout-process"
 NAME = "scaleout"
 # The retrain flow on a small synthetic slice: a one-epoch tiny model, evaluated greedily.

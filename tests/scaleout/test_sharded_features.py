@@ -23,8 +23,6 @@ from captioning.features.store import SHARD_DONE, SHARD_LOCK, SHARDS_DIR, Featur
 from harness.trained import shared_dir, synthetic_data
 from tests.fixtures.processes import child_env, start, stop, tail, wait_until
 
-pytestmark = pytest.mark.scaleout
-
 QUERY = "synthetic[train]-48"
 SHARDS = 3
 BATCH = 8

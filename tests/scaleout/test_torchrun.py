@@ -32,8 +32,6 @@ from harness.settings import test_settings
 from harness.trained import TRAIN_QUERY, VAL_QUERY, shared_dir, synthetic_data, tiny_params
 from tests.fixtures.processes import BIN, child_env, start, stop, tail, wait_until
 
-pytestmark = pytest.mark.scaleout
-
 EPOCHS = 2
 PER_RANK_BATCH = 32
 STEPS = EPOCHS * 13  # 800 caption pairs, 64 a step

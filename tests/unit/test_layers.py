@@ -30,7 +30,14 @@ def test_service_side_imports_neither_tasks_nor_flows(module):
 
 
 @pytest.mark.parametrize(
-    "module", ["captioning.inference.predict", "captioning.registry.client", "captioning.registry.pyfunc", "service"]
+    "module",
+    [
+        "captioning.inference.predict",
+        "captioning.registry.locate",
+        "captioning.registry.versions",
+        "captioning.registry.pyfunc",
+        "service",
+    ],
 )
 def test_serving_side_does_not_import_mlflow(module):
     """The container image has no MLflow: the service and the prediction path import it only to
@@ -44,7 +51,7 @@ def test_service_locates_a_folder_without_mlflow(tmp_path):
     code = (
         "import sys; sys.modules['mlflow'] = None\n"
         "import service\n"
-        "from captioning.registry.client import RegistryError\n"
+        "from captioning.registry.store import RegistryError\n"
         "from captioning.serving.model_source import locate\n"
         "try:\n"
         f"    locate({str(tmp_path / 'absent')!r}, None)\n"

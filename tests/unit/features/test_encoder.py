@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioning.config import PROJECT_ROOT
 from captioning.features.encoder import ENCODERS, EncoderError, build_encoder, convert_state_dict, weights_file
 from captioning.images import preprocess
 
@@ -184,6 +185,6 @@ def test_serving_imports_need_neither_timm_nor_torchvision():
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=PROJECT_ROOT,
     )
     assert result.stdout.strip() == ""
