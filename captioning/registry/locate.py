@@ -44,9 +44,11 @@ def locate(uri: str | Path, tracking: str | None = None, download: bool = True) 
     """The version and package folder of a folder, `models:/NAME@ALIAS`, `models:/NAME/N` or `runs:/...`.
 
     An alias is read once, so version and folder always agree. Registered versions are downloaded
-    once into artifacts_dir()/registry/<name>/<version>; with download=False nothing is fetched (to
-    ask which version an alias points at now), and until it is `path` is the folder it goes to.
-    `tracking`: the tracking URI, else $MLFLOW_TRACKING_URI.
+    once into artifacts_dir()/registry/<name>/<version>-<identity>, the identity naming the store,
+    the version's source and its creation time: after a registry is reset or replaced, version N
+    may be another model, and its download is then another folder. With download=False nothing is
+    fetched (to ask which version an alias points at now), and until it is `path` is the folder it
+    goes to. `tracking`: the tracking URI, else $MLFLOW_TRACKING_URI.
     """
     text = str(uri)
     if "://" not in text and not text.startswith(("models:", "runs:")):
@@ -61,7 +63,8 @@ def locate(uri: str | Path, tracking: str | None = None, download: bool = True) 
         version = version or alias_version(mlflow_client(store), name, alias)
         if version is None:
             raise RegistryError(f"{text}: model {name!r} has no alias {alias!r}")
-        target, source = artifacts_dir() / "registry" / name / str(version), f"models:/{name}/{version}"
+        folder = f"{version}-{_identity(store, name, str(version), text)}"
+        target, source = artifacts_dir() / "registry" / name / folder, f"models:/{name}/{version}"
     else:
         version = None
         target = artifacts_dir() / "registry" / "uris" / hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -69,6 +72,20 @@ def locate(uri: str | Path, tracking: str | None = None, download: bool = True) 
     if download and not target.is_dir():
         _download(source, target, store)
     return Located(str(version) if version else None, _package_in(target) if target.is_dir() else target)
+
+
+def _identity(store: str, name: str, version: str, text: str) -> str:
+    """A short digest of what makes version N of `name` this model: the store, its source, its creation time."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client(store).get_model_version(name, version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise RegistryError(f"{text}: model {name!r} has no version {version}") from None
+        raise
+    key = f"{store}|{found.source}|{found.run_id}|{found.creation_timestamp}"
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def load_captioner(uri: str | Path, tracking: str | None = None, **options: Any):

@@ -76,9 +76,26 @@ def test_an_alias_is_read_from_the_store_and_names_where_the_version_goes(store,
         client.create_model_version("captioner", source=str(tmp_path / "model"))
     client.set_registered_model_alias("captioner", "champion", "2")
     located = locate("models:/captioner@champion", store, download=False)
-    assert located == Located("2", artifacts_dir() / "registry" / "captioner" / "2")
+    assert located.version == "2" and located.path.parent == artifacts_dir() / "registry" / "captioner"
+    assert located.path.name.startswith("2-")
     assert not located.path.exists()  # nothing was downloaded
+    assert locate("models:/captioner/2", store, download=False) == located
     assert locate("models:/captioner/1", store, download=False).version == "1"
+    with pytest.raises(RegistryError, match="model 'captioner' has no version 7"):
+        locate("models:/captioner/7", store, download=False)
+
+
+def test_the_same_version_number_of_a_reset_registry_goes_to_another_folder(tmp_path):
+    """After a registry is reset, version 1 may be another model: it must not be read from the
+    download of the old version 1."""
+    folders = []
+    for registry in ("first", "reset"):
+        uri = f"sqlite:///{tmp_path / registry}.db"
+        client = mlflow_client(uri)
+        client.create_registered_model("captioner")
+        client.create_model_version("captioner", source=str(tmp_path / registry / "model"))
+        folders.append(locate("models:/captioner/1", uri, download=False).path)
+    assert folders[0] != folders[1] and folders[0].name.startswith("1-") and folders[1].name.startswith("1-")
 
 
 def test_a_missing_alias_or_model_is_named(store, monkeypatch):
