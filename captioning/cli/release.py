@@ -7,6 +7,7 @@ Bad usage exits 2; a failed build or start exits 1 with the reason.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -66,7 +67,7 @@ def release_command(
 
 @stack_app.command("up")
 def up_command(
-    port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+8 internal."),
+    port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+9 internal."),
     model: Optional[str] = typer.Option(
         None, "--model", help="The registered version to serve (default: the champion)."
     ),
@@ -82,7 +83,14 @@ def up_command(
         fail(f"--port must be between 1024 and 65000, not {port}")
     result = _release(model, tracking, config)
     try:
-        state = stacks.up(result.image, port, version=result.version)
+        shadow = config.release.shadow
+        state = stacks.up(
+            result.image,
+            port,
+            version=result.version,
+            scrape_seconds=config.release.scrape_seconds,
+            shadow_share=shadow.share if shadow.enabled else 0.0,
+        )
     except (stacks.StackError, stacks.ContainerError) as error:
         fail(str(error), code=1)
     typer.echo(f"serving version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/")
@@ -97,7 +105,8 @@ def rollout_command(
     params_file: Optional[Path] = params_option(),
     assignments: list[str] = set_option(),
 ) -> None:
-    """Release a version and replace the running replicas with it, one at a time."""
+    """Release a version and replace the running replicas with it, one at a time, with no stage
+    (`python -m flows.release`, which `make up`'s watcher runs, rolls out progressively)."""
     from captioning.release import stack as stacks
 
     result = _release(model, tracking, settings(params_file, assignments))
@@ -117,18 +126,84 @@ def down_command() -> None:
     typer.echo("stack stopped")
 
 
+@stack_app.command("promote")
+def promote_command() -> None:
+    """End the rollout in progress by promoting its candidate now (its remaining analyses skipped)."""
+    _control("promote")
+
+
+@stack_app.command("abort")
+def abort_command() -> None:
+    """End the rollout in progress by rolling its candidate back now."""
+    _control("abort")
+
+
+def _control(action: str) -> None:
+    from captioning.release import rollout
+    from captioning.release import stack as stacks
+
+    state = stacks.read_state()
+    plan = (state or {}).get("rollout")
+    if not plan:
+        fail("no rollout is in progress", code=1)
+    rollout.request(action)
+    typer.echo(f"{action} of version {plan['version']} requested: the rollout acts on it at its next look")
+
+
 @stack_app.command("status")
 def status_command(as_json: bool = typer.Option(False, "--json")) -> None:
-    """What runs: image, version, each replica's health as haproxy sees it."""
+    """What runs: image, version, each replica's health as haproxy sees it, and the rollout in
+    progress (its stage, each verdict so far, the candidate's figures next to the stable version's)."""
     from captioning.release import stack as stacks
 
     state = stacks.status()
+    if state["running"] and state.get("rollout"):
+        state["figures"] = _figures(state)
     if as_json:
         print_json(state)
     elif not state["running"]:
         typer.echo("no stack is running")
     else:
-        typer.echo(
-            f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
-            f"API reports {state['served']}; replicas {state['replicas']}"
-        )
+        for line in _status_lines(state):
+            typer.echo(line)
+
+
+def _figures(state: dict) -> dict:
+    """The candidate's and the stable version's figures over the canary window, from Prometheus."""
+    from captioning.config import PARAMS_FILE
+    from captioning.release.analysis import Prometheus, PrometheusUnreachable, measure
+    from captioning.settings import load_settings
+
+    window = load_settings(PARAMS_FILE).release.canary.window_seconds
+    prometheus = Prometheus(state["prometheus"]["url"])
+    plan, figures = state["rollout"], {}
+    try:
+        for side, version in (("candidate", plan["version"]), ("stable", plan["stable"]["version"])):
+            if version:
+                figures[side] = measure(prometheus, version, window).__dict__
+    except PrometheusUnreachable as error:
+        figures["error"] = str(error)
+    return figures
+
+
+def _status_lines(state: dict) -> list[str]:
+    lines = [
+        f"version {state['version']} ({state['image']}) on http://127.0.0.1:{state['port']}/, "
+        f"API reports {state['served']}; replicas {state['replicas']}; Prometheus {state['prometheus']['url']}"
+    ]
+    plan = state.get("rollout")
+    if plan:
+        lines.append(f"rolling out version {plan['version']}: stage {plan['stage']}")
+        lines += [f"  {verdict['outcome']}: {verdict['reason']}" for verdict in plan["verdicts"]]
+        for side, figures in state.get("figures", {}).items():
+            lines.append(f"  {side}: {figures}")
+    last = state.get("last_rollout")
+    if last:
+        lines.append(f"last rollout: version {last['version']} {last['outcome']} after {last['seconds']:.0f} s")
+        if last.get("refusal"):
+            lines.append(f"  {last['refusal']['reason']}")
+    previous = state.get("previous")
+    if previous:
+        left = max(0.0, previous["until"] - time.time())
+        lines.append(f"version {previous['version']} kept warm for {left:.0f} s more (a rollback takes seconds)")
+    return lines
