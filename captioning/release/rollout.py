@@ -247,11 +247,24 @@ def canary(version: str, settings, report: Callable[[str], None] = print) -> Ver
             return record(plan, replace(verdict, stage="canary"))
         set_share(plan, share)
         report(f"{stage}: the candidate gets {share}% of the model traffic")
-        verdict = _analysis(plan, limits, stage, release.prometheus_timeout_seconds, report)
+        verdict = _down(plan, stage) or _analysis(plan, limits, stage, release.prometheus_timeout_seconds, report)
+        verdict = _down(plan, stage) or verdict
         record(plan, verdict)
         if verdict.failed:
             return replace(verdict, stage="canary")
     return replace(verdict, stage="canary")
+
+
+def _down(plan: dict, stage: str) -> Verdict | None:
+    """A failed verdict when a candidate model server is not UP in haproxy (it died, or stopped
+    answering its health checks): its figures would otherwise just stop coming."""
+    stats = stack.server_stats()
+    for slot in plan["candidate"]["model"]:
+        status = stats[("model", f"s{slot}")]["status"]
+        if not status.startswith("UP"):
+            reason = f"{stage}: the candidate's model server s{slot} is {status} in haproxy"
+            return Verdict(FAILED, stage=stage, reason=reason, check="replica down")
+    return None
 
 
 def set_share(plan: dict, share: float) -> None:
