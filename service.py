@@ -29,10 +29,12 @@ from captioning.serving.auth import HEALTH_PATHS, ApiKeyMiddleware, InternalToke
 from captioning.serving.config import config_from_env, refuse_bad_settings, show_info_logs
 from captioning.serving.errors import InputError, add_error_handlers
 from captioning.serving.limits import RateLimiter, client_id
-from captioning.serving.metrics import RequestMetrics, metrics
+from captioning.serving.metrics import RequestMetrics, count_captions, metrics
 from captioning.serving.model_calls import call_model, send_internal_token
 from captioning.serving.model_source import locate, registry_tracking, version_of
 from captioning.serving.options import decoding_options, option_field
+from captioning.serving.request_log import add_request_logs, note_model_version, note_served_version
+from captioning.serving.shadow import shadow_from_config
 from captioning.serving.uploads import ReleaseUploads, Uploads
 
 disable_telemetry()
@@ -119,6 +121,7 @@ class CaptionModelService:
         if previous is not None and version_of(previous) != version:
             gauge.labels(version=version_of(previous), source=self.source).set(0)
         gauge.labels(version=version, source=self.source).set(1)
+        note_served_version(version)
         logger.info("loaded model %s from %s in %.1fs", version, self.source, time.perf_counter() - started)
         return version
 
@@ -162,6 +165,7 @@ class CaptionModelService:
             m.batch_size.observe(len(indices))
             for i, output in zip(indices, outputs):
                 results[i] = jsonable({**output, "model_version": version_of(captioner)})
+        count_captions(m.captions, results)
         return results
 
     @staticmethod
@@ -270,6 +274,7 @@ class CaptionAPI:
         self._feedback_store = None
         self._feedback_lock = threading.Lock()
         send_internal_token(self.model, CONFIG.internal_token)
+        self.shadow = shadow_from_config(CONFIG, CaptionModelService)
         metrics()  # create the series at start-up so /metrics lists them at once
 
     async def __is_ready__(self) -> bool:
@@ -296,9 +301,11 @@ class CaptionAPI:
         await UPLOADS.check_images(files)
         jobs = [CaptionJob(image=data, **options) for _, data in files]
         results = await call_model(lambda: self.model.to_async.caption(jobs))
+        note_model_version(results[0].get("model_version") if results else None)
         for result in results:
             if "error" in result:
                 raise InputError(500, "model_error", f"the model failed on this image: {result['error']}")
+        self.shadow.copy(jobs, results)  # after the client's answer is known; never waited for
         answers = [public_answer(result, options["return_attention"]) for result in results]
         for answer in answers:
             metrics().caption_words.observe(len(answer["caption"].split()))
@@ -379,5 +386,6 @@ class CaptionAPI:
         return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
 
 
+add_request_logs(CaptionAPI, CaptionModelService, CONFIG.trust_proxy)  # first: it logs what the checks refuse
 CaptionAPI.add_asgi_middleware(ApiKeyMiddleware, key=CONFIG.api_key)
 CaptionModelService.add_asgi_middleware(InternalTokenMiddleware, token=CONFIG.internal_token)
