@@ -36,7 +36,8 @@ Environment (an empty variable counts as unset):
                               the API copies caption requests to it and discards its answers (default: none)
   CAPTIONING_SHADOW_SHARE     percent of /caption and /caption_batch requests copied (0-100, default 100)
   CAPTIONING_SHADOW_TIMEOUT_SECONDS  a copy unanswered this long counts as an error (default 5)
-  CAPTIONING_SHADOW_MAX_IN_FLIGHT  copies pending at once per API worker; more are dropped (default 8)
+  CAPTIONING_SHADOW_MAX_IN_FLIGHT  copies pending at once per API worker; more are dropped (default 8; the
+                              images they hold are bounded too, by CAPTIONING_INFLIGHT_UPLOAD_MB)
 
 A value that does not parse, or lies outside its range, refuses start-up with one line naming
 the variable (`StartupRefused`), as does production without its keys.

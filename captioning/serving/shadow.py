@@ -11,7 +11,8 @@ counted, by the version the candidate's answers report:
     captioning_shadow_agreement{candidate}  (histogram, percent, one per image)
 
 A candidate that is slow, failing or unreachable costs at most `max_in_flight` pending copies
-and `timeout` seconds each; copies beyond that are dropped and counted, never queued. The
+holding at most `max_bytes` of images, and `timeout` seconds each; copies beyond that are
+dropped and counted, never queued. The
 rollout analysis (captioning/release/analysis.py) reads these series from the API's metrics.
 """
 
@@ -43,14 +44,16 @@ class Shadow:
         share: float,
         max_in_flight: int = 8,
         timeout: float = 5.0,
+        max_bytes: int = 200 * 1024 * 1024,
         ask_version: Optional[Callable[[], Awaitable[dict]]] = None,
         metrics: Callable[[], Metrics] = metrics,
         draw: Callable[[], float] = random.random,
     ):
         self.call, self.share, self.max_in_flight, self.timeout = call, share, max_in_flight, timeout
+        self.max_bytes = max_bytes
         self.ask_version, self.metrics, self.draw = ask_version, metrics, draw
         self.candidate: Optional[str] = None  # the version the candidate last reported
-        self.in_flight = 0
+        self.in_flight = self.bytes_in_flight = 0
         self.failing = False
         self._tasks: set[asyncio.Task] = set()  # held until done: the loop keeps weak references only
 
@@ -67,18 +70,19 @@ class Shadow:
         comparing with the `served` results; returns at once, True when a copy went out."""
         if not self.enabled or self.draw() * 100 >= self.share:
             return False
-        if self.in_flight >= self.max_in_flight:
+        size = sum(len(getattr(job, "image", b"")) for job in jobs)  # the images a copy holds until done
+        if self.in_flight >= self.max_in_flight or self.bytes_in_flight + size > self.max_bytes:
             self._count(self.candidate or UNKNOWN, "dropped")
             return False
-        self.in_flight += 1
+        self.in_flight, self.bytes_in_flight = self.in_flight + 1, self.bytes_in_flight + size
         task = asyncio.get_running_loop().create_task(self._send(list(jobs), list(served)))
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(lambda done: self._finished(done, size))
         return True
 
-    def _finished(self, task: asyncio.Task) -> None:
+    def _finished(self, task: asyncio.Task, size: int) -> None:
         self._tasks.discard(task)
-        self.in_flight -= 1
+        self.in_flight, self.bytes_in_flight = self.in_flight - 1, self.bytes_in_flight - size
 
     async def wait(self) -> None:
         """Until the copies in flight are done (tests, shutdown)."""
@@ -159,5 +163,6 @@ def shadow_from_config(config: Any, service: Any) -> Shadow:
         share=config.shadow_share,
         max_in_flight=config.shadow_max_in_flight,
         timeout=config.shadow_timeout_seconds,
+        max_bytes=config.inflight_upload_bytes,  # as much again as the uploads in flight, at most
         ask_version=lambda: client.call("ready"),
     )

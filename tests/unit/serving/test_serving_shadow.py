@@ -127,6 +127,19 @@ def test_copies_beyond_the_bound_are_dropped_and_counted(series):
     assert run(shadow, [(["job"], SERVED)]) == [True]
 
 
+class Job:
+    def __init__(self, size: int):
+        self.image = b"x" * size
+
+
+def test_copies_beyond_the_bytes_bound_are_dropped(series):
+    shadow = Shadow(answering(delay=0.3), share=100, max_bytes=1000, metrics=lambda: series.metrics)
+    copies = [([Job(600)], SERVED), ([Job(300)], SERVED), ([Job(200)], SERVED), ([Job(100)], SERVED)]
+    assert run(shadow, copies) == [True, True, False, True]  # 600 + 300 + 200 > 1000; + 100 fits
+    assert series.value("captioning_shadow_requests_total", candidate="unknown", outcome="dropped") == 1
+    assert shadow.bytes_in_flight == 0 and shadow.in_flight == 0
+
+
 def test_without_an_address_there_is_no_shadow(series):
     for environ in ({}, {"CAPTIONING_SHADOW_URL": "http://127.0.0.1:3001", "CAPTIONING_SHADOW_SHARE": "0"}):
         shadow = shadow_from_config(ServiceConfig.from_env(environ), service=None)
