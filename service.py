@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from captioning.config import disable_telemetry
 from captioning.serving.answers import jsonable, public_answer
 from captioning.serving.auth import HEALTH_PATHS, ApiKeyMiddleware, InternalTokenMiddleware, check_reload_token
+from captioning.serving.batches import caption_jobs
 from captioning.serving.config import config_from_env, refuse_bad_settings, show_info_logs
 from captioning.serving.errors import InputError, add_error_handlers
 from captioning.serving.limits import RateLimiter, client_id
@@ -33,6 +34,8 @@ from captioning.serving.metrics import RequestMetrics, metrics
 from captioning.serving.model_calls import call_model, send_internal_token
 from captioning.serving.model_source import locate, registry_tracking, version_of
 from captioning.serving.options import decoding_options, option_field
+from captioning.serving.request_log import add_request_logs, note_model_version, note_served_version
+from captioning.serving.shadow import shadow_from_config
 from captioning.serving.uploads import ReleaseUploads, Uploads
 
 disable_telemetry()
@@ -119,6 +122,7 @@ class CaptionModelService:
         if previous is not None and version_of(previous) != version:
             gauge.labels(version=version_of(previous), source=self.source).set(0)
         gauge.labels(version=version, source=self.source).set(1)
+        note_served_version(version)
         logger.info("loaded model %s from %s in %.1fs", version, self.source, time.perf_counter() - started)
         return version
 
@@ -143,35 +147,7 @@ class CaptionModelService:
     )
     def caption(self, jobs: list[CaptionJob]) -> list[dict]:
         """Caption a batch; jobs with the same options share one model call."""
-        captioner = self.captioner
-        m = metrics()
-        results: list[dict | None] = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault((job.beam_size, job.max_length, job.return_attention), []).append(index)
-        for (beam_size, max_length, return_attention), indices in groups.items():
-            decoding = captioner.settings_for(beam_size=beam_size, max_length=max_length)
-            options = dict(decoding=decoding, return_attention=return_attention)
-            started = time.perf_counter()
-            try:
-                outputs = captioner.caption([jobs[i].image for i in indices], **options)
-            except Exception:
-                # Other users' images share this batch: caption one by one so only the culprit fails.
-                logger.exception("batch of %d failed; captioning its images one by one", len(indices))
-                outputs = [self._caption_one(captioner, jobs[i].image, options) for i in indices]
-            m.inference.observe(time.perf_counter() - started)
-            m.batch_size.observe(len(indices))
-            for i, output in zip(indices, outputs):
-                results[i] = jsonable({**output, "model_version": version_of(captioner)})
-        return results
-
-    @staticmethod
-    def _caption_one(captioner, image: bytes, options: dict) -> dict:
-        try:
-            return captioner.caption([image], **options)[0]
-        except Exception as error:
-            logger.exception("captioning one image failed")
-            return {"error": f"{type(error).__name__}: {error}"}
+        return caption_jobs(self.captioner, jobs, metrics(), CONFIG.fault_delay_ms, CONFIG.fault_fail_captions)
 
     @bentoml.api
     async def ready(self) -> dict:
@@ -275,6 +251,7 @@ class CaptionAPI:
         self._feedback_store = None
         self._feedback_lock = threading.Lock()
         send_internal_token(self.model, CONFIG.internal_token)
+        self.shadow = shadow_from_config(CONFIG, CaptionModelService)
         metrics()  # create the series at start-up so /metrics lists them at once
 
     async def __is_ready__(self) -> bool:
@@ -301,9 +278,11 @@ class CaptionAPI:
         await UPLOADS.check_images(files)
         jobs = [CaptionJob(image=data, **options) for _, data in files]
         results = await call_model(lambda: self.model.to_async.caption(jobs))
+        note_model_version(results[0].get("model_version") if results else None)
         for result in results:
             if "error" in result:
                 raise InputError(500, "model_error", f"the model failed on this image: {result['error']}")
+        self.shadow.copy(jobs, results)  # after the client's answer is known; never waited for
         answers = [public_answer(result, options["return_attention"]) for result in results]
         for answer in answers:
             metrics().caption_words.observe(len(answer["caption"].split()))
@@ -388,5 +367,6 @@ class CaptionAPI:
         return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
 
 
+add_request_logs(CaptionAPI, CaptionModelService, CONFIG.trust_proxy)  # first: it logs what the checks refuse
 CaptionAPI.add_asgi_middleware(ApiKeyMiddleware, key=CONFIG.api_key)
 CaptionModelService.add_asgi_middleware(InternalTokenMiddleware, token=CONFIG.internal_token)

@@ -56,6 +56,18 @@ class ServiceProcess:
 
 def start_service(model: str | Path, home: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:
     """Run `bentoml serve` on a free 127.0.0.1 port and wait until /readyz answers 200."""
+    bentoml = Path(sys.executable).parent / "bentoml"
+    return _launch([str(bentoml), "serve", "service:CaptionAPI"], model, home, extra_env)
+
+
+def start_model_server(model: str | Path, home: Path, extra_env: dict[str, str] | None = None) -> ServiceProcess:
+    """Run the model service alone (`python -m bento serve model`, as its own pod does) on a free
+    127.0.0.1 port and wait until /readyz answers 200; its URL is what the API's
+    CAPTIONING_MODEL_URL or CAPTIONING_SHADOW_URL takes."""
+    return _launch([sys.executable, "-m", "bento", "serve", "model"], model, home, extra_env)
+
+
+def _launch(command: list[str], model: str | Path, home: Path, extra_env: dict[str, str] | None) -> ServiceProcess:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
@@ -74,10 +86,9 @@ def start_service(model: str | Path, home: Path, extra_env: dict[str, str] | Non
     if "CAPTIONING_API_KEY" not in (extra_env or {}):
         env.pop("CAPTIONING_API_KEY", None)  # API-key auth only where a test asks for it
     log_path = home / "server.log"
-    bentoml = Path(sys.executable).parent / "bentoml"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(bentoml), "serve", "service:CaptionAPI", "--host", "127.0.0.1", "--port", str(port)],
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,
@@ -88,7 +99,7 @@ def start_service(model: str | Path, home: Path, extra_env: dict[str, str] | Non
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(f"{' '.join(command[-3:])} exited with {process.returncode}:\n{server.log_tail()}")
         try:
             if requests.get(server.url + "/readyz", timeout=2).status_code == 200:
                 return server

@@ -138,6 +138,21 @@ def abort_command() -> None:
     _control("abort")
 
 
+@stack_app.command("drill")
+def drill_command(
+    delay_ms: int = typer.Option(0, "--delay-ms", min=0, max=600_000, help="Each caption batch waits this long."),
+    fail_captions: bool = typer.Option(False, "--fail-captions", help="Every caption answers an error."),
+) -> None:
+    """Start the next rollout's candidate with a fault, to see its stages stop it and roll it back."""
+    from captioning.release import rollout
+
+    try:
+        env = rollout.drill(delay_ms, fail_captions)
+    except ValueError as error:
+        fail(str(error))
+    typer.echo(f"the next rollout's candidate starts with {env}")
+
+
 def _control(action: str) -> None:
     from captioning.release import rollout
     from captioning.release import stack as stacks

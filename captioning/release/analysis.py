@@ -6,12 +6,21 @@
     verdict.outcome                   # "passed" | "failed" | "inconclusive" (too few requests)
     verdict.reason                    # one line: stage, figure, threshold
 
-The figures come from the model servers' own request metrics (BentoML's, on every replica),
-read through Prometheus with the PromQL below: this module holds those queries, and
+The figures come from the model servers' own request metrics (BentoML's, on every replica) and
+their count of captions by outcome (a model server answers 200 with an error inside a failed
+image's result, so only that count sees a model that fails every caption), read through
+Prometheus with the PromQL below: this module holds those queries, and
 deploy/rollouts/analysis-template.yaml (Argo Rollouts) uses the very same ones (a test checks
 it). Each replica's metrics carry the model version as a Prometheus target label (`version`),
 and the role as `component` (the label Kubernetes' relabelling gives in deploy/prometheus):
 the service itself knows nothing of rollouts.
+
+The shadow stage reads the API's metrics instead: the copies of live requests it sent to the
+candidate and how far the candidate's captions agreed with the served ones, labelled with the
+version the candidate reported (`candidate`):
+
+    figures = measure_shadow(prometheus, candidate="7", window_seconds=30)
+    verdict = judge_shadow(figures, ShadowLimits.from_release(settings.release), stage="shadow")
 
 Prometheus unreachable never lets a candidate pass: `wait_for_verdict` waits for it, and once it
 has been unreachable for `release.prometheus_timeout_seconds` the verdict is a failure saying so.
@@ -36,6 +45,14 @@ REQUESTS = "bentoml_service_request_total"
 LATENCY_BUCKETS = "bentoml_service_request_duration_seconds_bucket"
 ROUTE = "/caption"  # the model servers' captioning endpoint (the API calls it for each request)
 ROLE = "model"  # the `component` label of the model servers' targets
+# The model servers' count of images captioned, by outcome ("ok", "error", "empty"); no endpoint label.
+CAPTIONS = "captioning_model_captions_total"
+FAILED_OUTCOMES = "error|empty"
+# The API's shadow copies (by candidate version and outcome) and their captions' agreement (percent).
+API_ROLE = "api"  # the `component` label of the API replicas' targets
+SHADOW_REQUESTS = "captioning_shadow_requests_total"
+SHADOW_AGREEMENT = "captioning_shadow_agreement"
+SENT_OUTCOMES = "ok|error"  # copies that reached the candidate or failed there ("dropped" never left)
 QUANTILE = 0.95
 
 
@@ -62,6 +79,12 @@ def selector(version: Optional[str], extra: str = "") -> str:
     return "{" + ",".join(matchers + ([extra] if extra else [])) + "}"
 
 
+def captions_selector(version: Optional[str], extra: str = "") -> str:
+    """The label matchers of one version's model-server caption counts (every version's: None)."""
+    matchers = [f"component={_quote(ROLE)}"] + ([f"version={_quote(version)}"] if version is not None else [])
+    return "{" + ",".join(matchers + ([extra] if extra else [])) + "}"
+
+
 def requests_query(version: str, window: str) -> str:
     """Requests the version's model servers answered over the window."""
     return f"sum(increase({REQUESTS}{selector(version)}[{window}]))"
@@ -72,6 +95,14 @@ def error_rate_query(version: str, window: str) -> str:
     errors = f"sum(rate({REQUESTS}{selector(version, 'http_response_code=~' + _quote('5..'))}[{window}]))"
     total = f"sum(rate({REQUESTS}{selector(version)}[{window}]))"
     return f"({errors} or vector(0)) / {total}"
+
+
+def caption_failure_rate_query(version: str, window: str) -> str:
+    """The share of the images the version's model servers captioned with an error or an empty
+    caption over the window (NaN or nothing without captions)."""
+    failed = f"sum(rate({CAPTIONS}{captions_selector(version, 'outcome=~' + _quote(FAILED_OUTCOMES))}[{window}]))"
+    total = f"sum(rate({CAPTIONS}{captions_selector(version)}[{window}]))"
+    return f"({failed} or vector(0)) / {total}"
 
 
 def p95_query(version: str, window: str) -> str:
@@ -87,14 +118,47 @@ def latency_ratio_query(candidate: str, stable: str, window: str) -> str:
 
 
 def breach_alert_query(max_error_rate: float, max_p95_seconds: float, window: str) -> str:
-    """Any version's model servers above the analysis' limits of error rate or p95 latency while
-    another version serves next to it: what makes a rollout's analysis roll the candidate back.
-    deploy/prometheus/alerts.yml alerts on it (a test checks the two agree)."""
+    """Any version's model servers above the analysis' limits of error rate, caption failure rate
+    or p95 latency while another version serves next to it: what makes a rollout's analysis roll
+    the candidate back. deploy/prometheus/alerts.yml alerts on it (a test checks the two agree)."""
     errors = f"sum by (version) (rate({REQUESTS}{selector(None, 'http_response_code=~' + _quote('5..'))}[{window}]))"
     total = f"sum by (version) (rate({REQUESTS}{selector(None)}[{window}]))"
+    failed = (
+        f"sum by (version) (rate({CAPTIONS}{captions_selector(None, 'outcome=~' + _quote(FAILED_OUTCOMES))}[{window}]))"
+    )
+    captions = f"sum by (version) (rate({CAPTIONS}{captions_selector(None)}[{window}]))"
     p95 = f"histogram_quantile({QUANTILE}, sum by (le, version) (rate({LATENCY_BUCKETS}{selector(None)}[{window}])))"
     versions = f"count(count by (version) (up{{component={_quote(ROLE)}}} == 1))"
-    return f"(({errors} / {total} > {max_error_rate:g}) or ({p95} > {max_p95_seconds:g})) and on () ({versions} > 1)"
+    breaches = [f"({errors} / {total} > {max_error_rate:g})", f"({failed} / {captions} > {max_error_rate:g})"]
+    breaches.append(f"({p95} > {max_p95_seconds:g})")
+    return f"({' or '.join(breaches)}) and on () ({versions} > 1)"
+
+
+def shadow_selector(candidate: str, extra: str = "") -> str:
+    """The label matchers of the API's shadow series for one candidate version."""
+    matchers = [f"component={_quote(API_ROLE)}", f"candidate={_quote(candidate)}"]
+    return "{" + ",".join(matchers + ([extra] if extra else [])) + "}"
+
+
+def shadow_requests_query(candidate: str, window: str) -> str:
+    """Copies the API sent the candidate over the window (answered or failed; not the dropped ones)."""
+    sent = shadow_selector(candidate, "outcome=~" + _quote(SENT_OUTCOMES))
+    return f"sum(increase({SHADOW_REQUESTS}{sent}[{window}]))"
+
+
+def shadow_error_rate_query(candidate: str, window: str) -> str:
+    """The share of the copies sent to the candidate that failed (an error, no answer in time)."""
+    failed = f"sum(rate({SHADOW_REQUESTS}{shadow_selector(candidate, 'outcome=' + _quote('error'))}[{window}]))"
+    sent = f"sum(rate({SHADOW_REQUESTS}{shadow_selector(candidate, 'outcome=~' + _quote(SENT_OUTCOMES))}[{window}]))"
+    return f"({failed} or vector(0)) / {sent}"
+
+
+def shadow_agreement_query(candidate: str, window: str) -> str:
+    """The candidate's mean agreement with the served captions over the window, in percent (the
+    agreement histogram's sum over its count; NaN or nothing without compared captions)."""
+    total = f"sum(rate({SHADOW_AGREEMENT}_sum{shadow_selector(candidate)}[{window}]))"
+    count = f"sum(rate({SHADOW_AGREEMENT}_count{shadow_selector(candidate)}[{window}]))"
+    return f"{total} / {count}"
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -160,12 +224,14 @@ def _message(error: urllib.error.HTTPError) -> str:
 
 @dataclass(frozen=True)
 class Figures:
-    """One version's figures over a window: requests answered, 5xx share, p95 latency (seconds)."""
+    """One version's figures over a window: requests answered, 5xx share, p95 latency (seconds),
+    and the share of its captions that failed or came out empty."""
 
     version: str
     requests: float
     error_rate: Optional[float]
     p95_seconds: Optional[float]
+    caption_failure_rate: Optional[float] = None
 
 
 def measure(prometheus: Prometheus, version: str, window_seconds: float) -> Figures:
@@ -175,6 +241,7 @@ def measure(prometheus: Prometheus, version: str, window_seconds: float) -> Figu
         requests=prometheus.value(requests_query(version, window)) or 0.0,
         error_rate=prometheus.value(error_rate_query(version, window)),
         p95_seconds=prometheus.value(p95_query(version, window)),
+        caption_failure_rate=prometheus.value(caption_failure_rate_query(version, window)),
     )
 
 
@@ -251,6 +318,7 @@ def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: 
     if stable is not None and stable.p95_seconds and candidate.p95_seconds is not None:
         ratio = candidate.p95_seconds / stable.p95_seconds
     figures = {"requests": candidate.requests, "error_rate": candidate.error_rate}
+    figures.update(caption_failure_rate=candidate.caption_failure_rate)
     figures.update(p95_seconds=candidate.p95_seconds, latency_ratio=ratio)
     figures["stable_p95_seconds"] = stable.p95_seconds if stable is not None else None
     common = dict(stage=stage, candidate=candidate, stable=stable, figures=figures)
@@ -267,6 +335,7 @@ def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: 
         )
     breaches = [
         ("error rate", candidate.error_rate, limits.max_error_rate, _percent),
+        ("caption failure rate", candidate.caption_failure_rate, limits.max_error_rate, _percent),
         ("p95 latency", candidate.p95_seconds, limits.max_p95_seconds, lambda v: f"{v:.3g} s"),
         ("p95 latency ratio", ratio, limits.max_latency_ratio, lambda v: f"{v:.2f}x the stable version's"),
     ]
@@ -288,6 +357,79 @@ def analyse(prometheus: Prometheus, candidate: str, stable: Optional[str], limit
     return judge(figures, reference, limits, stage)
 
 
+# --------------------------------------------------------------------------- shadow copies
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """A candidate's shadow copies over a window, from the API's metrics: copies sent, the share
+    of them that failed, and the mean agreement of its captions with the served ones (percent)."""
+
+    candidate: str
+    copies: float
+    error_rate: Optional[float]
+    agreement: Optional[float]
+
+
+def measure_shadow(prometheus: Prometheus, candidate: str, window_seconds: float) -> ShadowFigures:
+    window = duration(window_seconds)
+    return ShadowFigures(
+        candidate=candidate,
+        copies=prometheus.value(shadow_requests_query(candidate, window)) or 0.0,
+        error_rate=prometheus.value(shadow_error_rate_query(candidate, window)),
+        agreement=prometheus.value(shadow_agreement_query(candidate, window)),
+    )
+
+
+@dataclass(frozen=True)
+class ShadowLimits:
+    """What a candidate's shadow copies must show over `window_seconds`: at least `min_requests`
+    copies, at most `max_error_rate` of them failed, a mean agreement of at least `min_agreement`
+    percent."""
+
+    window_seconds: float
+    min_requests: int
+    max_error_rate: float
+    min_agreement: float
+
+    @classmethod
+    def from_release(cls, release: ReleaseSettings) -> "ShadowLimits":
+        """release.shadow's window, minimum and agreement; release.canary's error rate."""
+        s = release.shadow
+        return cls(s.window_seconds, s.min_requests, release.canary.max_error_rate, s.min_agreement)
+
+
+def judge_shadow(figures: ShadowFigures, limits: ShadowLimits, stage: str = "shadow") -> Verdict:
+    """The candidate's shadow figures against the limits: too few copies is inconclusive, then
+    the error rate, then the agreement decide."""
+    n, version, agreed, failed = round(figures.copies), figures.candidate, figures.agreement, figures.error_rate
+    shown = {"copies": figures.copies, "error_rate": failed, "agreement": agreed}
+    decided = lambda outcome, reason, check, figure, threshold: Verdict(
+        outcome, stage, f"{stage}: {reason}", check=check, figure=figure, threshold=threshold, figures=shown
+    )
+    if figures.copies < limits.min_requests:
+        reason = f"{n} copies sent to version {version} < {limits.min_requests} needed for a verdict"
+        return decided(INCONCLUSIVE, reason, "shadow requests", figures.copies, limits.min_requests)
+    if failed is not None and failed > limits.max_error_rate:
+        reason = (
+            f"shadow error rate of version {version} {_percent(failed)} > {_percent(limits.max_error_rate)} allowed"
+        )
+        return decided(FAILED, f"{reason} ({n} copies)", "shadow error rate", failed, limits.max_error_rate)
+    if agreed is None:
+        reason = f"no caption of version {version} compared yet ({n} copies)"
+        return decided(INCONCLUSIVE, reason, "shadow agreement", None, limits.min_agreement)
+    if agreed < limits.min_agreement:
+        reason = f"agreement of version {version}'s captions with the served ones {agreed:.1f}% < {limits.min_agreement:.1f}% required"
+        return decided(FAILED, f"{reason} ({n} copies)", "shadow agreement", agreed, limits.min_agreement)
+    reason = f"version {version} within limits over {n} copies (shadow error rate {_percent(failed or 0.0)}, agreement {agreed:.1f}%)"
+    return decided(PASSED, reason, None, None, None)
+
+
+def analyse_shadow(prometheus: Prometheus, candidate: str, limits: ShadowLimits, stage: str = "shadow") -> Verdict:
+    """One look at Prometheus: the candidate's shadow figures, judged."""
+    return judge_shadow(measure_shadow(prometheus, candidate, limits.window_seconds), limits, stage)
+
+
 def wait_for_verdict(
     prometheus: Prometheus,
     candidate: str,
@@ -303,13 +445,41 @@ def wait_for_verdict(
     `patience_seconds` (default: two windows) of Prometheus answering, then the inconclusive
     verdict. Prometheus unreachable: the analysis pauses; unreachable for `timeout_seconds` in a
     row, the verdict is a failure (a candidate never passes without figures)."""
+    look = lambda: analyse(prometheus, candidate, stable, limits, stage)
     patience = 2 * limits.window_seconds if patience_seconds is None else patience_seconds
+    return _wait(look, stage, timeout_seconds, patience, interval_seconds, report)
+
+
+def wait_for_shadow_verdict(
+    prometheus: Prometheus,
+    candidate: str,
+    limits: "ShadowLimits",
+    stage: str,
+    timeout_seconds: float,
+    patience_seconds: Optional[float] = None,
+    interval_seconds: float = 1.0,
+    report: Callable[[str], None] = lambda line: None,
+) -> Verdict:
+    """`wait_for_verdict` for the shadow stage: ask until the copies' analysis passes or fails."""
+    look = lambda: analyse_shadow(prometheus, candidate, limits, stage)
+    patience = 2 * limits.window_seconds if patience_seconds is None else patience_seconds
+    return _wait(look, stage, timeout_seconds, patience, interval_seconds, report)
+
+
+def _wait(
+    look: Callable[[], Verdict],
+    stage: str,
+    timeout_seconds: float,
+    patience: float,
+    interval_seconds: float,
+    report: Callable[[str], None],
+) -> Verdict:
     waited = paused = 0.0
     unreachable_since: Optional[float] = None
     while True:
         started = time.monotonic()
         try:
-            verdict = analyse(prometheus, candidate, stable, limits, stage)
+            verdict = look()
         except PrometheusUnreachable as error:
             unreachable_since = unreachable_since or started
             down = time.monotonic() - unreachable_since

@@ -38,6 +38,7 @@ from captioning.release.analysis import (
 )
 
 CONTROL = "control.json"
+DRILL = "drill.json"
 SMOKE_SLOT_SECONDS = 180
 
 
@@ -64,12 +65,14 @@ def begin(settings, image: str, version: str) -> dict:
             "stable": {"version": state.get("version", ""), "image": state["image"]},
             "stage": "candidate",
             "candidate": {"model": [], "api": []},
+            "env": take_drill(),
             "verdicts": [],
             "started_at": time.time(),
         }
         state["rollout"] = plan
         stack.write_state(state)
-        slot = stack.add_replica(state["port"], "model", image, _taken(state, "model"), plan["version"], weight=0)
+        taken = _taken(state, "model")
+        slot = stack.add_replica(state["port"], "model", image, taken, plan["version"], 0, plan["env"])
         plan["candidate"]["model"].append(slot)
         _save(plan)
         return plan
@@ -129,6 +132,31 @@ def requested() -> str | None:
 
 def clear_control() -> None:
     (stack.stack_dir() / CONTROL).unlink(missing_ok=True)
+
+
+def drill(delay_ms: int = 0, fail_captions: bool = False) -> dict[str, str]:
+    """`captioning stack drill`: the next rollout's candidate model servers start with these faults
+    (slower by `delay_ms` per batch, or failing every caption), to see the stages stop it."""
+    env = {}
+    if delay_ms:
+        env["CAPTIONING_FAULT_DELAY_MS"] = str(int(delay_ms))
+    if fail_captions:
+        env["CAPTIONING_FAULT_FAIL_CAPTIONS"] = "1"
+    if not env:
+        raise ValueError("a drill needs a fault: a delay or failing captions")
+    (stack.stack_dir() / DRILL).write_text(json.dumps(env), encoding="utf-8")
+    return env
+
+
+def take_drill() -> dict[str, str]:
+    """The faults `drill` asked for, once: the rollout that starts next takes them."""
+    path = stack.stack_dir() / DRILL
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    path.unlink(missing_ok=True)
+    return env
 
 
 def by_hand(stage: str) -> Verdict | None:
@@ -230,6 +258,51 @@ def _stable_score(plan, settings, tracking, recorded: dict, folder: Path, report
     return checks.score_captions(captions, recorded["references"])[checks.METRIC]
 
 
+# --------------------------------------------------------------------------- shadow
+
+
+def shadow(version: str, settings, report: Callable[[str], None] = print) -> Verdict:
+    """The API copies `release.shadow.share` percent of its requests to the candidate's model
+    server (haproxy's shadow frontend) and discards its answers; the copies' errors and agreement
+    with the stable captions decide, then the candidate's own error rate and latency."""
+    from captioning.release.analysis import ShadowLimits, wait_for_shadow_verdict
+
+    plan = current(version)
+    release, folder, stage = settings.release, stack.stack_dir(), "shadow"
+    slot = plan["candidate"]["model"][0]
+    haproxy.set_state(folder, "shadow", slot, "ready")
+    try:
+        _wait_up("shadow", slot)
+        prometheus = Prometheus(stack.prometheus_url(stack.read_state()["port"]))
+        timeout = release.prometheus_timeout_seconds
+        verdict = by_hand(stage) or _down(plan, stage)
+        if verdict is None:
+            limits = ShadowLimits.from_release(release)
+            verdict = _going_on(wait_for_shadow_verdict(prometheus, version, limits, stage, timeout, report=report))
+        if not verdict.failed and requested() is None:
+            verdict = _down(plan, stage) or _analysis(plan, Limits.shadow(release), stage, timeout, report)
+    finally:
+        haproxy.set_state(folder, "shadow", slot, "maint")
+    report(verdict.reason)
+    return record(plan, verdict)
+
+
+def _wait_up(backend: str, slot: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if stack.server_stats()[(backend, f"s{slot}")]["status"].startswith("UP"):
+            return
+        time.sleep(0.5)
+    raise stack.StackError(f"the candidate's s{slot} did not come UP in haproxy's {backend} backend")
+
+
+def _going_on(verdict: Verdict) -> Verdict:
+    """An inconclusive analysis lets the rollout go on, saying so."""
+    if verdict.outcome != INCONCLUSIVE:
+        return verdict
+    return replace(verdict, reason=f"{verdict.reason}: too little traffic to judge, going on")
+
+
 # --------------------------------------------------------------------------- canary
 
 
@@ -283,9 +356,7 @@ def _analysis(plan: dict, limits: Limits, stage: str, timeout: float, report) ->
     verdict = wait_for_verdict(
         prometheus, plan["version"], plan["stable"]["version"] or None, limits, stage, timeout, report=report
     )
-    if verdict.outcome == INCONCLUSIVE:
-        reason = f"{verdict.reason}: too little traffic to judge, going on"
-        verdict = replace(verdict, reason=reason)
+    verdict = _going_on(verdict)
     report(verdict.reason)
     return verdict
 
@@ -301,7 +372,8 @@ def promote(version: str, settings, report: Callable[[str], None] = print) -> di
         state = stack.read_state()
         port = state["port"]
         while len(plan["candidate"]["model"]) < state["replicas"]:
-            slot = stack.add_replica(port, "model", plan["image"], _taken(state, "model"), plan["version"])
+            taken = _taken(state, "model")
+            slot = stack.add_replica(port, "model", plan["image"], taken, plan["version"], extra_env=plan["env"])
             plan["candidate"]["model"].append(slot)
             _save(plan)
             state = stack.read_state()

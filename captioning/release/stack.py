@@ -169,13 +169,19 @@ def replica_env(port: int, role: str, version: str) -> dict[str, str]:
 
 
 def add_replica(
-    port: int, role: str, image: str, taken: set[int], version: str = "", weight: int = haproxy.FULL_WEIGHT
+    port: int,
+    role: str,
+    image: str,
+    taken: set[int],
+    version: str = "",
+    weight: int = haproxy.FULL_WEIGHT,
+    extra_env: dict[str, str] | None = None,
 ) -> int:
     """Start `image` in a free slot of the role and wait until haproxy sees it ready; with
     `weight` 0 it then gets no requests until its weight is raised (a rollout's candidate).
     Prometheus scrapes the slot from the pod's start, labelled with `version`."""
     slot = free_slot(role, taken)
-    env = replica_env(port, role, version)
+    env = {**replica_env(port, role, version), **(extra_env or {})}
     pods.start(role, slot, image, ports(port), stack_dir(), env)
     prometheus.set_target(prometheus_dir(), role, slot, f"127.0.0.1:{ports(port)['slots'][role][slot]}", version)
     haproxy.set_weight(stack_dir(), role, slot, weight)

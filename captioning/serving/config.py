@@ -32,9 +32,18 @@ Environment (an empty variable counts as unset):
   CAPTIONING_FEEDBACK_MAX_BYTES  bytes of feedback images kept at most (default: no cap)
   CAPTIONING_TORCH_THREADS    torch threads of the model service (default: torch's choice)
   CAPTIONING_GPU              1 = the model service asks for a GPU
+  CAPTIONING_FAULT_DELAY_MS   drills only: the model service waits this long before each batch (a slow candidate)
+  CAPTIONING_FAULT_FAIL_CAPTIONS  drills only: 1 = every caption answers an error (a broken candidate);
+                              `captioning stack drill` starts a rollout's candidate with them
   CAPTIONING_REPLICA_VERSION / CAPTIONING_REPLICA_NONCE  what the local stack started this replica as;
                               POST /replica answers with them, so the stack can tell its replica from
                               another process on the same port
+  CAPTIONING_SHADOW_URL       where a candidate model server answers (http://HOST:PORT of its model service):
+                              the API copies caption requests to it and discards its answers (default: none)
+  CAPTIONING_SHADOW_SHARE     percent of /caption and /caption_batch requests copied (0-100, default 100)
+  CAPTIONING_SHADOW_TIMEOUT_SECONDS  a copy unanswered this long counts as an error (default 5)
+  CAPTIONING_SHADOW_MAX_IN_FLIGHT  copies pending at once per API worker; more are dropped (default 8; the
+                              images they hold are bounded too, by CAPTIONING_INFLIGHT_UPLOAD_MB)
 
 A value that does not parse, or lies outside its range, refuses start-up with one line naming
 the variable (`StartupRefused`), as does production without its keys.
@@ -47,7 +56,7 @@ import os
 import sys
 from typing import Any, Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_MODEL = "models:/captioner@champion"
 # Room for the multipart headers and text fields around the files of one request.
@@ -78,9 +87,16 @@ ENVIRONMENT = {
     "feedback_max_bytes": "CAPTIONING_FEEDBACK_MAX_BYTES",
     "torch_threads": "CAPTIONING_TORCH_THREADS",
     "gpu": "CAPTIONING_GPU",
+    "fault_delay_ms": "CAPTIONING_FAULT_DELAY_MS",
+    "fault_fail_captions": "CAPTIONING_FAULT_FAIL_CAPTIONS",
     "replica_version": "CAPTIONING_REPLICA_VERSION",
     "replica_nonce": "CAPTIONING_REPLICA_NONCE",
+    "shadow_url": "CAPTIONING_SHADOW_URL",
+    "shadow_share": "CAPTIONING_SHADOW_SHARE",
+    "shadow_timeout_seconds": "CAPTIONING_SHADOW_TIMEOUT_SECONDS",
+    "shadow_max_in_flight": "CAPTIONING_SHADOW_MAX_IN_FLIGHT",
 }
+SHADOW_SCHEMES = ("http://", "https://", "tcp://")
 
 
 class StartupRefused(RuntimeError):
@@ -116,12 +132,26 @@ class ServiceConfig(BaseModel):
     feedback_max_bytes: int | None = Field(None, gt=0)
     torch_threads: int = Field(0, ge=0)
     gpu: bool = False
+    fault_delay_ms: int = Field(0, ge=0, le=600_000)
+    fault_fail_captions: bool = False
     replica_version: str = ""
     replica_nonce: str = Field("", repr=False)
 
     def replica(self, role: str) -> dict[str, str]:
         """Who this replica is, as the stack that started it knows it (POST /replica)."""
         return {"role": role, "version": self.replica_version, "nonce": self.replica_nonce}
+
+    shadow_url: str = Field("", repr=False)
+    shadow_share: float = Field(100.0, ge=0, le=100)
+    shadow_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    shadow_max_in_flight: int = Field(8, ge=1)
+
+    @field_validator("shadow_url")
+    @classmethod
+    def _shadow_url_is_an_address(cls, url: str) -> str:
+        if url and not url.startswith(SHADOW_SCHEMES):
+            raise ValueError(f"a shadow model server's address starts with {' or '.join(SHADOW_SCHEMES)}")
+        return url.rstrip("/")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
@@ -184,7 +214,7 @@ def _reason(error: ValidationError, values: Mapping[str, str]) -> str:
     key = str(problem["loc"][0]) if problem["loc"] else ""
     name = ENVIRONMENT.get(key, key)
     message = problem["msg"].removeprefix("Value error, ")
-    if key in ("reload_token", "api_key", "internal_token", "feedback_db"):
+    if key in ("reload_token", "api_key", "internal_token", "feedback_db", "shadow_url"):
         return f"{name}: {message}"  # never echo a secret
     return f"{name}={values.get(key)!r}: {message}"
 

@@ -1,6 +1,7 @@
 """The service's own Prometheus series, and the middleware that counts and times the API's routes.
 
-The names are those the alert rules and the dashboard query (deploy/prometheus, deploy/grafana).
+The names are those the alert rules, the dashboard and the rollout analysis query
+(deploy/prometheus, deploy/grafana, captioning/release/analysis.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Collection
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+AGREEMENT_BUCKETS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)  # percent
+CAPTION_OUTCOMES = ("ok", "error", "empty")
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,15 @@ class Metrics:
     model_info: Any
     feedback: Any
     reloads: Any
+    captions: Any
+    shadow_requests: Any
+    shadow_agreement: Any
 
 
 def create_metrics(kinds: Any) -> Metrics:
     """The series, made by `kinds`: anything with prometheus_client's Counter, Histogram and Gauge
     (`bentoml.metrics` in a server)."""
-    return Metrics(
+    series = Metrics(
         requests=kinds.Counter(
             name="captioning_requests_total",
             documentation="Caption API requests by route and HTTP status",
@@ -76,7 +82,51 @@ def create_metrics(kinds: Any) -> Metrics:
             documentation="Model reloads by outcome",
             labelnames=["outcome"],
         ),
+        **_rollout_series(kinds),
     )
+    for outcome in CAPTION_OUTCOMES:  # at 0 from the start: a rate sees a new server's first failures
+        series.captions.labels(outcome=outcome)
+    return series
+
+
+def _rollout_series(kinds: Any) -> dict[str, Any]:
+    """The series a rollout's analysis reads: the model service's caption outcomes, the API's shadow copies."""
+    return {
+        # One per image the model service captioned. The model service answers 200 with an error
+        # inside a failed image's result, so HTTP error rates do not see a model that fails
+        # every caption: this counter does.
+        "captions": kinds.Counter(
+            name="captioning_model_captions_total",
+            documentation="Images captioned by the model service, by outcome (ok, error, empty caption)",
+            labelnames=["outcome"],
+        ),
+        "shadow_requests": kinds.Counter(
+            name="captioning_shadow_requests_total",
+            documentation="Copies of caption requests sent to a shadow candidate, by its version and outcome "
+            "(ok, error, dropped: too many copies in flight)",
+            labelnames=["candidate", "outcome"],
+        ),
+        "shadow_agreement": kinds.Histogram(
+            name="captioning_shadow_agreement",
+            documentation="Agreement of a shadow candidate's captions with the served ones, in percent "
+            "(smoothed sentence BLEU-4 against the served caption)",
+            labelnames=["candidate"],
+            buckets=AGREEMENT_BUCKETS,
+        ),
+    }
+
+
+def caption_outcome(result: dict) -> str:
+    """What the model service made of one image: "error", "empty" (no words) or "ok"."""
+    if "error" in result:
+        return "error"
+    return "ok" if str(result.get("caption") or "").strip() else "empty"
+
+
+def count_captions(counter: Any, results: list) -> None:
+    """Count each image's outcome in `counter` (Metrics.captions)."""
+    for result in results:
+        counter.labels(outcome=caption_outcome(result if isinstance(result, dict) else {})).inc()
 
 
 _CREATED: list[Metrics] = []

@@ -1,6 +1,7 @@
 """The rollout analysis against a real Prometheus (Debian's, started as the local stack starts it)
-scraping small real metric servers: each exposes BentoML's request metrics, as a model server
-of one version does, and Prometheus labels them through the stack's file_sd targets."""
+scraping small real metric servers: each exposes BentoML's request metrics and the count of
+captions by outcome, as a model server of one version does, and Prometheus labels them through
+the stack's file_sd targets."""
 
 from __future__ import annotations
 
@@ -28,23 +29,31 @@ LABELS = ["endpoint", "service_name", "service_version", "http_response_code"]
 
 
 class Replica:
-    """A metrics endpoint with the model server's request metrics (names and labels as BentoML's)."""
+    """A metrics endpoint with the model server's request metrics (names and labels as BentoML's)
+    and its count of captions by outcome (as captioning.serving.metrics names it)."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter("bentoml_service_request_total", "requests", LABELS, registry=self.registry)
         self.latency = Histogram("bentoml_service_request_duration_seconds", "duration", LABELS, registry=self.registry)
+        self.captions = Counter("captioning_model_captions_total", "captions", ["outcome"], registry=self.registry)
         for code in ("200", "500"):  # the series exist, at 0, before any request
             self.requests.labels("/caption", "caption_model", "", code)
             self.latency.labels("/caption", "caption_model", "", code)
+        for outcome in ("ok", "error", "empty"):
+            self.captions.labels(outcome)
         self.port = free_port()
         self.server, self.thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
 
-    def answer(self, count: int, seconds: float, failed: int = 0) -> None:
+    def answer(self, count: int, seconds: float, failed: int = 0, failed_captions: int = 0) -> None:
+        """`count` requests of one image, `failed` of them answered 500, and of the others (answered
+        200) `failed_captions` with an error inside the result."""
         for n in range(count):
             code = "500" if n < failed else "200"
             self.requests.labels("/caption", "caption_model", "", code).inc()
             self.latency.labels("/caption", "caption_model", "", code).observe(seconds)
+            if code == "200":
+                self.captions.labels("error" if n - failed < failed_captions else "ok").inc()
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -55,9 +64,10 @@ class Replica:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """Prometheus scraping: model servers of versions 1 (healthy), 2 (10 % errors), 3 (three times
-    slower), 4 (few requests), and an API replica of version 1 that fails (not a model server)."""
+    slower), 4 (few requests), 5 (answers 200 with every caption failed), and an API replica of
+    version 1 that fails (not a model server)."""
     folder: Path = tmp_path_factory.mktemp("prometheus")
-    replicas = {name: Replica() for name in ("1", "2", "3", "4", "api")}
+    replicas = {name: Replica() for name in ("1", "2", "3", "4", "5", "api")}
     for slot, (name, replica) in enumerate(replicas.items()):
         role, version = ("api", "1") if name == "api" else ("model", name)
         stack_prometheus.set_target(folder, role, slot, f"127.0.0.1:{replica.port}", version)
@@ -65,12 +75,13 @@ def scraped(tmp_path_factory):
     try:
         url = stack_prometheus.start(folder, port, scrape_seconds=1.0)
         client = Prometheus(url)
-        _wait(lambda: len(client.query('up{job="captioning"} == 1')) == 5, "every target scraped")
+        _wait(lambda: len(client.query('up{job="captioning"} == 1')) == 6, "every target scraped")
         time.sleep(2.5)  # a few scrapes at 0 before the requests
         replicas["1"].answer(100, 0.2)
         replicas["2"].answer(100, 0.2, failed=10)
         replicas["3"].answer(100, 0.6)
         replicas["4"].answer(3, 0.2)
+        replicas["5"].answer(100, 0.2, failed_captions=100)
         replicas["api"].answer(50, 0.2, failed=50)
         _wait(lambda: (client.value('sum(bentoml_service_request_total{version="3"})') or 0) >= 100, "requests seen")
         time.sleep(2.5)  # a few scrapes after them
@@ -96,8 +107,8 @@ def _wait(condition, what: str, seconds: float = 40) -> None:
 def test_the_targets_carry_role_slot_and_version(scraped):
     up = scraped["client"].query("up")
     labels = sorted((s["metric"]["role"], s["metric"]["component"], s["metric"]["version"]) for s in up)
-    assert labels == [("api", "api", "1")] + [("model", "model", v) for v in "1234"]
-    assert {s["metric"]["slot"] for s in up} == {"0", "1", "2", "3", "4"}
+    assert labels == [("api", "api", "1")] + [("model", "model", v) for v in "12345"]
+    assert {s["metric"]["slot"] for s in up} == {"0", "1", "2", "3", "4", "5"}
 
 
 def test_the_queries_give_each_versions_figures(scraped):
@@ -111,6 +122,12 @@ def test_the_queries_give_each_versions_figures(scraped):
     # p95 interpolated within the bucket holding the observations: (0.1, 0.25] and (0.5, 0.75].
     assert healthy.p95_seconds == pytest.approx(0.1 + 0.15 * 0.95, rel=1e-6)
     assert slow.p95_seconds == pytest.approx(0.5 + 0.25 * 0.95, rel=1e-6)
+    # Failed captions inside 200 answers: no HTTP error, every caption a failure.
+    broken = measure(client, "5", LIMITS.window_seconds)
+    assert broken.error_rate == 0.0 and broken.caption_failure_rate == pytest.approx(1.0)
+    assert healthy.caption_failure_rate == 0.0 and slow.caption_failure_rate == 0.0
+    # Version 2's failed requests counted no caption: its captions all came out.
+    assert failing.caption_failure_rate == 0.0
 
 
 def test_the_verdicts_of_the_analysis(scraped):
@@ -123,14 +140,18 @@ def test_the_verdicts_of_the_analysis(scraped):
     assert slow.outcome == FAILED and slow.check == "p95 latency ratio"
     assert slow.figure == pytest.approx(0.7375 / 0.2425, rel=1e-6)
     assert analyse(client, "4", "1", LIMITS, "canary 10%").outcome == INCONCLUSIVE
+    broken = analyse(client, "5", "1", LIMITS, "canary 10%")
+    assert broken.outcome == FAILED and broken.check == "caption failure rate"
+    assert broken.figure == pytest.approx(1.0) and broken.threshold == 0.02
+    assert broken.reason.startswith("canary 10%: caption failure rate of version 5 100.0% > 2.0% allowed")
     assert analyse(client, "1", "1", LIMITS, "canary 100%").outcome == PASSED
 
 
 def test_the_breach_alert_fires_for_the_failing_version(scraped):
     client = scraped["client"]
-    _wait(lambda: client.query('ALERTS{alertname="CaptioningRolloutBreach",alertstate="firing"}'), "the alert")
-    firing = client.query('ALERTS{alertname="CaptioningRolloutBreach",alertstate="firing"}')
-    assert {s["metric"]["version"] for s in firing} == {"2"}
+    firing = lambda: client.query('ALERTS{alertname="CaptioningRolloutBreach",alertstate="firing"}')
+    _wait(lambda: len(firing()) >= 2, "the alert for both failing versions")
+    assert {s["metric"]["version"] for s in firing()} == {"2", "5"}
 
 
 def test_an_analysis_waits_for_prometheus_then_fails_without_it(scraped):

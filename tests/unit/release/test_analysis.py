@@ -14,6 +14,7 @@ from captioning.release.analysis import (
     Limits,
     Prometheus,
     PrometheusUnreachable,
+    caption_failure_rate_query,
     duration,
     error_rate_query,
     judge,
@@ -88,8 +89,19 @@ def test_the_queries_select_one_version_of_the_model_servers():
     assert "bentoml_service_request_duration_seconds_bucket" in p95_query("7", "1m")
 
 
-def _candidate(requests=100, error_rate=0.0, p95=0.5) -> Figures:
-    return Figures(version="7", requests=requests, error_rate=error_rate, p95_seconds=p95)
+def test_the_caption_failure_query_counts_failed_and_empty_captions_of_one_version():
+    query = caption_failure_rate_query("7", "30s")
+    failed, total = query.split(" / ")
+    # The captions counter has no endpoint label: the selector is the role and the version only.
+    assert 'captioning_model_captions_total{component="model",version="7",outcome=~"error|empty"}[30s]' in failed
+    assert failed.endswith(" or vector(0))")  # no failure at all is 0, not nothing
+    assert total == 'sum(rate(captioning_model_captions_total{component="model",version="7"}[30s]))'
+
+
+def _candidate(requests=100, error_rate=0.0, p95=0.5, caption_failures=None) -> Figures:
+    return Figures(
+        version="7", requests=requests, error_rate=error_rate, p95_seconds=p95, caption_failure_rate=caption_failures
+    )
 
 
 def test_too_few_requests_is_inconclusive():
@@ -104,6 +116,17 @@ def test_a_high_error_rate_fails_first():
     assert verdict.failed
     assert (verdict.check, verdict.figure, verdict.threshold) == ("error rate", 0.05, 0.02)
     assert verdict.reason == "canary 50%: error rate of version 7 5.0% > 2.0% allowed (100 requests)"
+
+
+def test_captions_that_fail_inside_200_answers_fail_the_analysis():
+    # Every HTTP answer a 200, every caption an error: only the caption count sees it.
+    verdict = judge(_candidate(error_rate=0.0, caption_failures=1.0), STABLE, LIMITS, "canary 10%")
+    assert verdict.failed
+    assert (verdict.check, verdict.figure, verdict.threshold) == ("caption failure rate", 1.0, 0.02)
+    assert verdict.reason == "canary 10%: caption failure rate of version 7 100.0% > 2.0% allowed (100 requests)"
+    assert verdict.figures["caption_failure_rate"] == 1.0
+    passed = judge(_candidate(caption_failures=0.01), STABLE, LIMITS, "canary 10%")
+    assert passed.passed and "caption failure rate 1.0%" in passed.reason
 
 
 def test_a_p95_above_the_ceiling_fails():

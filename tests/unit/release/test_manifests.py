@@ -31,6 +31,7 @@ def test_the_analysis_template_asks_the_local_analysis_queries():
     expected = {
         "requests": analysis.requests_query(CANARY, window),
         "error-rate": analysis.error_rate_query(CANARY, window),
+        "caption-failure-rate": analysis.caption_failure_rate_query(CANARY, window),
         "p95-latency": analysis.p95_query(CANARY, window),
         "p95-latency-ratio": analysis.latency_ratio_query(CANARY, STABLE, window),
     }
@@ -44,6 +45,7 @@ def test_the_analysis_template_has_the_thresholds_of_params_yaml():
     assert metrics["requests"]["failureCondition"] == "false"  # too few: inconclusive, the rollout pauses
     limits = {
         "error-rate": canary.max_error_rate,
+        "caption-failure-rate": canary.max_error_rate,
         "p95-latency": canary.max_p95_seconds,
         "p95-latency-ratio": canary.max_latency_ratio,
     }
