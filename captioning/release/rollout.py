@@ -20,6 +20,7 @@ captions and an idle stack would otherwise never finish a rollout.
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.request
 from dataclasses import replace
@@ -105,7 +106,7 @@ def _save(plan: dict) -> None:
 
 
 def record(plan: dict, verdict: Verdict) -> Verdict:
-    plan["verdicts"].append(verdict.to_dict())
+    plan["verdicts"].append({**verdict.to_dict(), "at_seconds": round(time.time() - plan["started_at"], 1)})
     plan["stage"] = verdict.stage
     _save(plan)
     return verdict
@@ -264,7 +265,7 @@ def _stable_score(plan, settings, tracking, recorded: dict, folder: Path, report
 def shadow(version: str, settings, report: Callable[[str], None] = print) -> Verdict:
     """The API copies `release.shadow.share` percent of its requests to the candidate's model
     server (haproxy's shadow frontend) and discards its answers; the copies' errors and agreement
-    with the stable captions decide, then the candidate's own error rate and latency."""
+    with the stable captions decide, then the candidate's own error and caption failure rates."""
     from captioning.release.analysis import ShadowLimits, wait_for_shadow_verdict
 
     plan = current(version)
@@ -280,7 +281,10 @@ def shadow(version: str, settings, report: Callable[[str], None] = print) -> Ver
             limits = ShadowLimits.from_release(release)
             verdict = _going_on(wait_for_shadow_verdict(prometheus, version, limits, stage, timeout, report=report))
         if not verdict.failed and requested() is None:
-            verdict = _down(plan, stage) or _analysis(plan, Limits.shadow(release), stage, timeout, report)
+            # Errors only: copies are sent after the stable answer, a few at a time, so their
+            # latency says little; the canary judges latency on real traffic.
+            limits = replace(Limits.shadow(release), max_latency_ratio=math.inf, max_p95_seconds=math.inf)
+            verdict = _down(plan, stage) or _analysis(plan, limits, stage, timeout, report)
     finally:
         haproxy.set_state(folder, "shadow", slot, "maint")
     report(verdict.reason)
@@ -429,6 +433,8 @@ def rollback(version: str, verdict: Verdict, tracking: str | None, name: str) ->
     from captioning.registry.refusals import refuse
 
     plan = current(version)
+    if not plan["verdicts"] or plan["verdicts"][-1]["reason"] != verdict.reason:
+        record(plan, verdict)  # a stage that broke rather than judged
     folder = stack.stack_dir()
     state = stack.read_state()
     for slot in plan["candidate"]["model"]:

@@ -197,6 +197,12 @@ def add_replica(
     return slot
 
 
+def client_headers() -> dict[str, str]:
+    """What a client of the stack's API sends besides its request: the API key when one is set."""
+    key = os.environ.get("CAPTIONING_API_KEY", "")
+    return {"X-API-Key": key} if key else {}
+
+
 def check_identity(port: int, role: str, slot: int, env: dict[str, str]) -> None:
     """The process answering on the slot must be the replica just started: it reports the
     version and nonce it was started with (a process squatting on the port does not)."""
