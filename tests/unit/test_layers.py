@@ -61,3 +61,16 @@ def test_service_locates_a_folder_without_mlflow(tmp_path):
         "    raise AssertionError('a missing folder was located')\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=120)
+
+
+def test_no_function_in_the_library_is_longer_than_a_screen_or_two():
+    """Functions in captioning/ stay under 80 lines; service.py stays its routes (under 400 lines)."""
+    import ast
+
+    long = []
+    for path in sorted((PROJECT_ROOT / "captioning").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.name}")
+    assert not long, long
+    assert len((PROJECT_ROOT / "service.py").read_text(encoding="utf-8").splitlines()) < 400
