@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import yaml
@@ -50,7 +51,7 @@ def manifest(role: str, slot: int, image: str, ports: dict, folder: Path, env: d
     container.pop("envFrom", None)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         container.pop(probe, None)  # haproxy checks readiness; podman's checks need systemd
-    spec["volumes"] = [_local_volume(volume, folder) for volume in spec.get("volumes", [])]
+    spec["volumes"] = [_local_volume(volume, folder, pod_name(role, slot)) for volume in spec.get("volumes", [])]
     labels = {**deployment["spec"]["template"]["metadata"]["labels"], "captioning/stack": "local"}
     return {
         "apiVersion": "v1",
@@ -108,12 +109,19 @@ def internal_token(folder: Path) -> str:
     return path.read_text().strip()
 
 
-def _local_volume(volume: dict, folder: Path) -> dict:
-    """The feedback claim becomes a folder of the stack; other volumes stay as they are."""
-    if "persistentVolumeClaim" not in volume:
+def _local_volume(volume: dict, folder: Path, pod: str) -> dict:
+    """The feedback claim becomes a folder of the stack; an emptyDir a fresh folder of this pod's
+    own (podman would make it one named volume shared by every pod: their /tmp, and with it
+    BentoML's metrics files, would be one); other volumes stay as they are."""
+    if "persistentVolumeClaim" in volume:
+        place = folder / volume["name"]
+        place.mkdir(parents=True, exist_ok=True)
+    elif "emptyDir" in volume:
+        place = folder / "pods" / pod / volume["name"]
+        shutil.rmtree(place, ignore_errors=True)
+        place.mkdir(parents=True, mode=0o700)
+    else:
         return volume
-    place = folder / volume["name"]
-    place.mkdir(parents=True, exist_ok=True)
     os.chown(place, 1034, 1034)  # the images' non-root user
     return {"name": volume["name"], "hostPath": {"path": str(place), "type": "Directory"}}
 

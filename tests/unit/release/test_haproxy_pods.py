@@ -65,3 +65,15 @@ def test_a_replica_is_started_with_its_identity_and_the_token(tmp_path, monkeypa
     args = container["args"]
     assert args[args.index("--port") + 1] == "3003" and args[args.index("--model-url") + 1] == "http://127.0.0.1:9"
     assert yaml.safe_load(yaml.safe_dump(manifest))["metadata"]["name"].endswith("-api-s1")
+
+
+def test_each_pod_gets_a_tmp_of_its_own(tmp_path):
+    """podman turns an emptyDir into one named volume shared by every pod; the stack gives each pod
+    a folder instead, so replicas never share /tmp (nor the metrics files BentoML keeps there)."""
+    volumes = []
+    for role, slot in (("model", 0), ("model", 1), ("api", 0)):
+        manifest = pods.manifest(role, slot, "localhost/captioning:v1", stack.ports(3000), tmp_path, {})
+        (tmp,) = [v for v in manifest["spec"]["volumes"] if v["name"] == "tmp"]
+        volumes.append(tmp["hostPath"]["path"])
+    assert len(set(volumes)) == 3 and all(pods.pod_name("x", 0).split("-")[0] in path for path in volumes)
+    assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o700 for path in volumes)
