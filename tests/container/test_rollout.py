@@ -5,6 +5,7 @@ loses Prometheus is rolled back, and no client request fails."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,7 +65,8 @@ def stack(first_release, workspace):
     subprocess.run(["bash", "scripts/down.sh"], env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=300)
     pid_file = Path(env["PREFECT_HOME"]) / "server.pid"
     if pid_file.is_file():
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
 def url(stack) -> str:
