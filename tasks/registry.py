@@ -35,23 +35,21 @@ def register_model(
     MLflow run of the training, which then holds the registered model too.
     """
     from captioning.registry.versions import register
-    from captioning.release.smoke import record_smoke
+    from captioning.release.smoke import registering
 
     logger = run_logger()
-    recorded = record_smoke(package_dir, settings)
-    if recorded is not None:
-        logger.info(
-            "smoke photos recorded with the package: %d, CIDEr %.1f", recorded["images"], recorded["scores"]["CIDEr"]
+    with registering(package_dir, settings) as logged:
+        result = register(
+            logged,
+            metrics,
+            query,
+            settings,
+            tracking=tracking,
+            champion_metrics=champion_metrics,
+            run_id=run_id,
         )
-    result = register(
-        package_dir,
-        metrics,
-        query,
-        settings,
-        tracking=tracking,
-        champion_metrics=champion_metrics,
-        run_id=run_id,
-    )
+    if settings.release.smoke.enabled:
+        logger.info("smoke photos recorded with version %s: %d", result.version, settings.release.smoke.photos)
     if result.promoted:
         logger.info(result.message)
     else:

@@ -85,24 +85,25 @@ def register_command(
     """Register a model version; promote it to champion only if it passes the metric gates."""
     from captioning.inference.model_package import PackageError
     from captioning.registry import store, versions
+    from captioning.release.smoke import SmokeRecordError, registering
 
     config = settings(params_file, assignments)
     if not (model / "config.json").is_file():
         fail(f"{model} is not a model package folder (no config.json)")
     values = _read_metrics(metrics)
     query = data or config.data.test_query
-    _record_smoke(model, config)
     try:
         with store.bounded_http_retries():
             uri = store.tracking_uri(config, tracking)
             store.check_server(uri)
             champion = _champion_metrics(query, uri, versions.model_name(config), reevaluate)
-            result = versions.register(
-                model, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
-            )
+            with registering(model, config) as logged:
+                result = versions.register(
+                    logged, values, query, config, tracking=uri, run_id=run_id, champion_metrics=champion
+                )
     except PackageError as error:
         fail(str(error))
-    except store.RegistryError as error:
+    except (store.RegistryError, SmokeRecordError) as error:
         fail(str(error), code=1)
     if as_json:
         print_json(result.to_dict())
@@ -110,16 +111,6 @@ def register_command(
         typer.echo(result.message)
     if fail_on_gate and not result.promoted:
         raise typer.Exit(GATE_FAILED_EXIT)
-
-
-def _record_smoke(model: Path, config) -> None:
-    """The smoke photos and the package's captions of them, kept with the version (release.smoke)."""
-    from captioning.release.smoke import SmokeRecordError, record_smoke
-
-    try:
-        record_smoke(model, config)
-    except SmokeRecordError as error:
-        fail(str(error), code=1)
 
 
 @app.command("list")

@@ -22,15 +22,18 @@ details.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from captioning.data.query import as_queries, format_query, select
 from captioning.release.analysis import FAILED, PASSED, Verdict
@@ -196,6 +199,30 @@ def record_smoke(package_dir: str | Path, settings, device: str | None = None) -
             f"cannot record the smoke photos of {package_dir} from {settings.data.val_query}: {error} "
             "(release.smoke.enabled=false registers without them; its rollouts then have no smoke stage to pass)"
         ) from None
+
+
+@contextlib.contextmanager
+def registering(package_dir: str | Path, settings) -> Iterator[Path]:
+    """The package as registration logs it: its files (hard links where the file system allows)
+    and, with `release.smoke.enabled`, the smoke photos and the package's captions of them in
+    smoke/, in a folder beside it that is removed afterwards. The package folder itself is left as
+    it is: it may be a DVC stage's output, which another stage must not change."""
+    package_dir = Path(package_dir)
+    if not settings.release.smoke.enabled:
+        yield package_dir
+        return
+    staged = Path(tempfile.mkdtemp(prefix=".registering-", dir=package_dir.parent))
+    try:
+        for item in package_dir.iterdir():
+            if item.is_file():
+                try:
+                    os.link(item, staged / item.name)
+                except OSError:
+                    shutil.copy2(item, staged / item.name)
+        record_smoke(staged, settings)
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def load_record(path: str | Path) -> dict[str, Any]:

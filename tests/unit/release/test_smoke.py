@@ -281,3 +281,23 @@ def test_degenerate_served_captions_fail(recorded):
     verdict = judge_smoke(served, recorded, stable_score=None, **LIMITS)
     assert not verdict.passed
     assert f"{len(served)} degenerate captions" in verdict.reason and "'left' repeated 6 times" in verdict.reason
+
+
+def test_registration_logs_the_smoke_record_and_leaves_the_package_as_it_was(trained):
+    """The staged copy carries smoke/ (photos, references, the package's captions); the package
+    folder itself, a DVC stage's output in `dvc repro`, is not touched."""
+    from captioning.release.smoke import SMOKE_DIR, registering
+    from harness.settings import test_settings
+    from harness.trained import tiny_params
+
+    before = sorted(p.name for p in trained.iterdir())
+    settings = test_settings(**tiny_params(), release={"smoke": {"photos": 4}})
+    with synthetic_data(), registering(trained, settings) as staged:
+        record = load_record(staged / SMOKE_DIR / RECORD_FILE)
+        assert staged != trained and len(record["captions"]) == 4
+        assert len(read_smoke_set(staged / SMOKE_DIR)) == 4
+        assert (staged / "weights.pt").read_bytes() == (trained / "weights.pt").read_bytes()
+    assert not staged.exists() and sorted(p.name for p in trained.iterdir()) == before
+    off = test_settings(**tiny_params(), release={"smoke": {"enabled": False}})
+    with registering(trained, off) as staged:
+        assert staged == trained
