@@ -332,6 +332,17 @@ def canary(version: str, settings, report: Callable[[str], None] = print) -> Ver
     return replace(verdict, stage="canary")
 
 
+def _settle(plan: dict, stage: str, seconds: float) -> Verdict | None:
+    """Let traffic flow for `seconds`; a verdict already when a person decided or the candidate died."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        verdict = by_hand(stage) or _down(plan, stage)
+        if verdict is not None:
+            return verdict
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return None
+
+
 def _down(plan: dict, stage: str) -> Verdict | None:
     """A failed verdict when a candidate model server is not UP in haproxy (it died, or stopped
     answering its health checks): its figures would otherwise just stop coming."""
@@ -355,6 +366,11 @@ def set_share(plan: dict, share: float) -> None:
 
 
 def _analysis(plan: dict, limits: Limits, stage: str, timeout: float, report) -> Verdict:
+    """The analysis of a stage over a window that begins with it: it waits one window first, so
+    that no figure of an earlier stage (shadow copies, a smaller share) is judged as this one's."""
+    settled = _settle(plan, stage, limits.window_seconds)
+    if settled is not None:
+        return settled
     state = stack.read_state()
     prometheus = Prometheus(stack.prometheus_url(state["port"]))
     verdict = wait_for_verdict(
