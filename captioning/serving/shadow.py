@@ -7,7 +7,7 @@ copy of the same images and options sent to the candidate (CAPTIONING_SHADOW_URL
 for. Its captions are scored against the served ones (captioning/serving/agreement.py) and
 counted, by the version the candidate's answers report:
 
-    captioning_shadow_requests_total{candidate, outcome="ok" | "error" | "dropped"}
+    captioning_shadow_requests_total{candidate, outcome="ok" | "error" | "slow" | "dropped"}
     captioning_shadow_agreement{candidate}  (histogram, percent, one per image)
 
 A candidate that is slow, failing or unreachable costs at most `max_in_flight` pending copies
@@ -92,7 +92,11 @@ class Shadow:
     async def _send(self, jobs: list, served: list[dict]) -> None:
         try:
             answer = await asyncio.wait_for(self.call(jobs), self.timeout)
-        except Exception as error:  # refused, unreachable, timed out, answered 5xx: all the same here
+        except asyncio.TimeoutError:
+            # Slow, not failed: latency is the canary's to judge, on real traffic.
+            self._count(await self._version(), "slow")
+            return
+        except Exception as error:  # refused, unreachable, answered 5xx: all the same here
             self._failed(f"{type(error).__name__}: {error}")
             self._count(await self._version(), "error")
             return
