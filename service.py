@@ -262,7 +262,9 @@ class CaptionAPI:
             internal,
         )
         self.feedback = FeedbackStoreOpener(open_feedback_store).start()  # off the event loop
-        self.readiness = CachedReadiness(self._model_ready, READY_REFRESH_SECONDS, READY_TIMEOUT_SECONDS)
+        self.readiness = CachedReadiness(
+            self._model_ready, READY_REFRESH_SECONDS, READY_TIMEOUT_SECONDS, count=metrics().readiness_checks.inc
+        )
         send_internal_token(self.model, CONFIG.internal_token)
         self.shadow = shadow_from_config(CONFIG, CaptionModelService)
         metrics()  # create the series at start-up so /metrics lists them at once

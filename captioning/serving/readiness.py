@@ -26,8 +26,10 @@ class CachedReadiness:
         period: float = 1.0,
         timeout: float = 2.0,
         stale_after: float = 10.0,
+        count: Callable[[], None] = lambda: None,
     ):
         self.ask, self.period, self.timeout, self.stale_after = ask, period, timeout, stale_after
+        self.count = count  # called for each question asked (a metric)
         self.value, self.checked_at, self.asked = False, float("-inf"), 0
         self._task: asyncio.Task | None = None
         self._first: asyncio.Event | None = None
@@ -46,6 +48,7 @@ class CachedReadiness:
     async def refresh(self) -> bool:
         """Ask once; a failure or no answer within `timeout` is "not ready"."""
         self.asked += 1
+        self.count()
         try:
             value = bool(await asyncio.wait_for(self.ask(), timeout=self.timeout))
         except Exception:  # unreachable, busy, timed out: not ready until an answer says otherwise
