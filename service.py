@@ -12,7 +12,6 @@ variables); the checks, limits and metrics the routes use live in captioning/ser
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -36,7 +35,7 @@ from captioning.serving.model_calls import call_model, send_internal_token
 from captioning.serving.model_source import locate, registry_tracking, version_of
 from captioning.serving.options import decoding_options, option_field
 from captioning.serving.readiness import CachedReadiness
-from captioning.serving.request_log import add_request_logs, note_model_version, note_served_version
+from captioning.serving.request_log import add_request_logs, current_request_id, note_model_version, note_served_version
 from captioning.serving.shadow import shadow_from_config
 from captioning.serving.uploads import ReleaseUploads, Uploads
 
@@ -342,8 +341,6 @@ class CaptionAPI:
 
     @app.post("/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        from captioning.data.feedback import FeedbackError
-
         FEEDBACK_LIMITER.check(client_id(request, CONFIG.proxy_hops), "/feedback")  # before reading the upload
         files, fields = await UPLOADS.read(request, max_files=1)
         if not files:
@@ -351,13 +348,10 @@ class CaptionAPI:
         caption = fields.get("caption", "")
         if not caption.strip():
             raise InputError(400, "missing_caption", "the field 'caption' (the corrected caption) is empty")
-        store = self.feedback.get()  # 503 while the store cannot be opened
+        self.feedback.get()  # 503 while the store cannot be opened, before any decoding
         image = await UPLOADS.decode_to_keep(files[0][1])  # bounded: never the full-size pixels
         version, predicted = fields.get("model_version") or None, fields.get("predicted_caption") or None
-        try:
-            item = await asyncio.to_thread(store.add, image, caption, version, predicted)
-        except FeedbackError as error:
-            raise InputError(422, "bad_feedback", str(error)) from None
+        item = await self.feedback.add(image, caption, version, predicted)
         metrics().feedback.inc()
         answer = {"stored": True, "id": item.id, "image_sha256": item.image_sha256, "caption": item.caption}
         return JSONResponse(answer, status_code=201)
@@ -374,8 +368,8 @@ class CaptionAPI:
     async def reload(self, request: Request) -> JSONResponse:
         check_reload_token(request, CONFIG.reload_token)
         answer = await call_model(self.model.to_async.reload, retry=False)
-        if not answer.get("reloaded"):
-            answer["error"] = "the reload failed: see the model service's log"  # never its exception text
+        if not answer.get("reloaded"):  # never the exception text: the model's log has it
+            answer.update(error="the reload failed: see the model service's log", request_id=current_request_id())
         return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
 
 

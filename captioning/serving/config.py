@@ -19,9 +19,9 @@ Environment (an empty variable counts as unset):
   CAPTIONING_FEEDBACK_PER_MINUTE  POST /feedback per client address and minute, per API worker (default 30,
                               0 = no limit); answered 429 with Retry-After past it
   CAPTIONING_CAPTIONS_PER_MINUTE  POST /caption and /caption_batch per client address and minute, per API
-                              worker (default 1200, 0 = no limit): a token bucket that holds a minute's
-                              worth, so a client may send that many at once and then 20 a second;
-                              answered 429 with Retry-After past it
+                              worker (default 3000, 0 = no limit): a token bucket that holds a minute's
+                              worth, so a client may send that many at once and then 50 a second (far
+                              above the benchmark and rollout loops); answered 429 with Retry-After past it
   CAPTIONING_TRUSTED_PROXIES  how many proxies in front of the API append to X-Forwarded-For (default 0:
                               the client is the peer address). With N, the client is the Nth entry from
                               the right, the one the outermost trusted proxy wrote; entries to its left
@@ -134,7 +134,7 @@ class ServiceConfig(BaseModel):
     feedback_per_minute: int = Field(30, ge=0)
     trust_proxy: bool = False
     trusted_proxies: int = Field(0, ge=0, le=10)
-    captions_per_minute: int = Field(1200, ge=0)
+    captions_per_minute: int = Field(3000, ge=0)
     feedback_connect_seconds: float = Field(5.0, gt=0, le=120)
     max_concurrency: int = Field(32, ge=1)
     decode_concurrency: int = Field(2, ge=1)

@@ -9,6 +9,7 @@ meanwhile POST /feedback answers 503 and the other routes are unaffected.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -81,3 +82,21 @@ class FeedbackStoreOpener:
                 headers={"Retry-After": str(math.ceil(self.retry_seconds))},
             )
         return self.store
+
+    async def add(self, image: Any, caption: str, version: str | None, predicted: str | None) -> Any:
+        """Store one correction on a thread: a bad input answers 422, a database failure 503 (the
+        details go to the log, never to the client)."""
+        from sqlalchemy.exc import DBAPIError
+
+        from captioning.data.feedback import FeedbackError
+
+        store = self.get()
+        try:
+            return await asyncio.to_thread(store.add, image, caption, version, predicted)
+        except FeedbackError as error:
+            raise InputError(422, "bad_feedback", str(error)) from None
+        except DBAPIError as error:
+            logger.error("feedback store write failed: %s", str(error.orig or error).strip().splitlines()[:1])
+            raise InputError(
+                503, "feedback_unavailable", "the feedback store cannot store it now: retry later"
+            ) from None

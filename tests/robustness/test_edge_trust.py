@@ -21,9 +21,8 @@ from urllib.parse import urlparse
 
 import requests
 
-from tests.robustness.conftest import record_figures
+from tests.robustness.conftest import CAPTIONS_PER_MINUTE, record_figures
 
-CAPTIONS_PER_MINUTE = 1200  # the default; the hardened set-up keeps it
 FORGED_REQUESTS = CAPTIONS_PER_MINUTE + 600  # more than the bucket and its refill meanwhile
 PROBE_THREADS = 16
 PROBE_SECONDS = 8.0

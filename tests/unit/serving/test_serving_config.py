@@ -179,7 +179,7 @@ def test_trusted_proxy_hops_and_the_older_flag():
 
 
 def test_captions_per_minute_is_generous_by_default():
-    assert ServiceConfig.from_env({}).captions_per_minute == 1200
+    assert ServiceConfig.from_env({}).captions_per_minute == 3000
     assert ServiceConfig.from_env({"CAPTIONING_CAPTIONS_PER_MINUTE": "0"}).captions_per_minute == 0
 
 

@@ -49,3 +49,25 @@ def test_the_store_is_served_once_open(tmp_path):
     opener = FeedbackStoreOpener(lambda: FeedbackStore(url=f"sqlite:///{tmp_path / 'f.db'}", root=tmp_path)).start()
     opener.thread.join(timeout=30)
     assert isinstance(opener.get(), FeedbackStore) and opener.attempts == 1
+
+
+def test_a_database_failure_on_write_answers_503_and_bad_input_422(tmp_path):
+    import asyncio
+
+    from PIL import Image
+
+    database = tmp_path / "f.db"
+    opener = FeedbackStoreOpener(lambda: FeedbackStore(url=f"sqlite:///{database}", root=tmp_path)).start()
+    opener.thread.join(timeout=30)
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    with pytest.raises(InputError) as bad:
+        asyncio.run(opener.add(image, "", None, None))
+    assert (bad.value.status, bad.value.kind) == (422, "bad_feedback")
+    assert asyncio.run(opener.add(image, "a red picture", "7", None)).caption == "a red picture"
+    opener.store.engine.dispose()
+    database.unlink()
+    database.mkdir()  # the database file is now a folder: every connection fails
+    with pytest.raises(InputError) as down:
+        asyncio.run(opener.add(image, "a red picture", "7", None))
+    assert (down.value.status, down.value.kind) == (503, "feedback_unavailable")
+    assert str(database) not in down.value.message
