@@ -12,7 +12,6 @@ variables); the checks, limits and metrics the routes use live in captioning/ser
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -29,12 +28,14 @@ from captioning.serving.auth import HEALTH_PATHS, ApiKeyMiddleware, InternalToke
 from captioning.serving.batches import caption_jobs
 from captioning.serving.config import config_from_env, refuse_bad_settings, show_info_logs
 from captioning.serving.errors import InputError, add_error_handlers
+from captioning.serving.feedback_store import FeedbackStoreOpener, with_connect_timeout
 from captioning.serving.limits import RateLimiter, client_id
 from captioning.serving.metrics import RequestMetrics, metrics
 from captioning.serving.model_calls import call_model, send_internal_token
 from captioning.serving.model_source import locate, registry_tracking, version_of
 from captioning.serving.options import decoding_options, option_field
-from captioning.serving.request_log import add_request_logs, note_model_version, note_served_version
+from captioning.serving.readiness import CachedReadiness
+from captioning.serving.request_log import add_request_logs, current_request_id, note_model_version, note_served_version
 from captioning.serving.shadow import shadow_from_config
 from captioning.serving.uploads import ReleaseUploads, Uploads
 
@@ -45,6 +46,7 @@ logger = logging.getLogger("captioning.service")
 CONFIG = config_from_env()  # a bad value stops the server here, with one line
 WEB_DIR = Path(__file__).resolve().parent / "web"
 READY_TIMEOUT_SECONDS = 2.0
+READY_REFRESH_SECONDS = 1.0  # how often the API asks the model service whether it is ready
 
 
 # ---------------------------------------------------------------- model service
@@ -195,10 +197,11 @@ class CaptionModelService:
             previous = version_of(self.captioner)
             try:
                 version = self._load()
-            except Exception as error:
+            except Exception:
                 metrics().reloads.labels(outcome="failed").inc()
                 logger.exception("reload failed; still serving %s", previous)
-                return {"reloaded": False, "model_version": previous, "error": f"{type(error).__name__}: {error}"}
+                # The details are in this log line; the answer names no exception text.
+                return {"reloaded": False, "model_version": previous, "error": "the reload failed: see the model log"}
         metrics().reloads.labels(outcome="ok").inc()
         return {
             "reloaded": True,
@@ -210,8 +213,17 @@ class CaptionModelService:
 
 # ---------------------------------------------------------------- HTTP API
 
+
+def open_feedback_store():
+    from captioning.data.feedback import FeedbackStore
+
+    url = with_connect_timeout(CONFIG.feedback_db, CONFIG.feedback_connect_seconds)
+    return FeedbackStore(url=url, max_bytes=CONFIG.feedback_max_bytes)
+
+
 UPLOADS = Uploads.from_config(CONFIG)
 FEEDBACK_LIMITER = RateLimiter(CONFIG.feedback_per_minute)
+CAPTION_LIMITER = RateLimiter(CONFIG.captions_per_minute)  # /caption and /caption_batch together
 
 app = FastAPI(title="Image captioning", docs_url=None, redoc_url=None, openapi_url=None)
 add_error_handlers(app)
@@ -248,27 +260,21 @@ class CaptionAPI:
             " (CAPTIONING_ALLOW_NO_KEY=1)" if open_on_purpose else "",
             internal,
         )
-        self._feedback_store = None
-        self._feedback_lock = threading.Lock()
+        self.feedback = FeedbackStoreOpener(open_feedback_store).start()  # off the event loop
+        self.readiness = CachedReadiness(
+            self._model_ready, READY_REFRESH_SECONDS, READY_TIMEOUT_SECONDS, count=metrics().readiness_checks.inc
+        )
         send_internal_token(self.model, CONFIG.internal_token)
         self.shadow = shadow_from_config(CONFIG, CaptionModelService)
         metrics()  # create the series at start-up so /metrics lists them at once
 
     async def __is_ready__(self) -> bool:
+        return await self.readiness.ready()  # the last background answer: probes cost no model call
+
+    async def _model_ready(self) -> bool:
         # The model's `ready`, not `info`: sync model APIs queue behind caption batches.
-        try:
-            answer = await asyncio.wait_for(self.model.to_async.ready(), timeout=READY_TIMEOUT_SECONDS)
-            return bool(answer.get("ready"))
-        except Exception:
-            return False
-
-    def feedback_store(self):
-        with self._feedback_lock:
-            if self._feedback_store is None:
-                from captioning.data.feedback import FeedbackStore
-
-                self._feedback_store = FeedbackStore(url=CONFIG.feedback_db, max_bytes=CONFIG.feedback_max_bytes)
-            return self._feedback_store
+        answer = await self.model.to_async.ready()
+        return bool(answer.get("ready"))
 
     async def _caption_files(self, files: list, fields: dict, missing: str) -> list[dict]:
         """Check the uploaded images and options, caption them, count caption lengths."""
@@ -281,7 +287,8 @@ class CaptionAPI:
         note_model_version(results[0].get("model_version") if results else None)
         for result in results:
             if "error" in result:
-                raise InputError(500, "model_error", f"the model failed on this image: {result['error']}")
+                logger.error("the model failed on an image: %s", result["error"])  # the log line has the request id
+                raise InputError(500, "model_error", "the model failed on this image")
         self.shadow.copy(jobs, results)  # after the client's answer is known; never waited for
         answers = [public_answer(result, options["return_attention"]) for result in results]
         for answer in answers:
@@ -306,6 +313,7 @@ class CaptionAPI:
     @app.post("/caption")
     async def caption(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        CAPTION_LIMITER.check(client_id(request, CONFIG.proxy_hops), "/caption")  # before reading the upload
         files, fields = await UPLOADS.read(request, max_files=1)
         if len(files) > 1:
             raise InputError(400, "too_many_images", "send one image to /caption (several go to /caption_batch)")
@@ -317,6 +325,7 @@ class CaptionAPI:
     async def caption_batch(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         most = CONFIG.max_batch_images
+        CAPTION_LIMITER.check(client_id(request, CONFIG.proxy_hops), "/caption_batch")
         files, fields = await UPLOADS.read(request, max_files=most)
         if len(files) > most:
             raise InputError(413, "too_many_images", f"{len(files)} images, at most {most} per request")
@@ -332,22 +341,17 @@ class CaptionAPI:
 
     @app.post("/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        from captioning.data.feedback import FeedbackError
-
-        FEEDBACK_LIMITER.check(client_id(request, CONFIG.trust_proxy), "/feedback")  # before reading the upload
+        FEEDBACK_LIMITER.check(client_id(request, CONFIG.proxy_hops), "/feedback")  # before reading the upload
         files, fields = await UPLOADS.read(request, max_files=1)
         if not files:
             raise InputError(400, "missing_field", "no file in the multipart field 'image'")
         caption = fields.get("caption", "")
         if not caption.strip():
             raise InputError(400, "missing_caption", "the field 'caption' (the corrected caption) is empty")
-        await UPLOADS.check_images(files)
-        store = self.feedback_store()
+        self.feedback.get()  # 503 while the store cannot be opened, before any decoding
+        image = await UPLOADS.decode_to_keep(files[0][1])  # bounded: never the full-size pixels
         version, predicted = fields.get("model_version") or None, fields.get("predicted_caption") or None
-        try:
-            item = await asyncio.to_thread(store.add, files[0][1], caption, version, predicted)
-        except FeedbackError as error:
-            raise InputError(422, "bad_feedback", str(error)) from None
+        item = await self.feedback.add(image, caption, version, predicted)
         metrics().feedback.inc()
         answer = {"stored": True, "id": item.id, "image_sha256": item.image_sha256, "caption": item.caption}
         return JSONResponse(answer, status_code=201)
@@ -364,9 +368,11 @@ class CaptionAPI:
     async def reload(self, request: Request) -> JSONResponse:
         check_reload_token(request, CONFIG.reload_token)
         answer = await call_model(self.model.to_async.reload, retry=False)
+        if not answer.get("reloaded"):  # never the exception text: the model's log has it
+            answer.update(error="the reload failed: see the model service's log", request_id=current_request_id())
         return JSONResponse(answer, status_code=200 if answer.get("reloaded") else 500)
 
 
-add_request_logs(CaptionAPI, CaptionModelService, CONFIG.trust_proxy)  # first: it logs what the checks refuse
+add_request_logs(CaptionAPI, CaptionModelService, CONFIG.proxy_hops)  # first: it logs what the checks refuse
 CaptionAPI.add_asgi_middleware(ApiKeyMiddleware, key=CONFIG.api_key)
 CaptionModelService.add_asgi_middleware(InternalTokenMiddleware, token=CONFIG.internal_token)

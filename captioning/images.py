@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Larger images are refused: a tiny compressed file can decode to gigabytes
 # (a "decompression bomb"). 40 megapixels covers every real photo we caption.
@@ -18,6 +18,21 @@ MAX_PIXELS = 40_000_000
 # encoder "lite2_320"), so the resize to the encoder's size still averages over real pixels,
 # while a 40 MP upload costs about 1 MB instead of 120 MB once decoded.
 DECODE_SIDE = 640
+# The formats decoded at all: the common photo and web formats. Pillow can open dozens more
+# (TIFF with its many codecs, PSD, EPS through Ghostscript, ...), each a decoder exposed to
+# every upload; none of them is needed to caption a photo. The JPEGs of many phone cameras
+# (MPO: a JPEG with extra pictures appended) open as JPEG. GIF and BMP stay for old web images.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# EXIF orientation -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 ImageSource = Union[bytes, bytearray, str, Path, Image.Image]
 
@@ -34,15 +49,16 @@ def _describe(source: ImageSource) -> str:
     return "image"
 
 
-def open_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
+def open_image(source: ImageSource, max_side: int | None = None, upright: bool = False) -> Image.Image:
     """Decode an image fully and return it as RGB.
 
     With `max_side`, an image whose long side is larger comes back reduced to that long side
     (aspect ratio kept); a JPEG is then decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft
-    mode), so its full-size pixels never exist in memory.
+    mode), so its full-size pixels never exist in memory. With `upright`, the EXIF
+    orientation is applied (to the reduced image: it costs nothing more).
 
-    Raises ImageError for empty input, missing files, non-images, truncated
-    files and images larger than MAX_PIXELS.
+    Raises ImageError for empty input, missing files, formats outside ALLOWED_FORMATS,
+    truncated files and images larger than MAX_PIXELS.
     """
     if isinstance(source, Image.Image):
         return _reduce(_check_size(source, "image"), max_side).convert("RGB")
@@ -62,15 +78,17 @@ def open_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # PIL warns before its own bomb check; we turn both into ImageError.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
                 _check_size(image, name)
+                turn = _UPRIGHT.get(_orientation(image)) if upright else None
                 _draft(image, max_side)
                 image.load()  # decode now, so a truncated file fails here
-                return _reduce(image, max_side).convert("RGB")
+                reduced = _reduce(image, max_side).convert("RGB")
+                return reduced.transpose(turn) if turn is not None else reduced
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image format Pillow can read") from None
+        raise ImageError(f"{name} is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise ImageError(f"{name} is too large to decode safely: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -85,6 +103,14 @@ def _check_size(image: Image.Image, name: str) -> Image.Image:
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name} is {width}x{height} = {width * height} pixels, more than MAX_PIXELS={MAX_PIXELS}")
     return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1, upright, when absent or unreadable); reads the header only."""
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return 1
 
 
 def _reduced_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -103,6 +129,13 @@ def _reduce(image: Image.Image, max_side: int | None) -> Image.Image:
     """The image with its long side at most `max_side` (the same image when it already is)."""
     if not max_side or max(image.size) <= max_side:
         return image
+    if image.mode in ("RGBA", "LA"):
+        # Box-average to at least twice the target first, channel by channel: Pillow's resize of
+        # an image with alpha would first make a premultiplied copy at full size (160 MB for a
+        # 40 MP RGBA PNG), and the alpha is dropped anyway.
+        factor = max(image.size) // (2 * max_side)
+        if factor > 1:
+            image = image.reduce(factor)
     if image.mode not in ("RGB", "L"):
         # Palette and 1-bit images would be resampled by nearest neighbour: convert first.
         image = image.convert("RGB")

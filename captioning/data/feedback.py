@@ -4,7 +4,8 @@ The service calls `FeedbackStore.add` for every correction; the `feedback`
 dataset (`load_feedback`) turns the rows into records so the query DSL
 (`feedback[train]`) and the retraining flow see them like any other data.
 
-Images are stored re-encoded as JPEG, upright (the EXIF orientation applied) and with
+Images are stored re-encoded as JPEG no larger than DECODE_SIDE (640 px on the long side, twice
+the largest encoder input), upright (the EXIF orientation applied) and with
 no metadata (no EXIF, GPS, comments or colour profiles), in a file named by the SHA-256
 of the stored bytes: the same picture sent twice is stored once, and a file whose bytes
 no longer match its name is known to be damaged and is written again. Files are written
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import DateTime, Integer, String, Text, create_engine, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -158,7 +160,7 @@ class FeedbackStore:
 
     def add(
         self,
-        image_bytes: bytes,
+        image: bytes | Image.Image,
         caption: str,
         model_version: str | None = None,
         predicted_caption: str | None = None,
@@ -168,7 +170,7 @@ class FeedbackStore:
         caption = clean_caption(caption, "caption")
         predicted = clean_caption(predicted_caption, "predicted caption") if predicted_caption else None
         version = clean_version(model_version)
-        data = stored_jpeg(image_bytes)
+        data = stored_jpeg(image)  # an upload's bytes, or the image the service decoded
         digest = hashlib.sha256(data).hexdigest()
         filename = f"{digest}.jpg"
         self._keep_image(self.image_dir / filename, data, digest)
@@ -294,47 +296,25 @@ def _refuse_control(text: str, what: str) -> None:
 
 # ---------------------------------------------------------------- images
 
-# EXIF orientation -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
-_UPRIGHT = {
-    2: "FLIP_LEFT_RIGHT",
-    3: "ROTATE_180",
-    4: "FLIP_TOP_BOTTOM",
-    5: "TRANSPOSE",
-    6: "ROTATE_270",
-    7: "TRANSVERSE",
-    8: "ROTATE_90",
-}
 
+def stored_jpeg(image: bytes | Image.Image) -> bytes:
+    """The bytes kept for an upload: decoded no larger than DECODE_SIDE (refused when not an
+    image), turned upright, re-encoded as JPEG with no metadata at all.
 
-def stored_jpeg(image_bytes: bytes) -> bytes:
-    """The bytes kept for an upload: decoded (refused when not an image), turned upright,
-    re-encoded as JPEG with no metadata at all."""
-    from PIL import Image
-
-    from captioning.images import ImageError, open_image
+    An upload's bytes are decoded here; the service passes the image it decoded already
+    (bounded and upright: `open_image(data, max_side=DECODE_SIDE, upright=True)`), so an
+    upload is never decoded at full size for its stored copy.
+    """
+    from captioning.images import DECODE_SIDE, ImageError, open_image
 
     try:
-        image = open_image(image_bytes)
+        image = open_image(image, max_side=DECODE_SIDE, upright=not isinstance(image, Image.Image))
     except ImageError as error:
         raise FeedbackError(str(error)) from None
-    method = _UPRIGHT.get(_orientation(image_bytes))
-    if method is not None:
-        image = image.transpose(getattr(Image.Transpose, method))
     image.info.clear()  # Pillow writes a JPEG comment kept in info: drop every kind of metadata
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
-
-
-def _orientation(image_bytes: bytes) -> int:
-    """The EXIF orientation tag (1, upright, when absent or unreadable)."""
-    from PIL import ExifTags, Image
-
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as raw:
-            return int(raw.getexif().get(ExifTags.Base.Orientation, 1))
-    except (OSError, ValueError, TypeError, SyntaxError):
-        return 1
 
 
 # ---------------------------------------------------------------- files

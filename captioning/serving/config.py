@@ -18,8 +18,15 @@ Environment (an empty variable counts as unset):
                               socket in a private (0700) folder
   CAPTIONING_FEEDBACK_PER_MINUTE  POST /feedback per client address and minute, per API worker (default 30,
                               0 = no limit); answered 429 with Retry-After past it
-  CAPTIONING_TRUST_PROXY      1 = the client address is the last X-Forwarded-For entry (the one the ingress
-                              appended; set it behind the ingress); otherwise the peer address
+  CAPTIONING_CAPTIONS_PER_MINUTE  POST /caption and /caption_batch per client address and minute, per API
+                              worker (default 3000, 0 = no limit): a token bucket that holds a minute's
+                              worth, so a client may send that many at once and then 50 a second (far
+                              above the benchmark and rollout loops); answered 429 with Retry-After past it
+  CAPTIONING_TRUSTED_PROXIES  how many proxies in front of the API append to X-Forwarded-For (default 0:
+                              the client is the peer address). With N, the client is the Nth entry from
+                              the right, the one the outermost trusted proxy wrote; entries to its left
+                              were written by the client and are ignored (the ingress alone: 1)
+  CAPTIONING_TRUST_PROXY      1 = CAPTIONING_TRUSTED_PROXIES=1 (kept for existing configurations)
   CAPTIONING_MAX_CONCURRENCY  requests in flight per API worker before it answers 429 (default 32)
   CAPTIONING_DECODE_CONCURRENCY  uploads decoded at once per API worker (default 2)
   CAPTIONING_INFLIGHT_UPLOAD_MB  request bodies held at once per API worker before it answers 429 (default 200,
@@ -28,7 +35,9 @@ Environment (an empty variable counts as unset):
   CAPTIONING_MAX_BATCH_IMAGES most images in one /caption_batch request (default 16)
   CAPTIONING_ADAPTIVE_BATCHING  0 turns adaptive batching off (benchmarks compare both)
   CAPTIONING_MAX_BATCH_SIZE / CAPTIONING_MAX_LATENCY_MS  adaptive batching bounds
-  CAPTIONING_FEEDBACK_DB      feedback database URL (default SQLite under the data folder)
+  CAPTIONING_FEEDBACK_DB      feedback database URL, sqlite:/// or postgresql:// (default SQLite under the
+                              data folder); the store is opened at start-up, each connection attempt
+                              given CAPTIONING_FEEDBACK_CONNECT_SECONDS (default 5)
   CAPTIONING_FEEDBACK_MAX_BYTES  bytes of feedback images kept at most (default: no cap)
   CAPTIONING_TORCH_THREADS    torch threads of the model service (default: torch's choice)
   CAPTIONING_GPU              1 = the model service asks for a GPU
@@ -75,6 +84,9 @@ ENVIRONMENT = {
     "internal_token": "CAPTIONING_INTERNAL_TOKEN",
     "feedback_per_minute": "CAPTIONING_FEEDBACK_PER_MINUTE",
     "trust_proxy": "CAPTIONING_TRUST_PROXY",
+    "trusted_proxies": "CAPTIONING_TRUSTED_PROXIES",
+    "captions_per_minute": "CAPTIONING_CAPTIONS_PER_MINUTE",
+    "feedback_connect_seconds": "CAPTIONING_FEEDBACK_CONNECT_SECONDS",
     "max_concurrency": "CAPTIONING_MAX_CONCURRENCY",
     "decode_concurrency": "CAPTIONING_DECODE_CONCURRENCY",
     "inflight_upload_mb": "CAPTIONING_INFLIGHT_UPLOAD_MB",
@@ -97,6 +109,7 @@ ENVIRONMENT = {
     "shadow_max_in_flight": "CAPTIONING_SHADOW_MAX_IN_FLIGHT",
 }
 SHADOW_SCHEMES = ("http://", "https://", "tcp://")
+FEEDBACK_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
 class StartupRefused(RuntimeError):
@@ -120,6 +133,9 @@ class ServiceConfig(BaseModel):
     internal_token: str = Field("", repr=False)
     feedback_per_minute: int = Field(30, ge=0)
     trust_proxy: bool = False
+    trusted_proxies: int = Field(0, ge=0, le=10)
+    captions_per_minute: int = Field(3000, ge=0)
+    feedback_connect_seconds: float = Field(5.0, gt=0, le=120)
     max_concurrency: int = Field(32, ge=1)
     decode_concurrency: int = Field(2, ge=1)
     inflight_upload_mb: int = Field(200, ge=1)
@@ -153,6 +169,22 @@ class ServiceConfig(BaseModel):
             raise ValueError(f"a shadow model server's address starts with {' or '.join(SHADOW_SCHEMES)}")
         return url.rstrip("/")
 
+    @field_validator("feedback_db")
+    @classmethod
+    def _feedback_db_is_a_database(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            scheme = make_url(url).drivername.split("+")[0]
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (sqlite:///PATH or postgresql://USER@HOST/NAME)") from None
+        if scheme not in FEEDBACK_SCHEMES:
+            raise ValueError(f"a feedback database is {' or '.join(FEEDBACK_SCHEMES)}, not {scheme!r}")
+        return url
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
         """The settings from `environ` (default os.environ); a bad value raises StartupRefused."""
@@ -177,6 +209,11 @@ class ServiceConfig(BaseModel):
         /caption_batch at its limits), which must always be able to go through alone."""
         largest = self.max_upload_bytes * self.max_batch_images + MULTIPART_OVERHEAD
         return max(self.inflight_upload_mb * MB, largest)
+
+    @property
+    def proxy_hops(self) -> int:
+        """Proxies trusted to append to X-Forwarded-For (CAPTIONING_TRUST_PROXY=1 counts as one)."""
+        return self.trusted_proxies or int(self.trust_proxy)
 
     @property
     def poll_interval(self) -> int:

@@ -1,6 +1,8 @@
 """Refused requests and the JSON answers they get: `{"error": message, "kind": kind}`.
 
-Every refusal is counted in captioning_errors_total by its kind.
+Every refusal is counted in captioning_errors_total by its kind. Answers name the request's id
+(`request_id`, as in the X-Request-ID header and the log line); failures inside the service
+(the model, a reload) answer a fixed message, their details going to the log under that id.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ class InputError(Exception):
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "kind": kind}, status_code=status, headers=headers)
+def error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None, request_id: str | None = None
+) -> JSONResponse:
+    body = {"error": message, "kind": kind}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def add_error_handlers(app: FastAPI, metrics: Callable[[], Metrics] = metrics) -> None:
     """Answer refusals, HTTP errors, invalid requests and bugs of `app` in JSON, counting each."""
 
     def answer(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        from captioning.serving.request_log import current_request_id  # it imports this module
+
         metrics().errors.labels(kind=kind).inc()
-        return error_response(status, kind, message, headers)
+        return error_response(status, kind, message, headers, current_request_id())
 
     @app.exception_handler(InputError)
     async def input_error(_: Request, error: InputError) -> JSONResponse:

@@ -11,17 +11,26 @@ from starlette.requests import Request
 from captioning.serving.errors import InputError
 
 
-def client_id(request: Request, trust_proxy: bool = False) -> str:
+def client_id(request: Request, proxy_hops: int = 0) -> str:
     """Who a request counts against: its address. Not the API key: that is one secret shared
     by every legitimate client, so it would put them all in one bucket.
 
-    With `trust_proxy` (behind the ingress), the last X-Forwarded-For entry: the one our proxy
-    appended; a client can write any entries before it.
+    Behind `proxy_hops` trusted proxies, the Nth X-Forwarded-For entry from the right: each
+    proxy appends the address it was called from, so that entry is the one the outermost
+    trusted proxy wrote; the client can write any entries to its left. Every header line
+    counts (a proxy may add its own line rather than extend the client's).
     """
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded and trust_proxy:
-        return forwarded.split(",")[-1].strip()
+    if proxy_hops > 0:
+        entries = forwarded_entries(request.headers.getlist("x-forwarded-for"))
+        if entries:
+            # Fewer entries than hops: the request skipped a proxy; the leftmost is all there is.
+            return entries[-min(proxy_hops, len(entries))]
     return request.client.host if request.client else "unknown"
+
+
+def forwarded_entries(lines: list[str]) -> list[str]:
+    """The addresses of X-Forwarded-For header lines, in order (empty entries dropped)."""
+    return [entry.strip() for line in lines for entry in line.split(",") if entry.strip()]
 
 
 class RateLimiter:

@@ -30,6 +30,7 @@ class Metrics:
     captions: Any
     shadow_requests: Any
     shadow_agreement: Any
+    readiness_checks: Any
 
 
 def create_metrics(kinds: Any) -> Metrics:
@@ -81,6 +82,10 @@ def create_metrics(kinds: Any) -> Metrics:
             name="captioning_model_reloads_total",
             documentation="Model reloads by outcome",
             labelnames=["outcome"],
+        ),
+        readiness_checks=kinds.Counter(
+            name="captioning_readiness_checks_total",
+            documentation="Readiness questions the API asked the model service (in the background, not per probe)",
         ),
         **_rollout_series(kinds),
     )

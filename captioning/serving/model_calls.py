@@ -65,9 +65,7 @@ def model_failure(error: BaseException) -> InputError:
         logger.error("the model service answered %d: %s", status, error)
         return InputError(502, "model_refused", f"the model service answered with an error ({status})")
     logger.error("model service call failed: %s: %s", type(error).__name__, error)
-    return InputError(
-        503, "model_unavailable", f"the model service is unavailable ({type(error).__name__}); retry shortly"
-    )
+    return InputError(503, "model_unavailable", "the model service is unavailable; retry shortly")
 
 
 async def call_model(

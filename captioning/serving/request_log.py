@@ -93,8 +93,8 @@ class RequestLog:
     `skip_paths` (probes, /metrics) get neither id nor line, so the log holds requests only.
     """
 
-    def __init__(self, app, service: str, trust_proxy: bool = False, skip_paths: Collection[str] = QUIET_PATHS):
-        self.app, self.service, self.trust_proxy = app, service, trust_proxy
+    def __init__(self, app, service: str, proxy_hops: int = 0, skip_paths: Collection[str] = QUIET_PATHS):
+        self.app, self.service, self.proxy_hops = app, service, proxy_hops
         self.skip_paths = frozenset(skip_paths)
         self.logger = request_logger()
 
@@ -133,7 +133,7 @@ class RequestLog:
             "status": status,
             "latency_ms": round(latency_ms, 2),
             "model_version": record.model_version or _SERVED_VERSION[0],
-            "client": client_id(request, self.trust_proxy),
+            "client": client_id(request, self.proxy_hops),
         }
         return json.dumps(fields, separators=(", ", ": "))
 
@@ -170,10 +170,10 @@ def propagate_request_id() -> None:
     propagate.set_global_textmap(CompositePropagator([current, RequestIdPropagator()]))
 
 
-def add_request_logs(api, model, trust_proxy: bool = False) -> None:
+def add_request_logs(api, model, proxy_hops: int = 0) -> None:
     """The request log on both BentoML services (before their other middleware, so that it logs
     what they refuse too), and the request's id on the API's calls to the model service."""
-    api.add_asgi_middleware(RequestLog, service="api", trust_proxy=trust_proxy)
+    api.add_asgi_middleware(RequestLog, service="api", proxy_hops=proxy_hops)
     # The model's readiness API is the API's probe: as quiet as the probes.
     model.add_asgi_middleware(RequestLog, service="model", skip_paths=QUIET_PATHS | {"/ready"})
     propagate_request_id()

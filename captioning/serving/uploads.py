@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from starlette.requests import Request
 
 from captioning.serving.config import MULTIPART_OVERHEAD, ServiceConfig
 from captioning.serving.errors import InputError
+
+logger = logging.getLogger("captioning.service")
 
 Files = list[tuple[str, bytes]]  # (file name, bytes) per uploaded image
 
@@ -63,6 +66,10 @@ class Uploads:
         self.budget = UploadBudget(inflight_bytes)
         # Uploads decoded at once in this worker: the others wait here, holding no decoded pixels.
         self.decode_slots = asyncio.Semaphore(decode_concurrency)
+        # Images decoded to be kept (feedback) take one slot of their own first: a burst of them
+        # holds at most one full-size decode (a 40 MP RGBA PNG is 160 MB before its reduction)
+        # and leaves the other slots to /caption.
+        self.keep_slot = asyncio.Semaphore(1)
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> "Uploads":
@@ -112,6 +119,12 @@ class Uploads:
         async with self.decode_slots:
             await asyncio.to_thread(check_images, files, self.max_upload_bytes)
 
+    async def decode_to_keep(self, data: bytes):
+        """One upload decoded for keeping (a feedback image): bounded like `check_images` and
+        turned upright, one such decode at a time; the PIL image it gives is at most DECODE_SIDE."""
+        async with self.keep_slot, self.decode_slots:
+            return await asyncio.to_thread(decode_upload, "the image", data, self.max_upload_bytes, True)
+
 
 async def read_form(request: Request, fields: dict[str, str]) -> Files:
     """The image files of a multipart form whose body is read already; its text fields go to `fields`."""
@@ -119,7 +132,9 @@ async def read_form(request: Request, fields: dict[str, str]) -> Files:
         # The body size is already bounded; count the files ourselves for a clearer message.
         form = await request.form(max_files=1000, max_fields=50)
     except Exception as error:  # malformed multipart, too many parts
-        raise InputError(400, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
+        # The parser's words stay in the log: they may quote the body back.
+        logger.info("multipart body refused: %s: %s", type(error).__name__, error)
+        raise InputError(400, "bad_multipart", "the multipart body cannot be parsed") from None
     files: Files = []
     try:
         for key, value in form.multi_items():
@@ -143,20 +158,24 @@ def limit_text(max_bytes: int) -> str:
 def check_images(files: Files, max_bytes: int) -> None:
     """Decode each image with the training code (no larger than the model will); a bad one is
     refused with a 4xx."""
+    for name, data in files:
+        decode_upload(f"{name!r}" if len(files) > 1 else "the image", data, max_bytes)
+
+
+def decode_upload(label: str, data: bytes, max_bytes: int, upright: bool = False):
+    """One upload decoded no larger than DECODE_SIDE (a PIL image); a bad one is refused with a 4xx."""
     from captioning.images import DECODE_SIDE, ImageError, open_image
 
-    for name, data in files:
-        label = f"{name!r}" if len(files) > 1 else "the image"
-        if not data:
-            raise InputError(400, "empty_image", f"{label} is empty (0 bytes)")
-        if len(data) > max_bytes:
-            raise InputError(413, "too_large", f"{label} is {len(data)} bytes: {limit_text(max_bytes)}")
-        try:
-            open_image(data, max_side=DECODE_SIDE)
-        except ImageError as error:
-            message = str(error)
-            if "MAX_PIXELS" in message or "too large" in message:
-                raise InputError(413, "too_many_pixels", f"{label}: {message}") from None
-            if "not an image" in message:
-                raise InputError(415, "not_image", f"{label}: {message}") from None
-            raise InputError(422, "corrupt_image", f"{label}: {message}") from None
+    if not data:
+        raise InputError(400, "empty_image", f"{label} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise InputError(413, "too_large", f"{label} is {len(data)} bytes: {limit_text(max_bytes)}")
+    try:
+        return open_image(data, max_side=DECODE_SIDE, upright=upright)
+    except ImageError as error:
+        message = str(error)
+        if "MAX_PIXELS" in message or "too large" in message:
+            raise InputError(413, "too_many_pixels", f"{label}: {message}") from None
+        if "not an image" in message:
+            raise InputError(415, "not_image", f"{label}: {message}") from None
+        raise InputError(422, "corrupt_image", f"{label}: {message}") from None

@@ -82,7 +82,7 @@ def test_only_the_api_reaches_the_model_pods():
 
     docs = rendered_production()
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "captioning-model"]
     kubernetes_validate.validate(policy, "1.30.0", strict=True)
     assert policy["metadata"]["namespace"] == "captioning"
     spec = policy["spec"]
@@ -106,6 +106,60 @@ def test_only_the_api_reaches_the_model_pods():
     (scraper,) = [peer for peer in peers if "namespaceSelector" in peer]
     assert scraper["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     assert scraper["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+
+
+def _policies_of(docs: list[dict], labels: dict) -> list[dict]:
+    return [d for d in docs if d["kind"] == "NetworkPolicy" and _selects(d["spec"]["podSelector"], labels)]
+
+
+def _allowed(policies: list[dict], direction: str) -> list[dict]:
+    """The rules of `direction` ("ingress" or "egress") of the policies that govern it."""
+    kind = direction.capitalize()
+    return [rule for p in policies if kind in p["spec"]["policyTypes"] for rule in p["spec"].get(direction, [])]
+
+
+def test_every_pod_is_denied_by_default_and_the_api_admits_only_the_ingress_controller():
+    import kubernetes_validate
+
+    docs = rendered_production()
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        kubernetes_validate.validate(policy, "1.30.0", strict=True)
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    api_pods, model_pods = _pod_labels(deployments["captioning-api"]), _pod_labels(deployments["captioning-model"])
+    (deny,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"] == {}]
+    assert sorted(deny["spec"]["policyTypes"]) == ["Egress", "Ingress"]
+    assert not deny["spec"].get("ingress") and not deny["spec"].get("egress")
+
+    api_in = _allowed(_policies_of(docs, api_pods), "ingress")
+    peers = [peer for rule in api_in for peer in rule["from"]]  # no rule without "from": none open to all
+    assert all(rule["from"] and rule["ports"] for rule in api_in)
+    assert not any("ipBlock" in peer for peer in peers)
+    namespaces = sorted(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers)
+    assert namespaces == ["ingress-nginx", "monitoring"]  # no pod of the namespace, nothing else
+
+    def egress_ports(labels: dict) -> set:
+        rules = _allowed(_policies_of(docs, labels), "egress")
+        return {(port["protocol"], port["port"]) for rule in rules for port in rule["ports"]}
+
+    assert egress_ports(api_pods) == {("UDP", 53), ("TCP", 53), ("TCP", 3000), ("TCP", 5432)}
+    assert egress_ports(model_pods) == {("UDP", 53), ("TCP", 53)}
+    api_to_model = [rule for rule in _allowed(_policies_of(docs, api_pods), "egress") if rule.get("to")]
+    assert any(_selects(peer["podSelector"], model_pods) for rule in api_to_model for peer in rule["to"])
+
+
+def test_the_ingress_body_limit_is_the_largest_request_the_api_accepts():
+    from captioning.serving.config import MB, MULTIPART_OVERHEAD, ServiceConfig
+
+    docs = rendered_production()
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = ServiceConfig.from_env(config_map["data"])
+    assert config.proxy_hops == 1  # the ingress controller, the one proxy in front
+    largest = config.max_upload_bytes * config.max_batch_images + MULTIPART_OVERHEAD  # one full /caption_batch
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size.endswith("m")
+    limit = int(size[:-1]) * MB
+    assert largest <= limit < largest + MB, (size, largest)
 
 
 def test_alert_rules_pass_promtool():

@@ -2,7 +2,7 @@
 
 One `bentoml serve` per session, configured as a hardened deployment: production mode run open
 on purpose (CAPTIONING_ALLOW_NO_KEY=1), the model service closed by an internal token, a
-per-client feedback limit, the client address taken from X-Forwarded-For (so one test can
+per-client feedback and caption limits, the client address taken from X-Forwarded-For (so one test can
 act as several clients).
 """
 
@@ -22,6 +22,7 @@ from tests.fixtures.postgres import postgres_server, postgres_url  # noqa: F401 
 
 INTERNAL_TOKEN = "robustness-internal-token"
 FEEDBACK_PER_MINUTE = 20
+CAPTIONS_PER_MINUTE = 600  # well above what the other tests send from 127.0.0.1
 REPORT = PROJECT_ROOT / "reports" / "robustness_service.json"
 
 HARDENED_ENV = {
@@ -30,6 +31,7 @@ HARDENED_ENV = {
     "CAPTIONING_INTERNAL_TOKEN": INTERNAL_TOKEN,
     "CAPTIONING_FEEDBACK_PER_MINUTE": str(FEEDBACK_PER_MINUTE),
     "CAPTIONING_TRUST_PROXY": "1",
+    "CAPTIONING_CAPTIONS_PER_MINUTE": str(CAPTIONS_PER_MINUTE),
     # Large model batches, as on a GPU: one merged batch then holds the model's worker thread
     # for seconds (the readiness test needs that).
     "CAPTIONING_MAX_BATCH_SIZE": "128",

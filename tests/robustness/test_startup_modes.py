@@ -64,6 +64,14 @@ def test_production_refuses_to_start_without_keys(robust_model, tmp_path, settin
     [
         ({"CAPTIONING_MAX_UPLOAD_MB": "ten"}, "error: CAPTIONING_MAX_UPLOAD_MB='ten': Input should be a valid number"),
         ({"CAPTIONING_MAX_CONCURRENCY": "0"}, "error: CAPTIONING_MAX_CONCURRENCY='0': Input should be greater than"),
+        (
+            {"CAPTIONING_FEEDBACK_MAX_BYTES": "lots"},
+            "error: CAPTIONING_FEEDBACK_MAX_BYTES='lots': Input should be a valid",
+        ),
+        (
+            {"CAPTIONING_FEEDBACK_DB": "mysql://user:pw-secret@db/f"},
+            "error: CAPTIONING_FEEDBACK_DB: a feedback database",
+        ),
     ],
 )
 def test_a_bad_setting_refuses_to_start_with_one_line(robust_model, tmp_path, settings, line):
@@ -72,6 +80,7 @@ def test_a_bad_setting_refuses_to_start_with_one_line(robust_model, tmp_path, se
     assert result.returncode == 1, output
     assert line in output and "Traceback" not in output
     assert "loaded model" not in output
+    assert "pw-secret" not in output  # a database URL may hold a password: never echoed
 
 
 def test_production_run_open_on_purpose_says_so(hardened_service):

@@ -103,3 +103,37 @@ def test_preprocess_of_nothing_and_of_a_bad_item():
     assert preprocess([], 32).shape == (0, 3, 32, 32)
     with pytest.raises(ImageError):
         preprocess([_photo(), b"garbage"], 32)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PCX", "TGA", "PPM"])
+def test_formats_outside_the_allowlist_are_refused(fmt):
+    data = _encoded(_photo(), fmt)
+    Image.open(io.BytesIO(data)).load()  # Pillow itself reads it
+    with pytest.raises(ImageError, match="not an image in an accepted format"):
+        open_image(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_the_allowed_formats_decode(fmt):
+    assert open_image(_encoded(_photo(), fmt)).size == (80, 60)
+
+
+def test_upright_applies_the_exif_orientation_after_the_reduction():
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored turned: shown 90 degrees clockwise
+    buffer = io.BytesIO()
+    _photo((1600, 1200)).save(buffer, format="JPEG", exif=exif)
+    assert open_image(buffer.getvalue(), max_side=640).size == (640, 480)
+    assert open_image(buffer.getvalue(), max_side=640, upright=True).size == (480, 640)
+
+
+def test_an_rgba_image_is_reduced_as_its_rgb_copy_would_be():
+    # The alpha is dropped either way; reducing before dropping it never makes a full-size copy.
+    image = _photo((2000, 1500), "RGBA")
+    reduced = open_image(_encoded(image, "PNG"), max_side=200)
+    expected = open_image(_encoded(image.convert("RGB"), "PNG"), max_side=200)
+    assert reduced.size == expected.size == (200, 150)
+    difference = torch.tensor(list(reduced.getdata())) - torch.tensor(list(expected.getdata()))
+    assert difference.abs().max() <= 2

@@ -152,3 +152,48 @@ def test_a_refusal_exits_with_its_line_and_no_traceback(monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         config_from_env()
     assert str(stopped.value.code).startswith("error: CAPTIONING_MAX_LATENCY_MS='soon': ")
+
+
+def test_secrets_lose_the_trailing_newline_a_secret_file_leaves():
+    # `kubectl create secret --from-file` and `echo secret > file` keep the newline.
+    config = ServiceConfig.from_env(
+        {
+            "CAPTIONING_API_KEY": "the-key\n",
+            "CAPTIONING_INTERNAL_TOKEN": "the-token\r\n",
+            "CAPTIONING_RELOAD_TOKEN": " reload\n",
+            "CAPTIONING_FEEDBACK_DB": "sqlite:////data/feedback.db\n",
+        }
+    )
+    assert (config.api_key, config.internal_token, config.reload_token) == ("the-key", "the-token", "reload")
+    assert config.feedback_db == "sqlite:////data/feedback.db"
+
+
+def test_trusted_proxy_hops_and_the_older_flag():
+    assert ServiceConfig.from_env({}).proxy_hops == 0
+    assert ServiceConfig.from_env({"CAPTIONING_TRUST_PROXY": "1"}).proxy_hops == 1
+    assert ServiceConfig.from_env({"CAPTIONING_TRUSTED_PROXIES": "2"}).proxy_hops == 2
+    both = {"CAPTIONING_TRUST_PROXY": "1", "CAPTIONING_TRUSTED_PROXIES": "2"}
+    assert ServiceConfig.from_env(both).proxy_hops == 2
+    with pytest.raises(StartupRefused, match=r"^CAPTIONING_TRUSTED_PROXIES='-1': "):
+        ServiceConfig.from_env({"CAPTIONING_TRUSTED_PROXIES": "-1"})
+
+
+def test_captions_per_minute_is_generous_by_default():
+    assert ServiceConfig.from_env({}).captions_per_minute == 3000
+    assert ServiceConfig.from_env({"CAPTIONING_CAPTIONS_PER_MINUTE": "0"}).captions_per_minute == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["not a url", "mysql://user@host/db", "http://example.com/feedback", "postgresql://user@host:notaport/db"]
+)
+def test_a_bad_feedback_database_url_is_refused_with_one_line_that_hides_it(url):
+    with pytest.raises(StartupRefused) as refused:
+        ServiceConfig.from_env({"CAPTIONING_FEEDBACK_DB": url})
+    message = str(refused.value)
+    assert message.startswith("CAPTIONING_FEEDBACK_DB: ") and "\n" not in message
+    assert url not in message  # it may hold a password
+
+
+@pytest.mark.parametrize("url", ["sqlite:////data/feedback.db", "postgresql://u:p@db:5432/f", "postgres://u@db/f"])
+def test_feedback_database_urls_that_are_accepted(url):
+    assert ServiceConfig.from_env({"CAPTIONING_FEEDBACK_DB": url}).feedback_db == url

@@ -52,6 +52,29 @@ def test_the_client_is_the_peer_address_unless_the_proxy_is_trusted():
     # A client can write any X-Forwarded-For it likes: ignored unless behind our proxy.
     assert client_id(request(forwarded="203.0.113.1")) == "198.51.100.7"
     # Behind the proxy, the last entry is the one it appended.
-    assert client_id(request(forwarded="203.0.113.1, 192.0.2.10"), trust_proxy=True) == "192.0.2.10"
-    assert client_id(request(), trust_proxy=True) == "198.51.100.7"
+    assert client_id(request(forwarded="203.0.113.1, 192.0.2.10"), proxy_hops=1) == "192.0.2.10"
+    assert client_id(request(), proxy_hops=1) == "198.51.100.7"
     assert client_id(request(client=None)) == "unknown"
+
+
+def lines_request(*lines: str) -> Request:
+    headers = [(b"x-forwarded-for", line.encode()) for line in lines]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": ("10.0.0.9", 1)})
+
+
+def test_a_proxy_that_adds_its_own_header_line_is_read_not_the_clients_line():
+    # haproxy adds a second X-Forwarded-For line; the first is whatever the client wrote.
+    forged = lines_request("198.51.100.77", "203.0.113.5")
+    assert client_id(forged, proxy_hops=1) == "203.0.113.5"
+    assert client_id(lines_request("1.1.1.1, 2.2.2.2", "203.0.113.5"), proxy_hops=1) == "203.0.113.5"
+
+
+def test_with_two_trusted_hops_the_client_is_the_second_entry_from_the_right():
+    # client forged "6.6.6.6"; the edge proxy appended the client's address, the ingress the edge's.
+    request_ = lines_request("6.6.6.6, 203.0.113.5, 10.1.0.4")
+    assert client_id(request_, proxy_hops=2) == "203.0.113.5"
+    assert client_id(request_, proxy_hops=1) == "10.1.0.4"
+    # Changing the forged entries does not change the client.
+    assert client_id(lines_request("7.7.7.7, 8.8.8.8, 203.0.113.5, 10.1.0.4"), proxy_hops=2) == "203.0.113.5"
+    # Fewer entries than hops: the leftmost there is.
+    assert client_id(lines_request("203.0.113.5"), proxy_hops=2) == "203.0.113.5"

@@ -125,3 +125,32 @@ def test_images_are_checked_by_decoding_them():
     # With several images, the refusal names the culprit.
     with pytest.raises(InputError, match="'b.jpg'"):
         check_images([("a.jpg", synthetic_jpeg(seed=6, size=64)), ("b.jpg", b"")], max_bytes=64 * KB)
+
+
+def test_an_image_to_keep_is_decoded_bounded_and_upright():
+    import asyncio
+
+    from PIL import ExifTags
+
+    from captioning.images import DECODE_SIDE
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 8
+    buffer = io.BytesIO()
+    Image.new("RGBA", (3000, 1000), (10, 120, 200, 128)).save(buffer, format="PNG", exif=exif)
+    uploads = Uploads(max_upload_bytes=1024 * KB, inflight_bytes=4096 * KB, decode_concurrency=2)
+    image = asyncio.run(uploads.decode_to_keep(buffer.getvalue()))
+    assert image.mode == "RGB" and image.size == (DECODE_SIDE // 3, DECODE_SIDE)  # reduced, then turned
+    with pytest.raises(InputError) as refused:
+        asyncio.run(uploads.decode_to_keep(b"not an image"))
+    assert refused.value.status == 415
+
+
+def test_a_malformed_multipart_body_is_refused_without_the_parsers_words(uploads, series):
+    fields = {f"field{n}": "x" for n in range(60)}  # more than the parser takes: it raises, naming its limit
+    with TestClient(uploads_app(uploads, series)) as client:
+        answer = client.post("/upload", data=fields, files={"image": ("a.jpg", synthetic_jpeg(1, 32), "image/jpeg")})
+    assert answer.status_code == 400 and answer.json() == {
+        "error": "the multipart body cannot be parsed",
+        "kind": "bad_multipart",
+    }
