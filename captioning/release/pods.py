@@ -109,8 +109,10 @@ def internal_token(folder: Path) -> str:
 
 
 def _local_volume(volume: dict, folder: Path) -> dict:
-    """The feedback claim becomes a folder of the stack; other volumes stay as they are."""
-    if "persistentVolumeClaim" not in volume:
+    """The feedback volume (the pod's own data folder in the cluster, where feedback goes to
+    PostgreSQL) and any claim become folders of the stack, where the one local API replica keeps
+    its SQLite store; other volumes stay as they are."""
+    if "persistentVolumeClaim" not in volume and volume.get("name") != "feedback":
         return volume
     place = folder / volume["name"]
     place.mkdir(parents=True, exist_ok=True)
