@@ -406,7 +406,7 @@ class FeedbackStore:
     def _keep_image_row(self, digest: str, data: bytes) -> None:
         """One row per image: a writer that loses the race to insert it finds it there."""
         with Session(self.engine) as session:
-            if session.get(ImageRow, digest) is not None:
+            if session.scalar(select(ImageRow.image_sha256).where(ImageRow.image_sha256 == digest)) is not None:
                 return
             session.add(ImageRow(image_sha256=digest, data=data, size=len(data), created_at=datetime.now(timezone.utc)))
             try:

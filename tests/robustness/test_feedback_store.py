@@ -359,3 +359,19 @@ def test_a_first_version_store_on_postgresql_is_upgraded_by_racing_pods(postgres
     new = stores[1].add(photo(), "a red picture", client=ALICE)
     assert [item.id for item in stores[2].since(None)] == [old.id, new.id]
     assert stores[3].approve([old.id]) == [] and stores[4].since(None)[0].approved_at is not None
+
+
+def test_the_cluster_default_url_form_works_and_the_secret_url_wins(postgres_url, tmp_path, monkeypatch):
+    """deploy/base gives the API CAPTIONING_FEEDBACK_DB_DEFAULT (a URL with no password and a
+    connect timeout); an external URL in CAPTIONING_FEEDBACK_DB, from the secret, wins over it."""
+    from captioning.data.feedback import DEFAULT_DB_ENV
+
+    monkeypatch.delenv("CAPTIONING_FEEDBACK_DB", raising=False)
+    monkeypatch.setenv(DEFAULT_DB_ENV, postgres_url + "?connect_timeout=5")
+    store = FeedbackStore(root=tmp_path / "feedback")
+    assert store.images_in_database and store.add(photo(), "a red picture").id
+    assert not (tmp_path / "feedback").exists()  # nothing written beside the API: no volume needed
+
+    monkeypatch.setenv("CAPTIONING_FEEDBACK_DB", _sqlite(tmp_path))
+    local = FeedbackStore(root=tmp_path / "feedback")
+    assert local.url.startswith("sqlite") and local.count() == 0 and store.count() == 1

@@ -220,3 +220,17 @@ def test_a_store_of_the_first_version_keeps_working(tmp_path):
     columns = {row[1] for row in sqlite3.connect(tmp_path / "fb" / "feedback.db").execute("PRAGMA table_info(feedback)")}
     assert {"client", "image_bytes", "approved_at"} <= columns
     assert store_at(tmp_path).count() == 2  # opening again finds the columns there
+
+
+def test_the_secret_url_wins_over_the_cluster_default(tmp_path, monkeypatch):
+    from captioning.data.feedback import DEFAULT_DB_ENV, default_url
+
+    monkeypatch.delenv("CAPTIONING_FEEDBACK_DB", raising=False)
+    monkeypatch.delenv(DEFAULT_DB_ENV, raising=False)
+    assert default_url(tmp_path) == f"sqlite:///{tmp_path / 'feedback.db'}"  # one process: SQLite
+    monkeypatch.setenv(DEFAULT_DB_ENV, "postgresql://captioning@captioning-feedback-db:5432/feedback")
+    assert default_url(tmp_path) == "postgresql://captioning@captioning-feedback-db:5432/feedback"
+    monkeypatch.setenv("CAPTIONING_FEEDBACK_DB", "postgresql://user:pw@elsewhere/feedback")
+    assert default_url(tmp_path) == "postgresql://user:pw@elsewhere/feedback"
+    monkeypatch.setenv("CAPTIONING_FEEDBACK_DB", "  ")  # an empty secret value counts as unset
+    assert default_url(tmp_path).startswith("postgresql://captioning@")
