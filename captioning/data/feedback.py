@@ -9,8 +9,8 @@ no metadata (no EXIF, GPS, comments or colour profiles), in a file named by the 
 of the stored bytes: the same picture sent twice is stored once, and a file whose bytes
 no longer match its name is known to be damaged and is written again. Files are written
 to a uniquely named temporary file in the same folder, flushed to disk, then renamed
-over the final name, so any number of writers (threads, processes, pods sharing a
-volume) leave one intact file. Texts are checked before anything is written: bad ones
+over the final name, so any number of writers (threads, processes) leave one
+intact file. Texts are checked before anything is written: bad ones
 raise FeedbackError (the service answers 422), never a database error.
 
 With SQLite (one process) images are files under the store's folder. With PostgreSQL (several
@@ -20,8 +20,8 @@ under their own folder when they need them.
 
 `CAPTIONING_FEEDBACK_MAX_BYTES` (or `max_bytes=`) caps the bytes kept (the store's folder, plus
 the image rows on PostgreSQL). Every write is counted, a re-sent image too: past the cap it is
-refused with FeedbackQuotaError. Each client (`add(client=...)`, the service passes the client's
-address) may send at most `CAPTIONING_FEEDBACK_CLIENT_SHARE` (or `client_share=`, default 0.05)
+refused with FeedbackQuotaError. Each client (`add(client=...)`: the sender's address as the
+service sees it) may send at most `CAPTIONING_FEEDBACK_CLIENT_SHARE` (or `client_share=`, default 0.05)
 of the cap, counted over every image it sent, so one client cannot fill the store for everyone.
 Calls with no client (the command line, scripts) are held to the cap only. The checks run
 before each write, so writers racing at a limit may pass it by one image each.
