@@ -341,7 +341,8 @@ class CaptionAPI:
 
     @app.post("/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        FEEDBACK_LIMITER.check(client_id(request, CONFIG.proxy_hops), "/feedback")  # before reading the upload
+        client = client_id(request, CONFIG.proxy_hops)
+        FEEDBACK_LIMITER.check(client, "/feedback")  # before reading the upload
         files, fields = await UPLOADS.read(request, max_files=1)
         if not files:
             raise InputError(400, "missing_field", "no file in the multipart field 'image'")
@@ -351,7 +352,7 @@ class CaptionAPI:
         self.feedback.get()  # 503 while the store cannot be opened, before any decoding
         image = await UPLOADS.decode_to_keep(files[0][1])  # bounded: never the full-size pixels
         version, predicted = fields.get("model_version") or None, fields.get("predicted_caption") or None
-        item = await self.feedback.add(image, caption, version, predicted)
+        item = await self.feedback.add(image, caption, version, predicted, client)
         metrics().feedback.inc()
         answer = {"stored": True, "id": item.id, "image_sha256": item.image_sha256, "caption": item.caption}
         return JSONResponse(answer, status_code=201)

@@ -191,6 +191,10 @@ class TrackingSettings(Section):
 class RetrainSettings(Section):
     cron: str
     include_feedback: bool
+    # Which corrections enter training: agreed on by feedback_min_clients different clients (or
+    # approved), approved by an operator only, or all of them (captioning/data/feedback.py).
+    feedback_review: Literal["agreement", "operator", "none"]
+    feedback_min_clients: int = Field(ge=1)
 
 
 class SmokeSettings(Section):

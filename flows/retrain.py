@@ -81,7 +81,7 @@ def retrain_flow(
     if feedback:
         settings = with_feedback(settings)
     logger.info(
-        "training data: %s (%d feedback row(s) stored, retrain.include_feedback %s)",
+        "training data: %s (%d feedback row(s) admitted, retrain.include_feedback %s)",
         settings.data.train_query,
         feedback,
         include_feedback,

@@ -1,7 +1,7 @@
 """The `captioning` command.
 
 The sub-modules define the commands as plain functions and the command groups (`data`,
-`registry`, `stack`) as Typer apps; this module puts them together. Heavy imports (torch,
+`feedback`, `registry`, `stack`) as Typer apps; this module puts them together. Heavy imports (torch,
 MLflow, ...) happen inside the commands so `--help` stays fast.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from captioning.cli import data, evaluate, params, registry, release, train
+from captioning.cli import data, evaluate, feedback, params, registry, release, train
 
 app = typer.Typer(
     name="captioning",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 
 app.add_typer(data.app, name="data")
+app.add_typer(feedback.app, name="feedback")
 app.command("features")(train.features_command)
 app.command("train")(train.train_command)
 app.command("caption")(train.caption_command)

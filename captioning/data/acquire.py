@@ -8,8 +8,10 @@ Three ways in, tried in this order:
 3. Otherwise the archives are downloaded from their official URLs (resumable,
    retried, checked) and unpacked.
 
-A finished dataset folder carries `.acquired.json` (what came from where); with it
-present `acquire` returns at once. This module never calls DVC: a `dvc repro` stage
+A finished dataset folder carries `.acquired.json` (what came from where, with each archive's
+sha256); with it present `acquire` returns at once. An archive with no published sha256 is
+trusted on first use: `acquire(force=True)` refuses a later copy whose sha256 differs from the
+one the marker recorded, before unpacking it (deleting the marker, or the folder, trusts anew). This module never calls DVC: a `dvc repro` stage
 holds the repository lock, so versioning is a separate step (`versioning.py`).
 """
 
@@ -81,6 +83,7 @@ def acquire(
     if marker.is_file() and not force:
         log.info("%s is already acquired in %s (%s)", name, dest, marker.name)
         return dest
+    pins = first_digests(read_marker(dest) if marker.is_file() else None, archives)
 
     mirror_root = Path(mirror) if mirror else mirror_dir()
     folder = mirror_root / name if mirror_root else None
@@ -88,7 +91,7 @@ def acquire(
     if folder is not None and folder.is_dir():
         held = [a for a in archives if (folder / a.filename).is_file()]
         if held:
-            entries = _from_archives(name, archives, dest, folder, progress, retries, backoff, keep_archives)
+            entries = _from_archives(name, archives, dest, folder, progress, retries, backoff, keep_archives, pins)
             method = "mirror archives"
         else:
             entries = [_copy_tree(folder, dest, progress)]
@@ -96,7 +99,7 @@ def acquire(
     else:
         if folder is not None:
             log.info("mirror %s has no %s/: downloading", mirror_root, name)
-        entries = _from_archives(name, archives, dest, None, progress, retries, backoff, keep_archives)
+        entries = _from_archives(name, archives, dest, None, progress, retries, backoff, keep_archives, pins)
         method = "download"
 
     _check_layout(name, dest)
@@ -114,8 +117,10 @@ def _from_archives(
     retries: int,
     backoff: float,
     keep_archives: bool,
+    pins: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Take each archive from the mirror folder if it holds it, else download it; unpack."""
+    """Take each archive from the mirror folder if it holds it, else download it; check it
+    against its first acquisition's sha256 when no digest is published (`pins`); unpack."""
     entries = []
     downloads = dest.parent / DOWNLOADS
     for archive in archives:
@@ -133,6 +138,7 @@ def _from_archives(
             _check_md5(local, archive, delete=True)
             verified = _verification(archive)
             source, fetched = archive.url, True
+        first = _check_pin(archive, digest, (pins or {}).get(archive.filename), local if fetched else None)
         safe_extract(local, dest / archive.extract_to, progress=progress, files=archive.files)
         if fetched and not keep_archives:
             local.unlink()  # unpacked and checked: the archive would only double the disk use
@@ -143,11 +149,42 @@ def _from_archives(
                 "source": source,
                 "sha256": digest,
                 "verified": verified,
+                **({"first_acquired_at": first} if first else {}),
             }
         )
     if downloads.is_dir() and not any(downloads.iterdir()):
         downloads.rmdir()
     return entries
+
+
+def first_digests(marker: dict | None, archives: list[Archive]) -> dict[str, dict]:
+    """{filename: {"sha256", "since"}} recorded by an earlier acquisition for the archives that
+    have no published sha256 (the copy trusted on first use)."""
+    unpublished = {archive.filename for archive in archives if not archive.sha256}
+    pins = {}
+    for entry in (marker or {}).get("archives", []):
+        if entry.get("filename") in unpublished and entry.get("sha256"):
+            since = entry.get("first_acquired_at") or marker.get("acquired_at")
+            pins[entry["filename"]] = {"sha256": entry["sha256"], "since": since}
+    return pins
+
+
+def _check_pin(archive: Archive, digest: str, pin: dict | None, download: Path | None) -> str | None:
+    """When the archive has no published sha256: the time its first copy was trusted (now for a
+    first acquisition). A copy that differs from the first one is refused (a download deleted)."""
+    if archive.sha256:
+        return None
+    if pin is None:
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if digest != pin["sha256"]:
+        if download is not None:
+            download.unlink(missing_ok=True)
+        raise AcquisitionError(
+            f"{archive.filename} differs from the copy first acquired ({pin['since']}): sha256 {digest}, "
+            f"expected {pin['sha256']}. It has no published digest, so the first copy is trusted; delete "
+            f"{MARKER} to trust a new one"
+        )
+    return pin["since"]
 
 
 def _verification(archive: Archive) -> str:

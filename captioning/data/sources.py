@@ -7,7 +7,11 @@ Every URL is https, and every archive carries a published digest or a published 
   script for flickr30k.tar.gz); MD5 still stops a damaged or swapped file;
 - files: the published number of images (8,091 for Flickr8k, 31,783 for Flickr30k), counted
   in the archive's listing before anything is written. flickr30k-images.zip has no published
-  digest, so this count and the layout are its check.
+  digest and no published size, so this count and the layout are its check, and it is trusted
+  on first use: the sha256 of the first copy acquired is recorded in the dataset's marker
+  (.acquired.json), and a later acquisition (`acquire --force`, a mirror's copy) that differs
+  is refused before unpacking (captioning/data/acquire.py). This catches a copy swapped or
+  changed since; it cannot tell whether the first copy was the right one.
 Where none is known `acquire` says, in one log line, what the archive is checked by.
 """
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -115,25 +115,29 @@ def data_fingerprint(dataset: str, data_root: Path | None = None, project_root: 
     return listing_hash(folder) if folder.is_dir() else "missing"
 
 
-def feedback_since(timestamp: str | None, url: str | None = None) -> int:
-    """Feedback rows stored after `timestamp` (ISO 8601; all rows when None) in the store at `url`
-    (default: the service's store)."""
+def feedback_since(timestamp: str | None, url: str | None = None, review=None) -> int:
+    """Corrections admitted into training (by `review`, default params.yaml's rule) after
+    `timestamp` (ISO 8601; all of them when None) in the store at `url` (default: the service's
+    store). A correction stored earlier counts when its agreement or approval came later."""
     from captioning.data.feedback import FeedbackStore, default_url
 
     url = url or default_url()
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         return 0  # the service never stored any (and opening the store would create the file)
     since = datetime.fromisoformat(timestamp) if timestamp else None
-    return len(FeedbackStore(url).since(since))
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    admitted = FeedbackStore(url).admitted(review)
+    return sum(1 for _, moment in admitted if since is None or moment > since)
 
 
-def feedback_fingerprint(root: Path | None = None, url: str | None = None) -> str:
-    """Changes whenever a correction is stored or a stored file changes (keys the validation cache)."""
+def feedback_fingerprint(root: Path | None = None, url: str | None = None, review=None) -> str:
+    """Changes whenever a correction is admitted or a stored file changes (keys the validation cache)."""
     from captioning.data.feedback import default_root
 
     root = root or default_root()
     listing = listing_hash(root) if root.is_dir() else "missing"
-    return f"feedback:{feedback_since(None, url)}:{listing}"
+    return f"feedback:{feedback_since(None, url, review)}:{listing}"
 
 
 def collect_lineage(settings: "Settings | Mapping[str, Any]") -> dict[str, str]:

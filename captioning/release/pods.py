@@ -110,10 +110,12 @@ def internal_token(folder: Path) -> str:
 
 
 def _local_volume(volume: dict, folder: Path, pod: str) -> dict:
-    """The feedback claim becomes a folder of the stack; an emptyDir a fresh folder of this pod's
-    own (podman would make it one named volume shared by every pod: their /tmp, and with it
-    BentoML's metrics files, would be one); other volumes stay as they are."""
-    if "persistentVolumeClaim" in volume:
+    """The feedback volume (the pod's own data folder in the cluster, where feedback goes to
+    PostgreSQL) and any claim become folders of the stack, where the one local API replica keeps
+    its SQLite store; an emptyDir a fresh folder of this pod's own (podman would make it one named
+    volume shared by every pod: their /tmp, and with it BentoML's metrics files, would be one);
+    other volumes stay as they are."""
+    if "persistentVolumeClaim" in volume or volume.get("name") == "feedback":
         place = folder / volume["name"]
         place.mkdir(parents=True, exist_ok=True)
     elif "emptyDir" in volume:

@@ -83,16 +83,21 @@ class FeedbackStoreOpener:
             )
         return self.store
 
-    async def add(self, image: Any, caption: str, version: str | None, predicted: str | None) -> Any:
-        """Store one correction on a thread: a bad input answers 422, a database failure 503 (the
-        details go to the log, never to the client)."""
+    async def add(
+        self, image: Any, caption: str, version: str | None, predicted: str | None, client: str | None = None
+    ) -> Any:
+        """Store one correction on a thread, `client` held to its share of the quota: a bad input
+        or a used-up share answers 422 or 429, a database failure 503 (the details go to the log,
+        never to the client)."""
         from sqlalchemy.exc import DBAPIError
 
-        from captioning.data.feedback import FeedbackError
+        from captioning.data.feedback import FeedbackError, FeedbackQuotaError
 
         store = self.get()
         try:
-            return await asyncio.to_thread(store.add, image, caption, version, predicted)
+            return await asyncio.to_thread(store.add, image, caption, version, predicted, client)
+        except FeedbackQuotaError as error:
+            raise InputError(429, "feedback_quota", str(error)) from None
         except FeedbackError as error:
             raise InputError(422, "bad_feedback", str(error)) from None
         except DBAPIError as error:

@@ -409,3 +409,20 @@ def test_track_with_dvc_records_the_data_folder(tmp_path):
 
     assert track_with_dvc(tmp_path / "elsewhere", repo_root=repo) is None  # outside the repo
     assert track_with_dvc(dataset, repo_root=tmp_path) is None  # not a DVC repo
+
+
+def test_a_download_that_differs_from_the_first_copy_is_refused_and_deleted(tmp_path):
+    """flickr30k-images.zip has no published digest: the first download's sha256 is trusted, and a
+    later download with other bytes (a swapped file at the same URL) is refused and deleted."""
+    archives = make_archives("flickr30k", make_flickr30k(tmp_path / "fixture"))
+    with ArchiveServer({name: data for name, data, _ in archives}) as server:
+        sources = [Archive(name, f"{server.url().rstrip('/')}/{name}") for name, _, _ in archives]
+        folder = acquire("flickr30k", progress=False, sources=sources)
+        trusted = next(e for e in read_marker(folder)["archives"] if e["filename"] == "flickr30k-images.zip")
+        images = server.files["flickr30k-images.zip"]
+        server.files["flickr30k-images.zip"] = images[:-22] + b"swapped!" + images[-14:]  # same size
+        with pytest.raises(AcquisitionError, match="differs from the copy first acquired"):
+            acquire("flickr30k", progress=False, sources=sources, force=True)
+    assert not (folder.parent / ".downloads" / "flickr30k-images.zip").exists()
+    kept = next(e for e in read_marker(folder)["archives"] if e["filename"] == "flickr30k-images.zip")
+    assert kept == trusted

@@ -43,7 +43,9 @@ def test_production_overlay_renders_and_validates():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)  # raises on any schema error
     names = lambda kind: sorted(d["metadata"]["name"] for d in by_kind.get(kind, []))  # noqa: E731
     assert names("Deployment") == ["captioning-api", "captioning-model"]
-    assert names("Service") == ["captioning-api", "captioning-model"]
+    assert names("StatefulSet") == ["captioning-feedback-db"]  # feedback goes to PostgreSQL
+    assert names("Service") == ["captioning-api", "captioning-feedback-db", "captioning-model"]
+    assert names("PersistentVolumeClaim") == []  # no volume shared by the API replicas
     assert names("HorizontalPodAutoscaler") == ["captioning-api", "captioning-model"]
     assert names("PodDisruptionBudget") == ["captioning-api", "captioning-model"]
     assert names("Ingress") == ["captioning"]
@@ -61,6 +63,10 @@ def test_production_overlay_renders_and_validates():
     api_args = api["spec"]["template"]["spec"]["containers"][0]["args"]
     assert api_args[0] == "api" and api_args[api_args.index("--model-url") + 1] == "http://captioning-model:3000"
     assert model["spec"]["template"]["spec"]["containers"][0]["args"][0] == "model"
+    assert all("persistentVolumeClaim" not in volume for volume in api["spec"]["template"]["spec"]["volumes"])
+    (database,) = by_kind["StatefulSet"]
+    assert database["metadata"]["namespace"] == "captioning"
+    assert database["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
     for hpa in by_kind["HorizontalPodAutoscaler"]:
         assert hpa["spec"]["minReplicas"] == 3  # the production overlay's patch applied
 

@@ -27,7 +27,7 @@ class Started:
 @pytest.fixture
 def feedback_data() -> list:
     """The per-test data folder with the process's synthetic data linked in and three corrections
-    stored through captioning.data.feedback in a real SQLite file (data_dir()/feedback/feedback.db)."""
+    stored (and approved) through captioning.data.feedback in a real SQLite file (data_dir()/feedback/feedback.db)."""
     from captioning.data.feedback import FeedbackStore
     from captioning.data.query import select
 
@@ -39,6 +39,7 @@ def feedback_data() -> list:
     stored = [
         store.add(Path(path).read_bytes(), caption, model_version="1") for path, caption in zip(images, CORRECTIONS)
     ]
+    store.approve([item.id for item in stored])  # admitted into training by an operator
     assert (data_dir() / "feedback" / "feedback.db").is_file()
     return stored
 

@@ -249,7 +249,10 @@ def test_new_feedback_or_new_settings_call_for_retraining(promoted_run, workspac
     assert check_for_new_data.fn("synthetic", load_settings(overrides=SMALL + [IMPOSSIBLE_GATE]))["new"] is False
 
     image = next((workspace["data"] / "synthetic" / "images").glob("*.png")).read_bytes()
-    FeedbackStore().add(image, "a red circle in the middle")
+    store = FeedbackStore()
+    stored = store.add(image, "a red circle in the middle")
+    assert check_for_new_data.fn("synthetic", params)["new"] is False  # stored, not admitted yet
+    store.approve([stored.id])
     after = check_for_new_data.fn("synthetic", params)
     assert after["new"] and after["feedback_rows"] == 1
     assert "1 feedback row(s) stored since" in after["reasons"][0]
@@ -320,7 +323,7 @@ def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypat
     images = sorted((workspace["data"] / "synthetic" / "images").glob("*.png"))
     store = FeedbackStore()  # the SQLite file the service writes: data/feedback/feedback.db
     for path, caption in zip(images[:2], ["a red teapot in the middle", "a teapot beside a kettle"]):
-        store.add(path.read_bytes(), caption)
+        store.approve([store.add(path.read_bytes(), caption).id])  # admitted by an operator
     try:
         state = _run(SMALL)
         assert state.is_completed(), state.message
@@ -343,6 +346,7 @@ def test_feedback_is_validated_and_trained_on(promoted_run, workspace, monkeypat
 
         # A stored image that no longer decodes: validation of the feedback fails, nothing trains.
         broken = store.add(images[2].read_bytes(), "a teapot that will not decode")
+        store.approve([broken.id])
         Path(broken.image_path).write_bytes(b"\xff\xd8\xff this is not a JPEG any more")
         state_file = workspace["artifacts"] / "retrain" / "state.json"
         recorded, versions = state_file.read_text(), _versions(tracking)

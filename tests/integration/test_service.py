@@ -140,7 +140,7 @@ def test_service_survives_bad_input(caption_service, jpeg_bytes):
 
 
 def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
-    from captioning.data.feedback import load_feedback
+    from captioning.data.feedback import Review, load_feedback
 
     predicted = post_image(caption_service, jpeg_bytes).json()
     response = requests.post(
@@ -155,7 +155,7 @@ def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
     )
     assert response.status_code == 201, response.text
     stored = response.json()
-    dataset = load_feedback(caption_service.data_dir / "feedback")
+    dataset = load_feedback(caption_service.data_dir / "feedback", review=Review("none"))  # stored, unreviewed
     record = next(r for r in dataset.records if r.image_id == stored["image_sha256"])
     assert "A corrected caption of the scene" in record.captions
     assert record.split == "train"
@@ -178,7 +178,9 @@ def test_feedback_is_stored_and_becomes_a_dataset(caption_service, jpeg_bytes):
         timeout=30,
     )
     assert not_image.status_code == 415
-    assert len(load_feedback(caption_service.data_dir / "feedback").records) == len(dataset.records)
+    assert len(load_feedback(caption_service.data_dir / "feedback", review=Review("none")).records) == len(
+        dataset.records
+    )
 
 
 def test_metrics_expose_custom_series(caption_service, jpeg_bytes):

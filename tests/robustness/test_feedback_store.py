@@ -2,8 +2,10 @@
 
 One photo carrying EXIF (GPS position, camera, orientation) and a JPEG comment is posted by 8
 writers at once, as threads sharing a store and as processes each opening their own (the way API
-pods share a volume and a database): every writer's row is stored, one intact file holds the
-image, upright and without metadata, and no temporary file is left behind.
+pods share a database): every writer's row is stored, one intact copy holds the image, upright and
+without metadata (a file on SQLite; on PostgreSQL one row, copied to one file by a reader), and
+no temporary file is left behind. On PostgreSQL also: each client's share of the quota, re-sent
+images counted, the review rules, and a store made by the first version of the schema.
 """
 
 from __future__ import annotations
@@ -153,9 +155,13 @@ def test_eight_writers_post_one_image(request, database, tmp_path, mode):
     rows = store.since(None)
     assert len(accepted) == WRITERS and [row.id for row in rows] == accepted  # 0 rows lost
     assert {row.caption for row in rows} == {f"a red picture, writer {n}" for n in range(WRITERS)}
-    assert len({row.image_sha256 for row in rows}) == 1 and all(Path(row.image_path).is_file() for row in rows)
-    _check_one_clean_file(root, image)
     backend = "sqlite" if database.startswith("sqlite") else "postgresql"
+    if backend == "postgresql":  # the writers share no folder: the image is one row of the database
+        assert not (root / "images").exists()
+        with create_engine(database).connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM feedback_images")).scalar() == 1
+    assert len({row.image_sha256 for row in rows}) == 1 and all(store.local_copy(row).is_file() for row in rows)
+    _check_one_clean_file(root, image)
     record_figures(
         f"feedback: {WRITERS} {mode} post one image ({backend})",
         {
@@ -240,11 +246,15 @@ def test_the_quota_refuses_new_images_and_keeps_what_is_stored(tmp_path, monkeyp
 
     with pytest.raises(FeedbackQuotaError, match=f"feedback store is full: .* \\({MAX_BYTES_ENV}\\)"):
         store.add(photo((30, 200, 30)), "a green picture")
-    again = store.add(photo(), "the red picture once more")  # already stored: needs no new bytes
+    with pytest.raises(FeedbackQuotaError, match="feedback store is full"):
+        store.add(photo(), "the red picture once more")  # no new file, but every write counts
 
-    assert again.image_sha256 == first.image_sha256 and store.count() == 2
+    assert store.count() == 1
     assert len(list((root / "images").iterdir())) == 1
     roomy = FeedbackStore(url=_sqlite(tmp_path), root=root, max_bytes=used + 100_000)  # a setting passed in
+    again = roomy.add(photo(), "the red picture once more")
+    assert again.image_sha256 == first.image_sha256 and roomy.count() == 2
+    assert len(list((root / "images").iterdir())) == 1  # stored once
     assert roomy.add(photo((30, 200, 30)), "a green picture").caption == "a green picture"
 
 
@@ -252,3 +262,116 @@ def test_a_bad_quota_setting_is_refused_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv(MAX_BYTES_ENV, "ten gigabytes")
     with pytest.raises(ValueError, match=f"{MAX_BYTES_ENV}='ten gigabytes' is not a whole number of bytes"):
         FeedbackStore(url=_sqlite(tmp_path), root=tmp_path / "feedback")
+
+
+# ---------------------------------------------------------------- quotas and review on PostgreSQL
+
+ALICE, BOB = "192.0.2.10", "198.51.100.20"
+
+
+def test_client_shares_count_every_write_on_postgresql(postgres_url, tmp_path):
+    probe = FeedbackStore(url=postgres_url, root=tmp_path / "probe")
+    probe.add(photo(), "a red picture")
+    size = probe.used_bytes()  # one image row, no file
+    assert size > 0 and not (tmp_path / "probe").exists()
+    store = FeedbackStore(url=postgres_url, root=tmp_path / "feedback", max_bytes=40 * size, client_share=0.1)
+    for number in range(4):  # the image is already stored: each write still counts for Alice
+        store.add(photo(), f"a red picture, again {number}", client=ALICE)
+    assert store.client_bytes(ALICE) == 4 * size and store.used_bytes() == size
+    with pytest.raises(FeedbackQuotaError, match="this client's share of the feedback store is used"):
+        store.add(photo((30, 200, 30)), "a green picture", client=ALICE)
+    assert store.add(photo((30, 200, 30)), "a green picture", client=BOB).client == BOB
+    used = store.used_bytes()
+    assert used > size and store.count() == 6  # the green image's row is counted too
+    full = FeedbackStore(url=postgres_url, root=tmp_path / "feedback", max_bytes=used + 10)
+    with pytest.raises(FeedbackQuotaError, match="the feedback store is full"):
+        full.add(photo(), "a red picture, sent once more")
+
+
+def test_review_rules_and_training_copies_on_postgresql(postgres_url, tmp_path):
+    from captioning.data.feedback import Review, load_feedback
+    from captioning.registry.lineage import feedback_since
+
+    root = tmp_path / "feedback"
+    store = FeedbackStore(url=postgres_url, root=root)
+    red = store.add(photo(), "a red picture", client=ALICE)
+    green = store.add(photo((30, 200, 30)), "a green picture", client=ALICE)
+    agreement, operator = Review("agreement", 2), Review("operator")
+    assert load_feedback(root, postgres_url, agreement).records == [] and feedback_since(None, postgres_url) == 0
+
+    store.add(photo(), "A red picture.", client=BOB)
+    (record,) = load_feedback(root, postgres_url, agreement).records
+    assert record.image_id == red.image_sha256 and record.captions == ("a red picture", "A red picture.")
+    copy = Path(record.path)  # the reader's copy of the image row, intact
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == red.image_sha256
+    copy.write_bytes(b"torn")
+    load_feedback(root, postgres_url, agreement)
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == red.image_sha256  # written again from the row
+
+    assert feedback_since(None, postgres_url, operator) == 0
+    assert store.approve([green.id]) == []
+    assert [item.id for item, _ in store.admitted(operator)] == [green.id]
+    assert feedback_since(None, postgres_url, agreement) == 3 and feedback_since(None, postgres_url) == 3
+
+
+FIRST_VERSION_TABLE = """
+CREATE TABLE feedback (
+    id SERIAL PRIMARY KEY,
+    image_sha256 VARCHAR(64) NOT NULL,
+    image_file VARCHAR(200) NOT NULL,
+    caption TEXT NOT NULL,
+    predicted_caption TEXT,
+    model_version VARCHAR(100),
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL
+)
+"""
+
+
+def test_a_first_version_store_on_postgresql_is_upgraded_by_racing_pods(postgres_url, tmp_path):
+    """The first version's table and one row; 6 stores open it at once, as replicas starting
+    together: each adds the missing columns or finds them added, none fails."""
+    engine = create_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text(FIRST_VERSION_TABLE))
+        connection.execute(
+            text(
+                "INSERT INTO feedback (image_sha256, image_file, caption, created_at) "
+                "VALUES ('ab', 'ab.jpg', 'an old correction', now())"
+            )
+        )
+    barrier, errors, stores = threading.Barrier(6), [], []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            stores.append(FeedbackStore(url=postgres_url, root=tmp_path / "feedback"))
+        except Exception as error:  # noqa: BLE001 (any exception is the failure counted)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(stores) == 6
+    (old,) = stores[0].since(None)
+    assert (old.caption, old.client, old.approved_at) == ("an old correction", None, None)
+    new = stores[1].add(photo(), "a red picture", client=ALICE)
+    assert [item.id for item in stores[2].since(None)] == [old.id, new.id]
+    assert stores[3].approve([old.id]) == [] and stores[4].since(None)[0].approved_at is not None
+
+
+def test_the_cluster_default_url_form_works_and_the_secret_url_wins(postgres_url, tmp_path, monkeypatch):
+    """deploy/base gives the API CAPTIONING_FEEDBACK_DB_DEFAULT (a URL with no password and a
+    connect timeout); an external URL in CAPTIONING_FEEDBACK_DB, from the secret, wins over it."""
+    from captioning.data.feedback import DEFAULT_DB_ENV
+
+    monkeypatch.delenv("CAPTIONING_FEEDBACK_DB", raising=False)
+    monkeypatch.setenv(DEFAULT_DB_ENV, postgres_url + "?connect_timeout=5")
+    store = FeedbackStore(root=tmp_path / "feedback")
+    assert store.images_in_database and store.add(photo(), "a red picture").id
+    assert not (tmp_path / "feedback").exists()  # nothing written beside the API: no volume needed
+
+    monkeypatch.setenv("CAPTIONING_FEEDBACK_DB", _sqlite(tmp_path))
+    local = FeedbackStore(root=tmp_path / "feedback")
+    assert local.url.startswith("sqlite") and local.count() == 0 and store.count() == 1

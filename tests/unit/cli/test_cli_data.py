@@ -65,7 +65,8 @@ def test_query_union_names_each_records_dataset(flickr8k):
     from captioning.data.feedback import FeedbackStore
 
     image = next((flickr8k / "Flicker8k_Dataset").glob("*.jpg")).read_bytes()
-    FeedbackStore().add(image, "a corrected caption")
+    store = FeedbackStore()
+    store.approve([store.add(image, "a corrected caption").id])  # admitted into training by an operator
     result = run("query", "flickr8k[val]+feedback", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)

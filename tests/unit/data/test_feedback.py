@@ -22,14 +22,17 @@ def test_add_count_since_and_dataset():
     store = FeedbackStore()
     before = datetime.now(timezone.utc) - timedelta(seconds=1)
     first = store.add(image_bytes(), "  a red   rectangle ", model_version="3", predicted_caption="a blue square")
-    store.add(image_bytes(), "a small red rectangle", model_version="3")
-    store.add(image_bytes((0, 0, 250), fmt="JPEG"), "a blue rectangle")
+    second = store.add(image_bytes(), "a small red rectangle", model_version="3")
+    third = store.add(image_bytes((0, 0, 250), fmt="JPEG"), "a blue rectangle")
     assert store.count() == 3
     assert first.caption == "a red rectangle"  # whitespace normalised
     assert len(store.since(before)) == 3
     assert store.since(first.created_at)[0].caption == "a small red rectangle"
     assert store.since(datetime.now(timezone.utc) + timedelta(hours=1)) == []
 
+    # Nothing enters training unreviewed (params.yaml: agreement of 2 clients); an operator approves.
+    assert load_dataset("feedback").records == []
+    assert store.approve([first.id, second.id, third.id]) == []
     # The default root is data_dir()/feedback, the folder the dataset loader reads.
     dataset = load_dataset("feedback")
     assert dataset.name == "feedback" and len(dataset.records) == 2  # one record per distinct image

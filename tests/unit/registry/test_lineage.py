@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from captioning.config import PARAMS_FILE, PROJECT_ROOT
-from captioning.data.feedback import FeedbackStore
+from captioning.data.feedback import FeedbackStore, Review
 from captioning.registry.lineage import (
     NEUTRAL_SECTIONS,
     canonical_hash,
@@ -84,17 +84,21 @@ def test_feedback_is_counted_after_a_time_and_never_creates_the_store(tmp_path):
     store = FeedbackStore(url=url, root=tmp_path / "feedback")
     first = store.add(jpeg(), "a blue picture")
     store.add(jpeg(), "a plain blue picture")
-    assert feedback_since(None, url) == 2
-    assert feedback_since(first.created_at.isoformat(), url) == 1
+    assert feedback_since(None, url, Review("none")) == 2
+    assert feedback_since(first.created_at.isoformat(), url, Review("none")) == 1
+    assert feedback_since(None, url) == 0  # params.yaml's rule: neither is agreed on nor approved
 
 
 def test_the_feedback_fingerprint_changes_when_a_correction_is_stored(tmp_path):
     root, url = tmp_path / "feedback", f"sqlite:///{tmp_path / 'feedback' / 'feedback.db'}"
     empty = feedback_fingerprint(root, url)
     assert empty == "feedback:0:missing"
-    FeedbackStore(url=url, root=root).add(jpeg(), "a blue picture")
+    store = FeedbackStore(url=url, root=root)
+    store.add(jpeg(), "a blue picture")
+    assert feedback_fingerprint(root, url).startswith("feedback:0:files:")  # stored, not admitted yet
+    store.add(jpeg(), "A blue picture.", client="198.51.100.7")  # a second client agrees
     stored = feedback_fingerprint(root, url)
-    assert stored.startswith("feedback:1:files:") and stored != empty
+    assert stored.startswith("feedback:2:files:") and stored != empty
 
 
 def test_git_commit_outside_a_repository_is_none(tmp_path):

@@ -76,7 +76,10 @@ def test_feedback_stored_after_the_training_started_is_new(tmp_path):
     trained(check, record_file, started_at="2000-01-01T00:00:00+00:00")
     image = io.BytesIO()
     Image.new("RGB", (32, 24), (200, 40, 40)).save(image, format="JPEG")
-    FeedbackStore().add(image.getvalue(), "a red picture")  # the service's store in this test's data folder
+    store = FeedbackStore()  # the service's store in this test's data folder
+    stored = store.add(image.getvalue(), "a red picture")
+    assert check_for_new_data(dataset(), SETTINGS, path=record_file)["feedback_rows"] == 0  # not reviewed
+    store.approve([stored.id])
     after = check_for_new_data(dataset(), SETTINGS, path=record_file)
     assert after["feedback_rows"] == 1 and after["feedback_total"] == 1
     assert after["reasons"] == ["1 feedback row(s) stored since 2000-01-01T00:00:00+00:00"]

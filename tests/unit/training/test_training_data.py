@@ -104,7 +104,9 @@ def test_load_split_gives_one_store_per_dataset(tmp_path):
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (20, 120, 200)).save(buffer, format="PNG")
-    stored = FeedbackStore().add(buffer.getvalue(), "a plain blue picture")
+    store = FeedbackStore()
+    stored = store.add(buffer.getvalue(), "a plain blue picture")
+    store.approve([stored.id])  # admitted into training by an operator
 
     features = FeatureSettings(encoder="lite0", batch_size=4, workers=0, dir=str(tmp_path / "features"))
     threads = torch.get_num_threads()
