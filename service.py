@@ -27,10 +27,11 @@ from captioning.serving.answers import jsonable, public_answer
 from captioning.serving.auth import HEALTH_PATHS, ApiKeyMiddleware, InternalTokenMiddleware, check_reload_token
 from captioning.serving.batches import caption_jobs
 from captioning.serving.config import config_from_env, refuse_bad_settings, show_info_logs
+from captioning.serving.drift import LiveDrift
 from captioning.serving.errors import InputError, add_error_handlers
 from captioning.serving.feedback_store import FeedbackStoreOpener, with_connect_timeout
 from captioning.serving.limits import RateLimiter, client_id
-from captioning.serving.metrics import RequestMetrics, metrics
+from captioning.serving.metrics import RequestMetrics, drift_metrics, metrics
 from captioning.serving.model_calls import call_model, send_internal_token
 from captioning.serving.model_source import locate, registry_tracking, version_of
 from captioning.serving.options import decoding_options, option_field
@@ -115,6 +116,7 @@ class CaptionModelService:
         # One look-up gives the version and its folder: a champion promoted meanwhile is caught by the next poll.
         located = locate(self.source, self.tracking)
         captioner = Captioner.load(located.path, device=get_device(), version=located.version, source=self.source)
+        self.drift = LiveDrift.for_package(located.path, captioner.config, drift_metrics())  # set before the captioner
         self.registry_version = located.version
         previous = self.captioner
         self.captioner = captioner  # one assignment: in-flight calls keep the old one
@@ -149,7 +151,8 @@ class CaptionModelService:
     )
     def caption(self, jobs: list[CaptionJob]) -> list[dict]:
         """Caption a batch; jobs with the same options share one model call."""
-        return caption_jobs(self.captioner, jobs, metrics(), CONFIG.fault_delay_ms, CONFIG.fault_fail_captions)
+        captioner, drift = self.captioner, self.drift  # in this order: a reload replaces the monitor first
+        return caption_jobs(captioner, jobs, metrics(), CONFIG.fault_delay_ms, CONFIG.fault_fail_captions, drift.add)
 
     @bentoml.api
     async def ready(self) -> dict:
@@ -180,6 +183,7 @@ class CaptionModelService:
                 "poll_seconds": self.poll_seconds,
                 "adaptive_batching": CONFIG.adaptive_batching,
                 "max_batch_size": CONFIG.max_batch_size,
+                "drift": self.drift.figures(),
                 # The package settings, without the per-tensor shapes.
                 "config": {k: v for k, v in config.items() if k != "parameter_shapes"}
                 if isinstance(config, dict)

@@ -169,6 +169,11 @@ DECODING_OFF = {
 }
 
 
+class DriftSettings(Section):
+    enabled: bool
+    window: int = Field(ge=2)
+
+
 class EvaluateSettings(Section):
     beam_sizes: list[int] = Field(min_length=1)
 
@@ -260,6 +265,7 @@ with warnings.catch_warnings():
         model: ModelSettings
         train: TrainSettings
         decoding: DecodingSettings
+        drift: DriftSettings
         evaluate: EvaluateSettings
         register: RegisterSettings = Field()  # explicit: else pydantic takes ABCMeta.register as its default
         tracking: TrackingSettings

@@ -42,10 +42,11 @@ Why not a library: alibi-detect (MMDDrift), evidently and torchdrift implement s
 but the first two bring heavy dependencies into the serving image (TensorFlow or
 scikit-learn, pandas, plotly, numba) and all three need scipy, which the image does not
 have; torchdrift is no longer maintained. The statistic is a few lines of numpy, tested
-in tests/unit/test_drift.py and on real photos in tests/integration/test_drift_photos.py.
+in tests/unit/features/test_drift.py and on real photos in tests/integration/test_drift_photos.py.
 
 The reference is one small file in the model package (`drift.npz`, about 200 KB), written
-byte for byte the same for the same features and seed.
+byte for byte the same for the same features and seed. `summary` gives the figures of a set of
+images against it, for a report (the retrain flow's decision, for one).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -363,3 +365,44 @@ class DriftMonitor:
         if len(recent) < self.window:
             return None
         return self.reference.score_projected(recent)
+
+
+def summary(reference: DriftReference | None, pooled) -> dict[str, Any]:
+    """The drift figures of a set of images (their features, pooled or not, oldest first) against
+    a package's reference, as a report shows them.
+
+    `score`, `p_value` and `alarm` are those of the last `window` images, as the service's gauges
+    would show them after that traffic; `windows` counts the complete windows the images make
+    from the newest back (no image in two of them), `alarmed_windows` those that alarm (about
+    alpha of them by chance without drift). With no reference, or fewer images than a window,
+    the figures are None and `reason` says why.
+    """
+    images = 0 if pooled is None else len(pooled)
+    figures: dict[str, Any] = {
+        "images": images,
+        "window": None,
+        "threshold": None,
+        "alpha": None,
+        "score": None,
+        "p_value": None,
+        "alarm": None,
+        "windows": 0,
+        "alarmed_windows": 0,
+        "reason": "",
+    }
+    if reference is None:
+        return {**figures, "reason": "the package has no drift reference (drift.npz)"}
+    window = reference.window
+    figures.update(window=window, threshold=reference.threshold, alpha=reference.alpha)
+    if images < window:
+        return {**figures, "reason": f"{images} images, fewer than a window of {window}"}
+    projected = reference.project(pooled)
+    scores = [reference.score_projected(projected[end - window : end]) for end in range(images, window - 1, -window)]
+    return {
+        **figures,
+        "score": scores[0],
+        "p_value": reference.p_value(scores[0]),
+        "alarm": reference.alarm(scores[0]),
+        "windows": len(scores),
+        "alarmed_windows": sum(reference.alarm(score) for score in scores),
+    }

@@ -8,8 +8,10 @@ without it the package uses the pretrained encoder. `ngrams.json` holds the docu
 frequencies of the training captions' n-grams, which consensus reranking of a beam weighs
 n-grams with (`decoding.rerank: consensus`), and `neighbours.npz` the training images'
 pooled features and captions, the evidence that reranking can add from an image's nearest
-training images (`decoding.rerank_neighbours`, see `captioning.inference.neighbours`). Loading checks every piece against
-the others and refuses a mismatch with PackageError rather than running a model with
+training images (`decoding.rerank_neighbours`, see `captioning.inference.neighbours`).
+`drift.npz` holds the statistics of the training images' features that the service compares
+live photos with (`captioning.features.drift`; without it no drift is monitored). Loading
+checks every piece against the others and refuses a mismatch with PackageError rather than running a model with
 the wrong vocabulary, layers or encoder.
 """
 
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from captioning.features.drift import DRIFT_FILE
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -45,6 +49,7 @@ def save_package(
     encoder: torch.nn.Module | None = None,
     frequencies=None,
     memory=None,
+    drift=None,
 ) -> Path:
     """Write a package folder (replacing an existing one only once the new one is complete).
 
@@ -53,6 +58,7 @@ def save_package(
     `encoder`: a fine-tuned Encoder whose weights the package carries (None: the pretrained one).
     `frequencies`: the training captions' NgramFrequencies, for consensus reranking.
     `memory`: the training images' CaptionMemory, for reranking with their captions.
+    `drift`: the training images' DriftReference, for the service's drift monitor.
     """
     directory = Path(directory)
     if "model" not in config or "encoder" not in config:
@@ -75,11 +81,14 @@ def save_package(
     full.pop("encoder_weights", None)  # describes only the file written here
     full.pop("ngrams_sha256", None)
     full.pop("neighbours_sha256", None)
+    full.pop("drift_sha256", None)
     if frequencies is not None:
         (tmp / NGRAMS_FILE).write_text(json.dumps(frequencies.to_dict(), separators=(",", ":")), encoding="utf-8")
         full["ngrams_sha256"] = _sha256(tmp / NGRAMS_FILE)
     if memory is not None:
         full["neighbours_sha256"] = _sha256(memory.save(tmp / MEMORY_FILE))
+    if drift is not None:
+        full["drift_sha256"] = _sha256(drift.save(tmp))
     if encoder is not None:
         full["encoder_weights"] = _save_encoder(_unwrap(encoder), tmp / ENCODER_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -149,6 +158,20 @@ def load_memory(directory: str | Path, config: dict[str, Any]):
         raise PackageError(str(error)) from None
 
 
+def load_drift(directory: str | Path, config: dict[str, Any]):
+    """The package's DriftReference (checked against its checksum), or None when it has none
+    (a package written without one: no drift monitoring)."""
+    from captioning.features.drift import DriftReference, DriftReferenceError
+
+    path = _checked_part(directory, config, "drift_sha256", DRIFT_FILE)
+    if path is None:
+        return None
+    try:
+        return DriftReference.load(path.parent)
+    except DriftReferenceError as error:
+        raise PackageError(str(error)) from None
+
+
 def _checked_part(directory: str | Path, config: dict[str, Any], checksum: str, name: str) -> Path | None:
     """An optional part of the package, present and matching config[checksum]; None when it has none."""
     if not config.get(checksum):
@@ -181,6 +204,7 @@ def check_package_files(directory: str | Path) -> dict[str, str]:
         WEIGHTS_FILE: config.get("weights_sha256"),
         NGRAMS_FILE: config.get("ngrams_sha256"),
         MEMORY_FILE: config.get("neighbours_sha256"),
+        DRIFT_FILE: config.get("drift_sha256"),
     }
     entry = config.get("encoder_weights")
     if entry:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,18 +199,26 @@ class Captioner:
         images: Sequence[ImageSource],
         decoding: DecodingSettings | None = None,
         return_attention: bool = False,
+        on_features: Callable[[torch.Tensor], Any] | None = None,
     ) -> list[dict[str, Any]]:
         """One result per image: caption, alternatives (best first) and optionally attention maps.
 
         `decoding`: how to decode (None: the package's own settings; `settings_for` makes a
         call's own). An unreadable image raises ImageError naming its position; nothing is
-        captioned then.
+        captioned then. `on_features`: called with the images' encoder features (B, N, C), of
+        the images as they are (never their mirrors), once they are captioned.
         """
         images = list(images)
         if not images:
             return []
         decoding = decoding or self.decoding
-        return self.caption_features(self.encode(images, decoding.flip), decoding, return_attention)
+        features = self.encode(images, decoding.flip)
+        results = self.caption_features(features, decoding, return_attention)
+        if on_features is not None:
+            # After captioning: images of a batch that failed are captioned again one by one,
+            # and each must be handed on once.
+            on_features(features[:, : features.size(1) // 2] if decoding.flip else features)
+        return results
 
     def caption_features(
         self,

@@ -20,8 +20,12 @@ logger = logging.getLogger("captioning.service")
 FAULT_MESSAGE = "fault injected by a drill (CAPTIONING_FAULT_FAIL_CAPTIONS)"
 
 
-def caption_jobs(captioner, jobs: Sequence[Any], metrics, delay_ms: int = 0, fail: bool = False) -> list[dict]:
-    """One result per job (caption, alternatives, attention when asked, or an error), in order."""
+def caption_jobs(
+    captioner, jobs: Sequence[Any], metrics, delay_ms: int = 0, fail: bool = False, on_features=None
+) -> list[dict]:
+    """One result per job (caption, alternatives, attention when asked, or an error), in order.
+    `on_features`: called with the encoder features of the images captioned (the drift monitor's
+    `add`), once per image that got a caption."""
     if delay_ms:
         time.sleep(delay_ms / 1000)
     results: list[dict | None] = [None] * len(jobs)
@@ -30,7 +34,7 @@ def caption_jobs(captioner, jobs: Sequence[Any], metrics, delay_ms: int = 0, fai
         groups.setdefault((job.beam_size, job.max_length, job.return_attention), []).append(index)
     for (beam_size, max_length, return_attention), indices in groups.items():
         decoding = captioner.settings_for(beam_size=beam_size, max_length=max_length)
-        options = dict(decoding=decoding, return_attention=return_attention)
+        options = dict(decoding=decoding, return_attention=return_attention, on_features=on_features)
         started = time.perf_counter()
         if fail:
             outputs = [{"error": FAULT_MESSAGE} for _ in indices]

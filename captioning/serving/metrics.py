@@ -134,7 +134,41 @@ def count_captions(counter: Any, results: list) -> None:
         counter.labels(outcome=caption_outcome(result if isinstance(result, dict) else {})).inc()
 
 
+@dataclass(frozen=True)
+class DriftMetrics:
+    """The model service's drift gauges (captioning/serving/drift.py sets them)."""
+
+    score: Any
+    threshold: Any
+    p_value: Any
+
+
+def create_drift_metrics(kinds: Any) -> DriftMetrics:
+    """The drift gauges, made by `kinds` (as for `create_metrics`). Several workers: the highest
+    score and threshold, the lowest p-value (the most drifted worker's figures)."""
+    return DriftMetrics(
+        score=kinds.Gauge(
+            name="captioning_drift_score",
+            documentation="Drift of the last live images' encoder features from the training images' "
+            "(MMD squared; NaN until a window is full or without the package's drift.npz)",
+            multiprocess_mode="livemax",
+        ),
+        threshold=kinds.Gauge(
+            name="captioning_drift_threshold",
+            documentation="Drift score above which the live images differ from the training images "
+            "(p below the package's alpha, for its window of images)",
+            multiprocess_mode="livemax",
+        ),
+        p_value=kinds.Gauge(
+            name="captioning_drift_p_value",
+            documentation="Permutation p-value of the drift score against windows of training images",
+            multiprocess_mode="livemin",
+        ),
+    )
+
+
 _CREATED: list[Metrics] = []
+_DRIFT: list[DriftMetrics] = []
 _CREATING = threading.Lock()
 
 
@@ -150,6 +184,17 @@ def metrics() -> Metrics:
 
             _CREATED.append(create_metrics(bentoml.metrics))
         return _CREATED[0]
+
+
+def drift_metrics() -> DriftMetrics:
+    """The drift gauges, created on first use, which only the model service makes: a gauge exists
+    from its creation on, and the API's process would export it at 0 next to the real figures."""
+    with _CREATING:
+        if not _DRIFT:
+            import bentoml
+
+            _DRIFT.append(create_drift_metrics(bentoml.metrics))
+        return _DRIFT[0]
 
 
 class RequestMetrics:

@@ -4,6 +4,7 @@ augmented by DataLoader workers."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -17,12 +18,17 @@ from captioning.settings import FeatureSettings, Settings
 from captioning.training.base import TrainingError
 from captioning.training.distributed import barrier
 
+logger = logging.getLogger(__name__)
+
 # Cached features up to this size are copied into memory; larger caches are read from the memory map.
 PRELOAD_LIMIT_BYTES = 2 << 30
 # Random resized crop for fine-tuning: area share and aspect ratio range. Mild, because
 # captions speak about the whole picture ("two dogs on the grass").
 CROP_AREA = (0.6, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# Training images a drift reference is fitted on at most (a seeded sample of them): plenty for its
+# permutation threshold, and MSCOCO's 113k images would need a gigabyte of pooled features.
+DRIFT_SAMPLE = 5000
 
 
 @dataclass
@@ -267,6 +273,32 @@ def caption_memory(train_data: CaptionData):
         for refs in references_from_pairs(train_data.rows, train_data.tokens, images)
     ]
     return CaptionMemory(train_data.image_ids, pooled, captions)
+
+
+def drift_reference(train_data: CaptionData, settings: Settings):
+    """The training images' DriftReference (`settings.drift`), which the package carries for the
+    service's drift monitor; None when drift is off, when training reads image files (the
+    features a fine-tuned encoder computes are not the cached ones) or with too few images."""
+    from captioning.features.drift import DriftReference, pool
+
+    drift = settings.drift
+    if not drift.enabled or train_data.features is None:
+        return None
+    images = len(train_data.image_ids)
+    if images < 2 * drift.window:
+        logger.warning(
+            "no drift reference in the package: %d training images, a window of %d needs %d",
+            images,
+            drift.window,
+            2 * drift.window,
+        )
+        return None
+    rng = np.random.default_rng(settings.train.seed)
+    chosen = np.sort(rng.choice(images, size=min(images, DRIFT_SAMPLE), replace=False))
+    pooled = np.concatenate(
+        [pool(train_data.image_features(chosen[start : start + 256], "cpu")) for start in range(0, len(chosen), 256)]
+    )
+    return DriftReference.fit(pooled, drift.window, seed=settings.train.seed, encoder=settings.features.encoder)
 
 
 class PairImages(torch.utils.data.Dataset):

@@ -84,7 +84,7 @@ def _package_ensemble(
     """The members' best models as one Ensemble, validated and saved to package_dir; returns its
     validation scores and sample captions."""
     from captioning.config import get_device
-    from captioning.inference.model_package import load_frequencies, load_memory, load_package
+    from captioning.inference.model_package import load_drift, load_frequencies, load_memory, load_package
     from captioning.models import Ensemble, ensemble_config
 
     device = get_device()
@@ -101,7 +101,7 @@ def _package_ensemble(
     samples = val.pop("samples")
     best = _history_row(epoch, val)
     # The members learnt from the same captions and features: the first one's n-gram
-    # frequencies and caption memory are theirs.
+    # frequencies, caption memory and drift statistics are theirs.
     save_package(
         package_dir,
         ensemble,
@@ -109,6 +109,7 @@ def _package_ensemble(
         package_config(settings, feature_dim, best, model=config),
         frequencies=load_frequencies(results[0].package_dir, loaded[0][2]),
         memory=load_memory(results[0].package_dir, loaded[0][2]),
+        drift=load_drift(results[0].package_dir, loaded[0][2]),
     )
     logger.info(
         "ensemble of %s: %s",

@@ -36,6 +36,7 @@ from captioning.training.checkpoints import (
 from captioning.training.data import (
     caption_data,
     caption_memory,
+    drift_reference,
     encode_images,
     image_loader,
     image_workers,
@@ -227,6 +228,8 @@ class Trainer:
         self.frequencies = ngram_frequencies(self.train_data)
         # Only a package that reranks with neighbours carries them (for MSCOCO they would weigh 300 MB).
         self.memory = caption_memory(self.train_data) if settings.decoding.rerank_neighbours else None
+        # Rank 0 alone writes the package, and so alone needs the training images' drift statistics.
+        self.drift = drift_reference(self.train_data, settings) if self.rank == 0 else None
         self.val_data = caption_data(self.val_records, val_store, self.vocab, max_length)
         self.references = references_by_key(self.val_records)
         self.workers = image_workers(settings.features)
@@ -506,6 +509,7 @@ class Trainer:
                 encoder=self.core_encoder,
                 frequencies=self.frequencies,
                 memory=self.memory,
+                drift=self.drift,
             )
         logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
         notify(self.callbacks, "on_epoch_end", epoch + 1, {**metrics, "samples": samples})

@@ -176,7 +176,7 @@ def test_alert_rules_pass_promtool():
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "6 rules found" in result.stdout
 
 
 def _metric_names(expr: str) -> set[str]:

@@ -18,6 +18,7 @@ from captioning.features.drift import (
     DriftReferenceError,
     mmd2,
     pool,
+    summary,
 )
 
 CHANNELS = 64
@@ -224,3 +225,25 @@ def test_monitor_is_safe_to_share_between_threads(reference):
     assert all(len(match) == 1 for match in matches)
     assert len({int(match[0]) for match in matches}) == 50
     assert monitor.score() == pytest.approx(reference.score_projected(kept))
+
+
+def test_summary_scores_the_last_window_and_counts_alarmed_windows(reference):
+    rng = np.random.default_rng(11)
+    same = features(rng, 120)  # two complete windows from the newest back, 20 images left over
+    quiet = summary(reference, same)
+    assert quiet["images"] == 120 and quiet["window"] == 50 and quiet["windows"] == 2
+    assert quiet["score"] == reference.score(same[-50:]) and quiet["alarm"] is False
+    assert quiet["alarmed_windows"] == 0 and quiet["threshold"] == reference.threshold and quiet["alpha"] == 0.01
+    assert quiet["p_value"] == reference.p_value(quiet["score"]) and quiet["reason"] == ""
+
+    drifted = summary(reference, np.concatenate([same[:100], features(rng, 50, shift=1.0)]))
+    assert drifted["alarm"] is True and drifted["windows"] == 3 and drifted["alarmed_windows"] == 1
+    assert drifted["p_value"] < 0.01 and drifted["score"] > reference.threshold
+
+
+def test_summary_without_a_reference_or_a_full_window_says_why(reference):
+    few = summary(reference, features(np.random.default_rng(0), 30))
+    assert few["score"] is None and few["alarm"] is None and few["windows"] == 0
+    assert few["reason"] == "30 images, fewer than a window of 50" and few["threshold"] == reference.threshold
+    none = summary(None, features(np.random.default_rng(0), 80))
+    assert none["score"] is None and none["threshold"] is None and "no drift reference" in none["reason"]

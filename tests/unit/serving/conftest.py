@@ -5,7 +5,7 @@ from __future__ import annotations
 import prometheus_client
 import pytest
 
-from captioning.serving.metrics import Metrics, create_metrics
+from captioning.serving.metrics import DriftMetrics, Metrics, create_drift_metrics, create_metrics
 
 
 class OwnRegistry:
@@ -14,6 +14,7 @@ class OwnRegistry:
     def __init__(self):
         self.registry = prometheus_client.CollectorRegistry()
         self.metrics: Metrics = create_metrics(self)
+        self.drift: DriftMetrics = create_drift_metrics(self)
 
     def Counter(self, **kwargs):
         return prometheus_client.Counter(registry=self.registry, **kwargs)

@@ -139,3 +139,39 @@ def test_captions_per_image_draws_each_images_own_captions(union):
     assert feats.shape == (2, POSITIONS, DIM) and tokens.shape[0] == 4
     expected, _ = data.batch(chosen[[2, 0]].reshape(-1)[::2], "cpu")
     assert torch.equal(feats, expected)
+
+
+def test_the_drift_reference_is_fitted_on_the_training_images_pooled_features(tmp_path, caplog):
+    from captioning.features.drift import pool
+    from captioning.training.data import drift_reference
+    from harness.settings import test_settings
+
+    rng = np.random.default_rng(0)
+    ids = [f"{n}.png" for n in range(60)]
+    values = rng.normal(size=(60, POSITIONS, 8)).astype(np.float16)
+    store = FeatureStore.open_or_create(tmp_path / "store", "lite0", POSITIONS, 8)
+    store.append(ids, values)
+    store.flush()
+    store = FeatureStore.open(tmp_path / "store")
+    records = [SelectedRecord(key, f"/s/{key}", "train", ("a red circle",), "synthetic") for key in ids]
+    vocab = Vocabulary.build(["a red circle"], 1)
+    settings = test_settings(drift={"enabled": True, "window": 10})
+
+    fitted = drift_reference(caption_data(records, store, vocab, max_length=4), settings)
+    assert (fitted.images, fitted.window, fitted.encoder) == (60, 10, "lite0")
+    np.testing.assert_allclose(fitted.mean, pool(values).mean(axis=0), rtol=1e-5)
+    # Read from the memory map instead of memory: the same reference, byte for byte.
+    mapped = drift_reference(caption_data(records, store, vocab, max_length=4, preload=False), settings)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert mapped.save(tmp_path / "a").read_bytes() == fitted.save(tmp_path / "b").read_bytes()
+
+    assert (
+        drift_reference(
+            caption_data(records, store, vocab, 4), settings.replace(drift={"enabled": False, "window": 10})
+        )
+        is None
+    )
+    too_wide = settings.replace(drift={"enabled": True, "window": 31})
+    assert drift_reference(caption_data(records, store, vocab, 4), too_wide) is None
+    assert "60 training images, a window of 31 needs 62" in caplog.text
