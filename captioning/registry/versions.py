@@ -61,6 +61,7 @@ class RegistrationResult:
     champion: str | None = None
     previous: str | None = None
     model_uri: str = ""
+    champion_metrics: dict[str, float] | None = None  # what the margin gates compared with
 
     @property
     def message(self) -> str:
@@ -76,6 +77,7 @@ class RegistrationResult:
             "champion": self.champion,
             "previous": self.previous,
             "model_uri": self.model_uri,
+            "champion_metrics": self.champion_metrics,
             "message": self.message,
         }
 
@@ -279,7 +281,7 @@ def register(
                 client.set_model_version_tag(name, version, "gate", "failed")
                 client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons))
                 current = alias_version(client, name, PREVIOUS)
-                return RegistrationResult(version, False, reasons, champion, current, model_uri)
+                return RegistrationResult(version, False, reasons, champion, current, model_uri, reference)
             client.set_model_version_tag(name, version, "gate", "passed")
             # One alias write at a time, ordered so that losing the server between two of them
             # leaves a coherent pair: (old champion, no previous), (new, no previous) or (new, old);
@@ -294,7 +296,7 @@ def register(
                 name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             )
             _verify(client, name, version, champion)
-    return RegistrationResult(version, True, [], version, champion, model_uri)
+    return RegistrationResult(version, True, [], version, champion, model_uri, reference)
 
 
 @contextlib.contextmanager
