@@ -131,7 +131,8 @@ def publish_validation(outcome: dict[str, Any]) -> None:
     from prefect.artifacts import create_link_artifact, create_table_artifact
 
     name, report = outcome["dataset"], Path(outcome["report"])
-    checks = json.loads((report.parent / "validation.json").read_text(encoding="utf-8")).get("checks", [])
+    details = report.parent / "validation.json"  # gone when reports/ was cleaned after a cached run
+    checks = json.loads(details.read_text(encoding="utf-8")).get("checks", []) if details.is_file() else []
     verdict = "passed" if outcome["success"] else f"failed ({len(outcome['failures'])} failure(s))"
     create_table_artifact(
         validation_table(checks),
