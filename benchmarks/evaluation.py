@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import write_report
+from benchmarks import add_model_options, model_store, write_report
 
 TARGET_SECONDS = 90.0
 
@@ -62,7 +62,9 @@ def _cpu_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batch_size: int) -> dict[str, Any]:
+def run(
+    query: str, model: str | None, beam: int, feature_dir: Path | None, batch_size: int, tracking: str | None = None
+) -> dict[str, Any]:
     import torch
 
     from captioning.config import PARAMS_FILE
@@ -81,7 +83,7 @@ def run(query: str, model: str | None, beam: int, feature_dir: Path | None, batc
         )
         encode_seconds = fill_cache(query, encoder, feature_dir, params["features"]["batch_size"])
         started, cpu_before = time.perf_counter(), _cpu_seconds()
-        captioner = load_captioner(uri, with_encoder=False)  # features come from the cache
+        captioner = load_captioner(uri, tracking, with_encoder=False)  # features come from the cache
         decoding = captioner.settings_for(beam_size=beam)
         result = evaluate_model(captioner, query, decoding, batch_size, attention_images=0, feature_dir=feature_dir)
         seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
@@ -124,13 +126,14 @@ def main() -> None:
     parser.add_argument("--feature-dir", type=Path, default=None, help="Feature cache root (default artifacts).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--output", type=Path, default=None)
+    add_model_options(parser)
     args = parser.parse_args()
     disable_telemetry()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = run(args.data, args.model, args.beam, args.feature_dir, args.batch_size)
+    report = run(args.data, args.model, args.beam, args.feature_dir, args.batch_size, model_store(args))
     write_report(report, "evaluation", args.output)
     print(json.dumps(report, indent=2))
 

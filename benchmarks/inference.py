@@ -9,6 +9,7 @@ Target (--target): full path images/s at least 0.5 times the encoder's.
 
     python -m benchmarks.inference [--model models:/captioner@champion] [--data 'flickr8k[test]-128s0']
                                    [--batch-size 32] [--beam N] [--threads 0] [--target 0.5]
+                                   [--tracking-uri URI] [--params FILE]
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_report
+from benchmarks import add_model_options, model_store, write_report
 
 DEFAULT_MODELS = ("models:/captioner@champion", "artifacts/train/model")
 
 
-def _load_captioner(source: str | None):
+def _load_captioner(source: str | None, tracking: str | None):
     from captioning.registry.locate import load_captioner
 
     candidates = [source] if source else list(DEFAULT_MODELS)
     errors = []
     for candidate in candidates:
         try:
-            return load_captioner(candidate, device="cpu"), candidate
+            return load_captioner(candidate, tracking, device="cpu"), candidate
         except Exception as error:  # noqa: BLE001 - try the next default, report all at the end
             errors.append(f"{candidate}: {error}")
     raise SystemExit("no model to benchmark: " + "; ".join(errors))
@@ -54,13 +55,14 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5, help="the full path's target share of the encoder's rate")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", type=Path)
+    add_model_options(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from captioning.images import open_image, preprocess, views
 
-    captioner, source = _load_captioner(args.model)
+    captioner, source = _load_captioner(args.model, model_store(args))
     images = _images(args.data)
     batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     batches = [batch for batch in batches if len(batch) == args.batch_size] or batches

@@ -28,7 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks import write_report  # noqa: E402
+from benchmarks import add_model_options, model_store, write_report  # noqa: E402
 from captioning.config import disable_telemetry  # noqa: E402
 
 disable_telemetry()
@@ -170,7 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="torch threads, the same for the direct run and the model service"
     )
     parser.add_argument("--output", type=Path, default=None)
+    add_model_options(parser)
     args = parser.parse_args(argv)
+    store = model_store(args)
+    if args.model and store:
+        # The direct runs and the model service read a models:/ reference from the same store.
+        os.environ["MLFLOW_TRACKING_URI"] = store
 
     from harness.serving import synthetic_jpeg
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from captioning.settings import Settings
@@ -96,6 +96,42 @@ def tracking_uri(settings: Settings) -> str:
     from captioning.registry.store import tracking_uri as resolve
 
     return resolve(settings)
+
+
+def run_settings() -> Settings:
+    """The settings the current flow run works with, for naming it: its `settings` parameter,
+    else params.yaml with its `params_file` and `overrides` parameters (as the flows load them)."""
+    from prefect.runtime import flow_run
+
+    from captioning.settings import Settings
+
+    parameters = flow_run.parameters
+    given = parameters.get("settings")
+    if isinstance(given, Settings):
+        return given
+    if isinstance(given, dict):
+        return Settings.model_validate(given)
+    return load_settings(parameters.get("params_file"), parameters.get("overrides"))
+
+
+def run_parameter(name: str, default: Any = None) -> Any:
+    from prefect.runtime import flow_run
+
+    value = flow_run.parameters.get(name)
+    return default if value is None else value
+
+
+def label_run(name: str | None = None, tags: Sequence[str] = ()) -> None:
+    """Rename the current flow run and add `tags` to it (the Prefect UI lists runs by both)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id)
+        merged = list(dict.fromkeys([*(current.tags or []), *tags]))
+        client.update_flow_run(flow_run.id, name=name, tags=merged)
 
 
 def finish(state, describe) -> int:

@@ -11,11 +11,16 @@ from typing import Any
 from prefect import flow
 
 from captioning.settings import Settings
-from flows import finish, load_settings, parse_settings, settings_parser
+from flows import finish, load_settings, parse_settings, run_parameter, run_settings, settings_parser
+from tasks.artifacts import publish_acquisition
 from tasks.data import acquire_dataset, version_data
 
 
-@flow(name="acquisition")
+def run_name() -> str:
+    return f"acquire-{run_parameter('dataset') or run_settings().data.dataset}"
+
+
+@flow(name="acquisition", flow_run_name=run_name)
 def acquisition_flow(
     dataset: str | None = None, settings: Settings | None = None, force: bool = False, version: bool = True
 ) -> dict[str, Any]:
@@ -24,6 +29,7 @@ def acquisition_flow(
     name = dataset or settings.data.dataset
     path = acquire_dataset(name, settings.synthetic, force=force)
     data_hash = version_data() if version else None
+    publish_acquisition(name, path, data_hash)
     return {"dataset": name, "path": path, "data_hash": data_hash}
 
 

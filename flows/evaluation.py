@@ -15,12 +15,26 @@ from typing import Any
 from prefect import flow
 
 from captioning.settings import Settings
-from flows import finish, flow_reports, load_settings, parse_settings, settings_parser, tracking_uri
+from flows import (
+    finish,
+    flow_reports,
+    load_settings,
+    parse_settings,
+    run_parameter,
+    run_settings,
+    settings_parser,
+    tracking_uri,
+)
+from tasks.artifacts import publish_evaluation
 from tasks.evaluation import evaluate_model, write_comparison
 from tasks.registry import champion_query
 
 
-@flow(name="evaluation")
+def run_name() -> str:
+    return f"evaluate-{run_parameter('query') or run_settings().data.test_query}"
+
+
+@flow(name="evaluation", flow_run_name=run_name)
 def evaluation_flow(
     model: str, settings: Settings | None = None, query: str | None = None, with_champion: bool = True
 ) -> dict[str, Any]:
@@ -70,6 +84,7 @@ def evaluation_flow(
                 {"model": f"champion v{champion['version']}", "decoding": decoding_setting(scored), **champion_metrics}
             )
     table = write_comparison(rows, str(reports))
+    publish_evaluation(rows, query, str(reports / "evaluation.html"))
     return {
         "model": model,
         "query": query,
@@ -77,6 +92,7 @@ def evaluation_flow(
         "metrics": metrics,
         "champion_metrics": champion_metrics,
         "comparison": table,
+        "rows": rows,
         "metrics_file": str(reports / "metrics.json"),
         "report": str(reports / "evaluation.html"),
     }

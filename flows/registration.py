@@ -15,11 +15,16 @@ from prefect import flow
 from prefect.states import Completed
 
 from captioning.settings import Settings
-from flows import finish, load_settings, parse_settings, settings_parser, tracking_uri
+from flows import finish, load_settings, parse_settings, run_settings, settings_parser, tracking_uri
+from tasks.artifacts import publish_registration
 from tasks.registry import register_model
 
 
-@flow(name="registration")
+def run_name() -> str:
+    return f"register-{run_settings().register.model_name}"
+
+
+@flow(name="registration", flow_run_name=run_name)
 def registration_flow(
     package_dir: str,
     metrics: dict[str, float],
@@ -30,15 +35,17 @@ def registration_flow(
 ):
     """Register `package_dir` scored `metrics` on `query`; promote it when it passes the gates."""
     settings = settings or load_settings()
+    query = query or settings.data.test_query
     result = register_model(
         package_dir,
         metrics,
-        query or settings.data.test_query,
+        query,
         settings,
         tracking=tracking_uri(settings),
         champion_metrics=champion_metrics,
         run_id=run_id,
     )
+    publish_registration(result, metrics, settings.register.gates.to_dict(), query)
     return Completed(message=result["message"], data=result)
 
 

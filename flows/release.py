@@ -30,6 +30,7 @@ from prefect.states import Completed, Failed
 from captioning.settings import Settings
 from flows import load_settings, parse_settings, settings_parser, tracking_uri
 from tasks import release as tasks
+from tasks.artifacts import publish_release
 
 RETRY_FAILED_SECONDS = 300
 
@@ -54,10 +55,10 @@ def release_flow(model: str, tracking: str | None = None, settings: Settings | N
     version, image = built["version"], built["image"]
     state = stack.read_state()
     if state is None or not stack.running(state):
-        return Completed(message=f"version {version}: {image}, no stack running", data={"release": built})
+        return shown(Completed, f"version {version}: {image}, no stack running: not rolled out", built)
     if (state.get("previous") or {}).get("version") == version:
         tasks.return_to_previous(version)
-        return Completed(message=f"version {version} (kept warm) serves again", data={"release": built})
+        return shown(Completed, f"version {version} (kept warm) serves again", built)
     tasks.start_candidate(settings, image, version)
     verdicts = []
     for stage in stages(settings):
@@ -65,10 +66,16 @@ def release_flow(model: str, tracking: str | None = None, settings: Settings | N
         verdicts.append(verdict)
         if verdict["outcome"] == "failed":
             tasks.rollback(version, verdict, tracking, settings.register.model_name)
-            return Failed(message=f"version {version} rolled back: {verdict['reason']}", data={"verdicts": verdicts})
+            return shown(Failed, f"version {version} rolled back: {verdict['reason']}", built, verdicts)
     tasks.promote(version, settings)
     message = f"version {version}: {image}, rolled out through {', '.join(stages(settings)) or 'no stage'}"
-    return Completed(message=message, data={"release": built, "verdicts": verdicts})
+    return shown(Completed, message, built, verdicts)
+
+
+def shown(state, message: str, built: dict, verdicts: list[dict] | None = None):
+    """The run's final state, after publishing what was built and each stage's verdict as artifacts."""
+    publish_release(message, built, verdicts or [])
+    return state(message=message, data={"release": built, "verdicts": verdicts or []})
 
 
 def stages(settings: Settings) -> list[str]:

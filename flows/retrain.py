@@ -23,17 +23,18 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.states import Completed, Failed
 
 from captioning.registry.lineage import feedback_fingerprint, feedback_since
 from captioning.settings import Settings
-from flows import load_settings, parse_settings, settings_parser
+from flows import label_run, load_settings, parse_settings, run_settings, settings_parser
 from flows.acquisition import acquisition_flow
 from flows.evaluation import evaluation_flow
 from flows.registration import registration_flow
 from flows.training import training_flow
 from flows.validation import validation_flow
+from tasks.artifacts import publish_decision
 from tasks.state import check_for_new_data, record_training
 
 DEPLOYMENT = "scheduled-retrain"
@@ -58,7 +59,18 @@ def run_folder(check: dict[str, Any]) -> str:
     return str(artifacts_dir() / "retrain" / "runs" / hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
-@flow(name="retrain")
+def run_name() -> str:
+    """retrain-DATASET; once a version is registered the run is renamed retrain-DATASET-vN."""
+    return f"retrain-{run_settings().data.dataset}"
+
+
+def run_tags(settings: Settings, data_hash: str | None) -> list[str]:
+    """What the run and its subflows are about, as Prefect tags: dataset, decoder, data hash."""
+    decoders = "+".join(member.model.decoder for member in settings.members())
+    return [f"dataset:{settings.data.dataset}", f"decoder:{decoders}", f"data:{(data_hash or 'none')[:12]}"]
+
+
+@flow(name="retrain", flow_run_name=run_name)
 def retrain_flow(
     params_file: str | None = None,
     overrides: list[str] | None = None,
@@ -97,6 +109,15 @@ def retrain_flow(
             name="Skipped", message=message, data={"status": "nothing new", "message": message, "last": check["last"]}
         )
 
+    labels = run_tags(settings, check["data"])
+    label_run(tags=labels)
+    with tags(*labels):
+        return _train_and_register(settings, check, feedback, started, logger)
+
+
+def _train_and_register(settings: Settings, check: dict[str, Any], feedback: int, started: str, logger):
+    """Validate (the data, and the feedback when there is any), train, evaluate, register."""
+    dataset = settings.data.dataset
     checks = [(dataset, check["data"])] + ([("feedback", feedback_fingerprint())] if feedback else [])
     for name, fingerprint in checks:
         validation = validation_flow(dataset=name, settings=settings, fingerprint=fingerprint, return_state=True)
@@ -140,6 +161,9 @@ def retrain_flow(
         "comparison": evaluation["comparison"],
     }
     logger.info(registration["message"])
+    gates = settings.register.gates.to_dict()
+    publish_decision(dataset, registration, evaluation, gates, settings.data.train_query)
+    label_run(name=f"retrain-{dataset}-v{registration['version']}")
     return Completed(message=registration["message"], data=summary)
 
 

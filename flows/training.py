@@ -11,12 +11,18 @@ from typing import Any
 from prefect import flow
 
 from captioning.settings import Settings
-from flows import finish, load_settings, parse_settings, settings_parser, tracking_uri
+from flows import finish, load_settings, parse_settings, run_settings, settings_parser, tracking_uri
+from tasks.artifacts import publish_features
 from tasks.features import build_features
 from tasks.training import train_model
 
 
-@flow(name="training")
+def run_name() -> str:
+    """train-DECODER (train-attention, train-transformer, ...)."""
+    return f"train-{run_settings().model.decoder}"
+
+
+@flow(name="training", flow_run_name=run_name)
 def training_flow(settings: Settings | None = None, out_dir: str | None = None, track: bool = True) -> dict[str, Any]:
     """Encode the images of the data queries once, then train into `out_dir`.
 
@@ -30,8 +36,8 @@ def training_flow(settings: Settings | None = None, out_dir: str | None = None, 
 
     settings = settings or load_settings()
     data = settings.data
-    for query in dict.fromkeys(q for q in (data.train_query, data.val_query, data.test_query) if q):
-        build_features(query, settings.features)
+    queries = dict.fromkeys(q for q in (data.train_query, data.val_query, data.test_query) if q)
+    publish_features([build_features(query, settings.features) for query in queries], settings.features.encoder)
     tracking = tracking_uri(settings) if track else None
     out_dir = out_dir or str(artifacts_dir() / "training" / training_hash(settings))
     return train_model(settings, out_dir, tracking=tracking)

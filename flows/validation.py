@@ -12,7 +12,8 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 from captioning.settings import Settings
-from flows import finish, flow_reports, load_settings, parse_settings, settings_parser
+from flows import finish, flow_reports, load_settings, parse_settings, run_parameter, run_settings, settings_parser
+from tasks.artifacts import publish_validation
 from tasks.data import validate_dataset
 
 
@@ -27,7 +28,11 @@ def failure_message(outcome: dict[str, Any], shown: int = 5) -> str:
     )
 
 
-@flow(name="validation")
+def run_name() -> str:
+    return f"validate-{run_parameter('dataset') or run_settings().data.dataset}"
+
+
+@flow(name="validation", flow_run_name=run_name)
 def validation_flow(dataset: str | None = None, settings: Settings | None = None, fingerprint: str | None = None):
     """Validate `dataset` (default params data.dataset); the run ends Failed, with the reasons, on bad data.
 
@@ -36,6 +41,7 @@ def validation_flow(dataset: str | None = None, settings: Settings | None = None
     settings = settings or load_settings()
     name = dataset or settings.data.dataset
     outcome = validate_dataset(name, str(flow_reports() / "validation" / name), settings.synthetic, fingerprint)
+    publish_validation(outcome)
     if not outcome["success"]:
         return Failed(message=failure_message(outcome), data=outcome)
     return Completed(message=f"{name} passed validation", data=outcome)

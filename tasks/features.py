@@ -18,11 +18,14 @@ def build_features(query: str, features: FeatureSettings) -> dict[str, Any]:
     Each dataset has the store training and evaluation read: artifacts_dir()/features/<encoder>/<dataset>,
     or <features.dir>/<encoder>/<dataset> when the settings name a folder. No work when all are cached.
     """
+    import time
+
     from captioning.data.query import select_by_dataset
     from captioning.features.store import build_selection_features
 
     encoder = features.encoder
     logger = run_logger()
+    started = time.perf_counter()
     groups = select_by_dataset(query)
     built = build_selection_features(
         groups, encoder, features.dir, features.batch_size, progress=False, num_workers=features.workers
@@ -45,6 +48,7 @@ def build_features(query: str, features: FeatureSettings) -> dict[str, Any]:
         "encoded": sum(added for _, added in built.values()),
         "store": next(iter(stores.values()), None),
         "stores": stores,
+        "seconds": round(time.perf_counter() - started, 2),
     }
 
 

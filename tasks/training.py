@@ -39,6 +39,21 @@ class RunLog:
         self.logger.info("best epoch: %s; package %s", result.best.get("epoch"), result.package_dir)
 
 
+def prefect_run_tags() -> dict[str, str]:
+    """The Prefect flow run this training belongs to, as MLflow run tags (its UI page when the
+    server has a UI URL, else its API URL), so the MLflow run links back to it."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id is None:
+        return {}
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    for url in (flow_run.ui_url, flow_run.api_url):
+        if url and url.startswith(("http://", "https://")):
+            tags["prefect.flow_run_url"] = url
+            break
+    return tags
+
+
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -> dict[str, Any]:
     """Train as `settings` say into `out_dir`; a finished run there with the same settings is reused.
@@ -48,15 +63,17 @@ def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -
     """
     from captioning.evaluation.report import write_history
     from captioning.training import train
+    from tasks.artifacts import TrainingProgress, publish_training
 
     logger = run_logger()
     log = RunLog(logger)
-    callbacks: list[Any] = [log]
+    callbacks: list[Any] = [log, TrainingProgress(settings.train.epochs)]
     tracker = None
     if tracking:
         from captioning.training.tracking import MLflowCallback
 
-        tracker = MLflowCallback(tracking, settings.tracking.experiment, tags={"orchestrator": "prefect"})
+        tags = {"orchestrator": "prefect", **prefect_run_tags()}
+        tracker = MLflowCallback(tracking, settings.tracking.experiment, tags=tags)
         callbacks.append(tracker)
     try:
         result = train(settings, callbacks, out_dir=out_dir)
@@ -70,6 +87,8 @@ def train_model(settings: Settings, out_dir: str, tracking: str | None = None) -
         tracker.close()
         logger.info("reused the finished training in %s", out_dir)
     history = write_history(result.history, Path(out_dir) / "history.csv")
+    run = {"tracking": tracking, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id} if tracker else None
+    publish_training(result.history, result.best, run)
     return {
         "package_dir": str(result.package_dir),
         "best": dict(result.best),

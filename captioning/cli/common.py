@@ -36,6 +36,31 @@ def set_option() -> Any:
     return typer.Option([], "--set", help="Override one setting: section.key=value (repeatable).")
 
 
+def tracking_option() -> Any:
+    return typer.Option(
+        None,
+        "--tracking-uri",
+        help="MLflow store a models:/ or runs:/ reference is read from "
+        "(default: $MLFLOW_TRACKING_URI, else params tracking.uri).",
+    )
+
+
+def is_registry_reference(model: str) -> bool:
+    """Whether `model` names a registered model or a run (models:/, runs:/, any URI), not a folder."""
+    return "://" in model or model.startswith(("models:", "runs:"))
+
+
+def model_store(config: "Settings", uri: Optional[str]) -> str:
+    """The store model references are read from, the same way for every command: --tracking-uri,
+    else $MLFLOW_TRACKING_URI, else params tracking.uri; exit 2 when none is given."""
+    from captioning.registry.store import RegistryError, tracking_uri
+
+    try:
+        return tracking_uri(config, uri)
+    except RegistryError as error:
+        fail(str(error))
+
+
 def settings(params_file: Optional[Path], overrides: Sequence[str] = ()) -> "Settings":
     """params.yaml, the partial YAML `params_file` laid over it, then the `--set` items;
     exit 2 with the reason when a key or a value is wrong, before any work."""

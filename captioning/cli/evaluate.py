@@ -11,7 +11,15 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, params_option, print_json, set_option, settings
+from captioning.cli.common import (
+    fail,
+    model_store,
+    params_option,
+    print_json,
+    set_option,
+    settings,
+    tracking_option,
+)
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -28,13 +36,6 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-def _tracking(config) -> str:
-    """The registry a models:/ URI is read from: $MLFLOW_TRACKING_URI, else params tracking.uri."""
-    from captioning.registry.store import tracking_uri
-
-    return tracking_uri(config)
 
 
 def _show(result, as_json: bool, out: Optional[Path], report: Optional[Path], title: str) -> None:
@@ -124,6 +125,7 @@ def evaluate_command(
     predictions_out: Optional[Path] = typer.Option(
         None, "--predictions-out", help="Write the captions (COCO results format)."
     ),
+    tracking_uri: Optional[str] = tracking_option(),
     params_file: Optional[Path] = params_option(),
     assignments: list[str] = set_option(),
 ) -> None:
@@ -135,7 +137,7 @@ def evaluate_command(
     query = data or chosen.data.test_query
     options = _decoding_options(beam, max_length, rerank, flip, neighbours)
     _check_decoding(chosen, options)  # unset options are the model's own
-    tracking = _tracking(chosen)
+    tracking = model_store(chosen, tracking_uri)
     try:
         captioner = load_captioner(model, tracking, with_encoder=False)  # features come from the cache
         decoding = captioner.settings_for(**options)
@@ -183,6 +185,7 @@ def compare_command(
         None, "--published", help="Add the published results on this dataset's test split (flickr8k)."
     ),
     stem: str = typer.Option("comparison", "--name", help="File name of the table, without suffix."),
+    tracking_uri: Optional[str] = tracking_option(),
     params_file: Optional[Path] = params_option(),
     assignments: list[str] = set_option(),
 ) -> None:
@@ -202,7 +205,7 @@ def compare_command(
     _check_decoding(chosen, _decoding_options(max_length=max_length))
     pairs = _model_pairs(models)
     query = data or chosen.data.test_query
-    tracking = _tracking(chosen)
+    tracking = model_store(chosen, tracking_uri)
     try:
         rows = compare_models(
             _contenders(pairs, chosen.evaluate.beam_sizes, max_length, tracking),

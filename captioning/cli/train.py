@@ -9,7 +9,16 @@ from typing import Optional
 
 import typer
 
-from captioning.cli.common import fail, params_option, print_json, set_option, settings
+from captioning.cli.common import (
+    fail,
+    is_registry_reference,
+    model_store,
+    params_option,
+    print_json,
+    set_option,
+    settings,
+    tracking_option,
+)
 
 
 def _check_selection(text: str) -> None:
@@ -116,6 +125,9 @@ def caption_command(
     beam: Optional[int] = typer.Option(None, "--beam", min=1, help="Beam size (1: greedy; default: the model's)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Words per caption at most."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tracking_uri: Optional[str] = tracking_option(),
+    params_file: Optional[Path] = params_option(),
+    assignments: list[str] = set_option(),
 ) -> None:
     """Caption images with a trained model."""
     from captioning.images import ImageError
@@ -125,10 +137,12 @@ def caption_command(
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
         fail(f"no such image file: {missing[0]}")
-    if "://" not in model and not model.startswith(("models:", "runs:")) and not Path(model).is_dir():
+    registered = is_registry_reference(model)
+    if not registered and not Path(model).is_dir():
         fail(f"no such model package folder: {model}")
+    store = model_store(settings(params_file, assignments), tracking_uri) if registered else None
     try:
-        captioner = load_captioner(model)
+        captioner = load_captioner(model, store)
     except PackageError as error:
         fail(str(error))
     except Exception as error:  # registry look-ups fail in many ways (unknown name, alias, store)

@@ -46,3 +46,29 @@ def gate_reasons(metrics: dict[str, float], gates: dict, champion: dict[str, flo
             elif value < best + float(margin):
                 reasons.append(f"{metric} {value:.2f} does not beat the champion's {best:.2f} by {float(margin):.2f}")
     return reasons
+
+
+def gate_table(metrics: dict[str, float], gates: dict, champion: dict[str, float] | None) -> list[dict]:
+    """The gate decision metric by metric (the rows `gate_reasons` decides on): the candidate's
+    value, the minimum, the champion's value and the margin to beat it by, and pass or fail."""
+    names = list(dict.fromkeys([*(gates.get("min") or {}), *(gates.get("margin") or {})]))
+    rows = []
+    for metric in names:
+        minimum = (gates.get("min") or {}).get(metric)
+        margin = (gates.get("margin") or {}).get(metric) if champion is not None else None
+        best = (champion or {}).get(metric)
+        gate = {"min": {metric: minimum}} if minimum is not None else {}
+        if margin is not None:
+            gate["margin"] = {metric: margin}
+        refused = gate_reasons({k: v for k, v in metrics.items() if k == metric}, gate, champion)
+        rows.append(
+            {
+                "metric": metric,
+                "candidate": metrics.get(metric),
+                "minimum": None if minimum is None else float(minimum),
+                "champion": best,
+                "margin": None if margin is None else float(margin),
+                "outcome": "fail" if refused else "pass",
+            }
+        )
+    return rows

@@ -39,6 +39,19 @@ if TYPE_CHECKING:
 
 CHAMPION, PREVIOUS = "champion", "previous"
 
+# What the registered model is, shown on its page in the MLflow UI.
+MODEL_DESCRIPTION = (
+    "An image captioner: a pretrained EfficientNet-Lite encoder reads the photo, a caption decoder "
+    "trained here (params.yaml `model.decoder`) writes the sentence, decoded by beam search. "
+    "Each version is a model package (weights, vocabulary, settings) registered by the retrain flow "
+    "or `captioning register`, with its data, settings, test scores and gate verdict in its description. "
+    f"The alias `{CHAMPION}` names the version the service serves; `{PREVIOUS}` the one it replaced "
+    "(`captioning registry rollback` returns to it)."
+)
+# Settings that say where or how fast things run, not what the model is: left out of descriptions.
+PLUMBING = {"features.dir", "features.workers", "features.batch_size", "train.progress", "train.threads"}
+DESCRIBED_SECTIONS = ("data", "features", "vocab", "model", "train", "decoding")
+
 
 @dataclass
 class RegistrationResult:
@@ -48,6 +61,7 @@ class RegistrationResult:
     champion: str | None = None
     previous: str | None = None
     model_uri: str = ""
+    champion_metrics: dict[str, float] | None = None  # what the margin gates compared with
 
     @property
     def message(self) -> str:
@@ -63,6 +77,7 @@ class RegistrationResult:
             "champion": self.champion,
             "previous": self.previous,
             "model_uri": self.model_uri,
+            "champion_metrics": self.champion_metrics,
             "message": self.message,
         }
 
@@ -140,6 +155,73 @@ def champion_query(tracking: str | None, name: str) -> tuple[str | None, str | N
     return version, client.get_model_version(name, version).tags.get("data_query")
 
 
+# --------------------------------------------------------------------------- descriptions
+
+
+def settings_changes(settings: "Settings", defaults: "Settings | None" = None) -> dict[str, Any]:
+    """The model-defining settings (data, features, vocab, model, train, decoding) whose value
+    differs from `defaults` (default: the checkout's params.yaml), by `section.key`."""
+    from captioning.config import PARAMS_FILE
+    from captioning.settings import flatten, load_settings
+
+    if defaults is None:
+        if not PARAMS_FILE.is_file():
+            return {}
+        defaults = load_settings(PARAMS_FILE)
+    base, flat = flatten(defaults), flatten(settings)
+    return {
+        key: value
+        for key, value in flat.items()
+        if key.split(".", 1)[0] in DESCRIBED_SECTIONS and key not in PLUMBING and base.get(key) != value
+    }
+
+
+def version_description(
+    settings: "Settings",
+    query: str,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    verdict: str,
+    links: dict[str, str] | None = None,
+    defaults: "Settings | None" = None,
+) -> str:
+    """A model version's description (Markdown, as the MLflow UI shows it): what it was trained on,
+    the settings that differ from params.yaml, its test scores, the gate verdict and `links`."""
+    data = settings.data
+    changes = settings_changes(settings, defaults)
+    lines = [
+        f"**{settings.model.decoder}** decoder on **{settings.features.encoder}** features, trained on "
+        f"`{data.train_query}` (validated on `{data.val_query}`), data hash `{lineage.get('data_hash', 'unknown')}`, "
+        f"code `{lineage.get('git_commit', 'unknown')}`.",
+        "",
+        "Settings that differ from params.yaml: "
+        + (", ".join(f"`{key}={value}`" for key, value in sorted(changes.items())) or "none")
+        + ".",
+        "",
+        f"Test scores on `{query}`: " + ", ".join(f"{name} {value:.2f}" for name, value in metrics.items()) + ".",
+        "",
+        f"Gate: {verdict}",
+    ]
+    lines += [f"\n{label}: {url}" for label, url in (links or {}).items()]
+    return "\n".join(lines)
+
+
+def _verdict(reasons: list[str], champion: str | None) -> str:
+    if reasons:
+        kept = f"version {champion} stays champion" if champion else "no champion yet"
+        return f"failed ({'; '.join(reasons)}); {kept}."
+    return f"passed; now {CHAMPION}" + (f", replacing version {champion}." if champion else " (the first one).")
+
+
+def _describe(client, name: str, version: str, run_id: str | None, text) -> None:
+    """Set the version's description (`text(links)`, the training run's Prefect link among them)
+    and the registered model's."""
+    tags = client.get_run(run_id).data.tags if run_id else {}
+    links = {"Prefect flow run": tags["prefect.flow_run_url"]} if tags.get("prefect.flow_run_url") else {}
+    client.update_model_version(name, version, description=text(links))
+    client.update_registered_model(name, description=MODEL_DESCRIPTION)
+
+
 # --------------------------------------------------------------------------- registering
 
 
@@ -187,11 +269,19 @@ def register(
         with registry_lock(uri, name):  # read the champion, compare, move the aliases: one at a time
             champion, reference, mismatch = _champion_reference(client, name, query, champion_metrics)
             reasons = gate_reasons(metrics, gates, reference) + ([mismatch] if mismatch else [])
+            verdict = _verdict(reasons, champion)
+            _describe(
+                client,
+                name,
+                version,
+                run,
+                lambda links: version_description(settings, query, metrics, lineage, verdict, links),
+            )
             if reasons:
                 client.set_model_version_tag(name, version, "gate", "failed")
                 client.set_model_version_tag(name, version, "gate_reasons", "; ".join(reasons))
                 current = alias_version(client, name, PREVIOUS)
-                return RegistrationResult(version, False, reasons, champion, current, model_uri)
+                return RegistrationResult(version, False, reasons, champion, current, model_uri, reference)
             client.set_model_version_tag(name, version, "gate", "passed")
             # One alias write at a time, ordered so that losing the server between two of them
             # leaves a coherent pair: (old champion, no previous), (new, no previous) or (new, old);
@@ -206,7 +296,7 @@ def register(
                 name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             )
             _verify(client, name, version, champion)
-    return RegistrationResult(version, True, [], version, champion, model_uri)
+    return RegistrationResult(version, True, [], version, champion, model_uri, reference)
 
 
 @contextlib.contextmanager

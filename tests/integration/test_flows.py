@@ -43,6 +43,7 @@ SMALL = [
     "evaluate.beam_sizes=[1]",
     "register.gates.min={CIDEr: 0.0}",
     "register.gates.margin={}",
+    "release.smoke.photos=8",  # the smoke set comes from the validation query (16 images here)
 ]
 IMPOSSIBLE_GATE = "register.gates.min={CIDEr: 1000.0}"
 
@@ -178,6 +179,25 @@ def _task_names(tasks: list) -> set[str]:
     return {t.name.rsplit("-", 1)[0] for t in tasks}
 
 
+def _artifacts(flows: dict) -> dict[str, list]:
+    """The artifacts of every flow run of a tree (and of their task runs), by key, with their data read."""
+    import json
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    ids = [run.id for runs in flows.values() for run in runs]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+    by_key: dict[str, list] = {}
+    for artifact in found:
+        data = artifact.data
+        if artifact.type == "table" and isinstance(data, str):
+            data = json.loads(data)
+        by_key.setdefault(artifact.key, []).append((artifact.type, data, artifact.description))
+    return by_key
+
+
 def _versions(tracking: str) -> list[dict]:
     from captioning.registry.versions import list_versions
 
@@ -223,6 +243,60 @@ def test_full_run_promotes_and_every_step_completes(promoted_run):
     assert Path(summary["comparison"]["markdown"]).read_text().count("candidate") == 1
 
 
+def test_full_run_is_named_tagged_and_shows_its_artifacts(promoted_run):
+    from mlflow import MlflowClient
+
+    state, tracking = promoted_run
+    flows, _ = _tree(state.state_details.flow_run_id)
+    assert flows["retrain"][0].name == "retrain-synthetic-v1"
+    assert flows["training"][0].name == "train-attention"
+    assert flows["acquisition"][0].name == "acquire-synthetic"
+    assert flows["validation"][0].name == "validate-synthetic"
+    for name in ("retrain", "validation", "training", "evaluation", "registration"):
+        tags = flows[name][0].tags
+        assert {"dataset:synthetic", "decoder:attention"} <= set(tags), (name, tags)
+        assert any(tag.startswith("data:") and tag != "data:none" for tag in tags), (name, tags)
+
+    shown = _artifacts(flows)
+    assert {
+        "acquisition-synthetic",
+        "validation-synthetic",
+        "validation-report-synthetic",
+        "features-lite0",
+        "training-progress",
+        "training-epochs",
+        "training-mlflow-run",
+        "evaluation-comparison",
+        "evaluation-report",
+        "registration-gate",
+        "registration-verdict",
+        "retrain-decision-synthetic",
+    } <= set(shown)
+    assert shown["training-progress"][0][1] == 100.0
+    assert "DVC hash of data/" in shown["acquisition-synthetic"][0][1]
+    checks = shown["validation-synthetic"][0][1]
+    assert checks and all(row["result"] == "passed" for row in checks)
+    assert "](file://" in shown["validation-report-synthetic"][0][1]  # a link: [text](url)
+    assert [row["epoch"] for row in shown["training-epochs"][0][1]] == [1]
+    comparison = shown["evaluation-comparison"][0][1]
+    assert [row["model"] for row in comparison] == ["candidate"] and "CIDEr" in comparison[0]
+    assert shown["evaluation-report"][0][1].endswith("/reports/flows/evaluation.html)")
+    gate = shown["registration-gate"][0][1]
+    assert [(row["metric"], row["outcome"]) for row in gate] == [("CIDEr", "pass")]
+    assert "Version 1 is the new champion" in shown["registration-verdict"][0][1]
+    decision = shown["retrain-decision-synthetic"][0][1]
+    assert "## Evaluation" in decision and "| candidate | beam 1 |" in decision and "| CIDEr |" in decision
+
+    # The MLflow run of the training links to its Prefect flow run, and the artifact back to it.
+    client = MlflowClient(tracking)
+    run_id = next(iter(client.search_model_versions("name='captioner'"))).run_id
+    url = client.get_run(run_id).data.tags["prefect.flow_run_url"]
+    assert url.endswith(f"/flow-runs/flow-run/{flows['training'][0].id}")
+    assert run_id in shown["training-mlflow-run"][0][1]
+    description = client.get_model_version("captioner", "1").description
+    assert "Gate: passed; now champion (the first one)." in description and url in description
+
+
 def test_nothing_new_is_a_quick_no_op(promoted_run, workspace, monkeypatch):
     _use(monkeypatch, workspace)
     state = _run(SMALL)
@@ -232,6 +306,7 @@ def test_nothing_new_is_a_quick_no_op(promoted_run, workspace, monkeypatch):
     assert set(flows) == {"retrain", "acquisition"}  # no validation, training, evaluation, registration
     assert "train-model" not in _task_names(tasks)
     assert flows["retrain"][0].state_name == "Skipped"
+    assert flows["retrain"][0].name == "retrain-synthetic"  # nothing registered: no version in the name
 
 
 def test_new_feedback_or_new_settings_call_for_retraining(promoted_run, workspace, monkeypatch):

@@ -11,11 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from captioning.config import PARAMS_FILE
 from captioning.registry.locate import Located, load_captioner, locate
 from captioning.registry.store import RegistryError
-from captioning.registry.versions import CHAMPION, PREVIOUS, list_versions, register, rollback
+from captioning.registry.versions import (
+    CHAMPION,
+    MODEL_DESCRIPTION,
+    PREVIOUS,
+    list_versions,
+    register,
+    rollback,
+)
 from captioning.settings import load_settings
 from tests.fixtures.processes import MlflowServer
 
@@ -90,6 +98,25 @@ def test_better_model_promoted_worse_refused(tiny_model, store):
     rows = list_versions(store, NAME)
     assert [r["gate"] for r in rows] == ["passed", "passed", "failed", "failed"]
     assert rows[1]["aliases"] == [CHAMPION] and rows[1]["metrics"]["CIDEr"] == 60.0
+
+    # Each version says in words what it is and what the gate decided; the model what it is.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    described = {v: client.get_model_version(NAME, v).description for v in ("1", "2", "3")}
+    assert "Gate: passed; now champion (the first one)." in described["1"]
+    assert "Gate: passed; now champion, replacing version 1." in described["2"]
+    assert "Gate: failed (CIDEr 60.30 does not beat the champion's 60.00 by 0.50); version 2 stays" in described["3"]
+    assert f"Test scores on `{QUERY}`:" in described["3"] and "CIDEr 60.30" in described["3"]
+    assert "data hash `d41d8cd9.dir`" in described["3"]
+    assert client.get_registered_model(NAME).description == MODEL_DESCRIPTION
+
+
+def test_description_links_to_the_prefect_run_of_the_training(tiny_model, store):
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    experiment = client.create_experiment("captioning")
+    url = "http://127.0.0.1:4200/runs/flow-run/0b9e7c1e"
+    run = client.create_run(experiment, tags={"prefect.flow_run_url": url}).info.run_id
+    result = reg(tiny_model, store, 50.0, run_id=run)
+    assert client.get_model_version(NAME, result.version).description.endswith(f"Prefect flow run: {url}")
 
 
 def test_champion_scored_on_another_query_is_not_compared_blindly(tiny_model, store):

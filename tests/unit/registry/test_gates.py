@@ -75,3 +75,26 @@ def test_metrics_travel_as_version_tags():
     # Other tags, and metric tags that are not numbers, are left out.
     stored = {**tags, "git_commit": "abc123", "metric.note": "n/a"}
     assert metrics_from_tags(stored) == {"CIDEr": 61.2346, "BLEU-4": 20.0}
+
+
+def test_gate_table_decides_metric_by_metric_as_the_reasons_do():
+    from captioning.registry.gates import gate_reasons, gate_table
+
+    gates = {"min": {"CIDEr": 45.0, "BLEU-4": 15.0}, "margin": {"CIDEr": 0.5}}
+    first = gate_table({"CIDEr": 50.0, "BLEU-4": 10.0}, gates, None)  # no champion: no margin to beat
+    assert [(row["metric"], row["margin"], row["outcome"]) for row in first] == [
+        ("CIDEr", None, "pass"),
+        ("BLEU-4", None, "fail"),
+    ]
+    for candidate, champion in [({"CIDEr": 50.4, "BLEU-4": 20.0}, {"CIDEr": 50.0}), ({"CIDEr": 51.0}, {"CIDEr": 50.0})]:
+        rows = gate_table(candidate, gates, champion)
+        assert any(row["outcome"] == "fail" for row in rows) == bool(gate_reasons(candidate, gates, champion))
+    missing = gate_table({"CIDEr": 60.0}, gates, {"CIDEr": 50.0})
+    assert missing[1] == {
+        "metric": "BLEU-4",
+        "candidate": None,
+        "minimum": 15.0,
+        "champion": None,
+        "margin": None,
+        "outcome": "fail",
+    }
