@@ -38,7 +38,7 @@ def test_the_api_replicas_share_no_volume():
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     assert all("persistentVolumeClaim" not in volume for volume in volumes)
     assert all(set(volume) <= {"name", "emptyDir"} for volume in volumes)  # each pod's own
-    kinds = [yaml.safe_load(path.read_text())["kind"] for path in BASE.glob("*.yaml")]
+    kinds = [doc["kind"] for path in BASE.glob("*.yaml") for doc in yaml.safe_load_all(path.read_text()) if doc]
     assert "PersistentVolumeClaim" not in kinds
     # Every manifest of the folder is in the kustomization, and only those.
     listed = load("kustomization.yaml")["resources"]
