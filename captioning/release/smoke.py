@@ -60,26 +60,25 @@ class SmokeImage:
 
 
 def smoke_set(settings, size: int, seed: int = 0) -> list[SmokeImage]:
-    """`size` photos of the validation split (`settings.data.val_query`), the same every time.
+    """`size` photos of the validation split (`settings.data.val_query`), the same every time;
+    every photo of the split when it holds fewer.
 
     A single unsampled query gets the query language's sample, `<query>-<size>s<seed>`; a
     selection that is already sampled or joins several queries is sampled by the same rule
-    (records in selection order, `random.Random(seed).sample`). Raises ValueError (a
-    QueryError for a query) when the split holds fewer than `size` photos.
+    (records in selection order, `random.Random(seed).sample`).
     """
     import random
 
     if size < 1:
         raise ValueError(f"a smoke set needs at least one photo, not {size}")
     queries = as_queries(settings.data.val_query)
-    if len(queries) == 1 and queries[0].size is None:
-        records = select(format_query(dataclasses.replace(queries[0], size=size, seed=seed)))
-    else:
-        records = select(queries)
-        if size > len(records):
-            raise ValueError(f"the smoke set needs {size} photos; {settings.data.val_query} selects {len(records)}")
-        chosen = sorted(random.Random(seed).sample(range(len(records)), size))
-        records = [records[index] for index in chosen]
+    records = select(queries)
+    if size < len(records):
+        if len(queries) == 1 and queries[0].size is None:
+            records = select(format_query(dataclasses.replace(queries[0], size=size, seed=seed)))
+        else:
+            chosen = sorted(random.Random(seed).sample(range(len(records)), size))
+            records = [records[index] for index in chosen]
     return [SmokeImage(record.image_id, record.path, tuple(record.captions)) for record in records]
 
 
