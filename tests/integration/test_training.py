@@ -466,6 +466,9 @@ def test_ensemble_trains_its_members_and_packages_them(tmp_path):
         "show_tell",
         "attention",
     ]
+    # The members learnt from the same features: the ensemble carries the first one's drift reference.
+    first = tmp_path / "run" / "members" / "0-show_tell" / "model" / "drift.npz"
+    assert config["drift_sha256"] and (result.package_dir / "drift.npz").read_bytes() == first.read_bytes()
     history = history_from_checkpoint(tmp_path / "run" / "history.json")
     assert [row["member"] for row in history] == [0, 0, 1, 1, "ensemble"]
 
