@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.requests import Request
 
@@ -68,8 +69,11 @@ class Uploads:
         self.decode_slots = asyncio.Semaphore(decode_concurrency)
         # Images decoded to be kept (feedback) take one slot of their own first: a burst of them
         # holds at most one full-size decode (a 40 MP RGBA PNG is 160 MB before its reduction)
-        # and leaves the other slots to /caption.
+        # and leaves the other slots to /caption. They run on one thread of their own: the C
+        # allocator keeps a freed decode's memory in the arena of the thread that used it, so
+        # on the shared pool's threads a burst would leave one full-size decode behind per thread.
         self.keep_slot = asyncio.Semaphore(1)
+        self.keep_thread = ThreadPoolExecutor(1, thread_name_prefix="keep-decode")
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> "Uploads":
@@ -123,7 +127,10 @@ class Uploads:
         """One upload decoded for keeping (a feedback image): bounded like `check_images` and
         turned upright, one such decode at a time; the PIL image it gives is at most DECODE_SIDE."""
         async with self.keep_slot, self.decode_slots:
-            return await asyncio.to_thread(decode_upload, "the image", data, self.max_upload_bytes, True)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.keep_thread, decode_upload, "the image", data, self.max_upload_bytes, True
+            )
 
 
 async def read_form(request: Request, fields: dict[str, str]) -> Files:
