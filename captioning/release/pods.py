@@ -44,7 +44,7 @@ def manifest(role: str, slot: int, image: str, ports: dict, folder: Path, env: d
     variables.update(
         {e["name"]: e["value"] for e in map(lambda e: _local_env(e, folder), container.get("env", [])) if e}
     )
-    if not os.environ.get("CAPTIONING_API_KEY"):  # on 127.0.0.1 only: open unless a key is given
+    if not api_key():  # on 127.0.0.1 only: open unless a key is given
         variables["CAPTIONING_ALLOW_NO_KEY"] = "1"
     variables.update(env)
     container["env"] = [{"name": k, "value": v} for k, v in variables.items()]
@@ -86,10 +86,15 @@ def _local_env(entry: dict, folder: Path) -> dict | None:
         return entry
     known = {
         "CAPTIONING_INTERNAL_TOKEN": internal_token(folder),
-        "CAPTIONING_API_KEY": os.environ.get("CAPTIONING_API_KEY", ""),
+        "CAPTIONING_API_KEY": api_key(),
     }
     value = known.get(entry["name"])
     return {"name": entry["name"], "value": value} if value else None
+
+
+def api_key() -> str:
+    """The API key `make up` was given ($CAPTIONING_API_KEY), without the newline a file may end with."""
+    return os.environ.get("CAPTIONING_API_KEY", "").strip()
 
 
 def private_file(path: Path, text: str) -> None:

@@ -105,7 +105,7 @@ def start(folder: Path, port: int, scrape_seconds: float = 1.0) -> str:
 
 
 def _credentials(folder: Path) -> Path | None:
-    key = os.environ.get("CAPTIONING_API_KEY")
+    key = os.environ.get("CAPTIONING_API_KEY", "").strip()
     if not key:
         return None
     path = folder / "api-key"

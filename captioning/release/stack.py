@@ -199,7 +199,7 @@ def add_replica(
 
 def client_headers() -> dict[str, str]:
     """What a client of the stack's API sends besides its request: the API key when one is set."""
-    key = os.environ.get("CAPTIONING_API_KEY", "")
+    key = pods.api_key()
     return {"X-API-Key": key} if key else {}
 
 
@@ -208,8 +208,8 @@ def check_identity(port: int, role: str, slot: int, env: dict[str, str]) -> None
     version and nonce it was started with (a process squatting on the port does not)."""
     address = f"http://127.0.0.1:{ports(port)['slots'][role][slot]}"
     headers = {"Content-Type": "application/json", "X-Captioning-Internal-Token": pods.internal_token(stack_dir())}
-    if os.environ.get("CAPTIONING_API_KEY"):
-        headers["X-API-Key"] = os.environ["CAPTIONING_API_KEY"]
+    if pods.api_key():
+        headers["X-API-Key"] = pods.api_key()
     request = urllib.request.Request(address + "/replica", data=b"{}", headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
