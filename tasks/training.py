@@ -43,11 +43,14 @@ def prefect_run_tags() -> dict[str, str]:
     """The Prefect flow run this training belongs to, as MLflow run tags (its UI page when the
     server has a UI URL, else its API URL), so the MLflow run links back to it."""
     from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
 
     if flow_run.id is None:
         return {}
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
-    for url in (flow_run.ui_url, flow_run.api_url):
+    ui = str(PREFECT_UI_URL.value() or "")
+    # The page the UI shows a flow run on (the address Prefect's own "View at" log line gives).
+    for url in (f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}", flow_run.api_url):
         if url and url.startswith(("http://", "https://")):
             tags["prefect.flow_run_url"] = url
             break

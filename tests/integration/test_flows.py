@@ -291,7 +291,7 @@ def test_full_run_is_named_tagged_and_shows_its_artifacts(promoted_run):
     client = MlflowClient(tracking)
     run_id = next(iter(client.search_model_versions("name='captioner'"))).run_id
     url = client.get_run(run_id).data.tags["prefect.flow_run_url"]
-    assert url.endswith(f"/flow-runs/flow-run/{flows['training'][0].id}")
+    assert url.endswith(f"/runs/flow-run/{flows['training'][0].id}")
     assert run_id in shown["training-mlflow-run"][0][1]
     description = client.get_model_version("captioner", "1").description
     assert "Gate: passed; now champion (the first one)." in description and url in description
