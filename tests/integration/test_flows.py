@@ -285,7 +285,7 @@ def test_full_run_is_named_tagged_and_shows_its_artifacts(promoted_run):
     assert [(row["metric"], row["outcome"]) for row in gate] == [("CIDEr", "pass")]
     assert "Version 1 is the new champion" in shown["registration-verdict"][0][1]
     decision = shown["retrain-decision-synthetic"][0][1]
-    assert "## Evaluation" in decision and "| candidate | beam 1 |" in decision and "| CIDEr |" in decision
+    assert "## Evaluation" in decision and "| candidate | greedy |" in decision and "| CIDEr |" in decision
 
     # The MLflow run of the training links to its Prefect flow run, and the artifact back to it.
     client = MlflowClient(tracking)
