@@ -27,6 +27,17 @@ MIN_REQUESTS = 200
 RESULTS: dict[str, dict] = {}  # figures of each rollout, written to reports/container_rollout.json
 
 
+@pytest.fixture(scope="module")
+def photo() -> bytes:
+    """The clients' photo: a synthetic scene, the kind of photo the tiny versions were trained on.
+    Their captions of it agree when both versions are good, as a real model's do on the photos it
+    serves; two tiny models caption a photo of another kind each its own way, which the shadow
+    stage would rightly read as disagreement."""
+    from harness.serving import synthetic_jpeg
+
+    return synthetic_jpeg(seed=5)
+
+
 def free_block(size: int = 10) -> int:
     """A port P with P..P+size-1 all free on 127.0.0.1, below the kernel's ephemeral range: the
     traffic of a rollout opens many client connections, whose source ports come from that range
