@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from captioning.config import PROJECT_ROOT
-from captioning.release.container_image import image_exists, podman
+from captioning.release.container_image import podman
 from captioning.release.traffic import RequestLoop
 from harness.serving import free_port
 from tests.container.conftest import IMAGE_REPO, STACK_NAME, register, run_cli
@@ -201,7 +201,8 @@ def test_a_healthy_version_goes_through_every_stage(stack, workspace, packages, 
     refused = register(packages[1], workspace, gates={"min": {"CIDEr": 1000.0}})
     assert not refused.promoted
     time.sleep(10)  # rounds of the watcher: a refused gate releases nothing
-    assert served_version(stack) == "2" and not image_exists(f"{IMAGE_REPO}:v{refused.version}")
+    released = Path(workspace["CAPTIONING_ARTIFACTS_DIR"]) / "release" / f"v{refused.version}"
+    assert served_version(stack) == "2" and not released.exists()  # no release was even begun
 
 
 def test_a_rollback_returns_to_the_warm_previous_version_in_seconds(stack, workspace, photo):
