@@ -77,6 +77,20 @@ def pool(features) -> np.ndarray:
 
     (B, C) input is taken as already pooled; numpy arrays and torch tensors are accepted.
     """
+    array = _pooled(features)
+    if not np.isfinite(array).all():
+        raise ValueError("features hold NaN or infinite values")
+    return array
+
+
+def pool_finite(features) -> np.ndarray:
+    """`pool` of the images whose features are all finite: a store may hold a few broken rows,
+    which training skips too, and a reference must not be built from them."""
+    array = _pooled(features)
+    return array[np.isfinite(array).all(axis=1)]
+
+
+def _pooled(features) -> np.ndarray:
     if hasattr(features, "detach"):  # a torch tensor (torch itself is not imported here)
         features = features.detach().float().cpu().numpy()
     array = np.asarray(features)
@@ -86,8 +100,6 @@ def pool(features) -> np.ndarray:
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 2:
         raise ValueError(f"features must be (images, channels) or (images, positions, channels), not {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError("features hold NaN or infinite values")
     return array
 
 

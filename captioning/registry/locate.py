@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -18,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from captioning.config import artifacts_dir
-from captioning.registry.store import RegistryError, alias_version, mlflow_client, tracking_uri
+from captioning.registry.store import RegistryError, alias_version, check_server, mlflow_client, tracking_uri
+
+logger = logging.getLogger(__name__)
+STORE_SUFFIX = ".tracking-uri"  # beside a download: the store it came from, to find it again with the store down
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -60,6 +64,10 @@ def locate(uri: str | Path, tracking: str | None = None, download: bool = True) 
     store = tracking_uri(None, tracking)
     if reference is not None:
         name, alias, version = reference
+        if alias is None:
+            cached = _cached_offline(store, name, version)
+            if cached is not None:
+                return Located(version, _package_in(cached))
         version = version or alias_version(mlflow_client(store), name, alias)
         if version is None:
             raise RegistryError(f"{text}: model {name!r} has no alias {alias!r}")
@@ -71,7 +79,36 @@ def locate(uri: str | Path, tracking: str | None = None, download: bool = True) 
         source = text
     if download and not target.is_dir():
         _download(source, target, store)
+        _remember_store(target, store)
     return Located(str(version) if version else None, _package_in(target) if target.is_dir() else target)
+
+
+def _remember_store(target: Path, store: str) -> None:
+    with contextlib.suppress(OSError):  # beside the folder: a file inside would change the package's digest
+        target.with_name(target.name + STORE_SUFFIX).write_text(store, encoding="utf-8")
+
+
+def _cached_offline(store: str, name: str, version: str) -> Path | None:
+    """With the tracking server unreachable, the newest download of `models:/NAME/N` from this
+    store (a version number names one model while the registry lives; an alias may move, so
+    it is never resolved offline). None while the server answers, or with no such download."""
+    if not store.startswith(("http://", "https://")):
+        return None
+    downloads = [
+        marker.with_name(marker.name.removesuffix(STORE_SUFFIX))
+        for marker in (artifacts_dir() / "registry" / name).glob(f"{version}-*{STORE_SUFFIX}")
+        if marker.read_text(encoding="utf-8") == store
+    ]
+    downloads = [folder for folder in downloads if folder.is_dir()]
+    if not downloads:
+        return None
+    try:
+        check_server(store, timeout=2.0)
+        return None
+    except RegistryError as error:
+        newest = max(downloads, key=lambda folder: folder.stat().st_mtime)
+        logger.warning("%s; models:/%s/%s from the earlier download %s", error, name, version, newest)
+        return newest
 
 
 def _identity(store: str, name: str, version: str, text: str) -> str:

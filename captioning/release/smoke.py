@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+from captioning.data.datasets import load_dataset
 from captioning.data.query import as_queries, format_query, select
 from captioning.release.analysis import FAILED, PASSED, Verdict
 
@@ -59,9 +60,10 @@ class SmokeImage:
 # --------------------------------------------------------------------------- the set
 
 
-def smoke_set(settings, size: int, seed: int = 0) -> list[SmokeImage]:
-    """`size` photos of the validation split (`settings.data.val_query`), the same every time;
-    every photo of the split when it holds fewer.
+def smoke_set(settings, size: int, seed: int = 0, query: str | None = None) -> list[SmokeImage]:
+    """`size` photos of the validation split `query` (default `settings.data.val_query`), the
+    same every time; every photo of the split when it holds fewer. The synthetic dataset is
+    generated (`settings.synthetic`) when it is not on disk, as `captioning data acquire` would.
 
     A single unsampled query gets the query language's sample, `<query>-<size>s<seed>`; a
     selection that is already sampled or joins several queries is sampled by the same rule
@@ -71,11 +73,15 @@ def smoke_set(settings, size: int, seed: int = 0) -> list[SmokeImage]:
 
     if size < 1:
         raise ValueError(f"a smoke set needs at least one photo, not {size}")
-    queries = as_queries(settings.data.val_query)
-    records = select(queries)
+    queries = as_queries(query or settings.data.val_query)
+
+    def loader(name: str):
+        return load_dataset(name, synthetic=settings.synthetic if name == "synthetic" else None)
+
+    records = select(queries, loader)
     if size < len(records):
         if len(queries) == 1 and queries[0].size is None:
-            records = select(format_query(dataclasses.replace(queries[0], size=size, seed=seed)))
+            records = select(format_query(dataclasses.replace(queries[0], size=size, seed=seed)), loader)
         else:
             chosen = sorted(random.Random(seed).sample(range(len(records)), size))
             records = [records[index] for index in chosen]
@@ -190,14 +196,27 @@ def record_smoke(package_dir: str | Path, settings, device: str | None = None) -
     if not settings.release.smoke.enabled:
         return None
     folder = Path(package_dir) / SMOKE_DIR
+    query = validation_query(package_dir, settings)
     try:
-        write_smoke_set(smoke_set(settings, settings.release.smoke.photos), folder)
+        write_smoke_set(smoke_set(settings, settings.release.smoke.photos, query=query), folder)
         return record_package_captions(package_dir, folder, out=folder / RECORD_FILE, device=device)
     except (ValueError, KeyError, OSError) as error:
         raise SmokeRecordError(
-            f"cannot record the smoke photos of {package_dir} from {settings.data.val_query}: {error} "
+            f"cannot record the smoke photos of {package_dir} from {query}: {error} "
             "(release.smoke.enabled=false registers without them; its rollouts then have no smoke stage to pass)"
         ) from None
+
+
+def validation_query(package_dir: str | Path, settings) -> str:
+    """The validation split the package was chosen on (its config.json), else the settings' one."""
+    from captioning.inference.model_package import CONFIG_FILE
+
+    try:
+        config = json.loads((Path(package_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+        query = (config.get("data") or {}).get("val_query")
+    except (OSError, ValueError, AttributeError):
+        query = None
+    return str(query) if query else settings.data.val_query
 
 
 @contextlib.contextmanager

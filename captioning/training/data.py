@@ -279,7 +279,7 @@ def drift_reference(train_data: CaptionData, settings: Settings):
     """The training images' DriftReference (`settings.drift`), which the package carries for the
     service's drift monitor; None when drift is off, when training reads image files (the
     features a fine-tuned encoder computes are not the cached ones) or with too few images."""
-    from captioning.features.drift import DriftReference, pool
+    from captioning.features.drift import DriftReference, pool_finite
 
     drift = settings.drift
     if not drift.enabled or train_data.features is None:
@@ -296,8 +296,16 @@ def drift_reference(train_data: CaptionData, settings: Settings):
     rng = np.random.default_rng(settings.train.seed)
     chosen = np.sort(rng.choice(images, size=min(images, DRIFT_SAMPLE), replace=False))
     pooled = np.concatenate(
-        [pool(train_data.image_features(chosen[start : start + 256], "cpu")) for start in range(0, len(chosen), 256)]
+        [
+            pool_finite(train_data.image_features(chosen[start : start + 256], "cpu"))
+            for start in range(0, len(chosen), 256)
+        ]
     )
+    if len(pooled) < len(chosen):
+        logger.warning("drift reference: %d images with non-finite features left out", len(chosen) - len(pooled))
+    if len(pooled) < 2 * drift.window:
+        logger.warning("no drift reference in the package: %d images with finite features", len(pooled))
+        return None
     return DriftReference.fit(pooled, drift.window, seed=settings.train.seed, encoder=settings.features.encoder)
 
 

@@ -157,7 +157,7 @@ def test_the_ingress_body_limit_is_the_largest_request_the_api_accepts():
     from captioning.serving.config import MB, MULTIPART_OVERHEAD, ServiceConfig
 
     docs = rendered_production()
-    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "captioning-config"]
     config = ServiceConfig.from_env(config_map["data"])
     assert config.proxy_hops == 1  # the ingress controller, the one proxy in front
     largest = config.max_upload_bytes * config.max_batch_images + MULTIPART_OVERHEAD  # one full /caption_batch

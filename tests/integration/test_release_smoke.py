@@ -60,4 +60,4 @@ def test_an_unreadable_photo_is_an_error_answer(caption_service, recorded, smoke
         "references": {r.image_id: list(r.references) for r in records[:3]},
     }
     verdict = judge_smoke(served, recorded, stable_score=None, **LIMITS)
-    assert not verdict.passed and verdict.reason.startswith("1 of 3 answers were errors")
+    assert not verdict.passed and verdict.reason.startswith("smoke: 1 of 3 answers were errors")

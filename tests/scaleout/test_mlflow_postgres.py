@@ -123,6 +123,7 @@ def test_training_is_tracked_in_postgresql_with_artifacts_in_their_own_root(serv
 
 
 def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained, monkeypatch):
+    from captioning.registry import locate as located_in_registry
     from captioning.serving.model_source import locate
 
     name = "pg-gates"
@@ -139,7 +140,7 @@ def test_gates_aliases_rollback_and_the_services_champion_lookup(server, trained
         "failed",
     ]
     assert locate(f"models:/{name}@{CHAMPION}", None, download=False).version == "2"
-    folder = locate.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
+    folder = located_in_registry.locate(f"models:/{name}@{CHAMPION}").path  # downloaded through the server
     assert (folder / "weights.pt").read_bytes() == (trained["package"] / "weights.pt").read_bytes()
 
     assert versions.rollback(server["url"], name) == {"champion": "1", "previous": None, "demoted": "2"}

@@ -247,3 +247,15 @@ def test_summary_without_a_reference_or_a_full_window_says_why(reference):
     assert few["reason"] == "30 images, fewer than a window of 50" and few["threshold"] == reference.threshold
     none = summary(None, features(np.random.default_rng(0), 80))
     assert none["score"] is None and none["threshold"] is None and "no drift reference" in none["reason"]
+
+
+def test_pool_finite_leaves_out_the_images_with_broken_features():
+    from captioning.features.drift import pool, pool_finite
+
+    stored = np.ones((4, 3, 8), dtype=np.float32)
+    stored[1, 2, 5] = np.nan
+    stored[3, 0, 0] = np.inf
+    kept = pool_finite(stored)
+    assert kept.shape == (2, 8) and np.isfinite(kept).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pool(stored)
