@@ -1,7 +1,7 @@
 """Release flow: a registered version becomes a bento and an image, rolled out to the running stack.
 
     python -m flows.release [--model models:/captioner@champion]   # once
-    python -m flows.release --watch                                # what `make up` keeps running
+    python -m flows.release --watch [--port 3000]                  # what `make up` keeps running
 
 `--watch` reconciles the stack with the registry: every `release.poll_seconds` it reads which
 version the champion alias names and, when the stack serves another one, runs this flow for it.
@@ -17,6 +17,10 @@ promote (every replica on it, the previous version kept warm). A stage that fail
 the candidate leaves the stack, the champion alias returns to the version that served, the
 refused version is tagged with the reason, and the run fails with it. The watcher never releases
 a refused version again by itself. A rollback to the version kept warm takes seconds.
+
+The watcher serves its metrics on 127.0.0.1 at the stack's port + 10 (captioning/release/watcher_metrics.py):
+every refused version of the model with its stage and time, read from the registry at each poll,
+which the stack's Prometheus scrapes and the alert `CaptioningRolloutRefused` fires on.
 """
 
 from __future__ import annotations
@@ -122,40 +126,78 @@ def due(version: str | None, state: dict | None, tracking: str | None, name: str
     return True
 
 
-def watch(tracking: str | None, settings: Settings) -> None:
+def watch(tracking: str | None, settings: Settings, port: int | None = None) -> None:
     """Release every champion the running stack does not serve yet (a failed one again after
-    5 min, a refused one never); stop the warm previous version when its time is up."""
+    5 min, a refused one never); stop the warm previous version when its time is up. Metrics on
+    127.0.0.1 at `port` + 10 (`port`: the stack's, default the running stack's or 3000)."""
+    from captioning.release import stack
+    from captioning.release.watcher_metrics import WatcherMetrics
+
+    name, failed, metrics = settings.register.model_name, {}, WatcherMetrics()
+    metrics_port = stack.watcher_port(port)
+    try:
+        metrics.serve(metrics_port)
+        print(f"metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
+    except OSError as error:  # releasing matters more than being scraped: go on without them
+        print(f"watch: metrics not served, 127.0.0.1:{metrics_port}: {error}", flush=True)
+    print(f"watching models:/{name}@champion every {settings.release.poll_seconds:g} s; Ctrl+C stops", flush=True)
+    try:
+        while True:
+            poll(tracking, settings, failed, metrics)
+            time.sleep(settings.release.poll_seconds)
+    finally:
+        metrics.stop()
+
+
+def poll(tracking: str | None, settings: Settings, failed: dict, metrics) -> None:
+    """One round of the watcher: the refusals for its metrics, then a release if one is due."""
     from captioning.release import rollout, stack
 
-    name, failed = settings.register.model_name, {}
-    print(f"watching models:/{name}@champion every {settings.release.poll_seconds:g} s; Ctrl+C stops", flush=True)
-    while True:
-        try:
-            state = stack.read_state()
-            if state and stack.running(state):
-                with stack.locked():
-                    rollout.drop_previous(force=False)
-            version = champion_version(tracking, name)
-            if due(version, state, tracking, name, failed) and stack.running(state):
-                print(f"champion is version {version}, the stack serves {state.get('version')}: releasing", flush=True)
-                run = release_flow(f"models:/{name}/{version}", tracking, settings, return_state=True)
-                print(f"{run.name}: {run.message}", flush=True)
-                if not run.is_completed():
-                    failed[version] = time.time()
-        except Exception as error:  # the registry or podman hiccupped: try again next round
-            print(f"watch: {type(error).__name__}: {error}", flush=True)
-        time.sleep(settings.release.poll_seconds)
+    name = settings.register.model_name
+    try:
+        state = stack.read_state()
+        if state and stack.running(state):
+            with stack.locked():
+                rollout.drop_previous(force=False)
+        metrics.read_refusals(tracking, name)
+        version = champion_version(tracking, name)
+        if due(version, state, tracking, name, failed) and stack.running(state):
+            print(f"champion is version {version}, the stack serves {state.get('version')}: releasing", flush=True)
+            if not release(f"models:/{name}/{version}", tracking, settings, metrics):
+                failed[version] = time.time()
+                metrics.read_refusals(tracking, name)  # a refusal shows now, not a poll later
+    except Exception as error:  # the registry or podman hiccupped: try again next round
+        print(f"watch: {type(error).__name__}: {error}", flush=True)
+
+
+def release(model: str, tracking: str | None, settings: Settings, metrics) -> bool:
+    """Run the release flow for `model`, counted in the watcher's metrics; whether it completed."""
+    metrics.release_started()
+    completed = False
+    try:
+        run = release_flow(model, tracking, settings, return_state=True)
+        print(f"{run.name}: {run.message}", flush=True)
+        completed = run.is_completed()
+    finally:
+        metrics.release_finished(completed)
+    return completed
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = settings_parser("Release a registered version and roll it out to the running stack.")
     parser.add_argument("--model", default=None, help="models:/NAME@ALIAS or models:/NAME/N (default: the champion)")
     parser.add_argument("--watch", action="store_true", help="release each new champion as it is set")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="with --watch: the stack's port P (default the running stack's, else 3000); metrics on P+10",
+    )
     args, settings = parse_settings(parser, argv)
     tracking = tracking_uri(settings)
     name = settings.register.model_name
     if args.watch:
-        watch(tracking, settings)
+        watch(tracking, settings, args.port)
         return 0
     state = release_flow(args.model or f"models:/{name}@champion", tracking, settings, return_state=True)
     print(f"{state.name}: {state.message}")

@@ -67,7 +67,7 @@ def release_command(
 
 @stack_app.command("up")
 def up_command(
-    port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+9 internal."),
+    port: int = typer.Option(3000, "--port", help="The API on 127.0.0.1:PORT; PORT+1..PORT+10 internal."),
     model: Optional[str] = typer.Option(
         None, "--model", help="The registered version to serve (default: the champion)."
     ),

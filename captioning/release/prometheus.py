@@ -1,13 +1,15 @@
 """The local stack's Prometheus: Debian's server scraping every replica slot that runs a pod.
 
-    start(folder, port, scrape_seconds)   config in `folder`, server on 127.0.0.1:port, pid file
+    start(folder, port, scrape_seconds, watcher)   config in `folder`, server on 127.0.0.1:port, pid file
     set_target(folder, role, slot, address, version) / drop_target(folder, role, slot)
     stop(folder)
 
 Prometheus finds the replicas in a file_sd JSON file (`targets.json`), rewritten whenever a pod
 starts or stops; each target carries the labels the analysis selects on: `component` and `role`
 (api or model), `slot`, and `version` (the model version the pod serves), so the replicas' own
-metrics need no version label. The alert rules of deploy/prometheus are loaded too.
+metrics need no version label. Given the release watcher's address, a second job (`release`)
+scrapes its metrics, labelled `component="release"`: the refused versions the alert
+`CaptioningRolloutRefused` fires on. The alert rules of deploy/prometheus are loaded too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class PrometheusStartError(RuntimeError):
     """The stack's Prometheus did not start; the message has the end of its log."""
 
 
-def config(scrape_seconds: float, credentials_file: Path | None = None) -> dict:
+def config(scrape_seconds: float, credentials_file: Path | None = None, watcher: str | None = None) -> dict:
+    """The server's configuration: the replicas through file_sd and, with `watcher` (host:port), the
+    release watcher as a static target (a watcher not started yet is a target down, no error)."""
     interval = f"{max(1, round(scrape_seconds * 1000))}ms"
     job = {
         "job_name": "captioning",
@@ -42,10 +46,14 @@ def config(scrape_seconds: float, credentials_file: Path | None = None) -> dict:
     }
     if credentials_file is not None:  # the API's /metrics asks for the API key when one is set
         job["authorization"] = {"credentials_file": str(credentials_file)}
+    jobs = [job]
+    if watcher:
+        release = {"targets": [watcher], "labels": {"component": "release"}}
+        jobs.append({"job_name": "release", "static_configs": [release]})
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": ["alerts.yml"],
-        "scrape_configs": [job],
+        "scrape_configs": jobs,
     }
 
 
@@ -78,8 +86,9 @@ def _is(target: dict, role: str, slot: int) -> bool:
     return target["labels"]["role"] == role and target["labels"]["slot"] == str(slot)
 
 
-def start(folder: Path, port: int, scrape_seconds: float = 1.0) -> str:
-    """Start Prometheus on 127.0.0.1:port with its config and data in `folder`; its URL once ready."""
+def start(folder: Path, port: int, scrape_seconds: float = 1.0, watcher: str | None = None) -> str:
+    """Start Prometheus on 127.0.0.1:port with its config and data in `folder`, scraping the release
+    watcher at `watcher` (host:port) too when given; its URL once ready."""
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     if not os.path.exists(binary):
         raise PrometheusStartError("prometheus is missing: run `make system-deps`")
@@ -88,7 +97,8 @@ def start(folder: Path, port: int, scrape_seconds: float = 1.0) -> str:
     if not (folder / TARGETS).is_file():
         write_targets(folder, [])
     credentials = _credentials(folder)
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config(scrape_seconds, credentials)), encoding="utf-8")
+    settings = config(scrape_seconds, credentials, watcher)
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(settings), encoding="utf-8")
     command = [
         binary,
         f"--config.file={folder / 'prometheus.yml'}",

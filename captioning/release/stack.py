@@ -13,8 +13,10 @@ smoke, shadow, canary and promote stages built from the replicas below.
 
 Ports from `port` (P): P the API (through haproxy), P+1 the model servers (through haproxy),
 P+2..P+3 the API slots, P+4..P+7 the model slots, P+8 the shadow frontend (a rollout candidate's
-model server during the shadow stage), P+9 Prometheus. haproxy's admin socket is a unix socket in
-the stack's folder.
+model server during the shadow stage), P+9 Prometheus, P+10 the release watcher's metrics
+(`python -m flows.release --watch`, captioning/release/watcher_metrics.py), which Prometheus
+scrapes as `component="release"` whether the watcher runs yet or not. haproxy's admin socket is a
+unix socket in the stack's folder.
 Each pod uses the host's network and listens on 127.0.0.1 only. Prometheus scrapes every slot
 that runs a pod, labelled with its role, slot and model version (captioning/release/prometheus.py):
 the rollout's analysis reads the replicas' figures there. The state lives in `stack_dir()`.
@@ -36,6 +38,7 @@ from captioning.config import artifacts_dir
 from captioning.release import haproxy, pods, prometheus
 from captioning.release.container_image import ContainerError
 
+DEFAULT_PORT = 3000  # `captioning stack up` and `make up` without --port / PORT
 ROLES = {"api": 2, "model": 4}  # slots per role: the running replicas plus room for their successors
 READY_SECONDS = 300
 DRAIN_SECONDS = 180
@@ -55,6 +58,7 @@ def ports(port: int) -> dict:
         "model": port + 1,
         "shadow": port + 8,
         "prometheus": port + 9,
+        "watcher": port + 10,
         "slots": {"api": [port + 2, port + 3], "model": [port + 4, port + 5, port + 6, port + 7]},
     }
 
@@ -134,6 +138,14 @@ def drain(role: str, slot: int, seconds: float = DRAIN_SECONDS, backend: str | N
     haproxy.set_state(stack_dir(), backend, slot, "maint")
 
 
+def watcher_port(port: int | None = None) -> int:
+    """Where the release watcher serves its metrics: PORT+10 of the stack on `port`, else of the
+    stack that runs (its state file), else of the default port."""
+    if port is None:
+        port = (read_state() or {}).get("port") or DEFAULT_PORT
+    return ports(port)["watcher"]
+
+
 def prometheus_dir() -> Path:
     return stack_dir() / "prometheus"
 
@@ -144,7 +156,8 @@ def prometheus_url(port: int) -> str:
 
 def start_prometheus(port: int, scrape_seconds: float) -> None:
     try:
-        prometheus.start(prometheus_dir(), ports(port)["prometheus"], scrape_seconds)
+        watcher = f"127.0.0.1:{ports(port)['watcher']}"
+        prometheus.start(prometheus_dir(), ports(port)["prometheus"], scrape_seconds, watcher=watcher)
     except prometheus.PrometheusStartError as error:
         raise StackError(str(error)) from None
 

@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from captioning.config import PROJECT_ROOT
+from captioning.release.watcher_metrics import WatcherMetrics
 from harness.serving import free_port
 
 DEPLOY = PROJECT_ROOT / "deploy"
@@ -176,7 +177,20 @@ def test_alert_rules_pass_promtool():
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 rules found" in result.stdout
+    assert "9 rules found" in result.stdout
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    """deploy/prometheus/alerts_test.yml: the refusal, watcher and Argo alerts on series as their
+    exporters write them, at the times they should and should not fire."""
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(DEPLOY / "prometheus" / "alerts_test.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -196,8 +210,9 @@ def test_dashboard_and_alerts_use_metrics_the_service_exports(caption_service):
     exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
     used = set().union(*(_metric_names(e) for e in exprs))
     assert used, "no captioning metric referenced"
+    exported += WatcherMetrics().page()  # the release watcher's, scraped beside the service's
     missing = {name for name in used if f"\n{name}" not in exported and f"# TYPE {name} " not in exported}
-    assert not missing, f"dashboard/alerts reference metrics the service does not export: {missing}"
+    assert not missing, f"dashboard/alerts reference metrics the service and the watcher do not export: {missing}"
 
 
 def test_prometheus_scrapes_the_service(caption_service, tmp_path):
