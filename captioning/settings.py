@@ -200,6 +200,24 @@ class RetrainSettings(Section):
     # approved), approved by an operator only, or all of them (captioning/data/feedback.py).
     feedback_review: Literal["agreement", "operator", "none"]
     feedback_min_clients: int = Field(ge=1)
+    # Where the retrain decision reads the live photos' drift (captioning/release/live_drift.py):
+    # "" (the local stack's Prometheus when one runs), a Prometheus base URL, or a model server's
+    # /metrics page (a URL whose path ends in /metrics).
+    drift_source: str
+
+    @field_validator("drift_source")
+    @classmethod
+    def _drift_source_is_a_url(cls, source: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(source)
+            url = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # a malformed address, e.g. an unclosed [IPv6
+            url = False
+        if source and not url:
+            raise ValueError("a drift source is an http(s) URL (Prometheus, or a model server's /metrics) or ''")
+        return source
 
 
 class SmokeSettings(Section):

@@ -14,6 +14,15 @@ With it off, feedback is neither trained on nor a reason to retrain. Outcomes:
 - the data or the feedback fails validation: the run ends Failed with the reasons, before any training;
 - the metric gates refuse the model: the run completes with "gate failed: ..." (champion untouched);
 - otherwise the new version becomes champion.
+
+Trained or skipped, the run publishes its decision as the markdown artifact
+`retrain-decision-<dataset>` (one history per dataset in the Prefect UI). Its "Live photos" section
+shows the drift of the photos the served versions caption, per model server (score, threshold,
+p-value, alarm), read from params `retrain.drift_source` (a Prometheus URL, or a model server's
+/metrics page) or else from the local stack's Prometheus when `make up` runs one
+(captioning/release/live_drift.py); without either it says there are no live figures and why.
+An alarm there is a reason to add photos like the recent uploads to the training data: retraining
+on the same data does not fix drift. Reading the figures never fails the run.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from flows.evaluation import evaluation_flow
 from flows.registration import registration_flow
 from flows.training import training_flow
 from flows.validation import validation_flow
-from tasks.artifacts import publish_decision
+from tasks.artifacts import publish_decision, publish_skipped
+from tasks.drift import live_drift
 from tasks.state import check_for_new_data, record_training
 
 DEPLOYMENT = "scheduled-retrain"
@@ -105,9 +115,10 @@ def retrain_flow(
             f"same data ({check['data']}), same settings, no new feedback; no retraining"
         )
         logger.info(message)
-        return Completed(
-            name="Skipped", message=message, data={"status": "nothing new", "message": message, "last": check["last"]}
-        )
+        live = live_drift(settings.retrain.drift_source)
+        publish_skipped(dataset, message, live)
+        data = {"status": "nothing new", "message": message, "last": check["last"], "live_drift": live}
+        return Completed(name="Skipped", message=message, data=data)
 
     labels = run_tags(settings, check["data"])
     label_run(tags=labels)
@@ -162,7 +173,8 @@ def _train_and_register(settings: Settings, check: dict[str, Any], feedback: int
     }
     logger.info(registration["message"])
     gates = settings.register.gates.to_dict()
-    publish_decision(dataset, registration, evaluation, gates, settings.data.train_query)
+    summary["live_drift"] = live = live_drift(settings.retrain.drift_source)
+    publish_decision(dataset, registration, evaluation, gates, settings.data.train_query, live)
     label_run(name=f"retrain-{dataset}-v{registration['version']}")
     return Completed(message=registration["message"], data=summary)
 

@@ -311,11 +311,61 @@ def publish_registration(result: dict[str, Any], metrics: dict[str, float], gate
 # --------------------------------------------------------------------------- retrain
 
 
+DRIFT_ADVICE = (
+    "Retraining on the same data will not fix drift: add photos like the recent uploads to the training "
+    "data (with their captions), then retrain."
+)
+
+
+def _figure(value: Any, digits: int) -> str:
+    return "" if value is None else f"{float(value):.{digits}g}"
+
+
+def live_drift_rows(live: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model server of the live drift figures (captioning.release.live_drift)."""
+    alarm = {True: "**yes**", False: "no", None: ""}
+    return [
+        {
+            "version": server["version"],
+            "server": server["server"],
+            "drift score": _figure(server["score"], 4),
+            "threshold": _figure(server["threshold"], 4),
+            "p-value": _figure(server["p_value"], 3),
+            "alarm": alarm[server["alarm"]] or server.get("note", ""),
+        }
+        for server in live.get("servers", [])
+    ]
+
+
+def live_drift_markdown(live: dict[str, Any] | None) -> str:
+    """The "Live photos" section: the drift of what the served versions caption, where it was read,
+    and what to do when it alarms; without figures, why there are none."""
+    lines = ["## Live photos", ""]
+    if not live or not live.get("servers"):
+        reason = (live or {}).get("reason") or "no live drift figures: none were read"
+        return "\n".join(lines + [reason]) + "\n"
+    lines += [
+        f"Drift of the photos each served version captions against its training images, "
+        f"from {live['source']} at {live.get('read_at', '')}:",
+        "",
+        markdown_table(live_drift_rows(live)),
+    ]
+    alarmed = sorted({server["version"] for server in live["servers"] if server["alarm"]})
+    if alarmed:
+        lines += ["", f"**Drift alarm on version {', '.join(alarmed)}.** {DRIFT_ADVICE}"]
+    return "\n".join(lines) + "\n"
+
+
 def decision_markdown(
-    dataset: str, registration: dict[str, Any], evaluation: dict[str, Any], gates: dict, train_query: str
+    dataset: str,
+    registration: dict[str, Any],
+    evaluation: dict[str, Any],
+    gates: dict,
+    train_query: str,
+    live: dict[str, Any] | None = None,
 ) -> str:
     """The retrain run's decision on one page: the verdict, the comparison table (candidate and
-    champion at each decoding setting) and the gate decision metric by metric."""
+    champion at each decoding setting), the gate decision metric by metric and the live photos' drift."""
     metrics, query = evaluation["metrics"], evaluation["query"]
     lines = [
         f"# Retrain of {dataset}: version {registration['version']}",
@@ -330,19 +380,44 @@ def decision_markdown(
         "## Gate decision",
         "",
         markdown_table(gate_rows(metrics, gates, registration.get("champion_metrics"))) or "no gates set",
+        "",
+        live_drift_markdown(live),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def publish_decision(
-    dataset: str, registration: dict[str, Any], evaluation: dict[str, Any], gates: dict, train_query: str
+    dataset: str,
+    registration: dict[str, Any],
+    evaluation: dict[str, Any],
+    gates: dict,
+    train_query: str,
+    live: dict[str, Any] | None = None,
 ) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(
-        decision_markdown(dataset, registration, evaluation, gates, train_query),
+        decision_markdown(dataset, registration, evaluation, gates, train_query, live),
         key=artifact_key("retrain-decision", dataset),
         description=registration["message"],
+    )
+
+
+def skipped_markdown(dataset: str, message: str, live: dict[str, Any] | None) -> str:
+    """The decision of a retrain run that trained nothing: why, and the live photos' drift (an
+    alarm there is what calls for new training data)."""
+    lines = [f"# Retrain of {dataset}: skipped", "", f"**Nothing trained**: {message}.", "", live_drift_markdown(live)]
+    return "\n".join(lines)
+
+
+def publish_skipped(dataset: str, message: str, live: dict[str, Any] | None) -> None:
+    """The skipped run's decision, under the same key as a trained one's: one history per dataset."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        skipped_markdown(dataset, message, live),
+        key=artifact_key("retrain-decision", dataset),
+        description=f"skipped: {message}",
     )
 
 

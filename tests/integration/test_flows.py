@@ -46,6 +46,7 @@ SMALL = [
     "release.smoke.photos=8",  # the smoke set comes from the validation query (16 images here)
 ]
 IMPOSSIBLE_GATE = "register.gates.min={CIDEr: 1000.0}"
+NO_LIVE_DRIFT = "no live drift figures: no stack running and retrain.drift_source unset"
 
 
 def _free_port() -> int:
@@ -234,6 +235,7 @@ def test_full_run_promotes_and_every_step_completes(promoted_run):
         "evaluate-model",
         "register-model",
         "record-training",
+        "live-drift",
     } <= names
     assert all(t.state.is_completed() for t in tasks), [(t.name, t.state.name) for t in tasks]
 
@@ -286,6 +288,9 @@ def test_full_run_is_named_tagged_and_shows_its_artifacts(promoted_run):
     assert "Version 1 is the new champion" in shown["registration-verdict"][0][1]
     decision = shown["retrain-decision-synthetic"][0][1]
     assert "## Evaluation" in decision and "| candidate | greedy |" in decision and "| CIDEr |" in decision
+    # No stack runs here and params.yaml names no drift source: the section says so.
+    assert decision.endswith(f"## Live photos\n\n{NO_LIVE_DRIFT}\n")
+    assert state.result()["live_drift"]["reason"] == NO_LIVE_DRIFT
 
     # The MLflow run of the training links to its Prefect flow run, and the artifact back to it.
     client = MlflowClient(tracking)
@@ -307,6 +312,11 @@ def test_nothing_new_is_a_quick_no_op(promoted_run, workspace, monkeypatch):
     assert "train-model" not in _task_names(tasks)
     assert flows["retrain"][0].state_name == "Skipped"
     assert flows["retrain"][0].name == "retrain-synthetic"  # nothing registered: no version in the name
+    # Its decision, under the trained runs' key: why nothing was trained, and the live photos' drift.
+    kind, decision, description = _artifacts(flows)["retrain-decision-synthetic"][0]
+    assert kind == "markdown" and description == f"skipped: {state.message}"
+    assert decision.startswith("# Retrain of synthetic: skipped\n") and state.message in decision
+    assert decision.endswith(f"## Live photos\n\n{NO_LIVE_DRIFT}\n")
 
 
 def test_new_feedback_or_new_settings_call_for_retraining(promoted_run, workspace, monkeypatch):

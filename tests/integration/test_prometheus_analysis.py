@@ -1,10 +1,13 @@
 """The rollout analysis against a real Prometheus (Debian's, started as the local stack starts it)
-scraping small real metric servers: each exposes BentoML's request metrics and the count of
-captions by outcome, as a model server of one version does, and Prometheus labels them through
-the stack's file_sd targets."""
+scraping small real metric servers: each exposes BentoML's request metrics, the count of
+captions by outcome and the drift gauges, as a model server of one version does, and Prometheus
+labels them through the stack's file_sd targets. The retrain decision's live drift figures are
+read from the same Prometheus."""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
@@ -22,18 +25,25 @@ from captioning.release.analysis import (
     measure,
     wait_for_verdict,
 )
+from captioning.release.live_drift import read_live_drift
+from captioning.serving.drift import LiveDrift
+from captioning.serving.metrics import create_drift_metrics
+from harness.metrics import Kinds
 from harness.serving import free_port
 
 LIMITS = Limits(window_seconds=60, min_requests=20, max_error_rate=0.02, max_latency_ratio=2.0, max_p95_seconds=5.0)
 LABELS = ["endpoint", "service_name", "service_version", "http_response_code"]
+DRIFT = {"1": (0.0011, 0.0042, 0.37), "2": (0.0215, 0.0042, 0.001), "3": (math.nan, 0.0042, math.nan)}
 
 
 class Replica:
-    """A metrics endpoint with the model server's request metrics (names and labels as BentoML's)
-    and its count of captions by outcome (as captioning.serving.metrics names it)."""
+    """A metrics endpoint with the model server's request metrics (names and labels as BentoML's),
+    its count of captions by outcome and, for a model server, its drift gauges (as
+    captioning.serving.metrics names them)."""
 
-    def __init__(self):
+    def __init__(self, model: bool = True):
         self.registry = CollectorRegistry()
+        self.drift = create_drift_metrics(Kinds(self.registry)) if model else None
         self.requests = Counter("bentoml_service_request_total", "requests", LABELS, registry=self.registry)
         self.latency = Histogram("bentoml_service_request_duration_seconds", "duration", LABELS, registry=self.registry)
         self.captions = Counter("captioning_model_captions_total", "captions", ["outcome"], registry=self.registry)
@@ -65,9 +75,16 @@ class Replica:
 def scraped(tmp_path_factory):
     """Prometheus scraping: model servers of versions 1 (healthy), 2 (10 % errors), 3 (three times
     slower), 4 (few requests), 5 (answers 200 with every caption failed), and an API replica of
-    version 1 that fails (not a model server)."""
-    folder: Path = tmp_path_factory.mktemp("prometheus")
-    replicas = {name: Replica() for name in ("1", "2", "3", "4", "5", "api")}
+    version 1 that fails (not a model server). Their live photos: version 1's look like the
+    training images, version 2's drifted, version 3 has not seen a window of them yet, versions 4
+    and 5 serve a package without a drift reference. The folder is a stack's (`<stack>/prometheus`)."""
+    folder: Path = tmp_path_factory.mktemp("stack") / "prometheus"
+    replicas = {name: Replica(model=name != "api") for name in ("1", "2", "3", "4", "5", "api")}
+    for name, (score, threshold, p_value) in DRIFT.items():
+        drift = replicas[name].drift
+        drift.score.set(score), drift.threshold.set(threshold), drift.p_value.set(p_value)
+    for name in ("4", "5"):
+        LiveDrift(None, replicas[name].drift)  # what the model service shows without drift.npz
     for slot, (name, replica) in enumerate(replicas.items()):
         role, version = ("api", "1") if name == "api" else ("model", name)
         stack_prometheus.set_target(folder, role, slot, f"127.0.0.1:{replica.port}", version)
@@ -85,7 +102,7 @@ def scraped(tmp_path_factory):
         replicas["api"].answer(50, 0.2, failed=50)
         _wait(lambda: (client.value('sum(bentoml_service_request_total{version="3"})') or 0) >= 100, "requests seen")
         time.sleep(2.5)  # a few scrapes after them
-        yield {"folder": folder, "url": url, "port": port, "client": client}
+        yield {"folder": folder, "url": url, "port": port, "client": client, "replicas": replicas}
     finally:
         stack_prometheus.stop(folder)
         for replica in replicas.values():
@@ -152,6 +169,29 @@ def test_the_breach_alert_fires_for_the_failing_version(scraped):
     firing = lambda: client.query('ALERTS{alertname="CaptioningRolloutBreach",alertstate="firing"}')
     _wait(lambda: len(firing()) >= 2, "the alert for both failing versions")
     assert {s["metric"]["version"] for s in firing()} == {"2", "5"}
+
+
+def test_the_retrain_decision_reads_each_model_servers_drift(scraped, monkeypatch):
+    """From the local stack's Prometheus, found through the stack's state as `make up` leaves it,
+    and from the same Prometheus named by retrain.drift_source."""
+    folder, url, replicas = scraped["folder"], scraped["url"], scraped["replicas"]
+    monkeypatch.setenv("CAPTIONING_STACK_DIR", str(folder.parent))
+    (folder.parent / "state.json").write_text(json.dumps({"port": scraped["port"] - 9}))  # Prometheus at port + 9
+    local = read_live_drift("")
+    assert local["reason"] == "" and local["source"] == f"the local stack's Prometheus ({url})"
+    servers = {server["version"]: server for server in local["servers"]}
+    assert sorted(servers) == ["1", "2", "3", "4", "5"]  # the API replica exports no drift gauges
+    for version, server in servers.items():
+        assert server["server"] == f"127.0.0.1:{replicas[version].port}"
+    quiet, drifted, filling = servers["1"], servers["2"], servers["3"]
+    assert (quiet["score"], quiet["threshold"], quiet["p_value"], quiet["alarm"]) == (0.0011, 0.0042, 0.37, False)
+    assert (drifted["score"], drifted["p_value"], drifted["alarm"]) == (0.0215, 0.001, True)
+    assert filling["score"] is None and filling["threshold"] == 0.0042 and filling["alarm"] is None
+    assert filling["note"] == "fewer live photos than a window so far"
+    assert servers["4"]["alarm"] is None and servers["4"]["note"].startswith("drift monitoring off")
+
+    configured = read_live_drift(url + "/")
+    assert configured["source"] == f"Prometheus at {url}" and configured["servers"] == local["servers"]
 
 
 def test_an_analysis_waits_for_prometheus_then_fails_without_it(scraped):

@@ -163,3 +163,70 @@ def test_the_retrain_decision_holds_the_verdict_comparison_and_gates():
     assert "**Version 2 was not promoted**: version 1 stays champion." in text
     assert "| champion v1 | beam 1 | 19.0 | 50.0 |" in text
     assert "| CIDEr | 50.1 | 45.0 | 50.0 | 0.5 | fail |" in text
+    assert text.endswith("## Live photos\n\nno live drift figures: none were read\n")  # none passed
+    live = {"source": None, "servers": [], "reason": "no live drift figures: no stack running"}
+    with_live = artifacts.decision_markdown("synthetic", registration, evaluation, gates, "q", live)
+    # After the gate table, last on the page.
+    assert with_live.endswith("| fail |\n\n## Live photos\n\nno live drift figures: no stack running\n")
+
+
+LIVE_SOURCE = "the local stack's Prometheus (http://127.0.0.1:3009)"
+
+
+def live_server(version: str, server: str, score, threshold, p_value, note: str = "") -> dict:
+    alarm = None if score is None or threshold is None else score > threshold
+    return {
+        "version": version,
+        "server": server,
+        "score": score,
+        "threshold": threshold,
+        "p_value": p_value,
+        "alarm": alarm,
+        "note": note,
+    }
+
+
+def test_the_live_photos_section_shows_each_servers_drift_and_advice_on_an_alarm():
+    live = {
+        "source": LIVE_SOURCE,
+        "read_at": "2026-12-07T05:00:00+00:00",
+        "reason": "",
+        "servers": [
+            live_server("7", "127.0.0.1:3004", 0.0123456, 0.0041234, 0.0009),
+            live_server("7", "127.0.0.1:3005", 0.0012, 0.0041234, 0.4567),
+            live_server("8", "127.0.0.1:3006", None, 0.0041234, None, "fewer live photos than a window so far"),
+        ],
+    }
+    text = artifacts.live_drift_markdown(live)
+    assert text.startswith("## Live photos\n")
+    assert f"from {LIVE_SOURCE} at 2026-12-07T05:00:00+00:00" in text
+    assert "| version | server | drift score | threshold | p-value | alarm |" in text
+    assert "| 7 | 127.0.0.1:3004 | 0.01235 | 0.004123 | 0.0009 | **yes** |" in text
+    assert "| 7 | 127.0.0.1:3005 | 0.0012 | 0.004123 | 0.457 | no |" in text
+    assert "| 8 | 127.0.0.1:3006 |  | 0.004123 |  | fewer live photos than a window so far |" in text
+    assert f"**Drift alarm on version 7.** {artifacts.DRIFT_ADVICE}" in text
+    assert "Retraining on the same data will not fix drift" in artifacts.DRIFT_ADVICE
+    assert "photos like the recent uploads" in artifacts.DRIFT_ADVICE
+
+
+def test_the_live_photos_section_without_an_alarm_gives_no_advice():
+    live = {"source": LIVE_SOURCE, "reason": "", "servers": [live_server("7", "a:1", 0.001, 0.004, 0.6)]}
+    text = artifacts.live_drift_markdown(live)
+    assert "| 7 | a:1 | 0.001 | 0.004 | 0.6 | no |" in text
+    assert "alarm on" not in text and artifacts.DRIFT_ADVICE not in text
+
+
+def test_the_live_photos_section_without_figures_says_why():
+    reason = "no live drift figures: no stack running and retrain.drift_source unset"
+    text = artifacts.live_drift_markdown({"source": None, "servers": [], "reason": reason})
+    assert text == f"## Live photos\n\n{reason}\n"
+    assert "no live drift figures" in artifacts.live_drift_markdown(None)
+
+
+def test_a_skipped_retrain_has_a_decision_with_the_live_photos():
+    live = {"source": LIVE_SOURCE, "reason": "", "servers": [live_server("3", "a:1", 0.02, 0.004, 0.001)]}
+    message = "nothing new since the training of 2026-12-01: same data (abc), same settings, no new feedback"
+    text = artifacts.skipped_markdown("synthetic", message, live)
+    assert text.startswith("# Retrain of synthetic: skipped\n")
+    assert f"**Nothing trained**: {message}." in text
+    assert "## Live photos" in text and "**Drift alarm on version 3.**" in text

@@ -77,6 +77,16 @@ def test_params_yaml_and_the_synthetic_overlay_are_complete_and_valid(settings):
         ("register.gates.min.CIDEr=high", "register.gates.min.CIDEr='high': Input should be a valid number"),
         ("tracking.uri=''", "tracking.uri='': String should have at least 1 character"),
         ("retrain.include_feedback=sometimes", "retrain.include_feedback='sometimes': Input should be a valid boolean"),
+        (
+            "retrain.drift_source=prometheus:9090",
+            "retrain.drift_source='prometheus:9090': a drift source is an http(s) URL (Prometheus, or a model "
+            "server's /metrics) or ''",
+        ),
+        (
+            "retrain.drift_source=http://",
+            "retrain.drift_source='http://': a drift source is an http(s) URL (Prometheus, or a model "
+            "server's /metrics) or ''",
+        ),
         ("release.poll_seconds=0", "release.poll_seconds=0: Input should be greater than 0"),
         ("train.epoch=2", "train.epoch is not a setting; did you mean train.epochs?"),
         ("trian.epochs=2", "trian is not a setting; did you mean train?"),
@@ -98,6 +108,12 @@ def test_override_values_are_read_as_yaml():
         "features": {"dir": None},
     }
     assert load_settings(PARAMS_FILE, overrides=["train.lr=3e-4"]).train.lr == 3e-4
+
+
+def test_a_drift_source_is_empty_a_prometheus_url_or_a_metrics_page(settings):
+    assert settings.retrain.drift_source == ""
+    for source in ("http://prometheus:9090", "https://monitor.example.org/prom/", "http://10.0.0.7:3001/metrics"):
+        assert load_settings(PARAMS_FILE, overrides=[f"retrain.drift_source={source}"]).retrain.drift_source == source
 
 
 def test_a_missing_setting_is_named(tmp_path):
