@@ -21,6 +21,7 @@ from captioning.release.container_image import podman
 from captioning.release.traffic import RequestLoop
 from harness.serving import free_port
 from tests.container.conftest import IMAGE_REPO, STACK_NAME, register, run_cli
+from tests.fixtures.processes import free_block
 
 ROLLOUT_SECONDS = 900  # a rollout's bound here: its stages take a minute or two with the tests' settings
 MIN_REQUESTS = 200
@@ -36,32 +37,6 @@ def photo() -> bytes:
     from harness.serving import synthetic_jpeg
 
     return synthetic_jpeg(seed=5)
-
-
-def free_block(size: int = 10) -> int:
-    """A port P with P..P+size-1 all free on 127.0.0.1, below the kernel's ephemeral range: the
-    traffic of a rollout opens many client connections, whose source ports come from that range
-    and could take a port of the stack before its new containers bind it."""
-    import random
-
-    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
-    for _ in range(200):
-        port = random.randrange(10000, low - size)
-        if all(_free(port + n) for n in range(size)):
-            return port
-    raise RuntimeError("no block of free ports")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 @pytest.fixture(scope="module")
