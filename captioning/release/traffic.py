@@ -88,6 +88,16 @@ class RequestLoop:
             if failure is not None:
                 self.failures.append(failure)
 
+    def counts(self) -> dict:
+        """The requests so far by status and by the version that answered, and the failed ones,
+        read at one instant (the clients keep counting): two of them bound a stretch of traffic."""
+        with self._lock:
+            return {
+                "by_status": dict(self.by_status),
+                "by_version": dict(self.by_version),
+                "failed": len(self.failures),
+            }
+
     def summary(self) -> dict:
         seconds = (self.stopped or time.monotonic()) - self.started
         return {
