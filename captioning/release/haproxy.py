@@ -3,7 +3,8 @@
 Frontends on 127.0.0.1: `api` over the API slots, `model` over the model slots, and `shadow` over
 the model slots again, where every server stays disabled but a rollout candidate's during the
 shadow stage: the API copies a share of its requests there (CAPTIONING_SHADOW_URL) and discards
-the answers. Server weights (0-256) set each model slot's share of the traffic during a canary.
+the answers. Server weights (0-256) set each model slot's share of the requests during a canary
+(weighted round robin).
 
 The admin socket is a unix socket in the stack's folder, mode 0600: only the stack's owner can move
 traffic or put servers in maintenance (a TCP socket would let any local user do it).
@@ -52,7 +53,11 @@ def config(ports: dict, folder: Path) -> str:
         lines.append(f"frontend {frontend}\n    bind 127.0.0.1:{ports[frontend]}\n    default_backend {frontend}\n")
     backends = {"api": ports["slots"]["api"], "model": ports["slots"]["model"], "shadow": ports["slots"]["model"]}
     for backend, slots in backends.items():
-        lines += [f"backend {backend}", "    balance leastconn"]
+        # Weighted round robin on the model slots: a canary's share is then its share of the
+        # requests. leastconn weighs only busy servers, so at low concurrency every idle slot is
+        # taken in turn and a 10 % candidate got a third of the traffic.
+        balance = "leastconn" if backend == "api" else "roundrobin"
+        lines += [f"backend {backend}", f"    balance {balance}"]
         lines += [f"    server s{n} 127.0.0.1:{slot} check disabled" for n, slot in enumerate(slots)]
         lines.append("")
     return "\n".join(lines) + "\n"
