@@ -85,6 +85,12 @@ def captions_selector(version: Optional[str], extra: str = "") -> str:
     return "{" + ",".join(matchers + ([extra] if extra else [])) + "}"
 
 
+def _share_query(part: str, whole: str, window: str) -> str:
+    """The rate of the part's series over the whole's (0 when the part has none; NaN or nothing
+    when the whole has none)."""
+    return f"(sum(rate({part}[{window}])) or vector(0)) / sum(rate({whole}[{window}]))"
+
+
 def requests_query(version: str, window: str) -> str:
     """Requests the version's model servers answered over the window."""
     return f"sum(increase({REQUESTS}{selector(version)}[{window}]))"
@@ -92,17 +98,15 @@ def requests_query(version: str, window: str) -> str:
 
 def error_rate_query(version: str, window: str) -> str:
     """The share of the version's requests answered 5xx over the window (NaN or nothing without requests)."""
-    errors = f"sum(rate({REQUESTS}{selector(version, 'http_response_code=~' + _quote('5..'))}[{window}]))"
-    total = f"sum(rate({REQUESTS}{selector(version)}[{window}]))"
-    return f"({errors} or vector(0)) / {total}"
+    errors = REQUESTS + selector(version, "http_response_code=~" + _quote("5.."))
+    return _share_query(errors, REQUESTS + selector(version), window)
 
 
 def caption_failure_rate_query(version: str, window: str) -> str:
     """The share of the images the version's model servers captioned with an error or an empty
     caption over the window (NaN or nothing without captions)."""
-    failed = f"sum(rate({CAPTIONS}{captions_selector(version, 'outcome=~' + _quote(FAILED_OUTCOMES))}[{window}]))"
-    total = f"sum(rate({CAPTIONS}{captions_selector(version)}[{window}]))"
-    return f"({failed} or vector(0)) / {total}"
+    failed = CAPTIONS + captions_selector(version, "outcome=~" + _quote(FAILED_OUTCOMES))
+    return _share_query(failed, CAPTIONS + captions_selector(version), window)
 
 
 def p95_query(version: str, window: str) -> str:
@@ -148,9 +152,9 @@ def shadow_requests_query(candidate: str, window: str) -> str:
 
 def shadow_error_rate_query(candidate: str, window: str) -> str:
     """The share of the copies sent to the candidate that failed (an error, no answer in time)."""
-    failed = f"sum(rate({SHADOW_REQUESTS}{shadow_selector(candidate, 'outcome=' + _quote('error'))}[{window}]))"
-    sent = f"sum(rate({SHADOW_REQUESTS}{shadow_selector(candidate, 'outcome=~' + _quote(SENT_OUTCOMES))}[{window}]))"
-    return f"({failed} or vector(0)) / {sent}"
+    failed = SHADOW_REQUESTS + shadow_selector(candidate, "outcome=" + _quote("error"))
+    sent = SHADOW_REQUESTS + shadow_selector(candidate, "outcome=~" + _quote(SENT_OUTCOMES))
+    return _share_query(failed, sent, window)
 
 
 def shadow_agreement_query(candidate: str, window: str) -> str:
