@@ -317,9 +317,13 @@ def _percent(value: float) -> str:
 
 
 def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: str) -> Verdict:
-    """The candidate's figures against the limits and the stable version's p95; the first breach decides."""
+    """The candidate's figures against the limits and the stable version's p95; the first breach
+    decides. The latency ratio is judged only when the stable version answered at least
+    `min_requests` in the window too: at a canary's 100 % it answers next to none, and a p95 of a
+    handful of requests on idle servers is no baseline."""
     ratio = None
-    if stable is not None and stable.p95_seconds and candidate.p95_seconds is not None:
+    compared = stable is not None and stable.requests >= limits.min_requests
+    if compared and stable.p95_seconds and candidate.p95_seconds is not None:
         ratio = candidate.p95_seconds / stable.p95_seconds
     figures = {"requests": candidate.requests, "error_rate": candidate.error_rate}
     figures.update(caption_failure_rate=candidate.caption_failure_rate)

@@ -101,12 +101,12 @@ def set_weight(folder: Path, backend: str, slot: int, weight: int) -> None:
     command(folder, f"set server {backend}/s{slot} weight {int(weight)}")
 
 
-def shares(candidate_percent: float, stable_slots: int) -> tuple[int, int]:
-    """(candidate weight, weight of each stable slot) that give one candidate slot
-    `candidate_percent` of the requests beside `stable_slots` stable ones. A stable slot keeps a
-    weight of at least 1 (under 1 % of the requests at "100 %"), so that haproxy still has a
-    server to send requests to the moment a candidate dies."""
-    candidate = round(2 * candidate_percent)
+def shares(candidate_percent: float, stable_slots: int, candidate_slots: int = 1) -> tuple[int, int]:
+    """(weight of each candidate slot, weight of each stable slot) that give the candidate's
+    `candidate_slots` together `candidate_percent` of the requests beside `stable_slots` stable
+    ones. A stable slot keeps a weight of at least 1 (under 1 % of the requests at "100 %"), so
+    that haproxy still has a server to send requests to the moment a candidate dies."""
+    candidate = round(2 * candidate_percent / max(candidate_slots, 1))
     stable = max(1, round(2 * (100 - candidate_percent) / max(stable_slots, 1)))
     return candidate, stable
 

@@ -322,9 +322,13 @@ def canary(version: str, settings, report: Callable[[str], None] = print) -> Ver
         verdict = by_hand(stage)
         if verdict is not None:
             return record(plan, replace(verdict, stage="canary"))
+        servers = candidate_servers(share, stack.read_state()["replicas"])
+        with stack.locked():
+            _add_candidate_servers(plan, servers)
         set_share(plan, share)
-        report(f"{stage}: the candidate gets {share}% of the model traffic")
-        verdict = _down(plan, stage) or _analysis(plan, limits, stage, release.prometheus_timeout_seconds, report)
+        report(f"{stage}: the candidate gets {share}% of the model traffic on {servers} model server(s)")
+        timeout = release.prometheus_timeout_seconds
+        verdict = _down(plan, stage) or _analysis(plan, step_limits(share, limits), stage, timeout, report)
         verdict = _down(plan, stage) or verdict
         record(plan, verdict)
         if verdict.failed:
@@ -355,10 +359,38 @@ def _down(plan: dict, stage: str) -> Verdict | None:
     return None
 
 
+def candidate_servers(share: float, replicas: int) -> int:
+    """The candidate's model servers at a canary share: enough that none carries more requests
+    than a stable one (each of the `replicas` stable servers carries (100 - share) / replicas
+    percent), so that the analysis compares latencies under the same load per server, as Argo
+    Rollouts scales a canary with its weight; every replica at 100 %."""
+    if share >= 100:
+        return replicas
+    return max(1, min(replicas, math.ceil(share * replicas / (100 - share) - 1e-9)))
+
+
+def step_limits(share: float, limits: Limits) -> Limits:
+    """A canary step's limits: above 50 % the candidate's servers (at most as many as the stable
+    version has) each carry more requests than a stable one, so its latency is judged by the p95
+    ceiling alone, not against the stable version's."""
+    return limits if share <= 50 else replace(limits, max_latency_ratio=math.inf)
+
+
+def _add_candidate_servers(plan: dict, count: int) -> None:
+    """Start candidate model servers (no traffic until their weight is set) until it has `count`;
+    the caller holds the stack's lock."""
+    while len(plan["candidate"]["model"]) < count:
+        state = stack.read_state()
+        taken = _taken(state, "model")
+        slot = stack.add_replica(state["port"], "model", plan["image"], taken, plan["version"], 0, plan["env"])
+        plan["candidate"]["model"].append(slot)
+        _save(plan)
+
+
 def set_share(plan: dict, share: float) -> None:
-    """The candidate's model slot gets `share` percent of the model traffic, the stable slots the rest."""
+    """The candidate's model slots get `share` percent of the model traffic, the stable slots the rest."""
     state = stack.read_state()
-    candidate, stable = haproxy.shares(share, len(state["slots"]["model"]))
+    candidate, stable = haproxy.shares(share, len(state["slots"]["model"]), len(plan["candidate"]["model"]))
     for slot in plan["candidate"]["model"]:
         haproxy.set_weight(stack.stack_dir(), "model", slot, candidate)
     for slot in state["slots"]["model"]:
@@ -385,18 +417,14 @@ def _analysis(plan: dict, limits: Limits, stage: str, timeout: float, report) ->
 
 
 def promote(version: str, settings, report: Callable[[str], None] = print) -> dict:
-    """Every replica on the candidate: a second candidate model server, the stable ones drained
-    and stopped but one kept warm (weight 0) for `release.keep_previous_seconds`, then the API."""
+    """Every replica on the candidate: its model servers up to the stack's replicas, the stable
+    ones drained and stopped but one kept warm (weight 0) for `release.keep_previous_seconds`,
+    then the API."""
     plan = current(version)
     with stack.locked():
         state = stack.read_state()
-        port = state["port"]
-        while len(plan["candidate"]["model"]) < state["replicas"]:
-            taken = _taken(state, "model")
-            slot = stack.add_replica(port, "model", plan["image"], taken, plan["version"], extra_env=plan["env"])
-            plan["candidate"]["model"].append(slot)
-            _save(plan)
-            state = stack.read_state()
+        _add_candidate_servers(plan, state["replicas"])
+        state = stack.read_state()
         for slot in plan["candidate"]["model"]:
             haproxy.set_weight(stack.stack_dir(), "model", slot, haproxy.FULL_WEIGHT)
         stable_slots = list(state["slots"]["model"])

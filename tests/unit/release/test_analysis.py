@@ -4,6 +4,7 @@ unreachable Prometheus (a closed port on 127.0.0.1)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -159,6 +160,17 @@ def test_without_stable_figures_the_ratio_is_not_judged():
     idle = Figures(version="6", requests=0, error_rate=None, p95_seconds=None)
     verdict = judge(_candidate(p95=1.2), idle, LIMITS, "canary 100%")
     assert verdict.passed and verdict.figures["latency_ratio"] is None
+
+
+def test_a_stable_version_with_a_handful_of_requests_is_no_baseline_for_the_ratio():
+    # At a canary's 100 % the stable slots keep a weight of 1: a few requests on idle servers,
+    # whose p95 would make any loaded candidate look slow.
+    few = Figures(version="6", requests=LIMITS.min_requests - 1, error_rate=0.0, p95_seconds=0.1)
+    verdict = judge(_candidate(p95=0.9), few, LIMITS, "canary 100%")
+    assert verdict.passed and verdict.figures["latency_ratio"] is None
+    enough = replace(few, requests=LIMITS.min_requests)
+    verdict = judge(_candidate(p95=0.9), enough, LIMITS, "canary 50%")
+    assert verdict.failed and verdict.check == "p95 latency ratio" and verdict.figure == pytest.approx(9.0)
 
 
 def test_no_figure_for_errors_is_not_a_breach():

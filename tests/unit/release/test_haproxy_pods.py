@@ -22,14 +22,23 @@ def test_the_admin_socket_is_a_private_unix_socket_and_the_shadow_frontend_start
 
 
 @pytest.mark.parametrize(
-    "percent, stable_slots, expected",
-    [(10, 2, (20, 90)), (50, 2, (100, 50)), (100, 2, (200, 1)), (10, 1, (20, 180)), (25, 2, (50, 75))],
+    "percent, stable_slots, candidate_slots, expected",
+    [
+        (10, 2, 1, (20, 90)),
+        (50, 2, 1, (100, 50)),
+        (50, 2, 2, (50, 50)),
+        (100, 2, 2, (100, 1)),
+        (10, 1, 1, (20, 180)),
+        (25, 2, 1, (50, 75)),
+        (50, 3, 3, (33, 33)),
+    ],
 )
-def test_weights_give_the_candidate_its_share(percent, stable_slots, expected):
-    candidate, stable = haproxy.shares(percent, stable_slots)
+def test_weights_give_the_candidate_its_share(percent, stable_slots, candidate_slots, expected):
+    candidate, stable = haproxy.shares(percent, stable_slots, candidate_slots)
     assert (candidate, stable) == expected
     if percent < 100:
-        assert candidate / (candidate + stable_slots * stable) == pytest.approx(percent / 100, abs=0.005)
+        total = candidate_slots * candidate
+        assert total / (total + stable_slots * stable) == pytest.approx(percent / 100, abs=0.01)
 
 
 def test_a_stale_haproxy_pid_file_names_no_process_to_stop(tmp_path):
