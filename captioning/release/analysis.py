@@ -331,7 +331,24 @@ def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: 
     figures["stable_p95_seconds"] = stable.p95_seconds if stable is not None else None
     common = dict(stage=stage, candidate=candidate, stable=stable, figures=figures)
     n = round(candidate.requests)
-    if candidate.requests < limits.min_requests:
+    ceilings = [
+        ("error rate", candidate.error_rate, limits.max_error_rate, _percent),
+        ("caption failure rate", candidate.caption_failure_rate, limits.max_error_rate, _percent),
+        ("p95 latency", candidate.p95_seconds, limits.max_p95_seconds, lambda v: f"{v:.3g} s"),
+    ]
+    breaches = ceilings + [
+        ("p95 latency ratio", ratio, limits.max_latency_ratio, lambda v: f"{v:.2f}x the stable version's")
+    ]
+    enough = candidate.requests >= limits.min_requests
+    # Too few requests to pass, or to compare with the stable version; but a ceiling breached on the
+    # few there are fails: a version too slow to answer its share never collects the minimum.
+    for check, figure, threshold, shown in breaches if enough else ceilings if n > 0 else []:
+        if figure is not None and figure > threshold:
+            reason = f"{stage}: {check} of version {candidate.version} {shown(figure)} > {shown(threshold)} allowed"
+            return Verdict(
+                FAILED, reason=f"{reason} ({n} requests)", check=check, figure=figure, threshold=threshold, **common
+            )
+    if not enough:
         reason = f"{stage}: {n} requests to version {candidate.version} < {limits.min_requests} needed for a verdict"
         return Verdict(
             INCONCLUSIVE,
@@ -341,18 +358,6 @@ def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: 
             threshold=limits.min_requests,
             **common,
         )
-    breaches = [
-        ("error rate", candidate.error_rate, limits.max_error_rate, _percent),
-        ("caption failure rate", candidate.caption_failure_rate, limits.max_error_rate, _percent),
-        ("p95 latency", candidate.p95_seconds, limits.max_p95_seconds, lambda v: f"{v:.3g} s"),
-        ("p95 latency ratio", ratio, limits.max_latency_ratio, lambda v: f"{v:.2f}x the stable version's"),
-    ]
-    for check, figure, threshold, shown in breaches:
-        if figure is not None and figure > threshold:
-            reason = f"{stage}: {check} of version {candidate.version} {shown(figure)} > {shown(threshold)} allowed"
-            return Verdict(
-                FAILED, reason=f"{reason} ({n} requests)", check=check, figure=figure, threshold=threshold, **common
-            )
     shown = [f"{check} {show(figure)}" for check, figure, _, show in breaches if figure is not None]
     reason = f"{stage}: version {candidate.version} within limits over {n} requests ({', '.join(shown)})"
     return Verdict(PASSED, reason=reason, **common)

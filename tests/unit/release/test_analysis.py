@@ -106,10 +106,28 @@ def _candidate(requests=100, error_rate=0.0, p95=0.5, caption_failures=None) -> 
 
 
 def test_too_few_requests_is_inconclusive():
-    verdict = judge(_candidate(requests=12, error_rate=1.0), STABLE, LIMITS, "canary 10%")
+    verdict = judge(_candidate(requests=12, p95=3.0), STABLE, LIMITS, "canary 10%")
     assert verdict.outcome == INCONCLUSIVE and not verdict.passed and not verdict.failed
     assert (verdict.check, verdict.figure, verdict.threshold) == ("requests", 12, 20)
     assert verdict.reason == "canary 10%: 12 requests to version 7 < 20 needed for a verdict"
+    assert (
+        judge(_candidate(requests=0, error_rate=None, p95=None), STABLE, LIMITS, "canary 10%").outcome == INCONCLUSIVE
+    )
+
+
+@pytest.mark.parametrize(
+    "figures, check",
+    [
+        ({"error_rate": 1.0}, "error rate"),
+        ({"caption_failures": 0.5}, "caption failure rate"),
+        ({"p95": 9.5}, "p95 latency"),
+    ],
+)
+def test_a_ceiling_breached_on_too_few_requests_fails(figures, check):
+    # A version too slow to answer its share never collects the minimum: its few answers judge it.
+    verdict = judge(_candidate(requests=3, **figures), STABLE, LIMITS, "canary 50%")
+    assert verdict.failed and verdict.check == check
+    assert verdict.reason.endswith("allowed (3 requests)")
 
 
 def test_a_high_error_rate_fails_first():
