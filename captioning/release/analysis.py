@@ -342,7 +342,8 @@ def judge(candidate: Figures, stable: Optional[Figures], limits: Limits, stage: 
     enough = candidate.requests >= limits.min_requests
     # Too few requests to pass, or to compare with the stable version; but a ceiling breached on the
     # few there are fails: a version too slow to answer its share never collects the minimum.
-    for check, figure, threshold, shown in breaches if enough else ceilings if n > 0 else []:
+    judged = breaches if enough else ceilings
+    for check, figure, threshold, shown in judged:
         if figure is not None and figure > threshold:
             reason = f"{stage}: {check} of version {candidate.version} {shown(figure)} > {shown(threshold)} allowed"
             return Verdict(
