@@ -115,10 +115,13 @@ def p95_query(version: str, window: str) -> str:
     return f"histogram_quantile({QUANTILE}, {buckets})"
 
 
-def latency_ratio_query(candidate: str, stable: str, window: str) -> str:
-    """Candidate's p95 over the stable version's: one query, for engines that judge one figure
-    per metric (Argo Rollouts); the local analysis divides the two p95 figures itself."""
-    return f"({p95_query(candidate, window)}) / ({p95_query(stable, window)})"
+def latency_ratio_query(candidate: str, stable: str, window: str, min_requests: int) -> str:
+    """Candidate's p95 over the stable version's, and nothing unless each answered `min_requests`
+    over the window (as `judge` compares them): one query, for engines that judge one figure per
+    metric (Argo Rollouts); the local analysis divides the two p95 figures itself."""
+    ratio = f"({p95_query(candidate, window)}) / ({p95_query(stable, window)})"
+    enough = [f"({requests_query(version, window)} >= {min_requests})" for version in (candidate, stable)]
+    return " and on () ".join([ratio] + enough)
 
 
 def breach_alert_query(max_error_rate: float, max_p95_seconds: float, window: str) -> str:

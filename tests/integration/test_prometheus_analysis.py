@@ -22,6 +22,8 @@ from captioning.release.analysis import (
     Limits,
     Prometheus,
     analyse,
+    duration,
+    latency_ratio_query,
     measure,
     wait_for_verdict,
 )
@@ -162,6 +164,17 @@ def test_the_verdicts_of_the_analysis(scraped):
     assert broken.figure == pytest.approx(1.0) and broken.threshold == 0.02
     assert broken.reason.startswith("canary 10%: caption failure rate of version 5 100.0% > 2.0% allowed")
     assert analyse(client, "1", "1", LIMITS, "canary 100%").outcome == PASSED
+
+
+def test_the_one_query_ratio_of_other_engines(scraped):
+    """deploy/rollouts' latency ratio, one PromQL figure: the local analysis' ratio where both
+    versions answered enough requests, no result where either did not (Argo's condition passes
+    an empty result, leaving it to the requests metric)."""
+    client, window = scraped["client"], duration(LIMITS.window_seconds)
+    ratio = lambda candidate, stable: client.query(latency_ratio_query(candidate, stable, window, LIMITS.min_requests))
+    (slow,) = ratio("3", "1")
+    assert float(slow["value"][1]) == pytest.approx(0.7375 / 0.2425, rel=1e-6)
+    assert ratio("4", "1") == [] and ratio("1", "4") == []  # 3 requests to version 4, 20 needed
 
 
 def test_the_breach_alert_fires_for_the_failing_version(scraped):

@@ -23,13 +23,14 @@ def _tool(name: str) -> str:
 
 
 def test_every_analysis_query_passes_promtool(tmp_path):
-    (template,) = [d for d in yaml.safe_load_all((DEPLOY / "rollouts" / "analysis-template.yaml").read_text()) if d]
-    queries = [metric["provider"]["prometheus"]["query"] for metric in template["spec"]["metrics"]]
+    templates = [d for d in yaml.safe_load_all((DEPLOY / "rollouts" / "analysis-template.yaml").read_text()) if d]
+    queries = [metric["provider"]["prometheus"]["query"] for t in templates for metric in t["spec"]["metrics"]]
+    assert len(queries) == 5
     queries += [
         analysis.requests_query("7", "30s"),
         analysis.error_rate_query("7", "30s"),
         analysis.p95_query("7", "500ms"),
-        analysis.latency_ratio_query("7", "6", "30s"),
+        analysis.latency_ratio_query("7", "6", "30s", 10),
         analysis.breach_alert_query(0.02, 5.0, "1m"),
     ]
     rules = {"groups": [{"name": "analysis", "rules": [{"record": f"q{n}", "expr": q} for n, q in enumerate(queries)]}]}
@@ -61,7 +62,8 @@ def test_the_rollouts_overlay_renders_with_the_production_objects():
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     by_name = {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
     rollout = by_name[("Rollout", "captioning-model")]
-    assert by_name[("AnalysisTemplate", "captioning-model-canary")]["metadata"]["namespace"] == "captioning"
+    for template in ("captioning-model-canary", "captioning-model-latency-ratio"):
+        assert by_name[("AnalysisTemplate", template)]["metadata"]["namespace"] == "captioning"
     assert rollout["metadata"]["namespace"] == "captioning"
     # The Deployment keeps the pod template only; the Rollout selects the same pods.
     deployment = by_name[("Deployment", "captioning-model")]
