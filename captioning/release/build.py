@@ -173,7 +173,11 @@ def kubernetes_release(version: str, image: str, context: str = "") -> dict:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return done
-    rendered = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    # Rendering needs no cluster: without a kubeconfig, a kubectl that asks the current context's
+    # server for its version first (a version dispatcher) asks none.
+    offline = {**os.environ, "KUBECONFIG": os.devnull}
+    command = [kubectl, "kustomize", str(overlay)]
+    rendered = subprocess.run(command, capture_output=True, text=True, timeout=120, env=offline)
     if rendered.returncode != 0:
         raise ReleaseError(f"the Kubernetes overlay of version {version} does not render: {rendered.stderr.strip()}")
     (overlay / "rendered.yaml").write_text(rendered.stdout, encoding="utf-8")

@@ -199,6 +199,14 @@ def build_context(bento_archive: Path, wheels: Path, folder: Path) -> Path:
     return folder
 
 
+def context_folder(version: str) -> Path:
+    """A new, empty build context folder for one build of version N: two builds, even of the same
+    version, never write into one another's context."""
+    parent = cache_dir() / "context"
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=image_ref(version).rsplit(":", 1)[1] + "-", dir=parent))
+
+
 def build_image(bento_archive: Path, version: str, model: str, package_sha256: str) -> dict:
     """Build localhost/captioning:vN from a release's .bento archive, labelled with the package's
     digest; returns its tag, size, time. Each build has a context folder of its own."""
@@ -206,8 +214,7 @@ def build_image(bento_archive: Path, version: str, model: str, package_sha256: s
     base = build_base_image()
     wheels = wheelhouse()
     ref = image_ref(version)
-    (cache_dir() / "context").mkdir(parents=True, exist_ok=True)
-    context = Path(tempfile.mkdtemp(prefix=f"{ref.rsplit(':', 1)[1]}-", dir=cache_dir() / "context"))
+    context = context_folder(version)
     try:
         build_context(bento_archive, wheels, context)
         podman(

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from captioning.release import haproxy, pods, stack
+from captioning.release import prometheus as stack_prometheus
 
 
 def test_the_admin_socket_is_a_private_unix_socket_and_the_shadow_frontend_starts_empty(tmp_path):
@@ -86,3 +87,21 @@ def test_each_pod_gets_a_tmp_of_its_own(tmp_path):
         volumes.append(tmp["hostPath"]["path"])
     assert len(set(volumes)) == 3 and all(pods.pod_name("x", 0).split("-")[0] in path for path in volumes)
     assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o700 for path in volumes)
+
+
+def test_an_api_key_read_from_a_file_loses_its_newline_everywhere_the_stack_uses_it(tmp_path, monkeypatch):
+    """A key taken from a file may end with a newline (one written with `echo`): the service strips
+    it, so the pods, the stack's own requests and Prometheus' credentials must too, or every
+    request answers 401."""
+    monkeypatch.setenv("CAPTIONING_API_KEY", "k3y\n")
+    manifest = pods.manifest("api", 0, "localhost/captioning:v1", stack.ports(3000), tmp_path, {})
+    (container,) = manifest["spec"]["containers"]
+    variables = {entry["name"]: entry["value"] for entry in container["env"]}
+    assert variables["CAPTIONING_API_KEY"] == "k3y" and "CAPTIONING_ALLOW_NO_KEY" not in variables
+    assert stack.client_headers() == {"X-API-Key": "k3y"}
+    assert stack_prometheus._credentials(tmp_path).read_text() == "k3y"
+    monkeypatch.setenv("CAPTIONING_API_KEY", "\n")  # an empty file: no key, the local stack runs open
+    manifest = pods.manifest("api", 0, "localhost/captioning:v1", stack.ports(3000), tmp_path, {})
+    variables = {entry["name"]: entry["value"] for entry in manifest["spec"]["containers"][0]["env"]}
+    assert variables["CAPTIONING_ALLOW_NO_KEY"] == "1" and "CAPTIONING_API_KEY" not in variables
+    assert stack.client_headers() == {} and stack_prometheus._credentials(tmp_path) is None
