@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from captioning.config import PROJECT_ROOT
+from captioning.release import pods
 
 ALERTS = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
 TARGETS = "targets.json"
@@ -115,7 +116,7 @@ def start(folder: Path, port: int, scrape_seconds: float = 1.0, watcher: str | N
 
 
 def _credentials(folder: Path) -> Path | None:
-    key = os.environ.get("CAPTIONING_API_KEY", "").strip()
+    key = pods.api_key()
     if not key:
         return None
     path = folder / "api-key"
